@@ -1,0 +1,209 @@
+"""Qwen3-VL configuration: the numbers every other module needs, read from a checkpoint's config.json.
+
+Two `config.json` styles exist in the wild and both are read here:
+- transformers 4.57 (the files published on the Hub): `text_config.rope_scaling` + `rope_theta`,
+  vision `model_type "qwen3_vl"`;
+- transformers 5.x (`save_pretrained` today): `text_config.rope_parameters`.
+See QWEN3VL_FACTS.md §2 and transformers' `configuration_qwen3_vl.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+
+IMAGE_TOKEN_ID = 151655
+VIDEO_TOKEN_ID = 151656
+VISION_START_TOKEN_ID = 151652
+VISION_END_TOKEN_ID = 151653
+IM_END_TOKEN_ID = 151645  # <|im_end|>: a chat turn ends here
+ENDOFTEXT_TOKEN_ID = 151643  # <|endoftext|>: pad, and also an end of sequence
+DEFAULT_EOS_TOKEN_IDS = (IM_END_TOKEN_ID, ENDOFTEXT_TOKEN_ID)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    intermediate_size: int = 6144
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 5_000_000.0
+    mrope_section: tuple[int, int, int] = (24, 20, 20)  # (T, H, W) frequency channels, interleaved
+    max_position_embeddings: int = 262144
+    hidden_act: str = "silu"
+
+    @property
+    def q_size(self) -> int:  # q_proj output width; 4B: 32 * 128 = 4096 != hidden 2560
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    depth: int = 24
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    out_hidden_size: int = 2048
+    num_position_embeddings: int = 2304
+    deepstack_visual_indexes: tuple[int, ...] = (5, 11, 17)
+    hidden_act: str = "gelu_pytorch_tanh"
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:  # columns of pixel_values: C * T * P * P = 1536
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def num_grid_per_side(self) -> int:  # the learned position table is a 48 x 48 grid
+        return int(round(self.num_position_embeddings**0.5))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    text: TextConfig = field(default_factory=TextConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    tie_word_embeddings: bool = True
+    image_token_id: int = IMAGE_TOKEN_ID
+    video_token_id: int = VIDEO_TOKEN_ID
+    vision_start_token_id: int = VISION_START_TOKEN_ID
+    vision_end_token_id: int = VISION_END_TOKEN_ID
+    eos_token_ids: tuple[int, ...] = DEFAULT_EOS_TOKEN_IDS
+    bos_token_id: int | None = None
+    pad_token_id: int = ENDOFTEXT_TOKEN_ID
+
+    @property
+    def num_deepstack(self) -> int:
+        return len(self.vision.deepstack_visual_indexes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """Build from a dict written by `to_dict` (our own genai_config), not from an HF config.json."""
+        text = TextConfig(**{**d["text"], "mrope_section": tuple(d["text"]["mrope_section"])})
+        vis = d["vision"]
+        vision = VisionConfig(**{**vis, "deepstack_visual_indexes": tuple(vis["deepstack_visual_indexes"])})
+        rest = {k: v for k, v in d.items() if k not in ("text", "vision")}
+        rest["eos_token_ids"] = tuple(rest.get("eos_token_ids", DEFAULT_EOS_TOKEN_IDS))
+        return cls(text=text, vision=vision, **rest)
+
+
+def _rope(text: dict) -> tuple[float, tuple[int, int, int]]:
+    """rope_theta and mrope_section from either config style (5.x rope_parameters, 4.57 rope_scaling)."""
+    params = text.get("rope_parameters") or {}
+    scaling = text.get("rope_scaling") or {}
+    theta = params.get("rope_theta", text.get("rope_theta", scaling.get("rope_theta", 5_000_000.0)))
+    section = params.get("mrope_section") or scaling.get("mrope_section") or [24, 20, 20]
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type not in ("default", "mrope"):
+        raise UserError(f"rope_type {rope_type!r} is not supported; only Qwen3-VL's default interleaved MRoPE is")
+    return float(theta), tuple(int(s) for s in section)
+
+
+def _eos_ids(top: dict, text: dict, hf_dir: Path | None) -> tuple[int, ...]:
+    """Stop on <|im_end|> and <|endoftext|> always, plus whatever the checkpoint lists (FACTS §2.5)."""
+    ids: list[int] = list(DEFAULT_EOS_TOKEN_IDS)
+    sources = [text.get("eos_token_id"), top.get("eos_token_id")]
+    if hf_dir is not None and (hf_dir / "generation_config.json").is_file():
+        try:
+            sources.append(json.loads((hf_dir / "generation_config.json").read_text()).get("eos_token_id"))
+        except json.JSONDecodeError:
+            pass
+    for src in sources:
+        for i in src if isinstance(src, list) else [src]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    return tuple(ids)
+
+
+def parse_hf_config(cfg: dict, hf_dir: Path | None = None) -> ModelConfig:
+    """Turn a Hugging Face Qwen3-VL `config.json` dict (either style) into a ModelConfig."""
+    if cfg.get("model_type") != "qwen3_vl" or "text_config" not in cfg:
+        kind = cfg.get("model_type", "unknown")
+        raise UserError(
+            f"config.json describes model_type {kind!r}, not a Qwen3-VL checkpoint (model_type 'qwen3_vl'); "
+            "pass the folder of a Qwen3VLForConditionalGeneration checkpoint"
+        )
+    t, v = cfg["text_config"], cfg.get("vision_config", {})
+    theta, section = _rope(t)
+    heads = t["num_attention_heads"]
+    text = TextConfig(
+        vocab_size=t["vocab_size"],
+        hidden_size=t["hidden_size"],
+        intermediate_size=t["intermediate_size"],
+        num_hidden_layers=t["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=t.get("num_key_value_heads") or heads,
+        head_dim=t.get("head_dim") or t["hidden_size"] // heads,
+        rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        mrope_section=section,
+        max_position_embeddings=t.get("max_position_embeddings", 262144),
+        hidden_act=t.get("hidden_act", "silu"),
+    )
+    if 2 * sum(section) != text.head_dim:
+        raise UserError(f"mrope_section {list(section)} must sum to head_dim/2 = {text.head_dim // 2}; fix config.json")
+    vp = v.get("rope_parameters") or {}
+    vision = VisionConfig(
+        depth=v.get("depth", 27),
+        hidden_size=v.get("hidden_size", 1152),
+        intermediate_size=v.get("intermediate_size", 4304),
+        num_heads=v.get("num_heads", 16),
+        in_channels=v.get("in_channels", 3),
+        patch_size=v.get("patch_size", 16),
+        temporal_patch_size=v.get("temporal_patch_size", 2),
+        spatial_merge_size=v.get("spatial_merge_size", 2),
+        out_hidden_size=v.get("out_hidden_size", text.hidden_size),
+        num_position_embeddings=v.get("num_position_embeddings", 2304),
+        deepstack_visual_indexes=tuple(v.get("deepstack_visual_indexes", (8, 16, 24))),
+        hidden_act=v.get("hidden_act", "gelu_pytorch_tanh"),
+        rope_theta=float(vp.get("rope_theta", 10000.0)),
+    )
+    tie = cfg.get("tie_word_embeddings", t.get("tie_word_embeddings", False))
+    bos = t.get("bos_token_id", cfg.get("bos_token_id"))
+    return ModelConfig(
+        text=text,
+        vision=vision,
+        tie_word_embeddings=bool(tie),
+        image_token_id=cfg.get("image_token_id", IMAGE_TOKEN_ID),
+        video_token_id=cfg.get("video_token_id", VIDEO_TOKEN_ID),
+        vision_start_token_id=cfg.get("vision_start_token_id", VISION_START_TOKEN_ID),
+        vision_end_token_id=cfg.get("vision_end_token_id", VISION_END_TOKEN_ID),
+        eos_token_ids=_eos_ids(cfg, t, hf_dir),
+        bos_token_id=bos if isinstance(bos, int) else None,
+    )
+
+
+def load_hf_config(hf_dir: str | Path) -> ModelConfig:
+    """Read `<hf_dir>/config.json`; a one-line UserError when it is missing or not Qwen3-VL."""
+    hf_dir = Path(hf_dir)
+    path = hf_dir / "config.json"
+    if not hf_dir.is_dir():
+        raise UserError(f"{hf_dir} is not a folder; pass --hf_dir the folder of a Hugging Face Qwen3-VL checkpoint")
+    if not path.is_file():
+        raise UserError(f"{hf_dir} has no config.json; pass --hf_dir the folder of a Hugging Face Qwen3-VL checkpoint")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); restore the checkpoint's config.json") from None
+    return parse_hf_config(cfg, hf_dir)

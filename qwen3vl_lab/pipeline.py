@@ -1,0 +1,104 @@
+"""The seed guide's Python API: load once, generate many times.
+
+    from qwen3vl_lab import Qwen3VLTextOnlyPipeline
+    pipe = Qwen3VLTextOnlyPipeline(model_dir="models/tiny-onnx", text_precision="fp32")
+    text = pipe.generate(prompt="Hello, who are you?", max_new_tokens=50, temperature=0.0)
+    texts = pipe.generate(prompt=["first prompt", "second prompt"], max_new_tokens=20)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .errors import UserError
+from .generate import Prompt, generate_tokens, prepare_prompt, stream_text
+from .model import Model, RuntimeOptions, load_model
+from .sampling import SamplingConfig, make_sampler
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # the generated ids only (an end-of-sequence id included when one was produced)
+    prompt_tokens: int
+    stop_reason: str  # "eos" or "max_new_tokens"
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
+                "new_tokens": len(self.token_ids), "stop_reason": self.stop_reason, **self.extra}
+
+
+class Qwen3VLTextOnlyPipeline:
+    """Text in, text out. Sessions load once per object."""
+
+    def __init__(self, model_dir: str | Path, text_precision: str = "fp32", options: RuntimeOptions | None = None):
+        self.model: Model = load_model(model_dir, text_precision, options)
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    def _prepare(self, prompt: str, raw: bool) -> Prompt:
+        return prepare_prompt(self.model, prompt, raw=raw)
+
+    def _sampler(self, sampler, temperature, top_k, top_p, no_sample, seed, repetition_penalty):
+        if sampler is not None:
+            if not callable(sampler):
+                raise UserError("sampler must be a callable (logits (B, V), previous_ids (B, T)) -> ids (B,)")
+            return make_sampler(sampler)
+        config = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, no_sample=no_sample,
+                                repetition_penalty=repetition_penalty, seed=seed)
+        config.validate()
+        return make_sampler(config)
+
+    def stream(self, prompt: str, max_new_tokens: int = 100, temperature: float = 0.7, top_k: int = 20,
+               top_p: float = 0.8, no_sample: bool = False, seed: int | None = None,
+               repetition_penalty: float = 1.0, sampler: Callable | None = None, raw: bool = False,
+               result: dict | None = None) -> Iterator[str]:
+        """Yield text pieces as they are generated. Pass `result={}` to receive a GenerationResult in it."""
+        if max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        sample = self._sampler(sampler, temperature, top_k, top_p, no_sample, seed, repetition_penalty)
+        p = self._prepare(prompt, raw)
+        ids: list[int] = []
+
+        def tokens():
+            for t in generate_tokens(self.model, p, sample, max_new_tokens):
+                ids.append(t)
+                yield t
+
+        pieces = []
+        for piece in stream_text(self.tokenizer, tokens()):
+            pieces.append(piece)
+            yield piece
+        if result is not None:
+            eos = bool(ids) and ids[-1] in self.model.config.eos_token_ids
+            result["result"] = GenerationResult("".join(pieces), ids, p.length, "eos" if eos else "max_new_tokens")
+
+    def generate_result(self, prompt: str, **kwargs) -> GenerationResult:
+        box: dict = {}
+        for _ in self.stream(prompt, result=box, **kwargs):
+            pass
+        return box["result"]
+
+    def generate(self, prompt: str | list[str], max_new_tokens: int = 100, temperature: float = 0.7,
+                 top_k: int = 20, top_p: float = 0.8, no_sample: bool = False, seed: int | None = None,
+                 repetition_penalty: float = 1.0, sampler: Callable | None = None,
+                 raw: bool = False) -> str | list[str]:
+        """The generated text; a list of prompts gives a list of texts in the same order."""
+        kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      no_sample=no_sample, seed=seed, repetition_penalty=repetition_penalty, sampler=sampler,
+                      raw=raw)
+        if isinstance(prompt, (list, tuple)):
+            return [self.generate_result(p, **kwargs).text for p in prompt]
+        return self.generate_result(prompt, **kwargs).text
+
+
+def greedy(logits: np.ndarray, previous_ids: np.ndarray | None = None) -> np.ndarray:
+    """The simplest sampler: the most likely token of each row."""
+    return np.argmax(logits, axis=-1)

@@ -1,0 +1,116 @@
+"""The step functions: one prompt, one token at a time, each result a numpy array you can inspect.
+
+    ids       = tokenize(model, "Hello")                         # (1, S) int64
+    embeds    = embed(model, ids)                                # (1, S, H)
+    positions = build_positions(ids)                             # (3, 1, S) t/h/w rows + rope_deltas
+    step      = prefill(model, embeds, positions)                # step.logits (1, V), step.cache
+    token     = sample(step.logits, ...)                         # (1,)
+    step      = decode_step(model, token[:, None], step.cache, positions.rope_deltas)
+
+Images add `encode_image` and `merge_vision` between `embed` and `prefill`. The generation loop in
+`generate.py` is built from these functions only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cache import KVCache
+from .model import Model
+from .positions import Positions, build_positions, next_positions
+
+__all__ = ["Step", "tokenize", "embed", "merge_vision", "build_positions", "prefill", "decode_step",
+           "zeros_deepstack"]
+
+
+@dataclass
+class Step:
+    """What one decoder call produced."""
+
+    logits: np.ndarray  # (B, V) at the last position, or (B, S, V) when all positions were kept
+    cache: KVCache  # the cache after this step (returned, not mutated: mlx-style)
+    position_ids: np.ndarray  # (3, B, S) the positions this step used
+    attentions: list[np.ndarray] | None = None  # per layer (B, heads, S, T), from a --with_attentions export
+
+
+def tokenize(model: Model, prompt: str, *, raw: bool = False, image_grid_thw: np.ndarray | None = None) -> np.ndarray:
+    """(1, S) int64 ids of one user turn through the chat template (or the bare text when raw)."""
+    from .tokenizer import encode_prompt, format_chat  # noqa: PLC0415
+
+    n_images = 0 if image_grid_thw is None else len(image_grid_thw)
+    text = prompt if raw else format_chat(model.tokenizer, prompt, images=n_images)
+    ids = encode_prompt(model.tokenizer, text, image_grid_thw=image_grid_thw,
+                        merge_size=model.config.vision.spatial_merge_size)
+    return ids[None, :]
+
+
+def embed(model: Model, input_ids: np.ndarray) -> np.ndarray:
+    """Token ids (B, S) -> embeddings (B, S, H): a row lookup in the embedding table."""
+    return model.embedding.run(["inputs_embeds"], {"input_ids": np.asarray(input_ids, np.int64)})[0]
+
+
+def merge_vision(inputs_embeds: np.ndarray, input_ids: np.ndarray, image_features: np.ndarray,
+                 token_id: int) -> np.ndarray:
+    """Put image features at the `<|image_pad|>` positions, in reading order (transformers' masked_scatter)."""
+    mask = input_ids == token_id  # (B, S)
+    if mask.sum() != len(image_features):
+        from .errors import UserError  # noqa: PLC0415
+
+        raise UserError(f"the prompt has {int(mask.sum())} image tokens but the images give {len(image_features)} "
+                        "features; build the prompt with the same images")
+    out = inputs_embeds.copy()
+    out[mask] = image_features  # (n_visual, H) into (B, S, H)
+    return out
+
+
+def zeros_deepstack(model: Model, batch: int, seq: int) -> np.ndarray:
+    """Text-only prompts (and every decode step) add nothing at the DeepStack layers."""
+    return np.zeros((model.config.num_deepstack, batch, seq, model.config.text.hidden_size), np.float32)
+
+
+def run_decoder(model: Model, inputs_embeds: np.ndarray, position_ids: np.ndarray, cache: KVCache,
+                attention_mask: np.ndarray, deepstack: np.ndarray | None, logits_to_keep: int) -> Step:
+    """One call of the decoder graph: new tokens + cache in, logits + grown cache out."""
+    B, S, _ = inputs_embeds.shape
+    feeds = {"inputs_embeds": inputs_embeds.astype(np.float32, copy=False),
+             "position_ids": position_ids.astype(np.int64, copy=False),
+             "attention_mask": attention_mask, **cache.feeds()}
+    if "deepstack_embeds" in model.decoder_inputs:
+        feeds["deepstack_embeds"] = deepstack if deepstack is not None else zeros_deepstack(model, B, S)
+    if "logits_to_keep" in model.decoder_inputs:
+        feeds["logits_to_keep"] = np.array(logits_to_keep, np.int64)
+    names = model.decoder_outputs
+    out = dict(zip(names, model.decoder.run(list(names), feeds)))
+    n = model.config.text.num_hidden_layers
+    keys = [out[f"present.{i}.key"] for i in range(n)]
+    values = [out[f"present.{i}.value"] for i in range(n)]
+    attentions = [out[f"attentions.{i}"] for i in range(n)] if f"attentions.0" in out else None
+    logits = out["logits"]
+    if logits_to_keep == 1:
+        logits = logits[:, -1]  # (B, V)
+    return Step(logits, cache.updated(keys, values, attention_mask), position_ids, attentions)
+
+
+def prefill(model: Model, inputs_embeds: np.ndarray, positions: Positions, cache: KVCache | None = None, *,
+            attention_mask: np.ndarray | None = None, deepstack: np.ndarray | None = None,
+            logits_to_keep: int = 1) -> Step:
+    """Run the whole prompt (B, S, H) through the decoder and fill the cache.
+
+    attention_mask (B, S): 0 marks left padding. logits_to_keep=1 computes logits for the last
+    position only (what generation needs); 0 keeps all positions (B, S, V).
+    """
+    B, S, _ = inputs_embeds.shape
+    cache = cache if cache is not None else KVCache.empty(model.config.text, B)
+    mask = np.ones((B, S), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+    full_mask = np.concatenate([cache.attention_mask, mask], axis=1)  # (B, P + S)
+    return run_decoder(model, inputs_embeds, positions.position_ids, cache, full_mask, deepstack, logits_to_keep)
+
+
+def decode_step(model: Model, token_ids: np.ndarray, cache: KVCache, rope_deltas: np.ndarray) -> Step:
+    """One new token per row (B, 1) -> logits (B, V) and the cache one position longer."""
+    token_ids = np.asarray(token_ids, np.int64).reshape(cache.batch_size, 1)
+    mask = np.concatenate([cache.attention_mask, np.ones((cache.batch_size, 1), np.int64)], axis=1)  # (B, T + 1)
+    position_ids = next_positions(mask, rope_deltas, 1)  # (3, B, 1): all three rows equal
+    return run_decoder(model, embed(model, token_ids), position_ids, cache, mask, None, 1)

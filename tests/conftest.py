@@ -1,0 +1,57 @@
+"""Shared session fixtures: tiny random Qwen3-VL checkpoints and a cached transformers reference model.
+
+torch and transformers' modeling code are imported inside the fixtures only, so tests that do not
+use `hf_model_factory` do not pay the ~4 s import.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Never reach the network: every checkpoint used in tests is written locally by make_tiny.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """make_tiny(seed=0): preset "tiny", float32, tied embeddings, 5.x-style config.json. Read-only."""
+    from qwen3vl_lab.export.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("ckpt") / "qwen3vl-tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_deep_dir(tmp_path_factory) -> Path:
+    """make_tiny(seed=0, preset="tiny-deep"): float32, tied, q_proj out 256 != hidden 64. Read-only."""
+    from qwen3vl_lab.export.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("ckpt") / "qwen3vl-tiny-deep", seed=0, preset="tiny-deep")
+
+
+@pytest.fixture(scope="session")
+def hf_model_factory():
+    """`load(path)` -> transformers Qwen3VLForConditionalGeneration in float32, eager attention, eval mode.
+
+    Cached per folder for the whole session: do not modify the returned model. It keeps
+    `model.model.rope_deltas` between calls (module state, FACTS §5.4); reset it to None before a
+    manual forward that does not go through `generate()`.
+    """
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    cache: dict[str, object] = {}
+
+    def load(path):
+        key = str(Path(path).resolve())
+        if key not in cache:
+            model = Qwen3VLForConditionalGeneration.from_pretrained(
+                path, dtype=torch.float32, attn_implementation="eager"
+            )
+            cache[key] = model.eval()
+        return cache[key]
+
+    return load
