@@ -5,8 +5,8 @@
         ...                                                           # one int per decode step
 
 `generate_tokens` stops after an end-of-sequence token (<|im_end|> / <|endoftext|>, which it still
-yields, as transformers' generate returns it) or after max_new_tokens. `stream_text` turns the
-tokens into text pieces without ever splitting a multi-byte character.
+yields, as transformers' generate returns it) or after max_new_tokens. `tokenizer.stream_text` turns
+the tokens into text pieces without ever splitting a multi-byte character.
 """
 
 from __future__ import annotations
@@ -75,17 +75,3 @@ def generate_tokens(model: Model, prompt: Prompt, sampler: Sampler, max_new_toke
             return
         history = np.concatenate([history, token[:, None]], axis=1)
         step = decode_step(model, token[:, None], step.cache, prompt.positions.rope_deltas)
-
-
-def stream_text(tokenizer, tokens: Iterator[int]) -> Iterator[str]:
-    """Text pieces as tokens arrive; never a broken multi-byte character, never a special token."""
-    from .tokenizer import TextStreamer  # noqa: PLC0415
-
-    streamer = TextStreamer(tokenizer)
-    for t in tokens:
-        piece = streamer.put(t)
-        if piece:
-            yield piece
-    tail = streamer.end()
-    if tail:
-        yield tail

@@ -15,9 +15,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .errors import UserError
-from .generate import Prompt, generate_tokens, prepare_prompt, stream_text
+from .generate import Prompt, generate_tokens, prepare_prompt
 from .model import Model, RuntimeOptions, load_model
 from .sampling import SamplingConfig, make_sampler
+from .tokenizer import stream_text
 
 
 @dataclass

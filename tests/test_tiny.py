@@ -124,6 +124,25 @@ def test_tiny_deep_loads_and_generates(tiny_deep_dir, hf_model_factory):
     assert len(set(tokens)) > 3, tokens
 
 
+def test_config_json_is_what_transformers_writes(tiny_dir):
+    from transformers import AutoConfig, AutoImageProcessor
+
+    text = (tiny_dir / "config.json").read_text()
+    assert AutoConfig.from_pretrained(tiny_dir).to_json_string() == text
+    proc = AutoImageProcessor.from_pretrained(tiny_dir)
+    assert (proc.patch_size, proc.merge_size, proc.temporal_patch_size) == (16, 2, 2)
+    assert list(proc.image_mean) == [0.5] * 3 and proc.size.shortest_edge == 65536
+
+
+def test_importing_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, qwen3vl_lab.checkpoint, qwen3vl_lab.export.tiny; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_tokenizer_loads_offline(tiny_dir):
     from transformers import AutoTokenizer
 

@@ -38,7 +38,9 @@ def mrope_inv_freq_by_axis(text: TextConfig) -> np.ndarray:
     W if j % 3 == 2 and j < 3*section[2], T otherwise.
     """
     half = text.head_dim // 2
-    inv_freq = (1.0 / (np.float32(text.rope_theta) ** (np.arange(0, text.head_dim, 2, dtype=np.float32) / np.float32(text.head_dim)))).astype(np.float32)
+    exponent = np.arange(0, text.head_dim, 2, dtype=np.float32) / np.float32(text.head_dim)  # (hd/2,)
+    power = (np.float64(text.rope_theta) ** exponent.astype(np.float64)).astype(np.float32)  # rounded like torch
+    inv_freq = np.float32(1.0) / power  # theta^(-2j/hd), bit-equal to transformers' inv_freq
     axis = np.zeros(half, dtype=np.int64)  # 0 = T
     j = np.arange(half)
     axis[(j % 3 == 1) & (j < 3 * text.mrope_section[1])] = 1
