@@ -7,7 +7,7 @@ config.py -> tokenizer.py -> steps.py (embed, build_positions, prefill, decode_s
 
 __version__ = "0.1.0"
 
-__all__ = ["Qwen3VLTextOnlyPipeline", "load_model"]
+__all__ = ["Qwen3VLPipeline", "Qwen3VLTextOnlyPipeline", "load_model"]
 
 
 def __getattr__(name):  # lazy: `import qwen3vl_lab` stays cheap (no onnxruntime/transformers import)
@@ -15,6 +15,10 @@ def __getattr__(name):  # lazy: `import qwen3vl_lab` stays cheap (no onnxruntime
         from .pipeline import Qwen3VLTextOnlyPipeline
 
         return Qwen3VLTextOnlyPipeline
+    if name == "Qwen3VLPipeline":
+        from .pipeline import Qwen3VLPipeline
+
+        return Qwen3VLPipeline
     if name == "load_model":
         from .model import load_model
 

@@ -7,8 +7,17 @@
     token     = sample(step.logits, ...)                         # (1,)
     step      = decode_step(model, token[:, None], step.cache, positions.rope_deltas)
 
-Images add `encode_image` and `merge_vision` between `embed` and `prefill`. The generation loop in
-`generate.py` is built from these functions only.
+Images add three steps between `embed` and `prefill` (`generate.prepare_multimodal_prompt` chains them):
+
+    pixel_values, grid = image.preprocess(["photo.jpg"])                     # (N, 1536), (n, 3)
+    ids       = tokenize(model, "Describe it.", image_grid_thw=grid)          # <|image_pad|> x n_tokens
+    feats     = encode_image(model, pixel_values, grid)                       # (n_tokens, H), (D, n_tokens, H)
+    embeds    = merge_vision(embed(model, ids), ids, feats)                   # features at the pads
+    deepstack = deepstack_embeds(ids, feats)                                  # (D, 1, S, H) for prefill
+    positions = build_positions(ids, grid)                                    # 3-D positions, rope_deltas < 0
+    step      = prefill(model, embeds, positions, deepstack=deepstack)
+
+The generation loop in `generate.py` is built from these functions only.
 """
 
 from __future__ import annotations
@@ -18,11 +27,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cache import KVCache
+from .config import IMAGE_TOKEN_ID
 from .model import Model
 from .positions import Positions, build_positions, next_positions
+from .vision import VisionFeatures
 
-__all__ = ["Step", "tokenize", "embed", "merge_vision", "build_positions", "prefill", "decode_step",
-           "zeros_deepstack"]
+__all__ = ["Step", "tokenize", "embed", "encode_image", "merge_vision", "deepstack_embeds", "build_positions",
+           "prefill", "decode_step", "zeros_deepstack"]
 
 
 @dataclass
@@ -35,14 +46,25 @@ class Step:
     attentions: list[np.ndarray] | None = None  # per layer (B, heads, S, T), from a --with_attentions export
 
 
-def tokenize(model: Model, prompt: str, *, raw: bool = False, image_grid_thw: np.ndarray | None = None) -> np.ndarray:
-    """(1, S) int64 ids of one user turn through the chat template (or the bare text when raw)."""
+def tokenize(model: Model, prompt: str, *, raw: bool = False, image_grid_thw: np.ndarray | None = None,
+             video_grid_thw: np.ndarray | None = None, video_timestamps=None) -> np.ndarray:
+    """(1, S) int64 ids of one user turn through the chat template (or the bare text when raw).
+
+    Images (then videos) come before the text in the user turn; each placeholder is expanded to its
+    grid's token count (videos: one timestamped block per frame pair)."""
     from .tokenizer import encode_prompt, format_chat  # noqa: PLC0415
 
-    n_images = 0 if image_grid_thw is None else len(image_grid_thw)
-    text = prompt if raw else format_chat(model.tokenizer, prompt, images=n_images)
-    ids = encode_prompt(model.tokenizer, text, image_grid_thw=image_grid_thw,
-                        merge_size=model.config.vision.spatial_merge_size)
+    n_images = 0 if image_grid_thw is None else len(np.asarray(image_grid_thw).reshape(-1, 3))
+    n_videos = 0 if video_grid_thw is None else len(np.asarray(video_grid_thw).reshape(-1, 3))
+    if raw:
+        text = prompt
+    elif n_videos:
+        content = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos + [{"type": "text", "text": prompt}]
+        text = format_chat(model.tokenizer, [{"role": "user", "content": content}])
+    else:
+        text = format_chat(model.tokenizer, prompt, images=n_images)
+    ids = encode_prompt(model.tokenizer, text, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
+                        merge_size=model.config.vision.spatial_merge_size, video_timestamps=video_timestamps)
     return ids[None, :]
 
 
@@ -51,10 +73,22 @@ def embed(model: Model, input_ids: np.ndarray) -> np.ndarray:
     return model.embedding.run(["inputs_embeds"], {"input_ids": np.asarray(input_ids, np.int64)})[0]
 
 
-def merge_vision(inputs_embeds: np.ndarray, input_ids: np.ndarray, image_features: np.ndarray,
-                 token_id: int) -> np.ndarray:
-    """Put image features at the `<|image_pad|>` positions, in reading order (transformers' masked_scatter)."""
-    mask = input_ids == token_id  # (B, S)
+def encode_image(model: Model, pixel_values: np.ndarray, image_grid_thw: np.ndarray) -> VisionFeatures:
+    """Pixel patches (N, 1536) + grids (n, 3) from `image.preprocess` -> VisionFeatures:
+    image_features (n_tokens, H) for the placeholders, deepstack (D, n_tokens, H) for the decoder.
+    Videos go through the same call (pixel_values_videos, video_grid_thw)."""
+    from .vision import encode_image as run_vision_tower  # noqa: PLC0415
+
+    return run_vision_tower(model.vision, pixel_values, image_grid_thw, model.config)
+
+
+def merge_vision(inputs_embeds: np.ndarray, input_ids: np.ndarray, image_features: np.ndarray | VisionFeatures,
+                 token_id: int = IMAGE_TOKEN_ID) -> np.ndarray:
+    """Put image features at the `<|image_pad|>` positions, in reading order (transformers' masked_scatter).
+
+    Pass token_id=model.config.video_token_id to place video features."""
+    image_features = getattr(image_features, "image_features", image_features)  # (n_visual, H)
+    mask = np.asarray(input_ids) == token_id  # (B, S)
     if mask.sum() != len(image_features):
         from .errors import UserError  # noqa: PLC0415
 
@@ -62,6 +96,26 @@ def merge_vision(inputs_embeds: np.ndarray, input_ids: np.ndarray, image_feature
                         "features; build the prompt with the same images")
     out = inputs_embeds.copy()
     out[mask] = image_features  # (n_visual, H) into (B, S, H)
+    return out
+
+
+def deepstack_embeds(input_ids: np.ndarray, deepstack: np.ndarray | VisionFeatures, token_id: int = IMAGE_TOKEN_ID,
+                     into: np.ndarray | None = None) -> np.ndarray:
+    """DeepStack features (D, n_visual, H) -> the decoder's dense input (D, B, S, H), zero elsewhere.
+
+    Row k goes to the k-th `token_id` position in reading order (like `merge_vision`); decoder layer j
+    adds slice j after it runs (transformers' `_deepstack_process`). For images and videos in one
+    prompt, fill `into` twice: `deepstack_embeds(ids, vid.deepstack, video_token_id, into=dense_images)`.
+    """
+    deepstack = np.asarray(getattr(deepstack, "deepstack", deepstack), np.float32)  # (D, n_visual, H)
+    mask = np.asarray(input_ids) == token_id  # (B, S)
+    if deepstack.ndim != 3 or deepstack.shape[1] != mask.sum():
+        from .errors import UserError  # noqa: PLC0415
+
+        raise UserError(f"deepstack features have shape {deepstack.shape} but the prompt has {int(mask.sum())} "
+                        "visual tokens; pass (D, n_visual, H) from the same images as the prompt")
+    out = np.zeros((deepstack.shape[0], *mask.shape, deepstack.shape[2]), np.float32) if into is None else into
+    out[:, mask] = deepstack  # (D, n_visual, H) into (D, B, S, H)
     return out
 
 

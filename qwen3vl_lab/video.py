@@ -110,8 +110,9 @@ def _frame_list(video) -> list:
                             "(e.g. `ffmpeg -i clip.mp4 -vf fps=2 frames/%04d.png`) and pass the folder")
         if not path.exists():
             raise UserError(f"video folder {path} does not exist; pass a folder of frames or a list of image files")
-        raise UserError(f"{path} is not a folder of frames; pass a folder or a list of image files as one video")
-    if isinstance(video, np.ndarray) and video.ndim in (3, 4):
+        raise UserError(f"{path} is not a folder of frames; pass a folder, or its frame files as one list per video "
+                        "(videos=[[frame1, frame2, ...]])")
+    if isinstance(video, np.ndarray) and video.ndim == 4:
         return list(video)
     if isinstance(video, (list, tuple)):
         return list(video)

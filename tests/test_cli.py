@@ -93,7 +93,7 @@ def test_interactive_leaves_on_eof_and_ctrl_c_stops_only_the_answer(onnx_dir, ca
     import qwen3vl_lab.pipeline as pipeline
 
     calls = {"n": 0}
-    real_stream = pipeline.Qwen3VLTextOnlyPipeline.stream
+    real_stream = pipeline.Qwen3VLPipeline.stream
 
     def interrupted_stream(self, *a, **k):
         calls["n"] += 1
@@ -101,7 +101,7 @@ def test_interactive_leaves_on_eof_and_ctrl_c_stops_only_the_answer(onnx_dir, ca
             raise KeyboardInterrupt  # Ctrl-C during the first answer
         yield from real_stream(self, *a, **k)
 
-    monkeypatch.setattr(pipeline.Qwen3VLTextOnlyPipeline, "stream", interrupted_stream)
+    monkeypatch.setattr(pipeline.Qwen3VLPipeline, "stream", interrupted_stream)
     answers = iter(["first", "second"])
 
     def fake_input(prompt=""):

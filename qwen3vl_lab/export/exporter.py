@@ -4,6 +4,8 @@
     OUT/cpu-fp32/qwen3vl-vision.onnx     (+ .data)   pixel patches -> image features + DeepStack features
     OUT/cpu-fp32/model.onnx              (+ .data)   the text decoder with KV cache and 3-D positions
     OUT/cpu-fp32/genai_config.json
+    OUT/cpu-int4/...                                 with --precision int4: the decoder's MatMuls as MatMulNBits
+                                                     (quantize.py), fp32 embedding/vision, quantization.json
     OUT/pytorch/                                     config, tokenizer and preprocessor files
 
 Weights are read one tensor at a time and streamed into the external-data files, and everything
@@ -28,6 +30,7 @@ from ..errors import UserError
 from ..tokenizer import shipped_tokenizer_dir
 from . import genai_config as gc
 from .decoder import PREFIX, build_decoder, build_embedding, lm_head_weight
+from .quantize import Int4Recipe, quantize_folder
 
 PYTORCH_FILES = (
     "config.json", "generation_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
@@ -35,7 +38,8 @@ PYTORCH_FILES = (
     "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
 )
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "int4")  # int4: the fp32 decoder quantized by onnxruntime (export/quantize.py)
+INT4_SOURCE = ".fp32-source"  # staging folder of the fp32 graphs an int4-only export quantizes
 
 
 def precision_dir(precision: str) -> str:
@@ -108,13 +112,19 @@ def _move_into_place(staged: Path, final: Path) -> None:
 
 
 def export(hf_dir: str | Path, output_dir: str | Path, precisions: Sequence[str] = ("fp32",), *,
-           with_attentions: bool = False, progress: bool = True,
+           with_attentions: bool = False, progress: bool = True, recipe: Int4Recipe | None = None,
            log: Callable[[str], None] = print) -> Path:
-    """Export a checkpoint; returns the output folder. Raises UserError on bad input, writing nothing."""
+    """Export a checkpoint; returns the output folder. Raises UserError on bad input, writing nothing.
+
+    "int4" quantizes the fp32 decoder with `recipe` (default: the GenAI builder's, `Int4Recipe()`)."""
     hf_dir, out = Path(hf_dir), Path(output_dir)
+    precisions = list(dict.fromkeys(precisions))  # keep order, drop repeats
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad:
         raise UserError(f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
+    if not precisions:
+        raise UserError(f"no precision given; choose from {', '.join(PRECISIONS)}")
+    recipe = (recipe or Int4Recipe()).validate()
     cfg = load_hf_config(hf_dir)
     ckpt = Checkpoint.open(hf_dir)
     _check_checkpoint(cfg, ckpt, hf_dir)
@@ -126,9 +136,13 @@ def export(hf_dir: str | Path, output_dir: str | Path, precisions: Sequence[str]
     t0 = time.perf_counter()
     try:
         source = {"hf_dir_name": hf_dir.resolve().name}
-        for p in precisions:
-            export_precision(cfg, ckpt, staging / precision_dir(p), p, with_attentions=with_attentions,
-                             source=source, progress=progress)
+        fp32_dir = staging / (precision_dir("fp32") if "fp32" in precisions else INT4_SOURCE)
+        export_precision(cfg, ckpt, fp32_dir, "fp32", with_attentions=with_attentions, source=source,
+                         progress=progress)
+        if "int4" in precisions:
+            quantize_folder(fp32_dir, staging / precision_dir("int4"), recipe, progress=progress)
+            if "fp32" not in precisions:
+                shutil.rmtree(fp32_dir)
         copy_pytorch_files(hf_dir, staging / "pytorch")
         for part in sorted(staging.iterdir()):
             _move_into_place(part, out / part.name)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import SAVE_DTYPES, LazyTensor, save_checkpoint_weights
+from ..checkpoint import SAVE_DTYPES, Checkpoint, LazyTensor, save_checkpoint_weights
 from ..config import ENDOFTEXT_TOKEN_ID, IM_END_TOKEN_ID, ModelConfig, parse_hf_config
 from ..errors import UserError
 
@@ -51,6 +51,7 @@ class Preset:
     init_std: float = 0.1
     dtype: str = "float32"
     description: str = ""
+    image_pixels: int | None = None  # preprocessor size (min = max pixels); None = the real Qwen3-VL values
 
 
 def _rope(theta: float, section: list[int]) -> dict:
@@ -74,6 +75,17 @@ PRESETS: dict[str, Preset] = {
                   rope_parameters=_rope(1_000_000.0, [6, 5, 5])),
         vision=dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
                     num_position_embeddings=2304, deepstack_visual_indexes=[1, 3]),
+    ),
+    "shapes": Preset(
+        description="the shapes-task model (qwen3vl_lab/shapes.py): 96x96 images = 9 tokens; `trained=True` "
+                    "gives the weights trained by `qwen3vl-lab train-shapes`",
+        init_std=0.02,
+        image_pixels=96 * 96,
+        text=dict(vocab_size=151936, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=32768,
+                  rope_parameters=_rope(5_000_000.0, [6, 5, 5])),
+        vision=dict(depth=2, hidden_size=64, intermediate_size=256, num_heads=2, out_hidden_size=128,
+                    num_position_embeddings=2304, deepstack_visual_indexes=[0, 1]),
     ),
     "2b": Preset(
         description="the real Qwen3-VL-2B-Instruct shapes (FACTS §2.2), random weights: 2.13 B params",
@@ -317,17 +329,65 @@ def copy_tokenizer_files(dest: Path) -> None:
         (dest / name).write_bytes((src / name).read_bytes())
 
 
+def preprocessor_config(preset: str = "tiny") -> dict:
+    """preprocessor_config.json: the real Qwen3-VL values, with the preset's pixel budget if it has one."""
+    pixels = _preset(preset).image_pixels
+    if pixels is None:
+        return dict(PREPROCESSOR_CONFIG)
+    return {**PREPROCESSOR_CONFIG, "size": {"longest_edge": pixels, "shortest_edge": pixels}}
+
+
 def _write_folder(folder: Path, preset: str, seed: int, dtype: str, config_style: str, tie: bool,
                   max_shard_bytes: int | None) -> None:
     """Write every file of the checkpoint into `folder` (which exists and is empty)."""
     config = hf_config_dict(preset, dtype, tie, config_style)
     _write_json(folder / "config.json", config)
     _write_json(folder / "generation_config.json", {**GENERATION_CONFIG, "transformers_version": config["transformers_version"]})
-    _write_json(folder / "preprocessor_config.json", PREPROCESSOR_CONFIG)
+    _write_json(folder / "preprocessor_config.json", preprocessor_config(preset))
     _write_json(folder / "video_preprocessor_config.json", VIDEO_PREPROCESSOR_CONFIG)
     copy_tokenizer_files(folder)
     tensors = random_tensors(parse_hf_config(config), seed, _preset(preset).init_std)
     save_checkpoint_weights(folder, tensors, dtype, max_shard_bytes)
+
+
+# ----------------------------------------------------------------------------------------------
+# the trained "shapes" model (qwen3vl_lab/data/shapes_model, written by `qwen3vl-lab train-shapes`)
+# ----------------------------------------------------------------------------------------------
+
+TRAINED_PRESET = "shapes"
+TRAINED_FILES = ("config.json", "generation_config.json", "preprocessor_config.json",
+                 "video_preprocessor_config.json", "model.safetensors", "TRAINING.md", "training.json")
+
+
+def trained_model_dir():
+    """The shipped trained checkpoint's folder inside the package (no tokenizer files: copied at make time)."""
+    return resources.files("qwen3vl_lab") / "data" / "shapes_model"
+
+
+def _write_trained_folder(folder: Path, dtype: str | None, config_style: str, tie: bool,
+                          max_shard_bytes: int | None) -> None:
+    """Copy the shipped trained checkpoint (+ the shipped tokenizer); re-encode weights only if asked."""
+    src = trained_model_dir()
+    if not (src / "model.safetensors").is_file():
+        raise UserError("this installation has no trained shapes model (qwen3vl_lab/data/shapes_model); "
+                        "reinstall the package or train one with `qwen3vl-lab train-shapes`")
+    if not tie:
+        raise UserError("the trained shapes model ties its embeddings; drop --untied / tie_word_embeddings=False")
+    for name in TRAINED_FILES:
+        if (src / name).is_file():
+            (folder / name).write_bytes((src / name).read_bytes())
+    copy_tokenizer_files(folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    stored = config.get("dtype", config.get("torch_dtype"))
+    if (dtype is not None and dtype != stored) or max_shard_bytes is not None:
+        ckpt = Checkpoint.open(src / "model.safetensors")
+        tensors = {n: LazyTensor(ckpt.info(n).shape, (lambda n=n: ckpt.get(n))) for n in ckpt.names()}
+        (folder / "model.safetensors").unlink()
+        save_checkpoint_weights(folder, tensors, dtype or stored, max_shard_bytes)
+        config["dtype"] = dtype or stored
+    if config_style == "legacy":
+        config = to_legacy_config(config)
+    _write_json(folder / "config.json", config)
 
 
 def _move_into_place(tmp: Path, output_dir: Path) -> None:
@@ -351,6 +411,7 @@ def make_tiny(
     tie_word_embeddings: bool = True,
     max_shard_bytes: int | None = None,
     overwrite: bool = False,
+    trained: bool = False,
 ) -> Path:
     """Write a random-weight Qwen3-VL checkpoint folder in the Hugging Face layout and return its path.
 
@@ -359,8 +420,14 @@ def make_tiny(
     writes) or "legacy" (the Hub's 4.57 form). max_shard_bytes: shard like `save_pretrained`.
     The folder is built next to `output_dir` under a temporary name, then renamed into place; an
     existing non-empty folder is only replaced with overwrite=True.
+
+    trained=True (preset "shapes" only): the weights trained on the shapes task (qwen3vl_lab/shapes.py)
+    that ship with the package, bf16 unless another dtype is asked for; seed is then unused.
     """
     _check_args(preset, dtype, config_style, seed)
+    if trained and preset != TRAINED_PRESET:
+        raise UserError(f"trained weights exist only for preset {TRAINED_PRESET!r}, not {preset!r}; "
+                        f"pass preset={TRAINED_PRESET!r} (CLI: --trained without --preset)")
     output_dir = Path(output_dir)
     _check_target(output_dir, overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -368,8 +435,11 @@ def make_tiny(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write_folder(tmp, preset, int(seed), dtype or _preset(preset).dtype, config_style,
-                      tie_word_embeddings, max_shard_bytes)
+        if trained:
+            _write_trained_folder(tmp, dtype, config_style, tie_word_embeddings, max_shard_bytes)
+        else:
+            _write_folder(tmp, preset, int(seed), dtype or _preset(preset).dtype, config_style,
+                          tie_word_embeddings, max_shard_bytes)
         _move_into_place(tmp, output_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

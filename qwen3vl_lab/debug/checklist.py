@@ -1,0 +1,414 @@
+"""The INT4-gibberish checklist (ONNX_ANCHORS.md §3), run against one model folder.
+
+    cl = run_checklist("OUT", "int4")              # or run_checklist(model, reference=fp32_model)
+    print(cl.table()); cl.failed                    # [CheckItem(key, title, status, evidence, fix), ...]
+
+Each line is pass / fail (or skip when it does not apply) with the evidence it was decided on:
+
+    accuracy_level   MatMulNBits accuracy_level 4 quantizes activations to int8 per block: measured
+                     activation outliers, and the oracle (the same graph rewritten to level 0) vs fp32
+    lm_head          an INT4 lm_head (repetition, onnxruntime#24384)
+    tied_embeddings  the embedding table vs the lm_head: equal (within quantization error) iff tied;
+                     fails on a head-derived embedding for an untied model (onnxruntime-genai#2306)
+                     or on embeddings dequantized from a quantized head
+    qk_norm          every layer's q_norm and k_norm weights reach the logits (alibaba/MNN#4683)
+    genai_config     type qwen3_vl; decoder I/O names in genai_config.json exist in the graph
+    positions        3-D positions and rope_deltas equal transformers' get_rope_index values
+                     (QWEN3VL_FACTS.md §5.2, measured); the decoder reads all three position rows
+    deepstack        decoder input, vision output and genai_config entry present, and every
+                     DeepStack slice changes the decoder's output
+    eos              <|im_end|> and <|endoftext|> are end-of-sequence ids
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..export.genai_config import DECODER_FILE, EMBEDDING_FILE, VISION_FILE
+from ..generate import prepare_prompt
+from ..model import Model
+from ..positions import Positions, build_positions, next_positions
+from ..steps import embed, prefill
+from .compare import kl_divergence
+from .layers import activation_stats, decoder_feeds, graph_session, load_graph
+from .weights import QuantizedMatrix, read_quantized
+
+OUTLIER_RATIO = 20.0  # an input channel 20x the median channel: Qwen3-style massive activations
+ACC4_KL_FACTOR = 1.25  # accuracy_level 4 adds >= 25% KL (vs fp32) over the same weights at level 0
+TIED_REL_DIFF = 0.7  # embedding rows vs head columns: INT4 error ~0.1, 2-bit ~0.4, unrelated matrices ~1.4
+CHANGE_TOL = 1e-4  # logits "change" when some logit moves by more than this
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
+
+
+@dataclass
+class CheckItem:
+    key: str
+    title: str
+    status: str  # "pass", "fail" or "skip"
+    evidence: str
+    fix: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "fail"
+
+
+@dataclass
+class Checklist:
+    folder: str
+    items: list[CheckItem]
+
+    @property
+    def failed(self) -> list[CheckItem]:
+        return [i for i in self.items if i.status == "fail"]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed
+
+    def item(self, key: str) -> CheckItem:
+        return next(i for i in self.items if i.key == key)
+
+    def status(self) -> dict[str, str]:
+        return {i.key: i.status for i in self.items}
+
+    def table(self) -> str:
+        lines = [f"checklist for {self.folder}"]
+        for i in self.items:
+            lines.append(f"  [{i.status.upper():4s}] {i.title}: {i.evidence}")
+            if i.status == "fail" and i.fix:
+                lines.append(f"         fix: {i.fix}")
+        lines.append(f"  {sum(i.status == 'pass' for i in self.items)} pass, {len(self.failed)} fail, "
+                     f"{sum(i.status == 'skip' for i in self.items)} skip")
+        return "\n".join(lines)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def live_nodes(graph: onnx.GraphProto, outputs=("logits",)) -> set[int]:
+    """Indices of the nodes that the given graph outputs depend on."""
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output}
+    live, stack = set(), [producer[o] for o in outputs if o in producer]
+    while stack:
+        i = stack.pop()
+        if i in live:
+            continue
+        live.add(i)
+        stack.extend(producer[x] for x in graph.node[i].input if x in producer)
+    return live
+
+
+def _probe(model: Model, text: str = PROBE_TEXT):
+    """A short raw-text prompt: ids (1, S), embeddings (1, S, H), positions."""
+    return prepare_prompt(model, text, raw=True)
+
+
+def _logits(model: Model, embeds, position_ids, deepstack=None) -> np.ndarray:
+    """All positions' logits (S, V) of one prefill with explicit positions / DeepStack."""
+    pos = Positions(np.asarray(position_ids, np.int64), np.zeros((embeds.shape[0], 1), np.int64))
+    return prefill(model, embeds, pos, deepstack=deepstack, logits_to_keep=0).logits[0]
+
+
+# -- the checks ----------------------------------------------------------------------------------
+def check_accuracy_level(model: Model, graph: onnx.ModelProto, reference: Model | None = None,
+                         prompt: str = "Write a haiku about the sea.") -> CheckItem:
+    title = "accuracy_level 4 on activation outliers"
+    nodes = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    if not nodes:
+        return CheckItem("accuracy_level", title, "pass", "no MatMulNBits: activations are never quantized")
+    levels = [int(_attrs(n).get("accuracy_level", 0)) for n in nodes]
+    n4 = sum(lv == 4 for lv in levels)
+    if n4 == 0:
+        return CheckItem("accuracy_level", title, "pass",
+                         f"accuracy_level {sorted(set(levels))} on {len(nodes)} MatMulNBits: activations stay float")
+    stats = [s for s in activation_stats(model, prompt) if s.accuracy_level == 4]
+    worst = max(stats, key=lambda s: s.channel_ratio)
+    worst_sqnr = min(s.int8_sqnr_db for s in stats)
+    evidence = (f"{n4}/{len(nodes)} MatMulNBits at level 4; largest activation channel {worst.channel_ratio:.1f}x "
+                f"the median (input of {worst.node}); int8 block SQNR >= {worst_sqnr:.1f} dB")
+    oracle_bad = False
+    p = prepare_prompt(model, prompt)
+    level0 = load_graph(model)
+    for n in level0.graph.node:
+        if n.op_type == "MatMulNBits":
+            for a in list(n.attribute):
+                if a.name == "accuracy_level":
+                    n.attribute.remove(a)
+    session = graph_session(model, level0)
+    feeds = decoder_feeds(model, session, p.inputs_embeds, p.positions.position_ids, p.deepstack)
+    logits0 = session.run(["logits"], feeds)[0][0]  # (S, V) same weights, accuracy_level 0
+    logits4 = _logits(model, p.inputs_embeds, p.positions.position_ids)
+    if reference is not None:
+        ref = _logits(reference, p.inputs_embeds, p.positions.position_ids)
+        kl4, kl0 = float(kl_divergence(ref, logits4).mean()), float(kl_divergence(ref, logits0).mean())
+        evidence += f"; oracle KL vs fp32: level 4 {kl4:.4g}, level 0 {kl0:.4g}"
+        oracle_bad = kl4 > ACC4_KL_FACTOR * kl0 + 1e-6
+    else:
+        evidence += f"; oracle KL(level 0 || level 4) {float(kl_divergence(logits0, logits4).mean()):.4g} (no fp32 reference)"
+    bad = worst.channel_ratio >= OUTLIER_RATIO or oracle_bad
+    return CheckItem("accuracy_level", title, "fail" if bad else "pass", evidence,
+                     "re-export with --accuracy_level 0 (or 1/2) and compare; keep level 4 only where the doctor "
+                     "shows no loss (microsoft/onnxruntime#29849)")
+
+
+def lm_head_node(graph: onnx.GraphProto) -> onnx.NodeProto | None:
+    return next((n for n in graph.node if "logits" in n.output), None)
+
+
+def check_lm_head(graph: onnx.ModelProto) -> CheckItem:
+    title = "int4 lm_head"
+    node = lm_head_node(graph.graph)
+    if node is None:
+        return CheckItem("lm_head", title, "skip", "no node writes `logits`")
+    if node.op_type == "MatMulNBits":
+        a = _attrs(node)
+        bits = int(a.get("bits", 4))
+        ev = f"lm_head is MatMulNBits bits {bits}, block {a.get('block_size')}, accuracy_level {a.get('accuracy_level', 0)}"
+        return CheckItem("lm_head", title, "fail" if bits <= 4 else "pass", ev,
+                         "re-export with --lm_head int8 (or fp32): an INT4 head causes repetition (microsoft/onnxruntime#24384)")
+    return CheckItem("lm_head", title, "pass", f"lm_head is a {node.op_type} on fp32 weights")
+
+
+def _head_columns(model: Model, graph: onnx.ModelProto, ids: np.ndarray) -> tuple[np.ndarray, str]:
+    """The lm_head's weight columns for token ids (n, H), as the decoder multiplies by them."""
+    node = lm_head_node(graph.graph)
+    if node.op_type == "MatMulNBits":
+        qm: QuantizedMatrix = next(q for q in read_quantized(model) if q.node == node.name)
+        return qm.columns(ids).dequantize().T, f"MatMulNBits bits {qm.bits}"
+    from ..export.quantize import read_array  # noqa: PLC0415
+
+    inits = {t.name: t for t in graph.graph.initializer}
+    w = read_array(inits[node.input[1]], model.folder)  # (H, V)
+    return np.ascontiguousarray(w[:, ids].T), "fp32"
+
+
+def check_tied_embeddings(model: Model, graph: onnx.ModelProto) -> CheckItem:
+    title = "tied embeddings / quantized head"
+    emb = onnx.load(str(model.folder / EMBEDDING_FILE), load_external_data=False)
+    quantized_table = [n.op_type for n in emb.graph.node if n.op_type in ("GatherBlockQuantized", "DequantizeLinear")]
+    if lm_head_node(graph.graph) is None:
+        return CheckItem("tied_embeddings", title, "skip", "no lm_head found")
+    tok = model.tokenizer
+    special = [tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")]
+    rng = np.random.default_rng(0)
+    ids = np.unique(np.concatenate([special, rng.integers(0, model.config.text.vocab_size, 256)])).astype(np.int64)
+    rows = embed(model, ids[None, :])[0]  # (n, H) what the embedding graph returns
+    cols, kind = _head_columns(model, graph, ids)  # (n, H)
+    rel = float(np.linalg.norm(rows - cols) / max(np.linalg.norm(rows), 1e-30))
+    tied = model.config.tie_word_embeddings
+    same = rel < TIED_REL_DIFF
+    evidence = (f"config tie_word_embeddings={tied}; embedding table is "
+                f"{'quantized (' + ', '.join(quantized_table) + ')' if quantized_table else 'an fp32 Gather'}; "
+                f"{len(ids)} embedding rows vs lm_head ({kind}) columns: relative difference {rel:.3f}")
+    if quantized_table:
+        return CheckItem("tied_embeddings", title, "fail", evidence,
+                         "keep the embedding table fp32: a table dequantized from a quantized head adds the head's "
+                         "error to every input token (microsoft/onnxruntime-genai#2306)")
+    if tied and not same:
+        return CheckItem("tied_embeddings", title, "fail", evidence,
+                         "the checkpoint ties the head to the embedding, but the export does not: re-export")
+    if not tied and same:
+        return CheckItem("tied_embeddings", title, "fail", evidence,
+                         "the checkpoint has its own lm_head.weight but the embedding reads it "
+                         "(shared_embeddings on an untied model, microsoft/onnxruntime-genai#2306): re-export")
+    return CheckItem("tied_embeddings", title, "pass", evidence)
+
+
+def check_qk_norm(model: Model, graph: onnx.ModelProto) -> CheckItem:
+    title = "q_norm / k_norm present"
+    g = graph.graph
+    live = live_nodes(g)
+    consumers: dict[str, list[int]] = {}
+    for i, n in enumerate(g.node):
+        for x in n.input:
+            consumers.setdefault(x, []).append(i)
+    inits = [t.name for t in g.initializer]
+    missing = []
+    layers = model.config.text.num_hidden_layers
+    for i in range(layers):
+        for which in ("q_norm", "k_norm"):
+            names = [t for t in inits if f"layers.{i}." in t and which in t]
+            if not any(c in live for t in names for c in consumers.get(t, [])):
+                missing.append(f"layers.{i}.{which}")
+    ok = not missing
+    evidence = (f"{layers}/{layers} layers apply q_norm and k_norm on the path to the logits" if ok else
+                f"missing or unused: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")
+    return CheckItem("qk_norm", title, "pass" if ok else "fail", evidence,
+                     "export the per-head RMSNorm on q and k before RoPE (alibaba/MNN#4683); re-export")
+
+
+def check_genai_config(model: Model) -> CheckItem:
+    title = "genai_config type and I/O names"
+    m = model.genai.get("model", {})
+    dec = m.get("decoder", {})
+    problems = []
+    if m.get("type") != "qwen3_vl":
+        problems.append(f"type is {m.get('type')!r}, not 'qwen3_vl'")
+    n = model.config.text.num_hidden_layers
+    ins = {i.name for i in model.decoder.get_inputs()}
+    outs = {o.name for o in model.decoder.get_outputs()}
+    checked = 0
+    for section, names in (("inputs", ins), ("outputs", outs)):
+        for key, value in dec.get(section, {}).items():
+            expected = [value % i for i in range(n)] if "%d" in value else [value]
+            for v in expected:
+                checked += 1
+                if v not in names:
+                    problems.append(f"decoder.{section}.{key} {v!r} is not in the graph")
+    for part, default in (("decoder", DECODER_FILE), ("embedding", EMBEDDING_FILE), ("vision", VISION_FILE)):
+        fn = m.get(part, {}).get("filename")
+        if fn and not (model.folder / fn).is_file():
+            problems.append(f"{part}.filename {fn} does not exist")
+    if dec.get("num_hidden_layers") != n or dec.get("head_size") != model.config.text.head_dim:
+        problems.append("decoder num_hidden_layers/head_size disagree with the model config")
+    evidence = f"type {m.get('type')!r}; {checked} decoder I/O names checked against the graph"
+    if problems:
+        evidence += "; " + "; ".join(problems[:4])
+    return CheckItem("genai_config", title, "fail" if problems else "pass", evidence,
+                     "set model.type to qwen3_vl and make decoder.inputs/outputs match the graph's names (re-export)")
+
+
+def reference_positions_case() -> tuple[np.ndarray, np.ndarray]:
+    """QWEN3VL_FACTS.md §5.2 measured case: 6-token prefix (incl. <|vision_start|>), one [1, 18, 24] image, 146 tokens."""
+    from ..config import IMAGE_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID  # noqa: PLC0415
+
+    ids = [11] * 5 + [VISION_START_TOKEN_ID] + [IMAGE_TOKEN_ID] * 108 + [VISION_END_TOKEN_ID] + [11] * 31
+    return np.array([ids], np.int64), np.array([[1, 18, 24]], np.int64)
+
+
+def _positions_known_answer() -> list[str]:
+    """Differences between build_positions and the values transformers' get_rope_index gave (FACTS §5.2)."""
+    ids, grid = reference_positions_case()
+    pos = build_positions(ids, grid)
+    p = pos.position_ids[:, 0]  # (3, 146)
+    k = np.arange(108)
+    problems = []
+    if not (p[0, 6:114] == 6).all():
+        problems.append("image T positions are not all 6")
+    if not ((p[1, 6:114] == 6 + k // 12).all() and (p[2, 6:114] == 6 + k % 12).all()):
+        problems.append("image H/W positions are not (6 + r, 6 + c) over the 9x12 grid")
+    if not (p[:, 114] == 18).all():
+        problems.append(f"<|vision_end|> is at {p[:, 114].tolist()}, not 18")
+    if not (p[:, 145] == 49).all() or not (p[:, :6] == np.arange(6)).all():
+        problems.append("text positions are not 0..5 before and ..49 after the image")
+    if int(pos.rope_deltas[0, 0]) != -96:
+        problems.append(f"rope_delta is {int(pos.rope_deltas[0, 0])}, not -96")
+    mask = np.ones((1, 149), np.int64)
+    nxt = next_positions(mask, pos.rope_deltas, 3)[:, 0]  # decode steps 0..2
+    if not (nxt == np.array([50, 51, 52])).all():
+        problems.append(f"decode positions are {nxt[0].tolist()}, not [50, 51, 52]")
+    return problems
+
+
+def check_positions(model: Model) -> CheckItem:
+    title = "3-D position ids and rope_deltas"
+    problems = _positions_known_answer()
+    shape = next((i.shape for i in model.decoder.get_inputs() if i.name == "position_ids"), None)
+    if shape is None or len(shape) != 3 or shape[0] != 3:
+        problems.append(f"decoder position_ids has shape {shape}, not (3, batch, seq)")
+        ignored = []
+    else:
+        p = _probe(model)
+        pos = p.positions.position_ids  # (3, 1, S) text: three equal rows
+        base = _logits(model, p.inputs_embeds, pos)
+        ignored = []
+        for row, axis in ((0, "T"), (1, "H"), (2, "W")):
+            changed = pos.copy()
+            changed[row] = 0  # like an image block: one axis constant, so relative distances change
+            if np.abs(_logits(model, p.inputs_embeds, changed) - base).max() <= CHANGE_TOL:
+                ignored.append(axis)
+        if ignored:
+            problems.append(f"the decoder ignores the {'/'.join(ignored)} row(s) of position_ids (1-D positions)")
+    evidence = ("build_positions matches get_rope_index on the FACTS §5.2 image case (delta -96, decode 50, 51, 52); "
+                "the decoder reads the T, H and W rows") if not problems else "; ".join(problems)
+    return CheckItem("positions", title, "fail" if problems else "pass", evidence,
+                     "build (3, B, S) MRoPE positions like get_rope_index and feed all three rows to the rotary "
+                     "embedding; decode uses cache_len + rope_delta")
+
+
+def check_deepstack(model: Model) -> CheckItem:
+    title = "DeepStack wired"
+    d = model.config.num_deepstack
+    if d == 0:
+        return CheckItem("deepstack", title, "skip", "the checkpoint has no DeepStack layers")
+    problems = []
+    if model.genai["model"]["decoder"].get("inputs", {}).get("deepstack_embeds") is None:
+        problems.append("genai_config has no decoder.inputs.deepstack_embeds")
+    shape = next((i.shape for i in model.decoder.get_inputs() if i.name == "deepstack_embeds"), None)
+    if shape is None:
+        problems.append("the decoder has no deepstack_embeds input")
+    elif shape[0] != d:
+        problems.append(f"deepstack_embeds has {shape[0]} slices, the config {d}")
+    vision = "no vision graph"
+    if model.has_vision:
+        outs = [o.name for o in model.vision.get_outputs()]
+        vision = "the vision graph returns deepstack_features" if "deepstack_features" in outs else ""
+        if not vision:
+            problems.append("the vision graph has no deepstack_features output")
+    dead = []
+    if shape is not None:
+        p = _probe(model)
+        B, S, H = p.inputs_embeds.shape
+        zeros = np.zeros((d, B, S, H), np.float32)
+        base = _logits(model, p.inputs_embeds, p.positions.position_ids, zeros)
+        rng = np.random.default_rng(0)
+        for j in range(d):
+            impulse = zeros.copy()
+            impulse[j, :, 2] = rng.standard_normal(H).astype(np.float32)  # one visual position, one layer
+            if np.abs(_logits(model, p.inputs_embeds, p.positions.position_ids, impulse) - base).max() <= CHANGE_TOL:
+                dead.append(j)
+        if dead:
+            problems.append(f"DeepStack slice(s) {dead} do not change the output (not added to the residual stream)")
+    evidence = (f"{d} DeepStack slices reach the decoder (each changes the logits); {vision}" if not problems
+                else "; ".join(problems))
+    return CheckItem("deepstack", title, "fail" if problems else "pass", evidence,
+                     "add deepstack feature j to the hidden state after decoder layer j at the visual positions "
+                     "(microsoft/onnxruntime-genai#1989); re-export")
+
+
+def check_eos(model: Model) -> CheckItem:
+    title = "eos ids"
+    tok = model.tokenizer
+    need = {t: tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    genai_eos = model.genai["model"].get("eos_token_id")
+    genai_eos = set(genai_eos if isinstance(genai_eos, list) else [genai_eos])
+    ours = set(model.config.eos_token_ids)
+    missing = [f"{t} ({i})" for t, i in need.items() if i not in genai_eos or i not in ours]
+    evidence = f"genai_config eos_token_id {sorted(genai_eos)}; runtime stops on {sorted(ours)}"
+    if missing:
+        evidence += f"; missing {', '.join(missing)}"
+    return CheckItem("eos", title, "fail" if missing else "pass", evidence,
+                     "list both <|im_end|> (151645) and <|endoftext|> (151643) as eos_token_id")
+
+
+def run_checklist(model: Model | str | Path, precision: str = "int4", reference: Model | str | Path | None = None,
+                  prompt: str = "Write a haiku about the sea.") -> Checklist:
+    """Every check against `model` (a folder or a loaded Model). `reference` (fp32) feeds the accuracy_level oracle."""
+    from .inputs import as_model  # noqa: PLC0415
+
+    model = as_model(model, precision)
+    ref = as_model(reference, "fp32") if reference is not None else None
+    graph = load_graph(model)
+    items = [
+        check_accuracy_level(model, graph, ref, prompt),
+        check_lm_head(graph),
+        check_tied_embeddings(model, graph),
+        check_qk_norm(model, graph),
+        check_genai_config(model),
+        check_positions(model),
+        check_deepstack(model),
+        check_eos(model),
+    ]
+    return Checklist(str(model.folder), items)
+
+
+__all__ = ["CheckItem", "Checklist", "run_checklist", "live_nodes", "check_accuracy_level", "check_deepstack",
+           "check_eos", "check_genai_config", "check_lm_head", "check_positions", "check_qk_norm",
+           "check_tied_embeddings", "reference_positions_case"]

@@ -1,0 +1,287 @@
+"""Weight by weight: unpack the MatMulNBits blocks and compare them with the fp32 weights.
+
+    mats = read_quantized("OUT/cpu-int4")                 # one QuantizedMatrix per MatMulNBits node
+    w = mats[0].dequantize()                              # (K, N) float32, what the kernel multiplies by
+    np.abs(w - dequantize_with_onnxruntime(mats[0])).max()  # our unpacking vs onnxruntime's own kernel
+    report = compare_weights("OUT/cpu-fp32", "OUT/cpu-int4"); print(report.table())
+
+MatMulNBits layout (onnxruntime ContribOperators.md, com.microsoft.MatMulNBits), for weight W (K, N):
+- B (N, n_blocks, blob) uint8, n_blocks = ceil(K / block_size), blob = block_size * bits / 8: column n,
+  block b holds W[b*bs : (b+1)*bs, n]; values are packed little-end first (4 bits: element 2j in the
+  low nibble of byte j, 2j+1 in the high nibble; 2 bits: four per byte, lowest bits first).
+- scales (N * n_blocks) or (N, n_blocks), float.
+- zero_points (optional): uint8 packed the same way along the blocks of each column,
+  (N, ceil(n_blocks * bits / 8)); or float like the scales (not packed, hqq). Absent: 2^(bits-1).
+- W[k, n] = (q - zero_point) * scale, for k < K (the padding past K is dropped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from ..errors import UserError
+from ..export.genai_config import DECODER_FILE
+from ..export.quantize import read_array
+from ..model import Model
+from .layers import relative_error, sqnr_db
+
+PREFIX = "model.language_model."
+
+
+# -- unpacking (pure numpy) ----------------------------------------------------------------------
+def unpack_bits(packed: np.ndarray, bits: int) -> np.ndarray:
+    """(..., nbytes) uint8 -> (..., nbytes * 8 / bits) uint8 values, lowest bits first."""
+    packed = np.asarray(packed, np.uint8)
+    if bits == 8:
+        return packed.copy()
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    shifts = (np.arange(per, dtype=np.uint8) * bits)  # (per,)
+    vals = (packed[..., None] >> shifts) & mask  # (..., nbytes, per)
+    return vals.reshape(*packed.shape[:-1], packed.shape[-1] * per).astype(np.uint8)
+
+
+def dequantize(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, K: int, N: int,
+               bits: int, block_size: int) -> np.ndarray:
+    """MatMulNBits inputs -> W (K, N) float32, per the contrib-op spec (see the module docstring)."""
+    n_blocks = (K + block_size - 1) // block_size
+    q = unpack_bits(np.asarray(packed).reshape(N, n_blocks, -1), bits)[..., :block_size]  # (N, nb, bs)
+    s = np.asarray(scales, np.float32).reshape(N, n_blocks)  # (N, nb)
+    if zero_points is None:
+        zp = np.full((N, n_blocks), 2 ** (bits - 1), np.float32)
+    elif np.asarray(zero_points).dtype == np.uint8:
+        zp = unpack_bits(np.asarray(zero_points).reshape(N, -1), bits)[:, :n_blocks].astype(np.float32)  # (N, nb)
+    else:
+        zp = np.asarray(zero_points, np.float32).reshape(N, n_blocks)
+    w = (q.astype(np.float32) - zp[..., None]) * s[..., None]  # (N, nb, bs)
+    return np.ascontiguousarray(w.reshape(N, n_blocks * block_size)[:, :K].T)  # (K, N)
+
+
+@dataclass
+class QuantizedMatrix:
+    """One MatMulNBits node's weight, as stored (packed), with what is needed to unpack it."""
+
+    node: str
+    output: str  # the node's output tensor: same name as the fp32 MatMul's output
+    weight: str  # the packed initializer's name
+    K: int
+    N: int
+    bits: int
+    block_size: int
+    accuracy_level: int
+    packed: np.ndarray  # (N, n_blocks, blob) uint8
+    scales: np.ndarray  # (N, n_blocks) float32
+    zero_points: np.ndarray | None  # uint8 packed (N, ceil(nb*bits/8)), float (N, nb), or None (symmetric)
+
+    @property
+    def n_blocks(self) -> int:
+        return (self.K + self.block_size - 1) // self.block_size
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_points is None
+
+    @property
+    def name(self) -> str:
+        """The fp32 weight's short name, e.g. `layers.0.self_attn.q_proj` or `lm_head`."""
+        return short_name(self.weight)
+
+    def columns(self, cols) -> "QuantizedMatrix":
+        """The same matrix restricted to output columns `cols` (each column is quantized on its own)."""
+        cols = np.asarray(cols, np.int64)
+        zp = None if self.zero_points is None else self.zero_points.reshape(self.N, -1)[cols]
+        return QuantizedMatrix(self.node, self.output, self.weight, self.K, len(cols), self.bits, self.block_size,
+                               self.accuracy_level, self.packed.reshape(self.N, self.n_blocks, -1)[cols],
+                               self.scales.reshape(self.N, self.n_blocks)[cols], zp)
+
+    def dequantize(self) -> np.ndarray:
+        """(K, N) float32."""
+        return dequantize(self.packed, self.scales, self.zero_points, self.K, self.N, self.bits, self.block_size)
+
+
+def short_name(weight: str) -> str:
+    name = weight[len(PREFIX):] if weight.startswith(PREFIX) else weight
+    for suffix in ("_Q2", "_Q4", "_Q8"):
+        i = name.find(suffix)
+        if i >= 0:
+            name = name[:i]
+    return name[:-len(".weight")] if name.endswith(".weight") else name
+
+
+def _folder(model: Model | str | Path) -> Path:
+    if isinstance(model, Model):
+        return model.folder
+    from ..model import resolve_folder  # noqa: PLC0415
+
+    return resolve_folder(model, "int4")
+
+
+def read_quantized(model: Model | str | Path, names=None) -> list[QuantizedMatrix]:
+    """Every MatMulNBits of a folder's decoder (only those whose short name is in `names`, when given)."""
+    folder = _folder(model)
+    graph = onnx.load(str(folder / DECODER_FILE), load_external_data=False).graph
+    inits = {t.name: t for t in graph.initializer}
+    out = []
+    for n in graph.node:
+        if n.op_type != "MatMulNBits":
+            continue
+        if names is not None and short_name(n.input[1]) not in names:
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+        K, N, bits, bs = int(a["K"]), int(a["N"]), int(a.get("bits", 4)), int(a["block_size"])
+        nb = (K + bs - 1) // bs
+        zp = read_array(inits[n.input[3]], folder) if len(n.input) > 3 and n.input[3] else None
+        out.append(QuantizedMatrix(n.name, n.output[0], n.input[1], K, N, bits, bs, int(a.get("accuracy_level", 0)),
+                                   read_array(inits[n.input[1]], folder).reshape(N, nb, -1),
+                                   read_array(inits[n.input[2]], folder).astype(np.float32).reshape(N, nb), zp))
+    return out
+
+
+def dequantize_with_onnxruntime(qm: QuantizedMatrix) -> np.ndarray:
+    """onnxruntime's own answer: a one-node MatMulNBits graph (accuracy_level 0) applied to the identity (K, K)."""
+    inputs = ["A", "B", "scales"]
+    inits = [numpy_helper.from_array(np.ascontiguousarray(qm.packed, np.uint8), "B"),
+             numpy_helper.from_array(np.ascontiguousarray(qm.scales, np.float32).reshape(-1), "scales")]
+    if qm.zero_points is not None:
+        zp = qm.zero_points
+        zp = zp.reshape(qm.N, -1) if zp.dtype == np.uint8 else zp.astype(np.float32).reshape(-1)
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(zp), "zero_points"))
+        inputs.append("zero_points")
+    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=qm.K, N=qm.N, bits=qm.bits,
+                            block_size=qm.block_size)
+    graph = helper.make_graph([node], "dequantize", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", qm.K])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", qm.N])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 9
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(["Y"], {"A": np.eye(qm.K, dtype=np.float32)})[0]  # (K, N) = I @ W
+
+
+# -- fp32 vs quantized ---------------------------------------------------------------------------
+@dataclass
+class MatrixError:
+    """One weight matrix: fp32 W (K, N) against its dequantized MatMulNBits blocks."""
+
+    name: str
+    shape: tuple[int, int]
+    bits: int
+    block_size: int
+    symmetric: bool
+    rel_error: float  # |W - Wq| / |W|
+    sqnr_db: float
+    max_abs: float
+    block_rel_error: np.ndarray  # (N, n_blocks): error of each block relative to that block's norm
+    worst_blocks: list[tuple[int, int, float]] = field(default_factory=list)  # (column n, block b, rel error)
+    outlier_channels: list[tuple[int, float]] = field(default_factory=list)  # (input row k, max|W[k]| / median)
+
+
+@dataclass
+class WeightReport:
+    rows: list[MatrixError]
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.rows]
+
+    @property
+    def rel_error(self) -> np.ndarray:
+        return np.array([r.rel_error for r in self.rows])
+
+    @property
+    def sqnr_db(self) -> np.ndarray:
+        return np.array([r.sqnr_db for r in self.rows])
+
+    def worst(self, n: int = 5) -> list[MatrixError]:
+        return sorted(self.rows, key=lambda r: -r.rel_error)[:n]
+
+    def table(self, n: int | None = None) -> str:
+        head = f"{'matrix':32s} {'K x N':>13s} {'bits':>4s} {'block':>5s} {'sym':>4s} {'rel err':>8s} {'SQNR dB':>8s} " \
+               f"{'worst block (n, b, err)':>26s} {'outlier rows (k, ratio)':>24s}"
+        lines = [head, "-" * len(head)]
+        for r in (self.rows if n is None else self.worst(n)):
+            wb = r.worst_blocks[0] if r.worst_blocks else None
+            wb_s = f"({wb[0]}, {wb[1]}, {wb[2]:.3f})" if wb else "-"
+            oc_s = ", ".join(f"({k}, {v:.1f})" for k, v in r.outlier_channels[:2]) or "-"
+            lines.append(f"{r.name[:32]:32s} {r.shape[0]:>6d}x{r.shape[1]:<6d} {r.bits:4d} {r.block_size:5d} "
+                         f"{'yes' if r.symmetric else 'no':>4s} {r.rel_error:8.4f} {r.sqnr_db:8.1f} {wb_s:>26s} {oc_s:>24s}")
+        return "\n".join(lines)
+
+
+def outlier_rows(w: np.ndarray, ratio: float = 4.0, top: int = 5) -> list[tuple[int, float]]:
+    """Input channels k whose largest |W[k, :]| is >= `ratio` x the median over channels (largest first)."""
+    m = np.abs(w).max(axis=1)  # (K,)
+    med = float(np.median(m))
+    if med <= 0:
+        return []
+    r = m / med
+    idx = np.argsort(-r)[:top]
+    return [(int(k), float(r[k])) for k in idx if r[k] >= ratio]
+
+
+def matrix_error(w: np.ndarray, qm: QuantizedMatrix, top: int = 5, chunk: int = 8192) -> MatrixError:
+    """Compare fp32 W (K, N) with `qm`, `chunk` columns at a time (the lm_head is vocab wide)."""
+    K, N = w.shape
+    if (K, N) != (qm.K, qm.N):
+        raise UserError(f"{qm.name}: fp32 weight is {K}x{N} but MatMulNBits says {qm.K}x{qm.N}; compare folders "
+                        "exported from the same checkpoint")
+    bs, nb = qm.block_size, qm.n_blocks
+    block_err = np.zeros((N, nb))
+    sig = noise = 0.0
+    max_abs = 0.0
+    for c0 in range(0, N, chunk):
+        cols = np.arange(c0, min(N, c0 + chunk))
+        ref = w[:, cols].astype(np.float64)  # (K, c)
+        diff = ref - qm.columns(cols).dequantize()  # (K, c)
+        sig += float((ref ** 2).sum())
+        noise += float((diff ** 2).sum())
+        max_abs = max(max_abs, float(np.abs(diff).max()))
+        pad = nb * bs - K
+        ref_b = np.pad(ref, ((0, pad), (0, 0))).T.reshape(len(cols), nb, bs)
+        diff_b = np.pad(diff, ((0, pad), (0, 0))).T.reshape(len(cols), nb, bs)
+        norms = np.linalg.norm(ref_b, axis=-1)
+        block_err[cols] = np.linalg.norm(diff_b, axis=-1) / np.where(norms > 0, norms, 1.0)
+    flat = np.argsort(-block_err, axis=None)[:top]
+    worst = [(int(i // nb), int(i % nb), float(block_err.flat[i])) for i in flat]
+    rel = float(np.sqrt(noise / sig)) if sig > 0 else 0.0
+    sq = float("inf") if noise == 0 else float(10 * np.log10(sig / noise))
+    return MatrixError(qm.name, (K, N), qm.bits, bs, qm.symmetric, rel, sq, max_abs, block_err, worst,
+                       outlier_rows(w, top=top))
+
+
+def fp32_weights_by_output(folder: Path) -> dict[str, tuple[onnx.TensorProto, Path]]:
+    """fp32 decoder: MatMul output tensor name -> its weight initializer."""
+    graph = onnx.load(str(folder / DECODER_FILE), load_external_data=False).graph
+    inits = {t.name: t for t in graph.initializer}
+    return {n.output[0]: inits[n.input[1]] for n in graph.node
+            if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits}
+
+
+def compare_weights(ref: Model | str | Path, test: Model | str | Path, names=None, top: int = 5) -> WeightReport:
+    """Every MatMulNBits of `test` against the fp32 MatMul of `ref` that writes the same output tensor."""
+    ref_folder = ref.folder if isinstance(ref, Model) else _fp32_folder(ref)
+    weights = fp32_weights_by_output(ref_folder)
+    rows = []
+    for qm in read_quantized(test, names):
+        if qm.output not in weights:
+            raise UserError(f"{ref_folder} has no fp32 MatMul writing {qm.output}; pass the fp32 folder of the same export")
+        w = read_array(weights[qm.output], ref_folder)  # (K, N): one fp32 matrix at a time
+        rows.append(matrix_error(w, qm, top))
+    return WeightReport(rows)
+
+
+def _fp32_folder(x) -> Path:
+    from ..model import resolve_folder  # noqa: PLC0415
+
+    return resolve_folder(x, "fp32")
+
+
+__all__ = ["MatrixError", "QuantizedMatrix", "WeightReport", "compare_weights", "dequantize",
+           "dequantize_with_onnxruntime", "matrix_error", "outlier_rows", "read_quantized", "short_name", "unpack_bits"]

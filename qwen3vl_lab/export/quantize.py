@@ -1,0 +1,411 @@
+"""INT4 export: the fp32 decoder's MatMul weights -> onnxruntime `MatMulNBits`, with `MatMulNBitsQuantizer`.
+
+    recipe = Int4Recipe(block_size=32, symmetric=True, accuracy_level=4, lm_head="int4", algorithm="default")
+    quantize_folder("OUT/cpu-fp32", "OUT/cpu-int4", recipe)
+
+All quantization math is onnxruntime's (`onnxruntime.quantization.matmul_nbits_quantizer`); this
+module only drives it so that memory stays bounded: the fp32 graph is read without its weights,
+and each MatMul weight is loaded, handed to the quantizer as a one-node model, and written out
+packed before the next one is read. Only one fp32 matrix is in memory at a time (the lm_head,
+vocab x hidden, is the largest), never the whole decoder.
+
+Defaults follow the onnxruntime-genai builder, not the quantizer (ONNX_ANCHORS.md §2.5): block 32,
+symmetric, accuracy_level 4 on CPU, RTN ("default" = onnxruntime's own C++ block quantizer), and an
+INT4 lm_head. The embedding and vision graphs stay fp32 (hard-linked or copied from the fp32
+folder), so the INT4 folder runs on its own. The recipe is recorded in genai_config.json
+(`qwen3vl_lab.recipe`) and in `quantization.json` next to the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..errors import UserError
+from . import genai_config as gc
+from .onnx_graph import ALIGN, INLINE_LIMIT, MS_DOMAIN
+
+ALGORITHMS = ("default", "rtn", "hqq", "k_quant")
+LM_HEAD_PRECISIONS = ("int4", "int8", "fp32")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+BITS = (2, 4, 8)
+QUANTIZATION_FILE = "quantization.json"
+LM_HEAD_OUTPUT = "logits"  # the decoder's last MatMul writes the logits (export/decoder.py)
+COPIED_FILES = (gc.EMBEDDING_FILE, gc.EMBEDDING_FILE + ".data", gc.VISION_FILE, gc.VISION_FILE + ".data")
+
+
+# -- the recipe --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Int4Recipe:
+    """How to quantize: what `qwen3vl-lab export --precision int4` options set (builder defaults)."""
+
+    block_size: int = 32  # weights per scale along K (16..256, a power of two)
+    symmetric: bool = True  # True: int4 with the implicit zero point 8; False: uint4 + zero points
+    accuracy_level: int = 4  # MatMulNBits compute: 0 unset (fp32 dequant), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
+    lm_head: str = "int4"  # "int4", "int8" (MatMulNBits bits=8) or "fp32" (left a plain MatMul)
+    algorithm: str = "default"  # "default" (ORT C++ RTN), "rtn" / "k_quant" (neural-compressor port), "hqq"
+    bits: int = 4  # body MatMuls: 4 (or 2 / 8 for experiments, e.g. in a recipe sweep)
+
+    def validate(self) -> "Int4Recipe":
+        """A checked copy; hqq and k_quant always write zero points, so they are recorded as asymmetric."""
+        if self.block_size not in BLOCK_SIZES:
+            raise UserError(f"block_size {self.block_size} is not supported by MatMulNBits; choose from "
+                            f"{', '.join(map(str, BLOCK_SIZES))}")
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise UserError(f"accuracy_level {self.accuracy_level} is invalid; choose 0 (unset), 1 (fp32), 2 (fp16), "
+                            "3 (bf16) or 4 (int8 activations)")
+        if self.lm_head not in LM_HEAD_PRECISIONS:
+            raise UserError(f"lm_head {self.lm_head!r} is invalid; choose from {', '.join(LM_HEAD_PRECISIONS)}")
+        if self.algorithm not in ALGORITHMS:
+            raise UserError(f"algorithm {self.algorithm!r} is invalid; choose from {', '.join(ALGORITHMS)}")
+        if self.bits not in BITS:
+            raise UserError(f"bits {self.bits} is invalid; MatMulNBits takes {', '.join(map(str, BITS))}")
+        if self.bits == 2 and self.algorithm in ("rtn", "k_quant"):
+            raise UserError(f"the {self.algorithm} quantizer cannot write 2-bit MatMulNBits; use algorithm default or hqq")
+        if self.algorithm in ("hqq", "k_quant") and self.symmetric:
+            return replace(self, symmetric=False)
+        return self
+
+    @property
+    def head_bits(self) -> int | None:
+        return {"int4": 4, "int8": 8, "fp32": None}[self.lm_head]
+
+    @property
+    def name(self) -> str:
+        """A short folder-safe label, e.g. `default-b32-sym-acc4-head_int4`."""
+        bits = "" if self.bits == 4 else f"-{self.bits}bit"
+        sym = "sym" if self.symmetric else "asym"
+        return f"{self.algorithm}{bits}-b{self.block_size}-{sym}-acc{self.accuracy_level}-head_{self.lm_head}"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "name": self.name}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Int4Recipe":
+        return cls(**{k: d[k] for k in ("block_size", "symmetric", "accuracy_level", "lm_head", "algorithm", "bits")
+                      if k in d})
+
+
+# -- onnxruntime's quantizer ---------------------------------------------------------------------
+def _import_quantizer():
+    """Import onnxruntime's quantizer module without letting its `logging.basicConfig(INFO)` flood the root logger."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    from onnxruntime.quantization import matmul_nbits_quantizer as mq  # noqa: PLC0415
+
+    root.setLevel(level)
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    for name in (mq.__name__, "neural_compressor"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return mq
+
+
+def _check_hqq_available() -> None:
+    try:
+        import importlib.util  # noqa: PLC0415
+
+        ok = importlib.util.find_spec("torch") is not None
+    except ValueError:
+        ok = False
+    if not ok:
+        raise UserError("onnxruntime's hqq quantizer needs torch, which is not installed; "
+                        "pip install torch (CPU build) or choose --algorithm default, rtn or k_quant")
+
+
+def make_quantizer(model: onnx.ModelProto, recipe: Int4Recipe, bits: int, node_name: str):
+    """A `MatMulNBitsQuantizer` for `model` with the recipe's options, everything set explicitly."""
+    mq = _import_quantizer()
+    common = dict(block_size=recipe.block_size, is_symmetric=recipe.symmetric,
+                  accuracy_level=recipe.accuracy_level or None)
+    if recipe.algorithm == "default":
+        return mq.MatMulNBitsQuantizer(model, bits=bits, **common)
+    if recipe.algorithm in ("rtn", "k_quant"):
+        cls = mq.RTNWeightOnlyQuantConfig if recipe.algorithm == "rtn" else mq.KQuantWeightOnlyQuantConfig
+        algo = cls(customized_weight_config={node_name: {"bits": bits}})
+        return mq.MatMulNBitsQuantizer(model, algo_config=algo, **common)
+    _check_hqq_available()
+    algo = mq.HQQWeightOnlyQuantConfig(block_size=recipe.block_size, bits=bits)
+    return mq.MatMulNBitsQuantizer(model, algo_config=algo, **common)
+
+
+def one_matmul_model(node: onnx.NodeProto, weight: np.ndarray) -> onnx.ModelProto:
+    """The MatMul `node` alone, with its weight (K, N) as the only initializer (same names as in the decoder)."""
+    k, n = weight.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", list(node.input), list(node.output), name=node.name)], "one_matmul",
+        [helper.make_tensor_value_info(node.input[0], TensorProto.FLOAT, ["M", k])],
+        [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, ["M", n])],
+        [numpy_helper.from_array(weight, node.input[1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    return model
+
+
+def set_accuracy_level(node: onnx.NodeProto, level: int) -> None:
+    """Make a MatMulNBits node's accuracy_level `level` (0 = attribute absent, as the quantizer writes it)."""
+    for a in list(node.attribute):
+        if a.name == "accuracy_level":
+            node.attribute.remove(a)
+    if level:
+        node.attribute.append(helper.make_attribute("accuracy_level", level))
+
+
+def quantize_matmul(node: onnx.NodeProto, weight: np.ndarray, recipe: Int4Recipe, bits: int
+                    ) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+    """One MatMul + its fp32 weight (K, N) -> the quantizer's replacement nodes and initializers.
+
+    onnxruntime's hqq path does not write accuracy_level, so it is set on the result (a graph-only
+    attribute, ONNX_ANCHORS.md §2.6) to honour the recipe for every algorithm.
+    """
+    q = make_quantizer(one_matmul_model(node, weight), recipe, bits, node.name)
+    with contextlib.redirect_stdout(io.StringIO()):  # the rtn/k_quant path prints a progress line per node
+        q.process()
+    result = q.model.model if hasattr(q.model, "model") else q.model
+    nodes = list(result.graph.node)
+    kinds = [n.op_type for n in nodes]
+    if "MatMulNBits" not in kinds:
+        raise RuntimeError(f"onnxruntime's quantizer left {node.name} unquantized (nodes {kinds})")
+    for n in nodes:
+        if n.op_type == "MatMulNBits":
+            set_accuracy_level(n, recipe.accuracy_level)
+    used = {i for n in nodes for i in n.input}
+    return nodes, [t for t in result.graph.initializer if t.name in used]
+
+
+# -- streaming the graph -------------------------------------------------------------------------
+class ExternalData:
+    """Appends tensors to one external-data file (page-aligned), returning TensorProtos that point into it."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file: BinaryIO | None = None
+
+    def tensor(self, name: str, array: np.ndarray | None = None, raw: bytes | None = None,
+               data_type: int | None = None, dims=None) -> TensorProto:
+        if array is not None:
+            array = np.ascontiguousarray(array)
+            raw, data_type, dims = array.tobytes(), helper.np_dtype_to_tensor_dtype(array.dtype), array.shape
+        if len(raw) < INLINE_LIMIT:
+            t = TensorProto(name=name, data_type=data_type, dims=list(dims))
+            t.raw_data = raw
+            return t
+        if self._file is None:
+            self._file = open(self.path, "wb")
+        offset = self._file.tell()
+        pad = (-offset) % ALIGN
+        if pad:
+            self._file.write(b"\0" * pad)
+            offset += pad
+        self._file.write(raw)
+        t = TensorProto(name=name, data_type=data_type, dims=list(dims))
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", self.path.name), ("offset", str(offset)), ("length", str(len(raw)))):
+            entry = t.external_data.add()
+            entry.key, entry.value = k, v
+        return t
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _external_info(t: TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def read_raw(t: TensorProto, folder: Path) -> bytes:
+    """The bytes of one initializer, from its external-data file when it has one."""
+    if t.data_location != TensorProto.EXTERNAL:
+        return t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+    info = _external_info(t)
+    with open(folder / info["location"], "rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        length = info.get("length")
+        return f.read(int(length)) if length is not None else f.read()
+
+
+def read_array(t: TensorProto, folder: Path) -> np.ndarray:
+    """One initializer as a numpy array (only this tensor is read from disk)."""
+    return numpy_helper.to_array(t, base_dir=str(folder))
+
+
+def _matmul_weights(graph: onnx.GraphProto, inits: dict[str, TensorProto]) -> dict[str, str]:
+    """node name -> weight name for every MatMul whose second input is a 2-D initializer."""
+    out = {}
+    for n in graph.node:
+        if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in inits and len(inits[n.input[1]].dims) == 2:
+            out[n.name] = n.input[1]
+    return out
+
+
+def _node_bits(node: onnx.NodeProto, recipe: Int4Recipe) -> int | None:
+    if LM_HEAD_OUTPUT in node.output:
+        return recipe.head_bits
+    return recipe.bits
+
+
+def _node_record(nodes: list[onnx.NodeProto], weight: str, inits: list[TensorProto]) -> dict:
+    q = next(n for n in nodes if n.op_type == "MatMulNBits")
+    attrs = {a.name: helper.get_attribute_value(a) for a in q.attribute}
+    return {"node": q.name, "weight": weight, "output": q.output[0], "K": attrs["K"], "N": attrs["N"],
+            "bits": attrs["bits"], "block_size": attrs["block_size"], "accuracy_level": attrs.get("accuracy_level", 0),
+            "zero_points": len(q.input) > 3 and bool(q.input[3]),
+            "bytes": int(sum(len(t.raw_data) for t in inits))}
+
+
+def quantize_decoder(src_folder: Path, dst_folder: Path, recipe: Int4Recipe, progress: bool = True) -> dict:
+    """src/model.onnx (fp32, external data) -> dst/model.onnx with MatMulNBits; returns the per-node record."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    src_folder, dst_folder = Path(src_folder), Path(dst_folder)
+    model = onnx.load(str(src_folder / gc.DECODER_FILE), load_external_data=False)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    targets = _matmul_weights(graph, inits)
+    data = ExternalData(dst_folder / (gc.DECODER_FILE + ".data"))
+    new_nodes, new_inits, records, excluded, replaced = [], [], [], [], set()
+    try:
+        with tqdm(total=len(targets), desc=f"quantize {recipe.name}", unit="matmul", disable=not progress) as bar:
+            for node in graph.node:
+                bits = _node_bits(node, recipe) if node.name in targets else None
+                if bits is None:
+                    if node.name in targets:
+                        excluded.append(node.name)
+                        bar.update(1)
+                    new_nodes.append(node)
+                    continue
+                weight = read_array(inits[targets[node.name]], src_folder)  # (K, N) fp32, the only copy held
+                q_nodes, q_inits = quantize_matmul(node, weight, recipe, bits)
+                del weight
+                records.append(_node_record(q_nodes, targets[node.name], q_inits))
+                new_nodes.extend(q_nodes)
+                for t in q_inits:  # packed weights, scales, zero points: straight to disk
+                    new_inits.append(data.tensor(t.name, numpy_helper.to_array(t)))
+                replaced.add(targets[node.name])
+                bar.update(1)
+        for t in graph.initializer:  # everything else (norm weights, fp32 head when excluded, ...) is copied
+            if t.name in replaced:
+                continue
+            if t.data_location == TensorProto.EXTERNAL:
+                new_inits.append(data.tensor(t.name, raw=read_raw(t, src_folder), data_type=t.data_type, dims=t.dims))
+            else:
+                new_inits.append(t)
+    finally:
+        data.close()
+    graph.ClearField("node")
+    graph.node.extend(new_nodes)
+    graph.ClearField("initializer")
+    graph.initializer.extend(new_inits)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    model.doc_string = f"qwen3vl-lab INT4 decoder ({recipe.name}), quantized by onnxruntime MatMulNBitsQuantizer"
+    onnx.save_model(model, str(dst_folder / gc.DECODER_FILE))
+    return {"nodes": records, "excluded": excluded}
+
+
+# -- a whole precision folder --------------------------------------------------------------------
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link (no extra disk, no symlink that onnxruntime would refuse) or copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _replace_folder(staged: Path, final: Path) -> None:
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+    staged.rename(final)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _folder_bytes(folder: Path, names) -> int:
+    return sum((folder / n).stat().st_size for n in names if (folder / n).is_file())
+
+
+def quantize_folder(fp32_folder: str | Path, out_folder: str | Path, recipe: Int4Recipe | None = None, *,
+                    progress: bool = True) -> Path:
+    """An fp32 precision folder (OUT/cpu-fp32) -> a runnable INT4 folder: decoder, fp32 embedding/vision,
+    genai_config.json (precision int4, `qwen3vl_lab.recipe`) and quantization.json.
+
+    Written into a temporary sibling folder and moved into place when complete.
+    """
+    recipe = (recipe or Int4Recipe()).validate()
+    src, out = Path(fp32_folder), Path(out_folder)
+    if not (src / gc.DECODER_FILE).is_file() or not (src / gc.GENAI_CONFIG).is_file():
+        raise UserError(f"{src} is not an exported fp32 folder (no {gc.DECODER_FILE} / {gc.GENAI_CONFIG}); "
+                        "run `qwen3vl-lab export --precision fp32` first")
+    genai = json.loads((src / gc.GENAI_CONFIG).read_text(encoding="utf-8"))
+    if genai.get("qwen3vl_lab", {}).get("precision") != "fp32":
+        raise UserError(f"{src} holds precision {genai.get('qwen3vl_lab', {}).get('precision')!r}; quantize the fp32 folder")
+    if recipe.algorithm == "hqq":
+        _check_hqq_available()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; the final folder gets normal permissions
+    t0 = time.perf_counter()
+    try:
+        nodes = quantize_decoder(src, staging, recipe, progress)
+        for name in COPIED_FILES:
+            if (src / name).is_file():
+                _link_or_copy(src / name, staging / name)
+        seconds = time.perf_counter() - t0
+        genai["qwen3vl_lab"]["precision"] = "int4"
+        genai["qwen3vl_lab"]["recipe"] = recipe.to_dict()
+        gc.write_genai_config(staging, genai)
+        decoder_files = (gc.DECODER_FILE, gc.DECODER_FILE + ".data")
+        (staging / QUANTIZATION_FILE).write_text(json.dumps(quantization_record(
+            recipe, nodes, seconds, _folder_bytes(src, decoder_files), _folder_bytes(staging, decoder_files)),
+            indent=2) + "\n", encoding="utf-8")
+        _replace_folder(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def quantization_record(recipe: Int4Recipe, nodes: dict, seconds: float, fp32_bytes: int, int4_bytes: int) -> dict:
+    import onnxruntime  # noqa: PLC0415
+
+    return {
+        "recipe": recipe.to_dict(),
+        "quantizer": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
+        "onnxruntime_version": onnxruntime.__version__,
+        "source": f"cpu-fp32/{gc.DECODER_FILE}",
+        "seconds": round(seconds, 3),
+        "decoder_bytes": {"fp32": fp32_bytes, "quantized": int4_bytes},
+        "num_quantized": len(nodes["nodes"]),
+        "excluded": nodes["excluded"],
+        "nodes": nodes["nodes"],
+    }
+
+
+def read_recipe(folder: str | Path) -> Int4Recipe | None:
+    """The recipe a folder was quantized with (from genai_config.json), or None for an fp32 folder."""
+    path = Path(folder) / gc.GENAI_CONFIG
+    if not path.is_file():
+        return None
+    recipe = json.loads(path.read_text(encoding="utf-8")).get("qwen3vl_lab", {}).get("recipe")
+    return Int4Recipe.from_dict(recipe) if recipe else None

@@ -1,0 +1,153 @@
+"""Helpers the teaching notebooks share: which model folder to use, made once and cached.
+
+    from qwen3vl_lab import notebook
+    model = notebook.open_model()        # MODEL_DIR, else HF_DIR exported once, else the tiny checkpoint
+    notebook.describe()                  # one line saying which of the three it is
+
+- `MODEL_DIR=/path/to/export` uses an exported folder (what `qwen3vl-lab export` wrote) as is.
+- `HF_DIR=/path/to/Qwen3-VL-2B-Instruct` exports that checkpoint once (with attention outputs)
+  into the cache folder and uses the export.
+- Otherwise the tiny random-weight checkpoint (`make_tiny(seed=0)`) is made and exported on first
+  use (~3 s) into the cache folder: `$QWEN3VL_LAB_CACHE`, else `$XDG_CACHE_HOME/qwen3vl-lab`, else
+  `~/.cache/qwen3vl-lab`. Its name carries a hash of the exporter's source, so a changed exporter
+  gets a fresh export instead of a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+
+TINY_SEED = 0
+
+
+def cache_dir() -> Path:
+    """Where made-on-first-use models live (created if missing)."""
+    if os.environ.get("QWEN3VL_LAB_CACHE"):
+        root = Path(os.environ["QWEN3VL_LAB_CACHE"])
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen3vl-lab"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _exporter_hash() -> str:
+    """A short hash of the source files that decide what make_tiny and export write."""
+    here = Path(__file__).resolve().parent
+    files = sorted((here / "export").glob("*.py")) + [here / "config.py", here / "checkpoint.py"]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _build_once(final: Path, build) -> Path:
+    """Run build(tmp_folder) into a private temp folder, then rename it to `final` (first writer wins)."""
+    if final.is_dir():
+        return final
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(final)
+        except OSError:  # another process finished first: use its folder
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+def tiny_dir() -> Path:
+    """The cached tiny folder: checkpoint in `hf/`, export (with attention outputs) in `onnx/`."""
+    from .export.exporter import export  # noqa: PLC0415
+    from .export.tiny import make_tiny  # noqa: PLC0415
+
+    def build(tmp: Path) -> None:
+        make_tiny(tmp / "hf", seed=TINY_SEED)
+        export(tmp / "hf", tmp / "onnx", with_attentions=True, progress=False, log=_silent)
+
+    return _build_once(cache_dir() / f"tiny-seed{TINY_SEED}-{_exporter_hash()}", build)
+
+
+def tiny_checkpoint_dir() -> Path:
+    """The tiny Hugging Face checkpoint folder (config.json + model.safetensors), made on first use."""
+    return tiny_dir() / "hf"
+
+
+def tiny_model_dir() -> Path:
+    """The tiny checkpoint exported to ONNX (cpu-fp32/ with attention outputs), made on first use."""
+    return tiny_dir() / "onnx"
+
+
+def exported_hf_dir(hf_dir: str | Path) -> Path:
+    """A real checkpoint exported once (with attention outputs) into the cache folder."""
+    from .export.exporter import export  # noqa: PLC0415
+
+    hf_dir = Path(hf_dir).expanduser().resolve()
+    if not (hf_dir / "config.json").is_file():
+        raise UserError(f"HF_DIR={hf_dir} has no config.json; point HF_DIR at a Qwen3-VL checkpoint folder")
+    key = hashlib.sha256(f"{hf_dir}|{_exporter_hash()}".encode()).hexdigest()[:12]
+    return _build_once(cache_dir() / f"export-{hf_dir.name}-{key}",
+                       lambda tmp: export(hf_dir, tmp, with_attentions=True, progress=True))
+
+
+def user_model_dir() -> Path | None:
+    """The folder the user asked for with MODEL_DIR or HF_DIR, or None (then the tiny checkpoint is used)."""
+    if os.environ.get("MODEL_DIR"):
+        folder = Path(os.environ["MODEL_DIR"]).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"MODEL_DIR={folder} does not exist; set it to a folder written by `qwen3vl-lab export`")
+        return folder
+    if os.environ.get("HF_DIR"):
+        return exported_hf_dir(os.environ["HF_DIR"])
+    return None
+
+
+def model_dir() -> Path:
+    """MODEL_DIR, else HF_DIR exported once, else the tiny checkpoint's export."""
+    return user_model_dir() or tiny_model_dir()
+
+
+def is_tiny() -> bool:
+    return user_model_dir() is None
+
+
+def open_model(text_precision: str = "fp32"):
+    """load_model(model_dir()): the three sessions, config and tokenizer."""
+    from .model import load_model  # noqa: PLC0415
+
+    return load_model(model_dir(), text_precision)
+
+
+def describe() -> str:
+    """One line: which model the notebook is running on."""
+    if os.environ.get("MODEL_DIR"):
+        return f"MODEL_DIR: {model_dir()}"
+    if os.environ.get("HF_DIR"):
+        return f"HF_DIR {os.environ['HF_DIR']} exported to {model_dir()}"
+    return f"tiny random-weight checkpoint (seed {TINY_SEED}) exported to {tiny_model_dir()}"
+
+
+def require_attentions(model) -> None:
+    """Stop with a clear message when the decoder was exported without attention outputs."""
+    if "attentions.0" not in model.decoder_outputs:
+        raise UserError(f"{model.folder} was exported without attention outputs; re-export it with "
+                        "`qwen3vl-lab export --with_attentions` (or use HF_DIR, which does)")
+
+
+def sample_image() -> str:
+    """A real photograph that ships with matplotlib (Grace Hopper, 512 x 600): no download needed."""
+    from matplotlib import cbook  # noqa: PLC0415
+
+    return str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
