@@ -1,4 +1,4 @@
-"""`qwen3vl-lab` (also `python -m qwen3vl_lab`): make-tiny, export, generate.
+"""`qwen3vl-lab` (also `python -m qwen3vl_lab`): make-tiny, export, generate, ..., doctor, sweep, bench.
 
 Every user mistake ends in one line on stderr, `qwen3vl-lab: error: <problem>; <fix>`, and exit
 code 2 — no traceback.
@@ -47,6 +47,8 @@ seed_t = _number(int, "--seed", lambda v: v >= 0, "an integer >= 0")
 threads_t = _number(int, "--threads", lambda v: v >= 1, "an integer >= 1")
 image_size_t = _number(int, "--image_size", lambda v: v >= 32 and v % 32 == 0, "a positive multiple of 32 (e.g. 384)")
 video_fps_t = _number(float, "--video_fps", lambda v: v > 0, "a number > 0 (frames per second of the given frames)")
+batch_size_t = _number(int, "--batch_size", lambda v: v >= 1, "an integer >= 1")
+prefill_chunk_t = _number(int, "--prefill_chunk", lambda v: v >= 1, "an integer >= 1 (e.g. 1024)")
 
 
 # -- make-tiny ---------------------------------------------------------------------------------
@@ -87,17 +89,51 @@ def add_export(sub) -> None:
     p = sub.add_parser("export", help="export a Hugging Face Qwen3-VL checkpoint to ONNX")
     p.add_argument("--hf_dir", required=True, help="checkpoint folder (config.json + safetensors)")
     p.add_argument("--output_dir", required=True, help="where cpu-<precision>/ and pytorch/ are written")
-    p.add_argument("--precision", nargs="+", default=["fp32"], help="fp32 (one or more precisions)")
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "int4"],
+                   help="fp32 and/or int4 (int4: the fp32 decoder quantized by onnxruntime's MatMulNBitsQuantizer)")
     p.add_argument("--with_attentions", action="store_true",
                    help="add attention-probability outputs to the decoder (teaching/debugging variant)")
+    add_int4_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_export)
+
+
+def add_int4_options(p) -> None:
+    """INT4 recipe options; defaults are the onnxruntime-genai builder's (block 32, symmetric, level 4, int4 head)."""
+    g = p.add_argument_group("int4 options (with --precision int4)")
+    g.add_argument("--block_size", type=int, default=None, choices=[16, 32, 64, 128, 256],
+                   help="weights per scale (default 32)")
+    g.add_argument("--asymmetric", action="store_const", const=True, default=None,
+                   help="uint4 with zero points (default: symmetric int4)")
+    g.add_argument("--accuracy_level", type=int, default=None, choices=[0, 1, 2, 3, 4],
+                   help="MatMulNBits compute: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (default 4)")
+    g.add_argument("--lm_head", default=None, choices=["int4", "int8", "fp32"], help="lm_head precision (default int4)")
+    g.add_argument("--algorithm", default=None, choices=["default", "rtn", "hqq", "k_quant"],
+                   help="onnxruntime weight-only algorithm (default: default, the C++ RTN quantizer; hqq needs torch)")
+
+
+INT4_OPTIONS = ("block_size", "asymmetric", "accuracy_level", "lm_head", "algorithm")
+
+
+def int4_recipe(a):
+    """The Int4Recipe the options ask for (unset options keep the builder defaults)."""
+    from .export.quantize import Int4Recipe  # noqa: PLC0415
+
+    base = Int4Recipe()
+    return Int4Recipe(block_size=a.block_size or base.block_size,
+                      symmetric=not a.asymmetric if a.asymmetric is not None else base.symmetric,
+                      accuracy_level=base.accuracy_level if a.accuracy_level is None else a.accuracy_level,
+                      lm_head=a.lm_head or base.lm_head, algorithm=a.algorithm or base.algorithm).validate()
 
 
 def run_export(a) -> int:
     from .export.exporter import export  # noqa: PLC0415
 
-    export(a.hf_dir, a.output_dir, a.precision, with_attentions=a.with_attentions, progress=not a.quiet)
+    given = [f"--{o}" for o in INT4_OPTIONS if getattr(a, o) is not None]
+    if given and "int4" not in a.precision:
+        raise UserError(f"{', '.join(given)}: INT4 options need --precision int4 (e.g. --precision fp32 int4)")
+    export(a.hf_dir, a.output_dir, a.precision, with_attentions=a.with_attentions, progress=not a.quiet,
+           recipe=int4_recipe(a))
     return 0
 
 
@@ -118,6 +154,8 @@ def add_generate(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object (token_ids, text, ...) as the last line")
     p.add_argument("--interactive", action="store_true", help="a multi-turn chat; quit/exit/EOF leave")
     p.add_argument("--threads", type=threads_t, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--fast", action="store_true",
+                   help="decode with the fused decoder and preallocated KV buffers (same tokens, faster)")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image for the user turn (repeatable; images come before the text, in the order given)")
     p.add_argument("--video", action="append", nargs="+", default=[], metavar="FRAMES",
@@ -127,12 +165,21 @@ def add_generate(sub) -> None:
                    help="frames per second the --video frames were taken at, for their timestamps (default 2)")
     p.add_argument("--image_size", type=image_size_t, default=None, metavar="N",
                    help="resize every image/frame to N x N (multiple of 32, e.g. 384) instead of the native size")
+    p.add_argument("--prompts_file", default=None, metavar="FILE",
+                   help="many prompts: one per line, or JSONL lines {\"prompt\": ..., \"images\": [paths]} (image "
+                        "paths relative to the current folder or the file's); answers come out in input order")
+    p.add_argument("--batch_size", type=batch_size_t, default=8,
+                   help="prompts of --prompts_file run together as one left-padded batch (default 8)")
+    p.add_argument("--prefill_chunk", type=prefill_chunk_t, default=None, metavar="N",
+                   help="run the prompt through the decoder N tokens at a time: same result, less memory on long prompts")
     p.set_defaults(run=run_generate)
 
 
 def _sampling_kwargs(a) -> dict:
+    """Sampling settings plus prefill_chunk: everything pipe.stream / iter_results take from the flags."""
     return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                no_sample=a.no_sample, seed=a.seed, repetition_penalty=a.repetition_penalty)
+                no_sample=a.no_sample, seed=a.seed, repetition_penalty=a.repetition_penalty,
+                prefill_chunk=a.prefill_chunk)
 
 
 def _video_arg(frames: list[str]):
@@ -145,9 +192,17 @@ def run_generate(a) -> int:
     from .model import RuntimeOptions  # noqa: PLC0415
     from .pipeline import Qwen3VLPipeline  # noqa: PLC0415
 
-    if a.prompt is None and not a.interactive:
-        raise UserError("nothing to do: pass --prompt TEXT or --interactive")
-    pipe = Qwen3VLPipeline(a.model_dir, a.text_precision, RuntimeOptions(threads=a.threads))
+    items = None
+    if a.prompts_file is not None:
+        if a.prompt is not None or a.interactive or a.image or a.video:
+            raise UserError("--prompts_file runs every prompt of the file; leave out --prompt, --interactive, --image "
+                            "and --video (put images per prompt in JSONL lines: {\"prompt\": ..., \"images\": [...]})")
+        items = read_prompts_file(a.prompts_file)  # all checked before the model loads
+    elif a.prompt is None and not a.interactive:
+        raise UserError("nothing to do: pass --prompt TEXT, --prompts_file FILE or --interactive")
+    pipe = Qwen3VLPipeline(a.model_dir, a.text_precision, RuntimeOptions(threads=a.threads), fast=a.fast)
+    if items is not None:
+        return run_prompts_file(pipe, items, a)
     if a.image or a.video:
         check_has_vision(pipe.model)
     a.videos = [_video_arg(v) for v in a.video]
@@ -170,6 +225,77 @@ def run_generate(a) -> int:
     return 0
 
 
+PROMPT_KEYS = ("prompt", "images", "videos", "id")
+
+
+def read_prompts_file(path: str) -> list[dict]:
+    """--prompts_file -> [{"prompt", "images", "videos", "id"}, ...]; every line checked, errors name the line.
+
+    A file ending in .jsonl, or whose first prompt line starts with "{", is JSONL; otherwise each
+    non-empty line is one prompt. Image/video paths: as given, else relative to the file's folder.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--prompts_file {path} does not exist; pass a text file with one prompt per line, or JSONL")
+    try:
+        lines = [(n, line) for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    except UnicodeDecodeError:
+        raise UserError(f"--prompts_file {path} is not UTF-8 text; save it as UTF-8") from None
+    if not lines:
+        raise UserError(f"--prompts_file {path} holds no prompts; write one prompt per line")
+    if file.suffix.lower() != ".jsonl" and not lines[0][1].lstrip().startswith("{"):
+        return [{"prompt": line, "images": None, "videos": None, "id": None} for _, line in lines]
+    return [_jsonl_prompt(file, n, line) for n, line in lines]
+
+
+def _jsonl_prompt(file: Path, n: int, line: str) -> dict:
+    where = f"{file}:{n}"
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where} is not valid JSON ({e.msg}); write one object per line, e.g. "
+                        '{"prompt": "Describe it.", "images": ["a.png"]}') from None
+    if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+        raise UserError(f'{where} needs a "prompt" string, e.g. {{"prompt": "Describe it.", "images": ["a.png"]}}')
+    unknown = sorted(set(item) - set(PROMPT_KEYS))
+    if unknown:
+        raise UserError(f"{where} has unknown keys {unknown}; use {', '.join(PROMPT_KEYS)}")
+    out = {"prompt": item["prompt"], "id": item.get("id")}
+    for key in ("images", "videos"):
+        paths = item.get(key) or []
+        paths = [paths] if isinstance(paths, str) else paths
+        if not isinstance(paths, list) or not all(isinstance(x, str) for x in paths):
+            raise UserError(f'{where}: "{key}" must be a list of paths, e.g. ["a.png"]')
+        out[key] = [_existing_path(where, file, x, key) for x in paths] or None
+    return out
+
+
+def _existing_path(where: str, file: Path, path: str, key: str) -> str:
+    for candidate in (Path(path), file.parent / path):
+        if candidate.exists():
+            return str(candidate)
+    raise UserError(f"{where}: {key[:-1]} {path} does not exist (looked in the current folder and in {file.parent}); "
+                    "check the path")
+
+
+def run_prompts_file(pipe, items: list[dict], a) -> int:
+    """Every prompt of the file, `--batch_size` at a time; one answer (or JSON line) per prompt, in order."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    results = pipe.iter_results([it["prompt"] for it in items], images=[it["images"] for it in items],
+                                videos=[it["videos"] for it in items], batch_size=a.batch_size, raw=a.raw,
+                                image_size=a.image_size, video_fps=a.video_fps, **_sampling_kwargs(a))
+    with tqdm(total=len(items), desc="generate", unit="prompt", file=sys.stderr) as bar:
+        for i, (item, result) in enumerate(zip(items, results)):
+            if a.json:
+                head = {"index": i, **({"id": item["id"]} if item["id"] is not None else {}), "prompt": item["prompt"]}
+                bar.write(json.dumps({**head, **result.to_json()}, ensure_ascii=False), file=sys.stdout)
+            else:
+                bar.write(f"[{i + 1}] {result.text}", file=sys.stdout)
+            bar.update(1)
+    return 0
+
+
 def _image_command(line: str, pending: list, image_size) -> None:
     """`/image PATH`: check the file now (one-line error, the chat goes on) and attach it to the next turn."""
     from .image import ImageProcessorConfig, load_image, target_size  # noqa: PLC0415
@@ -187,8 +313,10 @@ def interactive(pipe, a) -> int:
     """A chat: the whole history goes through the chat template each turn; Ctrl-C stops an answer.
 
     `/image PATH` attaches an image to the next message (--image/--video attach to the first). The
-    images of earlier turns stay in the history; the pipeline encodes each one only once.
+    images of earlier turns stay in the history; the pipeline encodes each one only once. When the
+    history no longer fits the model's context, the oldest turns are dropped (with a notice).
     """
+    from .generate import ContextOverflow  # noqa: PLC0415
     from .tokenizer import format_chat  # noqa: PLC0415
 
     messages: list[dict] = []
@@ -218,14 +346,23 @@ def interactive(pipe, a) -> int:
         content = ([{"type": "image"} for _ in pending] + [{"type": "video"} for _ in pending_videos]
                    + [{"type": "text", "text": line}])
         messages.append({"role": "user", "content": content})
-        text = format_chat(pipe.tokenizer, messages)
         pieces = []
         try:
-            for piece in pipe.stream(text, raw=True, images=images + pending, videos=videos + pending_videos,
-                                     image_size=a.image_size, video_fps=a.video_fps, **_sampling_kwargs(a)):
-                pieces.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+            while True:
+                try:
+                    for piece in pipe.stream(format_chat(pipe.tokenizer, messages), raw=True, images=images + pending,
+                                             videos=videos + pending_videos, image_size=a.image_size,
+                                             video_fps=a.video_fps, **_sampling_kwargs(a)):
+                        pieces.append(piece)
+                        sys.stdout.write(piece)
+                        sys.stdout.flush()
+                    break
+                except ContextOverflow as e:
+                    if len(messages) < 3:  # only this message left: it alone is too long
+                        raise
+                    images, videos = _drop_oldest_turn(messages, images, videos)
+                    print(f"[the chat needs {e.prompt_tokens} tokens but the context holds {e.limit}: "
+                          "dropped the oldest turn]", file=sys.stderr)
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")
         except UserError as e:  # e.g. the history no longer fits the context: say so, keep the chat going
@@ -237,6 +374,13 @@ def interactive(pipe, a) -> int:
         images, videos = images + pending, videos + pending_videos
         pending, pending_videos = [], []
         messages.append({"role": "assistant", "content": [{"type": "text", "text": "".join(pieces)}]})
+
+
+def _drop_oldest_turn(messages: list[dict], images: list, videos: list) -> tuple[list, list]:
+    """Remove the first user message and its answer (in place) and that message's images and videos."""
+    first = [c.get("type") for c in messages[0]["content"] if isinstance(c, dict)]
+    del messages[:2]
+    return images[first.count("image"):], videos[first.count("video"):]
 
 
 # -- shapes task -------------------------------------------------------------------------------
@@ -288,6 +432,132 @@ def run_train_shapes(a) -> int:
     return run(a)
 
 
+# -- doctor / sweep ------------------------------------------------------------------------------
+n_steps_t = _number(int, "--n_steps", lambda v: v >= 1, "an integer >= 1")
+
+
+def _add_prompt_options(p) -> None:
+    p.add_argument("--prompt", action="append", default=None,
+                   help="a user turn to compare on (repeat for several; default: three built-in prompts)")
+    p.add_argument("--image", default=None, help="an image file: every prompt is also compared with this image")
+    p.add_argument("--image_size", type=image_size_t, default=None, help="resize the image to N x N (default: smart_resize)")
+    p.add_argument("--n_steps", type=n_steps_t, default=None, help="generated steps compared per prompt")
+    p.add_argument("--report_dir", default=None, help="write the figures (PNG) here")
+
+
+def add_doctor(sub) -> None:
+    p = sub.add_parser("doctor", help="find why an INT4 folder disagrees with fp32: checklist, per-step, "
+                                      "per-layer and per-weight comparison")
+    p.add_argument("--model_dir", required=True, help="an export folder (with cpu-int4/) or one precision folder")
+    p.add_argument("--text_precision", default="int4", choices=["fp32", "int4"], help="the folder to diagnose")
+    p.add_argument("--reference", default="fp32",
+                   help="fp32 (the cpu-fp32 folder of the same export, default) or the path of an fp32 folder")
+    _add_prompt_options(p)
+    p.add_argument("--sweep", action="store_true", help="also build and rank INT4 recipe variants (see `sweep`)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run_doctor)
+
+
+def _image_arg(a):
+    if a.image is not None and not Path(a.image).is_file():
+        raise UserError(f"--image {a.image} does not exist; pass an image file (jpg, png, ...)")
+    return a.image
+
+
+def run_doctor(a) -> int:
+    from .debug.doctor import diagnose  # noqa: PLC0415
+    from .debug.figures import write_figures  # noqa: PLC0415
+
+    image = _image_arg(a)
+    report = diagnose(a.model_dir, a.text_precision, a.reference, a.prompt, image=image, image_size=a.image_size,
+                      n_steps=a.n_steps or 16, progress=not a.quiet)
+    print(report.render())
+    result = None
+    if a.sweep:
+        result = _run_sweep(a.model_dir, a.prompt, image, a.image_size, a.n_steps or 12,
+                            Path(a.report_dir) / "sweep" if a.report_dir else None, fast=False, quiet=a.quiet)
+    if a.report_dir:
+        paths = write_figures(report, a.report_dir, sweep=result)
+        print(f"\nwrote {len(paths)} figures to {a.report_dir}: {', '.join(p.name for p in paths)}")
+    return 0
+
+
+def add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="build INT4 recipe variants of an fp32 export and rank them by agreement with fp32")
+    p.add_argument("--model_dir", required=True, help="an export folder with cpu-fp32/")
+    _add_prompt_options(p)
+    p.add_argument("--out_dir", default=None, help="keep the variants here (default: a temporary folder)")
+    p.add_argument("--recipes", nargs="+", default=None, metavar="NAME",
+                   help="recipes to build, e.g. default-b32-sym-acc4-head_int4 rtn-b64-asym-acc0-head_int8 "
+                        "default-2bit-b32-sym-acc4-head_int4 (default: the built-in list)")
+    p.add_argument("--fast", action="store_true", help="skip the slow algorithms (k_quant, hqq) of the built-in list")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_sweep)
+
+
+def _run_sweep(model_dir, prompts, image, image_size, n_steps, out_dir, *, fast: bool, quiet: bool, names=None):
+    from .debug.sweep import default_recipes, sweep  # noqa: PLC0415
+    from .export.quantize import Int4Recipe  # noqa: PLC0415
+
+    recipes = [Int4Recipe.from_name(n) for n in names] if names else default_recipes(include_slow=not fast)
+    result = sweep(model_dir, recipes, prompts, out_dir=out_dir, n_steps=n_steps,
+                   image=image, image_size=image_size, progress=not quiet)
+    print()
+    print(result.table())
+    return result
+
+
+def run_sweep(a) -> int:
+    from .debug.figures import write_figures  # noqa: PLC0415
+
+    result = _run_sweep(a.model_dir, a.prompt, _image_arg(a), a.image_size, a.n_steps or 12, a.out_dir,
+                        fast=a.fast, quiet=a.quiet, names=a.recipes)
+    if a.report_dir:
+        paths = write_figures(None, a.report_dir, sweep=result)
+        print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+# -- bench -------------------------------------------------------------------------------------
+tokens_t = _number(int, "--prompt_tokens/--new_tokens", lambda v: v >= 1, "an integer >= 1")
+runs_t = _number(int, "--runs", lambda v: v >= 1, "an integer >= 1")
+batch_t = _number(int, "--batch_size", lambda v: v >= 1, "an integer >= 1")
+bench_image_t = _number(int, "--image_size", lambda v: v == 0 or (v >= 32 and v % 32 == 0),
+                        "0 (skip) or a positive multiple of 32")
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="decode/prefill speed of the fast path vs the bandwidth floor (and genai/torch)")
+    p.add_argument("--model_dir", required=True, help="an export folder (with cpu-fp32/ or cpu-int4/)")
+    p.add_argument("--text_precision", default="fp32", choices=["fp32", "int4"])
+    p.add_argument("--prompt_tokens", type=tokens_t, default=32, help="prompt length (default 32)")
+    p.add_argument("--new_tokens", type=tokens_t, default=32, help="tokens generated per run (default 32)")
+    p.add_argument("--runs", type=runs_t, default=3, help="timed runs; figures are medians (default 3)")
+    p.add_argument("--batch_size", type=batch_t, default=1, help="copies of the prompt decoded together")
+    p.add_argument("--vs", choices=["genai", "torch"], default=None,
+                   help="also run onnxruntime-genai (its builder's export) or transformers' PyTorch model on "
+                        "the same checkpoint, alternating A/B")
+    p.add_argument("--hf_dir", default=None, help="the Hugging Face checkpoint the export was made from (for --vs)")
+    p.add_argument("--genai_dir", default=None,
+                   help="where onnxruntime-genai's export lives / is built (default MODEL_DIR/genai-cpu-PRECISION)")
+    p.add_argument("--threads", type=threads_t, default=None, help="intra-op threads for every engine (default: cores)")
+    p.add_argument("--image_size", type=bench_image_t, default=448, help="vision timing image, N x N (0 skips)")
+    p.add_argument("--json", action="store_true", help="print all figures as one JSON object (last line)")
+    p.set_defaults(run=run_bench)
+
+
+def run_bench(a) -> int:
+    from .bench import BenchConfig, bench  # noqa: PLC0415
+
+    cfg = BenchConfig(model_dir=a.model_dir, precision=a.text_precision, prompt_tokens=a.prompt_tokens,
+                      new_tokens=a.new_tokens, runs=a.runs, batch_size=a.batch_size, vs=a.vs, hf_dir=a.hf_dir,
+                      genai_dir=a.genai_dir, threads=a.threads, image_size=a.image_size)
+    result = bench(cfg)
+    if a.json:
+        print(json.dumps(result))
+    return 0
+
+
 # -- main --------------------------------------------------------------------------------------
 def build_parser() -> Parser:
     parser = Parser(prog=PROG, description="Run, see and fix Qwen3-VL on ONNX Runtime.")
@@ -297,6 +567,9 @@ def build_parser() -> Parser:
     add_generate(sub)
     add_eval_shapes(sub)
     add_train_shapes(sub)
+    add_doctor(sub)
+    add_sweep(sub)
+    add_bench(sub)
     return parser
 
 

@@ -12,6 +12,15 @@ on its own for notebooks.
 `generate_tokens` stops after an end-of-sequence token (<|im_end|> / <|endoftext|>, which it still
 yields, as transformers' generate returns it) or after max_new_tokens. `tokenizer.stream_text` turns
 the tokens into text pieces without ever splitting a multi-byte character.
+
+Batches (B prompts of different lengths at once):
+
+    batch = pad_prompts(model, [prompt_a, prompt_b])                  # left padding, attention_mask, positions
+    for s in batch_steps(model, batch, sampler, max_new_tokens=20):   # s.tokens (B,), s.finished (B,)
+        ...
+    token_lists = generate_batch(model, [prompt_a, prompt_b], sampler, 20)   # one list of ids per prompt
+
+`prefill_chunk=N` (generate_tokens, batch_steps, generate_batch) prefills long prompts N tokens at a time.
 """
 
 from __future__ import annotations
@@ -25,8 +34,8 @@ import numpy as np
 from .errors import UserError
 from .model import Model
 from .positions import Positions
-from .steps import (build_positions, decode_step, deepstack_embeds, embed, encode_image, merge_vision, prefill,
-                    tokenize)
+from .steps import (Step, build_positions, decode_step, deepstack_embeds, embed, encode_image, merge_vision,
+                    prefill, prefill_chunked, tokenize)
 from .vision import VisionFeatures
 
 Sampler = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (logits (B, V), previous ids (B, T)) -> (B,)
@@ -47,11 +56,20 @@ class Prompt:
         return self.input_ids.shape[1]
 
 
+class ContextOverflow(UserError):
+    """The prompt does not fit the checkpoint's context (max_position_embeddings)."""
+
+    def __init__(self, message: str, prompt_tokens: int, limit: int):
+        super().__init__(message)
+        self.prompt_tokens, self.limit = prompt_tokens, limit
+
+
 def check_context(model: Model, prompt_length: int) -> None:
     limit = model.context_length
     if prompt_length >= limit:
-        raise UserError(f"the prompt has {prompt_length} tokens but the model's context holds {limit}; "
-                        "shorten the prompt (or use a checkpoint with a longer max_position_embeddings)")
+        raise ContextOverflow(f"the prompt has {prompt_length} tokens but the model's context holds {limit}; "
+                        "shorten the prompt (or use a checkpoint with a longer max_position_embeddings)",
+                              prompt_length, limit)
 
 
 def prepare_ids(model: Model, input_ids: np.ndarray) -> Prompt:
@@ -156,9 +174,9 @@ def encode_visuals(model: Model, pixel_values: np.ndarray, grid_thw: np.ndarray,
 def check_visual_context(model: Model, prompt_length: int, visual_tokens: int) -> None:
     limit = model.context_length
     if prompt_length >= limit:
-        raise UserError(f"the prompt has {prompt_length} tokens ({visual_tokens} for images/videos) but the model's "
-                        f"context holds {limit}; pass a smaller --image_size (e.g. 384), fewer or smaller images, "
-                        "or fewer video frames")
+        raise ContextOverflow(f"the prompt has {prompt_length} tokens ({visual_tokens} for images/videos) but the "
+                              f"model's context holds {limit}; pass a smaller --image_size (e.g. 384), fewer or "
+                              "smaller images, or fewer video frames", prompt_length, limit)
 
 
 def check_raw_placeholders(prompt: str, n_images: int, n_videos: int) -> None:
@@ -214,15 +232,31 @@ def merge_visuals(model: Model, input_ids: np.ndarray, visuals: VisualInputs,
     return Prompt(input_ids, embeds, positions, deepstack)
 
 
+def run_prefill(model: Model, prompt: Prompt, prefill_chunk: int | None = None) -> Step:
+    """The prompt through the decoder: whole, or `prefill_chunk` tokens at a time (same logits and cache)."""
+    if prefill_chunk is None or prefill_chunk >= prompt.length:
+        return prefill(model, prompt.inputs_embeds, prompt.positions, attention_mask=prompt.attention_mask,
+                       deepstack=prompt.deepstack)
+    return prefill_chunked(model, prompt.inputs_embeds, prompt.positions, prefill_chunk,
+                           attention_mask=prompt.attention_mask, deepstack=prompt.deepstack)
+
+
 def generate_tokens(model: Model, prompt: Prompt, sampler: Sampler, max_new_tokens: int = 100,
-                    eos_token_ids: Sequence[int] | None = None) -> Iterator[int]:
-    """Prefill once, then one decode step per token; yields each new token id (batch of one)."""
+                    eos_token_ids: Sequence[int] | None = None, prefill_chunk: int | None = None,
+                    fast: bool = False) -> Iterator[int]:
+    """Prefill once, then one decode step per token; yields each new token id (batch of one).
+
+    fast=True runs the same loop on the fused decoder with preallocated KV buffers (`fast.py`): same tokens."""
+    if fast:
+        from .fast import fast_generate_tokens  # noqa: PLC0415
+
+        yield from fast_generate_tokens(model, prompt, sampler, max_new_tokens, eos_token_ids, prefill_chunk=prefill_chunk)
+        return
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     eos = set(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
     budget = min(max_new_tokens, model.context_length - prompt.length)
-    step = prefill(model, prompt.inputs_embeds, prompt.positions, attention_mask=prompt.attention_mask,
-                   deepstack=prompt.deepstack)
+    step = run_prefill(model, prompt, prefill_chunk)
     history = prompt.input_ids
     for n in range(budget):
         token = np.asarray(sampler(step.logits, history), np.int64).reshape(-1)  # (B,)
@@ -231,3 +265,93 @@ def generate_tokens(model: Model, prompt: Prompt, sampler: Sampler, max_new_toke
             return
         history = np.concatenate([history, token[:, None]], axis=1)
         step = decode_step(model, token[:, None], step.cache, prompt.positions.rope_deltas)
+
+
+# -- batches ------------------------------------------------------------------------------------
+def pad_prompts(model: Model, prompts: Sequence[Prompt], pad_token_id: int | None = None) -> Prompt:
+    """Single prompts (1, S_i) -> one left-padded batch (B, S_max), as transformers pads (padding_side="left").
+
+    The pads get the pad id (<|endoftext|>) and its embedding (what transformers' embed_tokens gives a
+    padded input_ids), attention_mask 0, position 0 on all three axes and zero DeepStack. Masked keys get
+    exactly zero attention weight, so the pads never change a real token. Each row keeps the positions and
+    rope_delta it had alone: that is `build_positions(ids, grids, attention_mask)` (get_rope_index with the
+    mask numbers only the real tokens), without needing the grids again.
+    """
+    if not prompts:
+        raise UserError("no prompts to batch; pass at least one Prompt")
+    for i, p in enumerate(prompts):
+        if p.input_ids.shape[0] != 1 or p.attention_mask is not None:
+            raise UserError(f"prompt {i} is already a batch {p.input_ids.shape}; pad_prompts takes single prompts")
+    pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
+    B, S = len(prompts), max(p.length for p in prompts)
+    H = prompts[0].inputs_embeds.shape[2]
+    input_ids = np.full((B, S), pad, np.int64)  # (B, S)
+    inputs_embeds = np.broadcast_to(embed(model, np.array([[pad]]))[0, 0], (B, S, H)).copy()  # (B, S, H)
+    attention_mask = np.zeros((B, S), np.int64)  # (B, S)
+    position_ids = np.zeros((3, B, S), np.int64)  # (3, B, S)
+    rope_deltas = np.concatenate([p.positions.rope_deltas.reshape(1, 1) for p in prompts])  # (B, 1)
+    with_deepstack = [p for p in prompts if p.deepstack is not None]
+    deepstack = None
+    if with_deepstack:
+        D = with_deepstack[0].deepstack.shape[0]
+        deepstack = np.zeros((D, B, S, H), np.float32)  # (D, B, S, H)
+    for b, p in enumerate(prompts):
+        start = S - p.length  # left padding: the real tokens end at the last column
+        input_ids[b, start:] = p.input_ids[0]
+        inputs_embeds[b, start:] = p.inputs_embeds[0]
+        attention_mask[b, start:] = 1
+        position_ids[:, b, start:] = p.positions.position_ids[:, 0]
+        if p.deepstack is not None:
+            deepstack[:, b, start:] = p.deepstack[:, 0]
+    return Prompt(input_ids, inputs_embeds, Positions(position_ids, rope_deltas), deepstack, attention_mask)
+
+
+@dataclass
+class BatchStep:
+    """One generation step of a batch."""
+
+    tokens: np.ndarray  # (B,) int64: each row's new token; the pad id for rows that had already finished
+    finished: np.ndarray  # (B,) bool: the row is done after this step (end of sequence or its budget)
+
+
+def batch_steps(model: Model, batch: Prompt, sampler: Sampler, max_new_tokens: int = 100,
+                eos_token_ids: Sequence[int] | None = None, prefill_chunk: int | None = None,
+                pad_token_id: int | None = None) -> Iterator[BatchStep]:
+    """`generate_tokens` for a left-padded batch (`pad_prompts`): one BatchStep per decode step.
+
+    Like transformers' generate, rows that finished keep taking a dummy token (the pad id, attention
+    mask 1) so the batch stays rectangular; their later tokens are not theirs. The sampler sees each
+    row's own history (prompt without pads + its tokens), so repetition penalties match a lone run.
+    """
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    eos = np.array(sorted(set(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)), np.int64)
+    pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
+    mask = np.ones(batch.input_ids.shape, bool) if batch.attention_mask is None else batch.attention_mask.astype(bool)
+    lengths = mask.sum(axis=1)  # (B,) real prompt tokens per row
+    budget = np.minimum(max_new_tokens, model.context_length - lengths)  # (B,) the context limit is per row
+    histories = [list(row[keep]) for row, keep in zip(batch.input_ids, mask)]
+    finished = np.zeros(len(lengths), bool)  # (B,)
+    step = run_prefill(model, batch, prefill_chunk)
+    for n in range(1, int(budget.max()) + 1):
+        token = np.asarray(sampler(step.logits, [np.asarray(h, np.int64) for h in histories]), np.int64).reshape(-1)
+        token = np.where(finished, pad, token)  # (B,)
+        for b in np.flatnonzero(~finished):
+            histories[b].append(int(token[b]))
+        finished = finished | np.isin(token, eos) | (n >= budget)
+        yield BatchStep(token, finished.copy())
+        if finished.all():
+            return
+        step = decode_step(model, token[:, None], step.cache, batch.positions.rope_deltas)
+
+
+def generate_batch(model: Model, prompts: Sequence[Prompt], sampler: Sampler, max_new_tokens: int = 100,
+                   eos_token_ids: Sequence[int] | None = None, prefill_chunk: int | None = None) -> list[list[int]]:
+    """B prompts at once -> one list of new token ids per prompt (each as `generate_tokens` would give it)."""
+    out: list[list[int]] = [[] for _ in prompts]
+    done = np.zeros(len(prompts), bool)
+    for s in batch_steps(model, pad_prompts(model, prompts), sampler, max_new_tokens, eos_token_ids, prefill_chunk):
+        for b in np.flatnonzero(~done):
+            out[b].append(int(s.tokens[b]))
+        done = s.finished
+    return out

@@ -2,6 +2,7 @@
 
     model = load_model("models/tiny-onnx", text_precision="fp32")
     model.embedding, model.decoder, model.vision      # onnxruntime.InferenceSession (vision loads on first use)
+    model.fast_decoder                                # model-fast.onnx (fast.py), opened on first use
     model.config                                      # ModelConfig (from genai_config.json)
     model.tokenizer                                   # transformers tokenizer
 
@@ -25,11 +26,17 @@ from .export.genai_config import DECODER_FILE, EMBEDDING_FILE, GENAI_CONFIG, VIS
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    """onnxruntime session settings. threads=None uses onnxruntime's default (one per core)."""
+    """onnxruntime session settings. threads=None uses onnxruntime's default (one per core).
+
+    The defaults suit decoding on a CPU: all graph optimisations (fusions, constant folding, weight
+    prepacking), the memory arena (decode steps reuse the same buffers), and worker threads that spin
+    briefly between the many small ops of a step instead of sleeping (allow_spinning=False saves CPU
+    when other processes need the cores, at some latency per step)."""
 
     threads: int | None = None
     graph_optimization: str = "all"  # "disable", "basic", "extended", "all"
     memory_arena: bool = True
+    allow_spinning: bool = True
     log_severity: int = 3  # errors only: onnxruntime's warnings are noise for users
 
     def session_options(self) -> ort.SessionOptions:
@@ -44,6 +51,7 @@ class RuntimeOptions:
         if self.threads:
             so.intra_op_num_threads = self.threads
         so.enable_cpu_mem_arena = self.memory_arena
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
         so.log_severity_level = self.log_severity
         return so
 
@@ -88,8 +96,25 @@ class Model:
     genai: dict
     config: ModelConfig
     embedding: ort.InferenceSession
-    decoder: ort.InferenceSession
+    decoder_session: ort.InferenceSession | None = None  # None: model.onnx is opened on first use of .decoder
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
+
+    @property
+    def decoder(self) -> ort.InferenceSession:
+        """The teaching decoder (model.onnx): every step inspectable, the cache a plain array."""
+        if self.decoder_session is None:
+            self.decoder_session = open_session(self.folder / DECODER_FILE, self.options)
+        return self.decoder_session
+
+    @cached_property
+    def fast_decoder(self) -> ort.InferenceSession:
+        """The fused decoder (model-fast.onnx, same weights) that `fast.py` runs; written on first use if missing."""
+        from .export.decoder_fast import FAST_DECODER_FILE, write_fast_decoder  # noqa: PLC0415
+
+        path = self.folder / FAST_DECODER_FILE
+        if not path.is_file():
+            write_fast_decoder(self.folder, self.config)
+        return open_session(path, self.options)
 
     @property
     def precision(self) -> str:
@@ -123,14 +148,18 @@ class Model:
 
     @cached_property
     def decoder_inputs(self) -> frozenset[str]:
-        return frozenset(i.name for i in self.decoder.get_inputs())
+        """Input names, with the optional ones (initializers that may be overridden, e.g. logits_to_keep)."""
+        optional = (i.name for i in self.decoder.get_overridable_initializers())
+        return frozenset(i.name for i in self.decoder.get_inputs()).union(optional)
 
     @cached_property
     def decoder_outputs(self) -> tuple[str, ...]:
         return tuple(o.name for o in self.decoder.get_outputs())
 
 
-def load_model(model_dir: str | Path, text_precision: str = "fp32", options: RuntimeOptions | None = None) -> Model:
+def load_model(model_dir: str | Path, text_precision: str = "fp32", options: RuntimeOptions | None = None,
+               *, open_decoder: bool = True) -> Model:
+    """open_decoder=False defers model.onnx until `.decoder` is used (the fast path needs only model-fast.onnx)."""
     options = options or RuntimeOptions()
     folder = resolve_folder(model_dir, text_precision)
     try:
@@ -140,8 +169,9 @@ def load_model(model_dir: str | Path, text_precision: str = "fp32", options: Run
         raise UserError(f"{folder / GENAI_CONFIG} is not a qwen3vl-lab config ({type(e).__name__}: {e}); "
                         "re-run `qwen3vl-lab export`") from None
     embedding = open_session(folder / EMBEDDING_FILE, options)
-    decoder = open_session(folder / DECODER_FILE, options)
-    return Model(folder=folder, genai=genai, config=config, embedding=embedding, decoder=decoder, options=options)
+    decoder = open_session(folder / DECODER_FILE, options) if open_decoder else None
+    return Model(folder=folder, genai=genai, config=config, embedding=embedding, decoder_session=decoder,
+                 options=options)
 
 
 def default_threads() -> int:

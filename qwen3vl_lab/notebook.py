@@ -5,10 +5,10 @@
     notebook.describe()                  # one line saying which of the three it is
 
 - `MODEL_DIR=/path/to/export` uses an exported folder (what `qwen3vl-lab export` wrote) as is.
-- `HF_DIR=/path/to/Qwen3-VL-2B-Instruct` exports that checkpoint once (with attention outputs)
-  into the cache folder and uses the export.
-- Otherwise the tiny random-weight checkpoint (`make_tiny(seed=0)`) is made and exported on first
-  use (~3 s) into the cache folder: `$QWEN3VL_LAB_CACHE`, else `$XDG_CACHE_HOME/qwen3vl-lab`, else
+- `HF_DIR=/path/to/Qwen3-VL-2B-Instruct` exports that checkpoint once (fp32 with attention outputs,
+  and INT4) into the cache folder and uses the export.
+- Otherwise the tiny random-weight checkpoint (`make_tiny(seed=0)`) is made and exported (fp32 with
+  attention outputs, and INT4) on first use (~4 s) into the cache folder: `$QWEN3VL_LAB_CACHE`, else `$XDG_CACHE_HOME/qwen3vl-lab`, else
   `~/.cache/qwen3vl-lab`. Its name carries a hash of the exporter's source, so a changed exporter
   gets a fresh export instead of a stale one.
 """
@@ -69,15 +69,21 @@ def _silent(_: str) -> None:
 
 
 def tiny_dir() -> Path:
-    """The cached tiny folder: checkpoint in `hf/`, export (with attention outputs) in `onnx/`."""
+    """The cached tiny folder: checkpoint in `hf/`, export in `onnx/` (cpu-fp32 with attention outputs, cpu-int4)."""
     from .export.exporter import export  # noqa: PLC0415
     from .export.tiny import make_tiny  # noqa: PLC0415
 
     def build(tmp: Path) -> None:
         make_tiny(tmp / "hf", seed=TINY_SEED)
-        export(tmp / "hf", tmp / "onnx", with_attentions=True, progress=False, log=_silent)
+        export(tmp / "hf", tmp / "onnx", ("fp32", "int4"), with_attentions=True, progress=False, log=_silent)
 
-    return _build_once(cache_dir() / f"tiny-seed{TINY_SEED}-{_exporter_hash()}", build)
+    final = cache_dir() / f"tiny-seed{TINY_SEED}-{_exporter_hash()}"
+    if not final.is_dir():
+        _build_once(final, build)
+        for old in final.parent.glob(f"tiny-seed{TINY_SEED}-*"):  # made by an older exporter: never used again
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def tiny_checkpoint_dir() -> Path:
@@ -86,12 +92,12 @@ def tiny_checkpoint_dir() -> Path:
 
 
 def tiny_model_dir() -> Path:
-    """The tiny checkpoint exported to ONNX (cpu-fp32/ with attention outputs), made on first use."""
+    """The tiny checkpoint exported to ONNX (cpu-fp32/ with attention outputs, cpu-int4/), made on first use."""
     return tiny_dir() / "onnx"
 
 
 def exported_hf_dir(hf_dir: str | Path) -> Path:
-    """A real checkpoint exported once (with attention outputs) into the cache folder."""
+    """A real checkpoint exported once (fp32 with attention outputs, and INT4) into the cache folder."""
     from .export.exporter import export  # noqa: PLC0415
 
     hf_dir = Path(hf_dir).expanduser().resolve()
@@ -99,7 +105,7 @@ def exported_hf_dir(hf_dir: str | Path) -> Path:
         raise UserError(f"HF_DIR={hf_dir} has no config.json; point HF_DIR at a Qwen3-VL checkpoint folder")
     key = hashlib.sha256(f"{hf_dir}|{_exporter_hash()}".encode()).hexdigest()[:12]
     return _build_once(cache_dir() / f"export-{hf_dir.name}-{key}",
-                       lambda tmp: export(hf_dir, tmp, with_attentions=True, progress=True))
+                       lambda tmp: export(hf_dir, tmp, ("fp32", "int4"), with_attentions=True, progress=True))
 
 
 def user_model_dir() -> Path | None:
@@ -124,7 +130,7 @@ def is_tiny() -> bool:
 
 
 def open_model(text_precision: str = "fp32"):
-    """load_model(model_dir()): the three sessions, config and tokenizer."""
+    """load_model(model_dir(), text_precision): the three sessions, config and tokenizer."""
     from .model import load_model  # noqa: PLC0415
 
     return load_model(model_dir(), text_precision)

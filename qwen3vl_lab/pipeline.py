@@ -5,7 +5,13 @@
     text = pipe.generate(prompt="Hello, who are you?", max_new_tokens=50, temperature=0.0)
     text = pipe.generate("Describe this image.", images=["photo.jpg"], temperature=0.0)  # paths, PIL, numpy
     text = pipe.generate("What happens?", videos=["frames/"], image_size=384)             # a folder of frames
-    texts = pipe.generate(prompt=["first prompt", "second prompt"], max_new_tokens=20)
+    texts = pipe.generate(prompt=["first prompt", "second prompt"], max_new_tokens=20)   # one batch
+    texts = pipe.generate(["What is it?", "Hi"], images=[["a.png"], None], batch_size=8)  # images per prompt
+    text = pipe.generate(long_prompt, prefill_chunk=1024)                                  # prefill in pieces
+    pipe = Qwen3VLPipeline("models/tiny-onnx", "int4", fast=True)    # fused decoder, preallocated KV (fast.py)
+
+A list of prompts runs `batch_size` prompts at a time as one left-padded batch (`generate.pad_prompts`);
+greedy results equal running each prompt alone.
 
 Each image is run through the vision tower once per pipeline: asking again about the same image
 (same pixels after preprocessing) reuses its features. `Qwen3VLTextOnlyPipeline` is the same
@@ -18,12 +24,12 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from .errors import UserError
-from .generate import Prompt, generate_tokens, prepare_multimodal_prompt, prepare_prompt
+from .generate import Prompt, generate_batch, generate_tokens, prepare_multimodal_prompt, prepare_prompt
 from .model import Model, RuntimeOptions, load_model
 from .sampling import SamplingConfig, make_sampler
 from .tokenizer import stream_text
@@ -47,8 +53,12 @@ class Qwen3VLPipeline:
 
     max_cached_images = 64
 
-    def __init__(self, model_dir: str | Path, text_precision: str = "fp32", options: RuntimeOptions | None = None):
-        self.model: Model = load_model(model_dir, text_precision, options)
+    def __init__(self, model_dir: str | Path, text_precision: str = "fp32", options: RuntimeOptions | None = None,
+                 fast: bool = False):
+        """fast=True: single prompts run on the fused decoder with preallocated KV buffers (fast.py), same tokens;
+        the teaching decoder is then only opened if a padded batch of prompts needs it."""
+        self.fast = fast
+        self.model: Model = load_model(model_dir, text_precision, options, open_decoder=not fast)
         self.vision_cache: OrderedDict[str, object] = OrderedDict()  # pixel hash -> VisionFeatures
         self.vision_calls = 0  # how many images/videos went through the vision tower
 
@@ -89,20 +99,22 @@ class Qwen3VLPipeline:
                top_p: float = 0.8, no_sample: bool = False, seed: int | None = None,
                repetition_penalty: float = 1.0, sampler: Callable | None = None, raw: bool = False,
                result: dict | None = None, images=None, videos=None, image_size=None,
-               video_fps: float = 2.0) -> Iterator[str]:
+               video_fps: float = 2.0, prefill_chunk: int | None = None) -> Iterator[str]:
         """Yield text pieces as they are generated. Pass `result={}` to receive a GenerationResult in it.
 
         images: a path, PIL image or numpy array, or a list of them (before the text, in order); videos: a
         list of folders of frames or lists of frames taken at `video_fps`; image_size: fixed N x N resize.
+        prefill_chunk: run the prompt through the decoder N tokens at a time (same result, less memory).
         """
         if max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        _check_chunk(prefill_chunk)
         sample = self._sampler(sampler, temperature, top_k, top_p, no_sample, seed, repetition_penalty)
         p = self._prepare(prompt, raw, images=images, videos=videos, image_size=image_size, video_fps=video_fps)
         ids: list[int] = []
 
         def tokens():
-            for t in generate_tokens(self.model, p, sample, max_new_tokens):
+            for t in generate_tokens(self.model, p, sample, max_new_tokens, prefill_chunk=prefill_chunk, fast=self.fast):
                 ids.append(t)
                 yield t
 
@@ -111,8 +123,12 @@ class Qwen3VLPipeline:
             pieces.append(piece)
             yield piece
         if result is not None:
-            eos = bool(ids) and ids[-1] in self.model.config.eos_token_ids
-            result["result"] = GenerationResult("".join(pieces), ids, p.length, "eos" if eos else "max_new_tokens")
+            result["result"] = self._result(p, ids, "".join(pieces))
+
+    def _result(self, p: Prompt, ids: list[int], text: str | None = None) -> GenerationResult:
+        text = "".join(stream_text(self.tokenizer, ids)) if text is None else text
+        eos = bool(ids) and ids[-1] in self.model.config.eos_token_ids
+        return GenerationResult(text, ids, p.length, "eos" if eos else "max_new_tokens")
 
     def generate_result(self, prompt: str, **kwargs) -> GenerationResult:
         box: dict = {}
@@ -120,19 +136,46 @@ class Qwen3VLPipeline:
             pass
         return box["result"]
 
+    def iter_results(self, prompts: Sequence[str], images=None, videos=None, batch_size: int = 8,
+                     max_new_tokens: int = 100, temperature: float = 0.7, top_k: int = 20, top_p: float = 0.8,
+                     no_sample: bool = False, seed: int | None = None, repetition_penalty: float = 1.0,
+                     sampler: Callable | None = None, raw: bool = False, image_size=None, video_fps: float = 2.0,
+                     prefill_chunk: int | None = None) -> Iterator[GenerationResult]:
+        """One GenerationResult per prompt, in order, `batch_size` prompts per decoder batch.
+
+        images / videos: one entry per prompt (None, one image, or a list of images). With sampling, one
+        random stream serves the whole batch, so sampled texts depend on batch_size; greedy ones do not.
+        """
+        prompts = list(prompts)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise UserError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        _check_chunk(prefill_chunk)
+        images, videos = _per_prompt(images, len(prompts), "images"), _per_prompt(videos, len(prompts), "videos")
+        sample = self._sampler(sampler, temperature, top_k, top_p, no_sample, seed, repetition_penalty)
+        for start in range(0, len(prompts), batch_size):
+            rows = range(start, min(start + batch_size, len(prompts)))
+            batch = [self._prepare(prompts[i], raw, images=images[i], videos=videos[i], image_size=image_size,
+                                   video_fps=video_fps) for i in rows]
+            for p, ids in zip(batch, generate_batch(self.model, batch, sample, max_new_tokens,
+                                                    prefill_chunk=prefill_chunk)):
+                yield self._result(p, ids)
+
     def generate(self, prompt: str | list[str], max_new_tokens: int = 100, temperature: float = 0.7,
                  top_k: int = 20, top_p: float = 0.8, no_sample: bool = False, seed: int | None = None,
                  repetition_penalty: float = 1.0, sampler: Callable | None = None,
                  raw: bool = False, images=None, videos=None, image_size=None,
-                 video_fps: float = 2.0) -> str | list[str]:
-        """The generated text; a list of prompts gives a list of texts in the same order.
+                 video_fps: float = 2.0, batch_size: int = 8, prefill_chunk: int | None = None) -> str | list[str]:
+        """The generated text; a list of prompts gives a list of texts in the same order, run in batches.
 
-        images / videos go with every prompt of a list (encoded once, then reused)."""
+        For a list of prompts, images / videos hold one entry per prompt (None, an image or a list of images)."""
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       no_sample=no_sample, seed=seed, repetition_penalty=repetition_penalty, sampler=sampler,
-                      raw=raw, images=images, videos=videos, image_size=image_size, video_fps=video_fps)
+                      raw=raw, images=images, videos=videos, image_size=image_size, video_fps=video_fps,
+                      prefill_chunk=prefill_chunk)
         if isinstance(prompt, (list, tuple)):
-            return [self.generate_result(p, **kwargs).text for p in prompt]
+            return [r.text for r in self.iter_results(prompt, batch_size=batch_size, **kwargs)]
         return self.generate_result(prompt, **kwargs).text
 
 
@@ -144,6 +187,23 @@ class Qwen3VLTextOnlyPipeline(Qwen3VLPipeline):
         if any(x is not None and not (isinstance(x, (list, tuple)) and not x) for x in (images, videos)):
             raise UserError("Qwen3VLTextOnlyPipeline takes text only; use Qwen3VLPipeline for images and videos")
         return prepare_prompt(self.model, prompt, raw=raw)
+
+
+def _per_prompt(items, n: int, name: str) -> list:
+    """None -> [None] * n; otherwise a list/tuple with one entry per prompt."""
+    if items is None:
+        return [None] * n
+    if not isinstance(items, (list, tuple)) or len(items) != n:
+        got = f"{len(items)} entries" if isinstance(items, (list, tuple)) else f"a {type(items).__name__}"
+        raise UserError(f"{name} for a list of {n} prompts must be a list with one entry per prompt (None, one "
+                        f"item, or a list of items), got {got}; e.g. {name}=[['a.png'], None]")
+    return list(items)
+
+
+def _check_chunk(prefill_chunk) -> None:
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, (int, np.integer))
+                                      or prefill_chunk < 1):
+        raise UserError(f"prefill_chunk must be None or an integer >= 1, got {prefill_chunk!r}; e.g. 1024")
 
 
 def greedy(logits: np.ndarray, previous_ids: np.ndarray | None = None) -> np.ndarray:

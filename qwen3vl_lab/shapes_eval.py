@@ -69,3 +69,63 @@ def evaluate_shapes(model: Model, n: int = 200, seed: int = 0, progress: bool = 
             predictions.append(answer(model, image, qa.question, encoder))
             counts.append(len(objects))
     return ShapesEval(shapes.accuracy_table(qas, predictions, counts), qas, predictions, counts)
+
+
+# ------------------------------------------------------------------------------------- attention
+@dataclass
+class KeywordAttention:
+    """Where the model looks when it predicts the answer's key word ("red", "circle").
+
+    image_attention (L, heads, 9): attention probability on each image token (= cell, reading order)
+    from the position whose logits predict the key word; `object_cell` is the asked-about object's cell.
+    """
+
+    qa: shapes.QA
+    keyword_token: str
+    image_attention: np.ndarray  # (L, heads, 9)
+    object_cell: int
+
+    def object_share(self) -> np.ndarray:
+        """(L, heads): the share of each head's image attention that falls on the object's cell."""
+        total = self.image_attention.sum(-1)  # (L, heads)
+        return self.image_attention[..., self.object_cell] / np.maximum(total, 1e-12)
+
+    def layer_share(self) -> np.ndarray:
+        """(L,): the same share with each layer's heads averaged first."""
+        per_cell = self.image_attention.mean(1)  # (L, 9)
+        return per_cell[:, self.object_cell] / np.maximum(per_cell.sum(-1), 1e-12)
+
+
+def keyword_index(tokenizer, answer_ids: list[int], word: str) -> int:
+    """Index of the answer token that spells `word` (e.g. ' circle' in 'A circle.', 'Red' in 'Red.')."""
+    for k, t in enumerate(answer_ids):
+        if tokenizer.decode([t]).strip().lower() == word:
+            return k
+    from .errors import UserError  # noqa: PLC0415
+
+    raise UserError(f"the answer has no single token {word!r}; pass a colour or shape question")
+
+
+def keyword_attention(model: Model, image, qa: shapes.QA) -> KeywordAttention:
+    """Teacher-force the expected answer up to its key word and read the decoder's attention there.
+
+    Needs an export with attention outputs (`qwen3vl-lab export --with_attentions`); colour and shape
+    questions (their key word is one token).
+    """
+    from .errors import UserError  # noqa: PLC0415
+    from .steps import decode_step, prefill  # noqa: PLC0415
+
+    if qa.kind not in ("colour", "shape"):
+        raise UserError(f"keyword_attention takes colour or shape questions, not {qa.kind!r}")
+    prompt = prepare_multimodal_prompt(model, qa.question, images=[image])
+    answer_ids = list(model.tokenizer(qa.answer)["input_ids"])
+    k = keyword_index(model.tokenizer, answer_ids, qa.word)
+    step = prefill(model, prompt.inputs_embeds, prompt.positions, deepstack=prompt.deepstack)
+    for t in answer_ids[:k]:  # feed the answer's tokens before the key word
+        step = decode_step(model, np.array([[t]]), step.cache, prompt.positions.rope_deltas)
+    if step.attentions is None:
+        raise UserError(f"{model.folder} has no attention outputs; re-export with `qwen3vl-lab export --with_attentions`")
+    image_cols = np.flatnonzero(prompt.input_ids[0] == model.config.image_token_id)  # (9,)
+    att = np.stack([a[0, :, -1][:, image_cols] for a in step.attentions])  # (L, heads, 9)
+    cell = qa.cells[0]
+    return KeywordAttention(qa, model.tokenizer.decode([answer_ids[k]]), att, cell)

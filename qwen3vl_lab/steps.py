@@ -17,12 +17,16 @@ Images add three steps between `embed` and `prefill` (`generate.prepare_multimod
     positions = build_positions(ids, grid)                                    # 3-D positions, rope_deltas < 0
     step      = prefill(model, embeds, positions, deepstack=deepstack)
 
+Batches: every function takes B rows. `generate.pad_prompts` left-pads single prompts the way
+transformers does (attention_mask 0 at the pads, each row keeping its own positions). Long prompts:
+`prefill_chunked` runs the prompt in pieces of N tokens with the same result and less memory.
+
 The generation loop in `generate.py` is built from these functions only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -33,7 +37,7 @@ from .positions import Positions, build_positions, next_positions
 from .vision import VisionFeatures
 
 __all__ = ["Step", "tokenize", "embed", "encode_image", "merge_vision", "deepstack_embeds", "build_positions",
-           "prefill", "decode_step", "zeros_deepstack"]
+           "prefill", "prefill_chunked", "decode_step", "zeros_deepstack"]
 
 
 @dataclass
@@ -168,3 +172,38 @@ def decode_step(model: Model, token_ids: np.ndarray, cache: KVCache, rope_deltas
     mask = np.concatenate([cache.attention_mask, np.ones((cache.batch_size, 1), np.int64)], axis=1)  # (B, T + 1)
     position_ids = next_positions(mask, rope_deltas, 1)  # (3, B, 1): all three rows equal
     return run_decoder(model, embed(model, token_ids), position_ids, cache, mask, None, 1)
+
+
+def prefill_chunked(model: Model, inputs_embeds: np.ndarray, positions: Positions, chunk_size: int,
+                    cache: KVCache | None = None, *, attention_mask: np.ndarray | None = None,
+                    deepstack: np.ndarray | None = None, logits_to_keep: int = 1) -> Step:
+    """`prefill` in pieces of `chunk_size` tokens: the same cache and logits, less peak memory.
+
+    A whole prefill scores every query against every key, (B, heads, S, S) floats per layer; chunk c
+    scores its C queries against the cache so far plus itself, (B, heads, C, P + C). Embeddings,
+    positions (3, B, S), the mask and DeepStack (D, B, S, H) are sliced along S; rope_deltas stay.
+    Attention probabilities are not returned (their widths differ per chunk).
+    """
+    B, S, _ = inputs_embeds.shape
+    if chunk_size < 1:
+        from .errors import UserError  # noqa: PLC0415
+
+        raise UserError(f"prefill chunk size must be at least 1, got {chunk_size}")
+    cache = cache if cache is not None else KVCache.empty(model.config.text, B)
+    mask = np.ones((B, S), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
+    wanted = S if logits_to_keep == 0 else min(logits_to_keep, S)  # logits of the last `wanted` positions
+    first_record, kept = len(cache.history), []
+    for start in range(0, S, chunk_size):
+        end = min(start + chunk_size, S)
+        here = min(end - start, max(0, wanted - (S - end)))  # how many of this chunk's positions are wanted
+        piece = Positions(positions.position_ids[:, :, start:end], positions.rope_deltas)  # (3, B, C)
+        step = prefill(model, inputs_embeds[:, start:end], piece, cache, attention_mask=mask[:, start:end],
+                       deepstack=None if deepstack is None else deepstack[:, :, start:end],  # (D, B, C, H)
+                       logits_to_keep=max(here, 1))
+        cache = step.cache
+        if here:
+            logits = step.logits if step.logits.ndim == 3 else step.logits[:, None]  # (B, n, V)
+            kept.append(logits[:, -here:])
+    logits = kept[-1][:, -1] if logits_to_keep == 1 else np.concatenate(kept, axis=1)  # (B, V) or (B, n, V)
+    history = [*cache.history[:first_record], *(replace(r, kind="prefill") for r in cache.history[first_record:])]
+    return Step(logits, replace(cache, history=history), positions.position_ids)

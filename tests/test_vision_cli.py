@@ -187,7 +187,7 @@ def test_python_pipeline_takes_paths_pil_and_numpy_and_encodes_once(onnx_dir):
     by_array = pipe.generate_result("Describe it.", images=np.array(Image.open(path)), **kw)
     assert by_path.token_ids == by_pil.token_ids == by_array.token_ids
     assert pipe.vision_calls == 1  # same pixels: encoded once, reused three times
-    texts = pipe.generate(["What is it?", "Where is it?"], images=[path], **kw)
+    texts = pipe.generate(["What is it?", "Where is it?"], images=[path, [path]], **kw)  # one entry per prompt
     assert len(texts) == 2 and pipe.vision_calls == 1
     assert pipe.generate_result("Describe it.", **kw).prompt_tokens < 20  # text only still works
     text_only = Qwen3VLTextOnlyPipeline(onnx_dir)

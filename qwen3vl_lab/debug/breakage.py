@@ -10,8 +10,7 @@ Kinds (each one a bug seen in real Qwen-VL ports, ONNX_ANCHORS.md §3):
     eos_missing    genai_config lists only <|endoftext|> as end of sequence
     wrong_type     genai_config model type "qwen3vl" (what the 0.18 builder writes with exclude_embeds)
 
-Graph edits are made on the weight-less graph; the weights' files are hard-linked (or copied), so the
-copy costs almost no disk.
+Graph edits are made on the weight-less graph; the weight files are copied unchanged (or hard-linked).
 """
 
 from __future__ import annotations
@@ -111,18 +110,25 @@ def _positions_1d(graph: onnx.GraphProto) -> int:
 GRAPH_EDITS = {"no_qk_norm": _skip_qk_norm, "no_deepstack": _skip_deepstack, "positions_1d": _positions_1d}
 
 
-def _copy_folder(src: Path, dst: Path) -> None:
+def _copy_folder(src: Path, dst: Path, link: bool) -> None:
     dst.mkdir(parents=True, exist_ok=False)
     for f in src.iterdir():
         if f.is_file():
-            try:
-                os.link(f, dst / f.name)
-            except OSError:
-                shutil.copy2(f, dst / f.name)
+            if link:
+                try:
+                    os.link(f, dst / f.name)
+                    continue
+                except OSError:
+                    pass
+            shutil.copy2(f, dst / f.name)
 
 
-def make_broken(src_folder: str | Path, dst_folder: str | Path, kind: str) -> Path:
-    """Copy one precision folder (cpu-fp32 or cpu-int4) to `dst_folder` with one known bug."""
+def make_broken(src_folder: str | Path, dst_folder: str | Path, kind: str, *, link: bool = False) -> Path:
+    """Copy one precision folder (cpu-fp32 or cpu-int4) to `dst_folder` with one known bug.
+
+    link=True hard-links the weight files instead of copying them (no disk cost, but while the copy
+    exists onnx's own loader refuses the source folder's external data: it rejects hard-linked files;
+    onnxruntime and this package do not mind)."""
     src, dst = Path(src_folder), Path(dst_folder)
     if kind not in KINDS:
         raise UserError(f"unknown breakage {kind!r}; choose from {', '.join(KINDS)}")
@@ -130,7 +136,7 @@ def make_broken(src_folder: str | Path, dst_folder: str | Path, kind: str) -> Pa
         raise UserError(f"{src} is not a precision folder (no {GENAI_CONFIG}); pass e.g. OUT/cpu-fp32")
     if dst.exists():
         raise UserError(f"{dst} already exists; pass a new folder")
-    _copy_folder(src, dst)
+    _copy_folder(src, dst, link)
     if kind in GRAPH_EDITS:
         (dst / DECODER_FILE).unlink()  # a hard link: replace, never edit in place
         model = onnx.load(str(src / DECODER_FILE), load_external_data=False)

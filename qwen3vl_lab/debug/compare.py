@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..generate import Prompt, generate_tokens
+from ..generate import generate_tokens
 from ..model import Model
 from ..steps import decode_step, prefill
 from .inputs import PromptLike, as_model, as_specs, label_of, prepare, same_tokens
@@ -253,4 +253,4 @@ def compare(ref: Model | str, test: Model | str, prompts: Sequence[PromptLike] |
 
 
 __all__ = ["Comparison", "FreeRun", "TeacherForced", "compare", "entropy", "free_greedy", "kl_divergence",
-           "log_softmax", "rank_of", "teacher_forced", "topk_overlap", "Prompt"]
+           "log_softmax", "rank_of", "teacher_forced", "topk_overlap"]

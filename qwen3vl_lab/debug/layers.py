@@ -54,6 +54,18 @@ def graph_session(model: Model, graph: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(graph.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
 
 
+def accuracy_level_session(model: Model, level: int = 0) -> ort.InferenceSession:
+    """The decoder with every MatMulNBits' accuracy_level rewritten to `level`, same weights, nothing written
+    (the oracle of ONNX_ANCHORS.md §2.6: does level 4's int8 activation quantization cause the drift?)."""
+    from ..export.quantize import set_accuracy_level  # noqa: PLC0415
+
+    graph = load_graph(model)
+    for n in graph.graph.node:
+        if n.op_type == "MatMulNBits":
+            set_accuracy_level(n, level)
+    return graph_session(model, graph)
+
+
 def tapped_session(model: Model, names: Sequence[str]) -> tuple[ort.InferenceSession, list[str]]:
     """The decoder with `names` (those that exist in the graph) added as outputs -> (session, names found)."""
     graph = load_graph(model)
@@ -227,7 +239,7 @@ def compare_layers(ref: Model | str, test: Model | str, prompt: PromptLike = "Wr
 # -- activations entering the quantized MatMuls (the accuracy_level 4 question) -------------------
 @dataclass
 class ActivationStats:
-    """The input of one MatMul / MatMulNBits: how outlier-heavy it is, and what int8 block quantization costs it."""
+    """The input of one MatMul / MatMulNBits: how outlier-heavy it is (accuracy_level 4 quantizes it to int8)."""
 
     node: str
     tensor: str
@@ -235,18 +247,19 @@ class ActivationStats:
     accuracy_level: int
     block_size: int
     channel_ratio: float  # max over channels of max|x| / median over channels of max|x| (massive activations)
-    int8_sqnr_db: float  # SQNR of x after symmetric per-block int8 quantization (what accuracy_level 4 does)
+    int8_zeroed: float  # fraction of values that per-block int8 quantization (scale absmax/127) rounds to 0
 
 
-def int8_block_sqnr(x: np.ndarray, block_size: int) -> float:
-    """Quantize x (..., K) to int8 per block of `block_size` along K (scale = absmax/127) and measure SQNR."""
+def int8_zeroed(x: np.ndarray, block_size: int) -> float:
+    """Fraction of the non-zero values of x (..., K) that symmetric per-block int8 quantization along K
+    (scale = block absmax / 127, what accuracy_level 4 does) rounds to zero: an outlier crushes its block."""
     x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])  # (rows, K)
-    k = x.shape[1]
-    pad = (-k) % block_size
+    pad = (-x.shape[1]) % block_size
     xp = np.pad(x, ((0, 0), (0, pad))).reshape(x.shape[0], -1, block_size)  # (rows, blocks, bs)
     scale = np.abs(xp).max(axis=-1, keepdims=True) / 127.0
-    q = np.where(scale > 0, np.round(xp / np.where(scale > 0, scale, 1)), 0) * scale
-    return sqnr_db(xp, q)
+    nonzero = xp != 0
+    zeroed = nonzero & (np.abs(xp) < 0.5 * scale)
+    return float(zeroed.sum() / max(nonzero.sum(), 1))
 
 
 def channel_ratio(x: np.ndarray) -> float:
@@ -273,10 +286,10 @@ def activation_stats(model: Model | str, prompt: PromptLike = "Write a haiku abo
     specs = matmul_inputs(load_graph(model))
     tensors = list(dict.fromkeys(s[1] for s in specs))
     got = capture(model, prompt, tensors)
-    return [ActivationStats(node, t, w, acc, bs, channel_ratio(got[t]), int8_block_sqnr(got[t], bs))
+    return [ActivationStats(node, t, w, acc, bs, channel_ratio(got[t]), int8_zeroed(got[t], bs))
             for node, t, w, acc, bs in specs if t in got]
 
 
-__all__ = ["ActivationStats", "KINDS", "LayerReport", "TensorError", "activation_stats", "capture",
-           "compare_captures", "compare_layers", "cosine", "graph_session", "int8_block_sqnr", "load_graph",
+__all__ = ["ActivationStats", "KINDS", "LayerReport", "TensorError", "accuracy_level_session", "activation_stats", "capture",
+           "compare_captures", "compare_layers", "cosine", "graph_session", "int8_zeroed", "load_graph",
            "relative_error", "sqnr_db", "tap_names", "tapped_session"]

@@ -29,7 +29,6 @@ from ..errors import UserError
 from ..export.genai_config import DECODER_FILE
 from ..export.quantize import read_array
 from ..model import Model
-from .layers import relative_error, sqnr_db
 
 PREFIX = "model.language_model."
 
@@ -122,12 +121,11 @@ def _folder(model: Model | str | Path) -> Path:
     return resolve_folder(model, "int4")
 
 
-def read_quantized(model: Model | str | Path, names=None) -> list[QuantizedMatrix]:
-    """Every MatMulNBits of a folder's decoder (only those whose short name is in `names`, when given)."""
+def iter_quantized(model: Model | str | Path, names=None):
+    """Every MatMulNBits of a folder's decoder, read one at a time (only those whose short name is in `names`)."""
     folder = _folder(model)
     graph = onnx.load(str(folder / DECODER_FILE), load_external_data=False).graph
     inits = {t.name: t for t in graph.initializer}
-    out = []
     for n in graph.node:
         if n.op_type != "MatMulNBits":
             continue
@@ -137,10 +135,14 @@ def read_quantized(model: Model | str | Path, names=None) -> list[QuantizedMatri
         K, N, bits, bs = int(a["K"]), int(a["N"]), int(a.get("bits", 4)), int(a["block_size"])
         nb = (K + bs - 1) // bs
         zp = read_array(inits[n.input[3]], folder) if len(n.input) > 3 and n.input[3] else None
-        out.append(QuantizedMatrix(n.name, n.output[0], n.input[1], K, N, bits, bs, int(a.get("accuracy_level", 0)),
-                                   read_array(inits[n.input[1]], folder).reshape(N, nb, -1),
-                                   read_array(inits[n.input[2]], folder).astype(np.float32).reshape(N, nb), zp))
-    return out
+        yield QuantizedMatrix(n.name, n.output[0], n.input[1], K, N, bits, bs, int(a.get("accuracy_level", 0)),
+                              read_array(inits[n.input[1]], folder).reshape(N, nb, -1),
+                              read_array(inits[n.input[2]], folder).astype(np.float32).reshape(N, nb), zp)
+
+
+def read_quantized(model: Model | str | Path, names=None) -> list[QuantizedMatrix]:
+    """Every MatMulNBits of a folder's decoder, as a list (see `iter_quantized` to hold one at a time)."""
+    return list(iter_quantized(model, names))
 
 
 def dequantize_with_onnxruntime(qm: QuantizedMatrix) -> np.ndarray:
@@ -269,7 +271,7 @@ def compare_weights(ref: Model | str | Path, test: Model | str | Path, names=Non
     ref_folder = ref.folder if isinstance(ref, Model) else _fp32_folder(ref)
     weights = fp32_weights_by_output(ref_folder)
     rows = []
-    for qm in read_quantized(test, names):
+    for qm in iter_quantized(test, names):
         if qm.output not in weights:
             raise UserError(f"{ref_folder} has no fp32 MatMul writing {qm.output}; pass the fp32 folder of the same export")
         w = read_array(weights[qm.output], ref_folder)  # (K, N): one fp32 matrix at a time
@@ -284,4 +286,4 @@ def _fp32_folder(x) -> Path:
 
 
 __all__ = ["MatrixError", "QuantizedMatrix", "WeightReport", "compare_weights", "dequantize",
-           "dequantize_with_onnxruntime", "matrix_error", "outlier_rows", "read_quantized", "short_name", "unpack_bits"]
+           "dequantize_with_onnxruntime", "iter_quantized", "matrix_error", "outlier_rows", "read_quantized", "short_name", "unpack_bits"]

@@ -3,6 +3,8 @@
     OUT/cpu-fp32/qwen3vl-embedding.onnx  (+ .data)   input_ids -> inputs_embeds
     OUT/cpu-fp32/qwen3vl-vision.onnx     (+ .data)   pixel patches -> image features + DeepStack features
     OUT/cpu-fp32/model.onnx              (+ .data)   the text decoder with KV cache and 3-D positions
+    OUT/cpu-fp32/model-fast.onnx                     the same decoder with fused onnxruntime ops, reading
+                                                     model.onnx.data (decoder_fast.py; every precision)
     OUT/cpu-fp32/genai_config.json
     OUT/cpu-int4/...                                 with --precision int4: the decoder's MatMuls as MatMulNBits
                                                      (quantize.py), fp32 embedding/vision, quantization.json
@@ -30,6 +32,7 @@ from ..errors import UserError
 from ..tokenizer import shipped_tokenizer_dir
 from . import genai_config as gc
 from .decoder import PREFIX, build_decoder, build_embedding, lm_head_weight
+from .decoder_fast import write_fast_decoder
 from .quantize import Int4Recipe, quantize_folder
 
 PYTORCH_FILES = (
@@ -88,6 +91,7 @@ def export_precision(cfg: ModelConfig, ckpt: Checkpoint, folder: Path, precision
         head = lm_head_weight(cfg, weights, set(ckpt.names()))
         build_decoder(cfg, weights, folder / (gc.DECODER_FILE + ".data"), with_attentions=with_attentions,
                       lm_head=head, progress=bar).save(folder / gc.DECODER_FILE)
+    write_fast_decoder(folder, cfg)  # model-fast.onnx: the fused graph over the same weights (fast.py)
     config = gc.make_genai_config(cfg, precision, vision=vision, with_attentions=with_attentions, source=source)
     gc.write_genai_config(folder, config)
 
@@ -141,6 +145,7 @@ def export(hf_dir: str | Path, output_dir: str | Path, precisions: Sequence[str]
                          progress=progress)
         if "int4" in precisions:
             quantize_folder(fp32_dir, staging / precision_dir("int4"), recipe, progress=progress)
+            write_fast_decoder(staging / precision_dir("int4"), cfg)  # over the quantized weights
             if "fp32" not in precisions:
                 shutil.rmtree(fp32_dir)
         copy_pytorch_files(hf_dir, staging / "pytorch")

@@ -23,9 +23,11 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -93,6 +95,17 @@ class Int4Recipe:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "name": self.name}
+
+    @classmethod
+    def from_name(cls, name: str) -> "Int4Recipe":
+        """Parse `name` back, e.g. "rtn-b64-asym-acc0-head_int8" or "default-2bit-b32-sym-acc4-head_int4"."""
+        m = re.fullmatch(r"(default|rtn|hqq|k_quant)(?:-(\d)bit)?-b(\d+)-(sym|asym)-acc(\d)-head_(int4|int8|fp32)", name)
+        if m is None:
+            raise UserError(f"recipe name {name!r} is not of the form ALGORITHM[-2bit]-bBLOCK-sym|asym-accLEVEL-"
+                            "head_int4|int8|fp32 (e.g. default-b32-sym-acc4-head_int4)")
+        algorithm, bits, block, sym, acc, head = m.groups()
+        return cls(block_size=int(block), symmetric=sym == "sym", accuracy_level=int(acc), lm_head=head,
+                   algorithm=algorithm, bits=int(bits or 4)).validate()
 
     @classmethod
     def from_dict(cls, d: dict) -> "Int4Recipe":
@@ -168,23 +181,42 @@ def set_accuracy_level(node: onnx.NodeProto, level: int) -> None:
 
 def quantize_matmul(node: onnx.NodeProto, weight: np.ndarray, recipe: Int4Recipe, bits: int
                     ) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
-    """One MatMul + its fp32 weight (K, N) -> the quantizer's replacement nodes and initializers.
+    """One MatMul + its fp32 weight (K, N) -> the quantizer's replacement nodes and initializers."""
+    return quantize_one_matmul(node, one_matmul_model(node, weight), recipe, bits)
+
+
+def quantize_one_matmul(node: onnx.NodeProto, model: onnx.ModelProto, recipe: Int4Recipe, bits: int
+                        ) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+    """Run MatMulNBitsQuantizer on a one-node model (see `one_matmul_model`); returns its nodes and initializers.
 
     onnxruntime's hqq path does not write accuracy_level, so it is set on the result (a graph-only
     attribute, ONNX_ANCHORS.md §2.6) to honour the recipe for every algorithm.
     """
-    q = make_quantizer(one_matmul_model(node, weight), recipe, bits, node.name)
-    with contextlib.redirect_stdout(io.StringIO()):  # the rtn/k_quant path prints a progress line per node
-        q.process()
+    k, n = (int(d) for d in model.graph.initializer[0].dims)
+    n_blocks = (k + recipe.block_size - 1) // recipe.block_size
+    if recipe.algorithm in ("rtn", "k_quant") and not recipe.symmetric and n_blocks % 2:
+        # onnxruntime's neural-compressor port packs 4-bit zero points across columns when a column
+        # has an odd number of blocks, then fails to reshape them (onnxruntime 1.32)
+        raise UserError(f"onnxruntime's {recipe.algorithm} quantizer cannot write zero points for {node.name} "
+                        f"(K={k}, block {recipe.block_size}: {n_blocks} block(s) per column, an odd number); "
+                        "choose a block size giving an even number of blocks, --algorithm default, or symmetric rtn")
+    q = make_quantizer(model, recipe, bits, node.name)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # hqq: torch warns about read-only numpy input
+            q.process()  # (the rtn/k_quant path prints a progress line per node: swallowed)
+    except (ValueError, AssertionError, NotImplementedError) as e:
+        raise UserError(f"onnxruntime's quantizer failed on {node.name} (K={k}, N={n}, {recipe.name}): "
+                        f"{str(e).splitlines()[0][:160]}; try another --block_size or --algorithm") from None
     result = q.model.model if hasattr(q.model, "model") else q.model
     nodes = list(result.graph.node)
-    kinds = [n.op_type for n in nodes]
+    kinds = [x.op_type for x in nodes]
     if "MatMulNBits" not in kinds:
         raise RuntimeError(f"onnxruntime's quantizer left {node.name} unquantized (nodes {kinds})")
-    for n in nodes:
-        if n.op_type == "MatMulNBits":
-            set_accuracy_level(n, recipe.accuracy_level)
-    used = {i for n in nodes for i in n.input}
+    for x in nodes:
+        if x.op_type == "MatMulNBits":
+            set_accuracy_level(x, recipe.accuracy_level)
+    used = {i for x in nodes for i in x.input}
     return nodes, [t for t in result.graph.initializer if t.name in used]
 
 
@@ -242,8 +274,21 @@ def read_raw(t: TensorProto, folder: Path) -> bytes:
 
 
 def read_array(t: TensorProto, folder: Path) -> np.ndarray:
-    """One initializer as a numpy array (only this tensor is read from disk)."""
-    return numpy_helper.to_array(t, base_dir=str(folder))
+    """One initializer as a numpy array (only this tensor is read from disk).
+
+    External data is read directly (offset/length), not through onnx's loader, which refuses
+    data files with several hard links (the sweep's variants share their fp32 files that way).
+    """
+    if t.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(t)
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+    info = _external_info(t)
+    count = int(np.prod(t.dims)) if len(t.dims) else 1
+    with open(Path(folder) / info["location"], "rb") as f:
+        arr = np.fromfile(f, dtype=dtype, count=count, offset=int(info.get("offset", 0)))
+    if arr.size != count:
+        raise UserError(f"{Path(folder) / info['location']} is truncated (tensor {t.name}); re-export the folder")
+    return arr.reshape(tuple(t.dims))
 
 
 def _matmul_weights(graph: onnx.GraphProto, inits: dict[str, TensorProto]) -> dict[str, str]:
@@ -291,9 +336,10 @@ def quantize_decoder(src_folder: Path, dst_folder: Path, recipe: Int4Recipe, pro
                         bar.update(1)
                     new_nodes.append(node)
                     continue
-                weight = read_array(inits[targets[node.name]], src_folder)  # (K, N) fp32, the only copy held
-                q_nodes, q_inits = quantize_matmul(node, weight, recipe, bits)
-                del weight
+                # the fp32 weight (K, N) lives only inside the one-node model: one matrix in memory at a time
+                one = one_matmul_model(node, read_array(inits[targets[node.name]], src_folder))
+                q_nodes, q_inits = quantize_one_matmul(node, one, recipe, bits)
+                del one
                 records.append(_node_record(q_nodes, targets[node.name], q_inits))
                 new_nodes.extend(q_nodes)
                 for t in q_inits:  # packed weights, scales, zero points: straight to disk
@@ -321,12 +367,28 @@ def quantize_decoder(src_folder: Path, dst_folder: Path, recipe: Int4Recipe, pro
 
 
 # -- a whole precision folder --------------------------------------------------------------------
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link (no extra disk, no symlink that onnxruntime would refuse) or copy."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+def copy_assets(fp32_folder: str | Path, dst: str | Path) -> Path:
+    """Copy the fp32 embedding/vision files into `dst` (a private source for hard-linked variants)."""
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in COPIED_FILES:
+        if (Path(fp32_folder) / name).is_file() and not (dst / name).is_file():
+            shutil.copy2(Path(fp32_folder) / name, dst / name)
+    return dst
+
+
+def _link_or_copy(src: Path, dst: Path, link: bool) -> None:
+    """Hard-link (no extra disk; onnxruntime refuses symlinks that leave the folder) or copy.
+
+    Exports copy: onnx's own loader (`onnx.load` with external data) rejects hard-linked data files.
+    """
+    if link:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
 
 
 def _replace_folder(staged: Path, final: Path) -> None:
@@ -344,11 +406,14 @@ def _folder_bytes(folder: Path, names) -> int:
 
 
 def quantize_folder(fp32_folder: str | Path, out_folder: str | Path, recipe: Int4Recipe | None = None, *,
-                    progress: bool = True) -> Path:
+                    progress: bool = True, link: bool = False, assets: str | Path | None = None) -> Path:
     """An fp32 precision folder (OUT/cpu-fp32) -> a runnable INT4 folder: decoder, fp32 embedding/vision,
     genai_config.json (precision int4, `qwen3vl_lab.recipe`) and quantization.json.
 
-    Written into a temporary sibling folder and moved into place when complete.
+    Written into a temporary sibling folder and moved into place when complete. The embedding/vision
+    files are copied from `assets` (default: the fp32 folder); link=True hard-links them instead (a
+    recipe sweep links all its variants to one private copy, so the fp32 folder's files keep a single
+    link: onnx's loader refuses hard-linked external data).
     """
     recipe = (recipe or Int4Recipe()).validate()
     src, out = Path(fp32_folder), Path(out_folder)
@@ -368,9 +433,10 @@ def quantize_folder(fp32_folder: str | Path, out_folder: str | Path, recipe: Int
     t0 = time.perf_counter()
     try:
         nodes = quantize_decoder(src, staging, recipe, progress)
+        shared = Path(assets) if assets is not None else src
         for name in COPIED_FILES:
-            if (src / name).is_file():
-                _link_or_copy(src / name, staging / name)
+            if (shared / name).is_file():
+                _link_or_copy(shared / name, staging / name, link)
         seconds = time.perf_counter() - t0
         genai["qwen3vl_lab"]["precision"] = "int4"
         genai["qwen3vl_lab"]["recipe"] = recipe.to_dict()

@@ -81,7 +81,7 @@ PRESETS: dict[str, Preset] = {
                     "gives the weights trained by `qwen3vl-lab train-shapes`",
         init_std=0.02,
         image_pixels=96 * 96,
-        text=dict(vocab_size=151936, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+        text=dict(vocab_size=151936, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=32768,
                   rope_parameters=_rope(5_000_000.0, [6, 5, 5])),
         vision=dict(depth=2, hidden_size=64, intermediate_size=256, num_heads=2, out_hidden_size=128,

@@ -106,8 +106,8 @@ def plot_attention_grid(attentions: Sequence[np.ndarray], labels: Sequence[str] 
             if c == 0:
                 ax.set_ylabel(f"layer {layer}", fontsize=8)
     n = first.shape[-1]
-    fig.suptitle(f"attention per layer and head ({n} tokens" + (f": {labels[0]!r} ... {labels[n - 1]!r})" if labels else ")"),
-                 fontsize=10)
+    span = f": {labels[0]} ... {labels[n - 1]})" if labels is not None else ")"
+    fig.suptitle(f"attention per layer and head (rows: queries, columns: keys; {n} tokens{span}", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -165,8 +165,7 @@ def plot_attention_on_image(image: np.ndarray, weights: np.ndarray, *, ax=None, 
     ax.set_xticks(np.arange(gw + 1) * img.shape[1] / gw - 0.5, minor=True)
     ax.set_yticks(np.arange(gh + 1) * img.shape[0] / gh - 0.5, minor=True)
     ax.grid(which="minor", color="white", linewidth=0.3, alpha=0.5)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.tick_params(which="both", length=0, labelbottom=False, labelleft=False)
     ax.set_title(title or f"attention to the image's {gh} x {gw} cells", fontsize=9)
     ax.figure.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
     return fig

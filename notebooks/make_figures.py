@@ -1,0 +1,71 @@
+"""Run every teaching notebook and save its main figure (the cell tagged `main-figure`) as a PNG.
+
+    python notebooks/make_figures.py                    # all notebooks -> docs/figures/NN_name.png
+    python notebooks/make_figures.py 01_quickstart      # just one
+
+The pictures in the README are therefore exactly what the notebooks draw (on the tiny checkpoint
+unless MODEL_DIR / HF_DIR is set). tests/test_notebooks.py uses `run_notebook` too.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+
+HERE = Path(__file__).resolve().parent
+FIGURES = HERE.parent / "docs" / "figures"
+MAIN_FIGURE_TAG = "main-figure"
+
+
+def notebooks() -> list[Path]:
+    return sorted(HERE.glob("[0-9][0-9]_*.ipynb"))
+
+
+def run_notebook(path: Path, timeout: int = 300, env: dict | None = None) -> tuple[nbformat.NotebookNode, float]:
+    """Execute a copy of the notebook top to bottom in a fresh python3 kernel; (executed notebook, seconds).
+
+    Cells run with the notebook's folder as working directory. env: extra environment variables for
+    the kernel (e.g. QWEN3VL_LAB_CACHE; a None value removes the variable). Raises nbclient's CellExecutionError on the first failing cell.
+    """
+    from nbclient import NotebookClient  # noqa: PLC0415
+
+    nb = nbformat.read(path, as_version=4)
+    kernel_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}  # None removes a variable
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+    t0 = time.perf_counter()
+    client.execute(env=kernel_env)  # passed to jupyter_client's start_kernel
+    return nb, time.perf_counter() - t0
+
+
+def main_figure(nb: nbformat.NotebookNode) -> bytes:
+    """The PNG bytes of the first image output of the cell tagged `main-figure`."""
+    for cell in nb.cells:
+        if MAIN_FIGURE_TAG in cell.get("metadata", {}).get("tags", []):
+            for out in cell.get("outputs", []):
+                png = out.get("data", {}).get("image/png")
+                if png:
+                    return base64.b64decode(png)
+            raise ValueError(f"the cell tagged {MAIN_FIGURE_TAG!r} drew no image")
+    raise ValueError(f"no cell is tagged {MAIN_FIGURE_TAG!r}")
+
+
+def main(argv: list[str]) -> int:
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    chosen = [p for p in notebooks() if not argv or p.stem in argv]
+    for path in chosen:
+        nb, seconds = run_notebook(path)
+        target = FIGURES / f"{path.stem}.png"
+        tmp = target.with_suffix(".png.tmp")
+        tmp.write_bytes(main_figure(nb))
+        tmp.replace(target)
+        print(f"{path.name}: ran in {seconds:.1f} s -> {target.relative_to(HERE.parent)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

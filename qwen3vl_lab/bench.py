@@ -1,0 +1,327 @@
+"""`qwen3vl-lab bench`: how fast the fast path decodes, against the memory-bandwidth floor and other engines.
+
+    qwen3vl-lab bench --model_dir OUT --text_precision int4 --prompt_tokens 32 --new_tokens 32 --runs 3
+    qwen3vl-lab bench --model_dir OUT --text_precision fp32 --vs genai --hf_dir CKPT --json
+    qwen3vl-lab bench --model_dir OUT --text_precision fp32 --vs torch --hf_dir CKPT
+
+Decoding a token reads every decoder weight once (lm_head included), so a decode step cannot be
+faster than weight bytes / memory bandwidth. The bandwidth is measured here the way the decoder
+reads its weights: every thread streaming a slice of one large buffer with vectorised reads
+(numpy `add.reduce`, which releases the GIL), best of several passes. `floor_fraction` is the
+achieved decode rate over that floor.
+
+`--vs genai` builds onnxruntime-genai's own export of the same checkpoint (its model builder, same
+precision, same INT4 recipe: block 32, symmetric, accuracy_level 4), `--vs torch` loads transformers'
+PyTorch model (fp32); either runs in a worker process (`bench_workers.py`) and the runs alternate
+A/B (ABBA order) in the same command, so both sides see the same machine load. Every figure is a
+median over `--runs`; prefill = prompt in -> first token out; decode = the following steps (forced
+length, greedy). Nothing here asserts a speed: the command prints figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from .bench_workers import peak_rss_bytes, reset_peak_rss
+from .errors import UserError
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model_dir: str
+    precision: str = "fp32"
+    prompt_tokens: int = 32
+    new_tokens: int = 32
+    runs: int = 3
+    batch_size: int = 1
+    vs: str | None = None  # "genai" or "torch"
+    hf_dir: str | None = None
+    genai_dir: str | None = None  # default: MODEL_DIR/genai-cpu-<precision>, built when missing
+    threads: int | None = None  # onnxruntime / torch intra-op threads (default: one per core)
+    image_size: int = 448  # the vision-encode timing image (0 skips it)
+    seed: int = 0
+
+
+# -- the machine ------------------------------------------------------------------------------------
+def measure_bandwidth(threads: int, nbytes: int = 512 * 2**20, passes: int = 6) -> float:
+    """Bytes/s for `threads` threads each reducing its slice of one `nbytes` float32 buffer (best pass)."""
+    buf = np.ones(nbytes // 4, np.float32)  # written once, so every page is resident
+    parts = np.array_split(buf, threads)
+    best = 0.0
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            list(pool.map(np.add.reduce, parts))
+            best = max(best, buf.nbytes / (time.perf_counter() - t0))
+    return best
+
+
+def graph_weight_bytes(path: Path) -> int:
+    """Bytes of every initializer of an ONNX graph (external data included): what one decode step reads."""
+    model = onnx.load(str(path), load_external_data=False)
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            total += int({e.key: e.value for e in t.external_data}.get("length", 0))
+        else:
+            total += len(t.raw_data) if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).nbytes
+    return total
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# -- our fast path ------------------------------------------------------------------------------------
+def prompt_ids(cfg: BenchConfig, vocab_limit: int = 151643) -> np.ndarray:
+    """(B, S) ordinary token ids (no special tokens), the same rows for every engine."""
+    rng = np.random.default_rng(cfg.seed)
+    row = rng.integers(0, vocab_limit, cfg.prompt_tokens, dtype=np.int64)
+    return np.repeat(row[None, :], cfg.batch_size, axis=0)
+
+
+def run_ours(model, ids: np.ndarray, new_tokens: int) -> dict:
+    """One forced-length greedy generation on the fast path -> prefill_s, decode_s, overhead_s."""
+    from .fast import FastTimings, fast_generate_batch  # noqa: PLC0415
+    from .generate import Prompt  # noqa: PLC0415
+    from .pipeline import greedy  # noqa: PLC0415
+    from .steps import build_positions, embed  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    prompt = Prompt(ids, embed(model, ids), build_positions(ids))  # (B, S), (B, S, H), (3, B, S)
+    embed_s = time.perf_counter() - t0
+    timings = FastTimings()
+    for _ in fast_generate_batch(model, prompt, greedy, new_tokens, eos_token_ids=[], timings=timings):
+        pass
+    overhead = [step - run for step, run in zip(timings.decode, timings.decoder_run)]
+    return {"prefill_s": embed_s + timings.prefill, "decode_s": timings.decode, "overhead_s": overhead}
+
+
+def vision_encode_seconds(model, size: int, seed: int) -> float | None:
+    """Preprocess + vision tower for one random size x size image (None without a vision model)."""
+    if not size or not model.has_vision:
+        return None
+    from .generate import encode_visuals, preprocess_visuals  # noqa: PLC0415
+
+    image = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    t0 = time.perf_counter()
+    visuals = preprocess_visuals(model, [image], image_size=size)
+    encode_visuals(model, visuals.pixel_values, visuals.image_grid_thw)
+    return time.perf_counter() - t0
+
+
+# -- the other engine ------------------------------------------------------------------------------------
+class Worker:
+    """A `bench_workers` process: one JSON request per line in, one JSON result per line out."""
+
+    def __init__(self, engine: str, folder: Path, threads: int | None):
+        cmd = [sys.executable, "-m", "qwen3vl_lab.bench_workers", engine, str(folder)]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        self.engine = engine
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     text=True)
+        self.ready = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self.stderr.seek(0)
+            tail = [ln for ln in self.stderr.read().strip().splitlines() if ln.strip()][-1:] or ["no output"]
+            raise UserError(f"the {self.engine} worker stopped ({tail[0][:300]}); check that it is installed "
+                            f"(`pip install 'qwen3vl-lab[bench]'`) and that the model folder is complete")
+        return json.loads(line)
+
+    def run(self, ids: np.ndarray, new_tokens: int) -> dict:
+        self.proc.stdin.write(json.dumps({"ids": ids.tolist(), "new_tokens": new_tokens}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.stderr.close()
+
+
+def genai_folder(cfg: BenchConfig, threads: int, log: Callable[[str], None]) -> Path:
+    """onnxruntime-genai's builder export of --hf_dir (same precision and INT4 recipe), built once."""
+    out = Path(cfg.genai_dir) if cfg.genai_dir else Path(cfg.model_dir) / f"genai-cpu-{cfg.precision}"
+    if not (out / "genai_config.json").is_file():
+        try:
+            import onnxruntime_genai  # noqa: F401, PLC0415
+        except ImportError:
+            raise UserError("--vs genai needs onnxruntime-genai; pip install onnxruntime-genai onnx_ir "
+                            "(or pip install 'qwen3vl-lab[bench]')") from None
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(cfg.hf_dir), "-o", str(staging),
+               "-p", cfg.precision, "-e", "cpu", "-c", str(staging / "cache")]
+        if cfg.precision == "int4":  # the builder's defaults, spelled out: our Int4Recipe() is the same
+            cmd += ["--extra_options", "block_size=32", "accuracy_level=4", "is_symmetric=true"]
+        log(f"building the onnxruntime-genai {cfg.precision} model of {cfg.hf_dir} (its model builder) ...")
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0 or not (staging / "genai_config.json").is_file():
+            shutil.rmtree(staging, ignore_errors=True)
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"onnxruntime-genai's builder failed on {cfg.hf_dir} ({tail[:300]}); pass --hf_dir the "
+                            "Hugging Face checkpoint this export was made from")
+        shutil.rmtree(staging / "cache", ignore_errors=True)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+        log(f"  built in {time.perf_counter() - t0:.0f} s -> {out}")
+    config_path = out / "genai_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    options = config["model"]["decoder"].setdefault("session_options", {})
+    if options.get("intra_op_num_threads") != threads:
+        options["intra_op_num_threads"] = threads
+        config_path.write_text(json.dumps(config, indent=4), encoding="utf-8")
+    return out
+
+
+# -- the whole benchmark ------------------------------------------------------------------------------------
+def _decode_rate(result: dict, batch: int) -> float:
+    steps = result["decode_s"]
+    return batch * len(steps) / sum(steps) if steps else float("nan")
+
+
+def _median(values) -> float:
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else float("nan")
+
+
+def check_config(cfg: BenchConfig) -> None:
+    if cfg.precision not in ("fp32", "int4"):
+        raise UserError(f"--text_precision {cfg.precision!r} is unknown; choose fp32 or int4")
+    if cfg.vs not in (None, "genai", "torch"):
+        raise UserError(f"--vs {cfg.vs!r} is unknown; choose genai or torch")
+    if cfg.vs and not cfg.hf_dir:
+        raise UserError(f"--vs {cfg.vs} needs --hf_dir, the Hugging Face checkpoint the export was made from "
+                        "(the other engine loads the same weights from it)")
+    if cfg.vs and not (Path(cfg.hf_dir) / "config.json").is_file():
+        raise UserError(f"--hf_dir {cfg.hf_dir} has no config.json; pass the checkpoint folder the export was made from")
+    if cfg.vs == "torch" and cfg.precision != "fp32":
+        raise UserError("--vs torch compares fp32 only (transformers' model is fp32 here); use --text_precision fp32")
+
+
+def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
+    """Run the benchmark, log a readable report, return the figures (the JSON object)."""
+    from .export.decoder_fast import FAST_DECODER_FILE  # noqa: PLC0415
+    from .model import RuntimeOptions, load_model  # noqa: PLC0415
+
+    check_config(cfg)
+    threads = cfg.threads or default_threads()
+    model = load_model(cfg.model_dir, cfg.precision, RuntimeOptions(threads=threads), open_decoder=False)
+    if cfg.prompt_tokens + cfg.new_tokens > model.context_length:
+        raise UserError(f"--prompt_tokens + --new_tokens = {cfg.prompt_tokens + cfg.new_tokens} exceeds the model's "
+                        f"context ({model.context_length}); use fewer tokens")
+    t0 = time.perf_counter()
+    model.fast_decoder  # noqa: B018 (open the session: weights loaded and prepacked)
+    load_s = time.perf_counter() - t0
+    load_peak = peak_rss_bytes()
+    weight_bytes = graph_weight_bytes(model.folder / FAST_DECODER_FILE)
+    bandwidth = measure_bandwidth(threads)
+    ids = prompt_ids(cfg)
+    other = None
+    if cfg.vs == "genai":
+        other = Worker("genai", genai_folder(cfg, threads, log), threads)
+    elif cfg.vs == "torch":
+        other = Worker("torch", Path(cfg.hf_dir), threads)
+    try:
+        warm = min(4, cfg.new_tokens)
+        run_ours(model, ids, warm)
+        if other:
+            other.run(ids, warm)
+        reset_peak_rss()
+        ours, theirs = [], []
+        for r in range(cfg.runs):  # ABBA: the first engine of each pair alternates
+            order = ["ours", "theirs"] if r % 2 == 0 else ["theirs", "ours"]
+            for side in order:
+                if side == "ours":
+                    ours.append(run_ours(model, ids, cfg.new_tokens))
+                elif other:
+                    theirs.append(other.run(ids, cfg.new_tokens))
+        run_peak = peak_rss_bytes()
+    finally:
+        if other:
+            other.close()
+    vision_s = vision_encode_seconds(model, cfg.image_size, cfg.seed)
+
+    B, S = ids.shape
+    decode = _median(_decode_rate(o, B) for o in ours)
+    floor = B * bandwidth / weight_bytes  # tok/s if every step only streamed the weights once
+    result = {
+        "precision": cfg.precision, "batch_size": B, "prompt_tokens": S, "new_tokens": cfg.new_tokens,
+        "runs": cfg.runs, "threads": threads,
+        "decode_tok_s": decode,
+        "decode_tok_s_runs": [_decode_rate(o, B) for o in ours],
+        "prefill_tok_s": _median(B * S / o["prefill_s"] for o in ours),
+        "prefill_s": _median(o["prefill_s"] for o in ours),
+        "overhead_ms_per_token": 1e3 * _median(x for o in ours for x in o["overhead_s"]),
+        "ms_per_token": 1e3 * _median(x for o in ours for x in o["decode_s"]),
+        "weight_bytes": weight_bytes,
+        "bandwidth_gb_s": bandwidth / GB,
+        "floor_tok_s": floor,
+        "floor_fraction": decode / floor,
+        "load_s": load_s,
+        "load_peak_rss_bytes": load_peak,
+        "peak_rss_bytes": run_peak,
+        "rss_over_weights": run_peak / weight_bytes,
+        "vision_encode_s": vision_s,
+        "vision_image_size": cfg.image_size if vision_s is not None else None,
+    }
+    if other:
+        name = cfg.vs
+        result[f"{name}_decode_tok_s"] = _median(_decode_rate(t, B) for t in theirs)
+        result[f"{name}_decode_tok_s_runs"] = [_decode_rate(t, B) for t in theirs]
+        result[f"{name}_prefill_tok_s"] = _median(B * S / t["prefill_s"] for t in theirs if t["prefill_s"] > 0)
+        result[f"{name}_peak_rss_bytes"] = max(t["peak_rss_bytes"] for t in theirs) if theirs else None
+        result[f"{name}_load_peak_rss_bytes"] = other.ready.get("load_peak_rss_bytes")
+        result["ratio"] = decode / result[f"{name}_decode_tok_s"]
+        result["prefill_ratio"] = result["prefill_tok_s"] / result[f"{name}_prefill_tok_s"]
+    log_report(result, cfg, log)
+    return result
+
+
+def log_report(r: dict, cfg: BenchConfig, log: Callable[[str], None]) -> None:
+    gb = lambda n: f"{n / GB:.2f} GB" if n else "n/a"  # noqa: E731
+    log(f"qwen3vl-lab bench: {cfg.model_dir} {r['precision']}, batch {r['batch_size']}, {r['prompt_tokens']} prompt "
+        f"+ {r['new_tokens']} new tokens, {r['runs']} runs, {r['threads']} threads")
+    log(f"  prefill     {r['prefill_tok_s']:10.1f} tok/s   ({r['prefill_s'] * 1e3:.1f} ms to the first token)")
+    log(f"  decode      {r['decode_tok_s']:10.2f} tok/s   ({r['ms_per_token']:.2f} ms/token, runs "
+        + ", ".join(f"{x:.2f}" for x in r["decode_tok_s_runs"]) + ")")
+    log(f"  overhead    {r['overhead_ms_per_token']:10.3f} ms/token outside onnxruntime (sampling, bookkeeping)")
+    log(f"  weights     {gb(r['weight_bytes'])} read per decode step; bandwidth {r['bandwidth_gb_s']:.1f} GB/s "
+        f"({r['threads']} threads) -> floor {r['floor_tok_s']:.2f} tok/s, achieved {100 * r['floor_fraction']:.0f}%")
+    log(f"  memory      peak RSS {gb(r['peak_rss_bytes'])} while generating ({r['rss_over_weights']:.2f}x the "
+        f"weights), {gb(r['load_peak_rss_bytes'])} at load ({r['load_s']:.1f} s)")
+    if r["vision_encode_s"] is not None:
+        log(f"  vision      {r['vision_encode_s']:.3f} s per {r['vision_image_size']}x{r['vision_image_size']} image "
+            "(preprocess + vision tower)")
+    if "ratio" in r:
+        name = cfg.vs
+        log(f"  vs {name:6s}  decode {r[f'{name}_decode_tok_s']:.2f} tok/s (runs "
+            + ", ".join(f"{x:.2f}" for x in r[f"{name}_decode_tok_s_runs"])
+            + f") -> ours/{name} {r['ratio']:.2f}x; prefill {r[f'{name}_prefill_tok_s']:.1f} tok/s -> "
+            f"{r['prefill_ratio']:.2f}x; its peak RSS {gb(r[f'{name}_peak_rss_bytes'])}")

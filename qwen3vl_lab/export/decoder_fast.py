@@ -1,0 +1,232 @@
+"""The fast text decoder: the same weights as `model.onnx`, run through onnxruntime's fused CPU kernels.
+
+`export/decoder.py` spells the decoder out op by op so every tensor can be tapped; this variant
+computes the same function with onnxruntime's contrib ops (ONNX_ANCHORS.md §1.3, §8.3):
+
+    SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization   RMSNorm (+ the residual add)
+    MRotaryEmbedding (mrope_layout 1)                                 interleaved 3-D RoPE on q and k
+    GroupQueryAttention (do_rotary 0)                                 attention over a KV buffer that
+                                                                      is both past and present
+    QuickGelu(alpha=1)                                                SiLU in one op
+
+It is written from an exported decoder, not from the checkpoint: every linear layer is the node
+the source `model.onnx` uses for that weight (MatMul in fp32, MatMulNBits after INT4
+quantization), and every initializer is a reference into the source's `model.onnx.data`. So
+`model-fast.onnx` is a small graph file beside `model.onnx` of any precision, the quantizer never
+has to see it, and both graphs read the very same bytes (no second copy of the weights on disk).
+
+Inputs  inputs_embeds (B, S, H) f32, position_ids (3, B, S) i64, seqlens_k (B,) i32 (= total
+        length - 1 per row), total_sequence_length () i32, cos_cache / sin_cache (C, hd/2) f32
+        (cos/sin of position p * inv_freq, rows 0..C-1), past_key_values.{i}.key/value
+        (B, kv, C, hd) f32 — the preallocated buffers, bound again as present.{i}.*,
+        deepstack_embeds (D, B, S, H) f32, logits_to_keep () i64 [optional, 0 = all]
+Outputs logits (B, S', V), present.{i}.key/value (B, kv, C, hd)
+Prompts must not be left-padded (GroupQueryAttention keeps each row's tokens at the start of
+its buffer); `qwen3vl_lab/fast.py` runs this graph.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from ..config import ModelConfig, TextConfig
+from ..errors import UserError
+from . import genai_config as gc
+from .decoder import PREFIX, mrope_inv_freq_by_axis
+from .onnx_graph import FLOAT, INT64, MS_DOMAIN, GraphBuilder
+
+FAST_DECODER_FILE = "model-fast.onnx"
+INT32 = TensorProto.INT32
+LINEAR_OPS = ("MatMul", "MatMulNBits", "FusedMatMul", "Gemm")
+# onnxruntime's quantizer names the packed tensors after the weight: W_Q4, W_Q8G32, W_scales, W_zp, ...
+QUANT_SUFFIX = re.compile(r"_(Q\d+(G\d+)?|scales?|zp|zero_points)$")
+
+
+class SourceDecoder:
+    """An exported `model.onnx` read without its weights: which node computes each linear layer."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.initializers = {t.name: t for t in model.graph.initializer}
+        self.linear: dict[str, onnx.NodeProto] = {}
+        for node in model.graph.node:
+            if node.op_type not in LINEAR_OPS:
+                continue
+            for name in node.input[1:2]:  # the weight (or its packed form) is the second input
+                if name in self.initializers:
+                    self.linear.setdefault(QUANT_SUFFIX.sub("", name), node)
+
+    def node_for(self, weight: str) -> onnx.NodeProto:
+        if weight not in self.linear:
+            raise UserError(f"the exported decoder has no linear layer for {weight!r}, so the fast decoder cannot "
+                            "be written from it; re-export the checkpoint with `qwen3vl-lab export`")
+        return self.linear[weight]
+
+    def tensor(self, name: str) -> TensorProto:
+        if name not in self.initializers:
+            raise UserError(f"the exported decoder has no tensor {name!r}; re-export the checkpoint with "
+                            "`qwen3vl-lab export`")
+        return self.initializers[name]
+
+
+class FastGraph(GraphBuilder):
+    """GraphBuilder whose weights are shared with the source decoder (external-data references)."""
+
+    def __init__(self, source: SourceDecoder):
+        super().__init__("qwen3vl_text_decoder_fast")
+        self.source = source
+        self._shared: set[str] = set()
+
+    def shared(self, name: str) -> str:
+        """Use the source's initializer `name` as is (its bytes stay in the source's data file)."""
+        if name not in self._shared:
+            self.initializers.append(self.source.tensor(name))
+            self._shared.add(name)
+        return name
+
+    def linear(self, x: str, weight: str, out: str | None = None) -> str:
+        """x @ W through the source's own node for W (MatMul, or MatMulNBits with its scales)."""
+        src = self.source.node_for(weight)
+        for name in src.input[1:]:
+            if name:
+                self.shared(name)
+        attrs = {a.name: helper.get_attribute_value(a) for a in src.attribute}
+        return self.op(src.op_type, [x, *src.input[1:]], out=out, domain=src.domain, **attrs)
+
+
+def rms_norm(g: FastGraph, x: str, weight: str, eps: float) -> str:
+    """Qwen3VLTextRMSNorm over the last axis."""
+    return g.op("SimplifiedLayerNormalization", [x, g.shared(weight)], axis=-1, epsilon=eps)
+
+
+def skip_rms_norm(g: FastGraph, x: str, residual: str, weight: str, eps: float) -> tuple[str, str]:
+    """(rms(x + residual), x + residual): the residual add fused into the next norm."""
+    out = g.op("SkipSimplifiedLayerNormalization", [x, residual, g.shared(weight)], n_out=4,
+               domain=MS_DOMAIN, epsilon=eps)
+    return out[0], out[3]
+
+
+def head_norm(g: FastGraph, x: str, weight: str, n_heads: int, cfg: TextConfig) -> str:
+    """The per-head q/k RMSNorm: (B, S, n*hd) -> (B, S, n, hd) -> norm -> (B, S, n*hd)."""
+    heads = g.op("Reshape", [x, g.const([0, 0, n_heads, cfg.head_dim], np.int64)])
+    normed = rms_norm(g, heads, weight, cfg.rms_norm_eps)
+    return g.op("Reshape", [normed, g.const([0, 0, n_heads * cfg.head_dim], np.int64)])
+
+
+def mrope(g: FastGraph, x: str, n_heads: int, cfg: TextConfig) -> str:
+    """Interleaved MRoPE (layout 1) on (B, S, n*hd) with the 3-row position ids."""
+    return g.op("MRotaryEmbedding", [x, "position_ids", "cos_cache", "sin_cache"], domain=MS_DOMAIN,
+                num_heads=n_heads, mrope_section=list(cfg.mrope_section), mrope_layout=1, interleaved=0)
+
+
+def attention(g: FastGraph, h: str, i: int, cfg: TextConfig) -> str:
+    """q/k/v projections, q/k-norm, MRoPE, then GroupQueryAttention on the shared KV buffers."""
+    nh, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    p = f"{PREFIX}.layers.{i}.self_attn"
+    q = g.linear(h, f"{p}.q_proj.weight")  # (B, S, nh*hd)
+    k = g.linear(h, f"{p}.k_proj.weight")  # (B, S, kv*hd)
+    v = g.linear(h, f"{p}.v_proj.weight")  # (B, S, kv*hd)
+    q = mrope(g, head_norm(g, q, f"{p}.q_norm.weight", nh, cfg), nh, cfg)
+    k = mrope(g, head_norm(g, k, f"{p}.k_norm.weight", kv, cfg), kv, cfg)
+    ctx, _, _ = g.op("GroupQueryAttention",
+                     [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
+                      "total_sequence_length"],
+                     out=[f"/model/layers.{i}/attn/output", f"present.{i}.key", f"present.{i}.value"],
+                     domain=MS_DOMAIN, num_heads=nh, kv_num_heads=kv, scale=float(hd ** -0.5), do_rotary=0)
+    return g.linear(ctx, f"{p}.o_proj.weight")  # (B, S, H)
+
+
+def mlp(g: FastGraph, h: str, i: int) -> str:
+    """down(silu(gate(h)) * up(h)); QuickGelu with alpha 1 is x * sigmoid(x) = SiLU."""
+    p = f"{PREFIX}.layers.{i}.mlp"
+    gate = g.op("QuickGelu", [g.linear(h, f"{p}.gate_proj.weight")], domain=MS_DOMAIN, alpha=1.0)
+    return g.linear(g.op("Mul", [gate, g.linear(h, f"{p}.up_proj.weight")]), f"{p}.down_proj.weight")
+
+
+def build_fast_decoder(cfg: ModelConfig, source: onnx.ModelProto) -> onnx.ModelProto:
+    """The fused decoder graph over `source`'s weights (source loaded with load_external_data=False)."""
+    text = cfg.text
+    g = FastGraph(SourceDecoder(source))
+    B, S, C = "batch_size", "sequence_length", "kv_capacity"
+    x = g.input("inputs_embeds", FLOAT, [B, S, text.hidden_size])
+    g.input("position_ids", INT64, [3, B, S])
+    g.input("seqlens_k", INT32, [B])
+    g.input("total_sequence_length", INT32, [])
+    for name in ("cos_cache", "sin_cache"):
+        g.input(name, FLOAT, ["rope_length", text.head_dim // 2])
+    for i in range(text.num_hidden_layers):
+        for kind in ("key", "value"):
+            g.input(f"past_key_values.{i}.{kind}", FLOAT, [B, text.num_key_value_heads, C, text.head_dim])
+    deepstack = None
+    if cfg.num_deepstack:
+        deepstack = g.input("deepstack_embeds", FLOAT, [cfg.num_deepstack, B, S, text.hidden_size])
+    keep = g.optional_input("logits_to_keep", np.array(0, np.int64), [])
+    eps = text.rms_norm_eps
+
+    with g.scope("model"):
+        residual = x
+        h = rms_norm(g, x, f"{PREFIX}.layers.0.input_layernorm.weight", eps)
+        for i in range(text.num_hidden_layers):
+            p = f"{PREFIX}.layers.{i}"
+            with g.scope(f"layers.{i}"):
+                attn = attention(g, h, i, text)
+                h, residual = skip_rms_norm(g, attn, residual, f"{p}.post_attention_layernorm.weight", eps)
+                out = mlp(g, h, i)
+                if deepstack is not None and i < cfg.num_deepstack:  # DeepStack joins the residual stream
+                    out = g.op("Add", [out, g.op("Gather", [deepstack, g.const(i, np.int64)], axis=0)])
+                last = i + 1 == text.num_hidden_layers
+                norm = f"{PREFIX}.norm.weight" if last else f"{PREFIX}.layers.{i + 1}.input_layernorm.weight"
+                h, residual = skip_rms_norm(g, out, residual, norm, eps)  # the last one is the final norm
+        start = g.op("Neg", [g.op("Unsqueeze", [keep, g.const([0], np.int64)])])
+        h = g.op("Slice", [h, start, g.const([np.iinfo(np.int64).max], np.int64), g.const([1], np.int64)])
+    with g.scope("lm_head"):
+        logits = g.linear(h, "lm_head.weight", out="logits")
+    g.output(logits, FLOAT, [B, "logits_length", text.vocab_size])
+    for i in range(text.num_hidden_layers):
+        for kind in ("key", "value"):
+            g.output(f"present.{i}.{kind}", FLOAT, [B, text.num_key_value_heads, C, text.head_dim])
+    return g.build(doc="qwen3vl-lab fast decoder: fused onnxruntime contrib ops over the weights of model.onnx")
+
+
+def rope_cache(text: TextConfig, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (length, hd/2) float32: angle p * inv_freq[j] for positions p = 0..length-1.
+
+    MRotaryEmbedding picks, for channel j, the row of the position on j's axis (T, H or W), so one
+    1-D table serves all three axes; inv_freq is the one `export/decoder.py` uses (bit-equal to
+    transformers')."""
+    inv_freq = mrope_inv_freq_by_axis(text).sum(axis=0)  # (hd/2,): each channel has one axis' value
+    angles = np.arange(length, dtype=np.float32)[:, None] * inv_freq[None, :]  # (length, hd/2), fp32 like torch
+    return np.cos(angles), np.sin(angles)
+
+
+def write_fast_decoder(folder: str | Path, cfg: ModelConfig | None = None) -> Path:
+    """Write `model-fast.onnx` beside an exported `model.onnx` (any precision); returns its path.
+
+    The file holds the graph only (a few hundred kB): its weights are references into
+    `model.onnx.data`. It is written to a temporary name and moved into place.
+    """
+    import json  # noqa: PLC0415
+
+    folder = Path(folder)
+    source_path = folder / gc.DECODER_FILE
+    if not source_path.is_file():
+        raise UserError(f"{source_path} is missing; run `qwen3vl-lab export` first")
+    if cfg is None:
+        genai = json.loads((folder / gc.GENAI_CONFIG).read_text(encoding="utf-8"))
+        cfg = ModelConfig.from_dict(genai["qwen3vl_lab"]["config"])
+    source = onnx.load(str(source_path), load_external_data=False)
+    model = build_fast_decoder(cfg, source)
+    out = folder / FAST_DECODER_FILE
+    tmp = folder / f".{FAST_DECODER_FILE}.tmp"
+    try:
+        onnx.save_model(model, str(tmp))
+        tmp.replace(out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {out} ({e.strerror}); make {folder} writable or re-export it") from None
+    return out

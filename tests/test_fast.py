@@ -1,0 +1,319 @@
+"""The fast path (export/decoder_fast.py + fast.py) computes what the teaching path and transformers compute.
+
+- identical tokens to the teaching loop (steps.py + cache.py), fp32 and INT4, whole and chunked prefill;
+- logits within 1e-4 of transformers' PyTorch Qwen3-VL at every step and identical greedy tokens, for
+  text prompts (tiny, tiny-deep) and an image prompt with DeepStack;
+- the KV buffers are allocated once and written in place (past and present are the same memory);
+- prefill computes the lm_head for the last position only, in both decoders;
+- `qwen3vl-lab bench` runs on the tiny model and prints its JSON keys (not a timed test).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from qwen3vl_lab.errors import UserError
+from qwen3vl_lab.export.decoder_fast import FAST_DECODER_FILE
+from qwen3vl_lab.export.exporter import export
+from qwen3vl_lab.fast import FastDecoder, FastTimings, fast_generate_tokens
+from qwen3vl_lab.generate import Prompt, generate_tokens, prepare_multimodal_prompt, prepare_prompt
+from qwen3vl_lab.model import load_model
+from qwen3vl_lab.pipeline import Qwen3VLPipeline, greedy
+from qwen3vl_lab.positions import Positions
+from qwen3vl_lab.steps import decode_step, prefill
+
+PROMPTS = ["Hello, who are you?", "你好，世界！🌍 naïve café"]
+N_NEW = 12
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fast") / "tiny"
+    export(tiny_dir, out, ["fp32", "int4"], progress=False, log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(onnx_dir, tiny_dir, tmp_path_factory):
+    """fp32, INT4 (builder recipe: accuracy_level 4) and INT4 with fp32 compute (accuracy_level 1)."""
+    from qwen3vl_lab.export.quantize import Int4Recipe
+
+    acc1 = tmp_path_factory.mktemp("fast") / "tiny-acc1"
+    export(tiny_dir, acc1, ["int4"], progress=False, log=lambda _: None, recipe=Int4Recipe(accuracy_level=1))
+    return {"fp32": load_model(onnx_dir, "fp32"), "int4": load_model(onnx_dir, "int4"),
+            "int4-acc1": load_model(acc1, "int4")}
+
+
+# -- the same tokens as the teaching path ---------------------------------------------------------
+@pytest.mark.parametrize("precision", ["fp32", "int4-acc1"])
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_fast_tokens_equal_teaching_tokens(models, precision, prompt):
+    model = models[precision]
+    p = prepare_prompt(model, prompt)
+    teaching = list(generate_tokens(model, p, greedy, 24, eos_token_ids=[]))
+    fast = list(fast_generate_tokens(model, p, greedy, 24, eos_token_ids=[]))
+    assert fast == teaching
+    assert len(set(fast)) > 1
+    chunked = list(generate_tokens(model, p, greedy, 24, eos_token_ids=[], fast=True, prefill_chunk=3))
+    assert chunked == teaching
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_fast_int4_accuracy_level_4_differs_only_at_near_ties(models, prompt):
+    """accuracy_level 4 rounds each activation block to int8, so the two graphs' last-ulp differences
+    (fused vs op-by-op RMSNorm) can move a logit by ~1e-2: tokens agree until a near-tie, never later."""
+    model = models["int4"]
+    p = prepare_prompt(model, prompt)
+    teaching = list(generate_tokens(model, p, greedy, 24, eos_token_ids=[]))
+    fast = list(fast_generate_tokens(model, p, greedy, 24, eos_token_ids=[]))
+    if fast == teaching:
+        return
+    k = next(i for i, (a, b) in enumerate(zip(fast, teaching)) if a != b)
+    step = prefill(model, p.inputs_embeds, p.positions)  # the teaching logits at the first difference
+    for tok in teaching[:k]:
+        step = decode_step(model, np.array([[tok]]), step.cache, p.positions.rope_deltas)
+    logits = step.logits[0]
+    assert logits.argmax() == teaching[k]
+    assert logits[teaching[k]] - logits[fast[k]] < 0.05, "the fast path left the teaching path at a clear choice"
+
+
+def test_fast_sampling_with_a_seed_equals_teaching(models):
+    from qwen3vl_lab.sampling import SamplingConfig, make_sampler
+
+    model = models["fp32"]
+    p = prepare_prompt(model, PROMPTS[0])
+    config = SamplingConfig(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.1, seed=7)
+    teaching = list(generate_tokens(model, p, make_sampler(config), 20, eos_token_ids=[]))
+    fast = list(fast_generate_tokens(model, p, make_sampler(config), 20, eos_token_ids=[]))
+    assert fast == teaching
+
+
+def test_fast_logits_equal_teaching_logits_and_cache(models):
+    """Step by step: same logits, and the shared buffers hold exactly the teaching cache's keys/values."""
+    model = models["fp32"]
+    p = prepare_prompt(model, PROMPTS[0])
+    step = prefill(model, p.inputs_embeds, p.positions)
+    dec = FastDecoder(model, batch_size=1, capacity=p.length + 8)
+    buffers = [k.__array_interface__["data"][0] for k in dec.keys + dec.values]
+    logits = dec.prefill(p.inputs_embeds, p.positions.position_ids)
+    assert np.abs(logits - step.logits).max() <= 1e-5
+    for _ in range(6):
+        token = int(step.logits[0].argmax())
+        step = decode_step(model, np.array([[token]]), step.cache, p.positions.rope_deltas)
+        logits = dec.decode(np.array([token]), p.positions.rope_deltas)
+        assert np.abs(logits - step.logits).max() <= 1e-5
+    assert [k.__array_interface__["data"][0] for k in dec.keys + dec.values] == buffers  # never reallocated
+    T = step.cache.length
+    assert dec.length == T
+    for i in range(model.config.text.num_hidden_layers):  # written in place by GroupQueryAttention
+        np.testing.assert_allclose(dec.keys[i][:, :, :T], step.cache.keys[i], atol=1e-5)
+        np.testing.assert_allclose(dec.values[i][:, :, :T], step.cache.values[i], atol=1e-5)
+        assert not dec.keys[i][:, :, T:].any()  # the rest of the buffer is untouched
+
+
+def test_batch_of_equal_prompts_gives_each_rows_tokens(models):
+    from qwen3vl_lab.fast import fast_generate_batch
+
+    model = models["int4"]
+    p = prepare_prompt(model, PROMPTS[0])
+    alone = list(fast_generate_tokens(model, p, greedy, 10, eos_token_ids=[]))
+    batch = Prompt(np.repeat(p.input_ids, 3, 0), np.repeat(p.inputs_embeds, 3, 0),
+                   Positions(np.repeat(p.positions.position_ids, 3, 1), np.repeat(p.positions.rope_deltas, 3, 0)))
+    rows = np.stack(list(fast_generate_batch(model, batch, greedy, 10, eos_token_ids=[])))  # (steps, B)
+    for b in range(3):
+        assert rows[:, b].tolist() == alone
+
+
+def test_left_padded_batches_are_refused(models):
+    model = models["fp32"]
+    p = prepare_prompt(model, PROMPTS[0])
+    mask = np.ones((1, p.length), np.int64)
+    mask[0, 0] = 0
+    padded = Prompt(p.input_ids, p.inputs_embeds, p.positions, None, mask)
+    with pytest.raises(UserError, match="left-padded"):
+        next(fast_generate_tokens(model, padded, greedy, 3))
+
+
+# -- prefill computes logits for one row ------------------------------------------------------------
+class RecordingSession:
+    """Wraps an InferenceSession and records the shape of every output it returns."""
+
+    def __init__(self, session):
+        self.session, self.shapes = session, []
+
+    def run(self, names, feeds):
+        out = self.session.run(names, feeds)
+        self.shapes.append({n: o.shape for n, o in zip(names, out)})
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def test_prefill_runs_the_lm_head_on_the_last_position_only(onnx_dir):
+    model = load_model(onnx_dir, "fp32")
+    assert "logits_to_keep" in model.decoder_inputs  # an optional input (initializer): fed by steps.prefill
+    model.decoder_session = RecordingSession(model.decoder)
+    p = prepare_prompt(model, PROMPTS[0])
+    V = model.config.text.vocab_size
+    step = prefill(model, p.inputs_embeds, p.positions)
+    assert model.decoder_session.shapes[-1]["logits"] == (1, 1, V)  # not (1, S, V)
+    assert step.logits.shape == (1, V)
+    prefill(model, p.inputs_embeds, p.positions, logits_to_keep=0)
+    assert model.decoder_session.shapes[-1]["logits"] == (1, p.length, V)
+    dec = FastDecoder(load_model(onnx_dir, "fp32", open_decoder=False), 1, p.length + 1)
+    assert dec.prefill(p.inputs_embeds, p.positions.position_ids).shape == (1, V)
+    assert dec.logits.shape == (1, 1, V)  # the bound output: a (1, S, V) result would be an error
+
+
+# -- the fast graph file ------------------------------------------------------------------------------
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_fast_graph_uses_fused_ops_and_reads_the_same_weights(onnx_dir, precision):
+    folder = onnx_dir / f"cpu-{precision}"
+    fast = onnx.load(str(folder / FAST_DECODER_FILE), load_external_data=False)
+    plain = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    ops = {n.op_type for n in fast.graph.node}
+    assert {"GroupQueryAttention", "MRotaryEmbedding", "SkipSimplifiedLayerNormalization",
+            "SimplifiedLayerNormalization"} <= ops
+    linear = "MatMulNBits" if precision == "int4" else "MatMul"
+    assert sum(n.op_type == linear for n in fast.graph.node) == sum(n.op_type == linear and
+                                                                    n.input[1] in {t.name for t in plain.graph.initializer}
+                                                                    for n in plain.graph.node)
+    external = [t for t in fast.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and all({e.key: e.value for e in t.external_data}["location"] == "model.onnx.data"
+                            for t in external)
+    plain_refs = {t.name: [(e.key, e.value) for e in t.external_data] for t in plain.graph.initializer}
+    assert all(plain_refs[t.name] == [(e.key, e.value) for e in t.external_data] for t in external)
+    assert (folder / FAST_DECODER_FILE).stat().st_size < 200_000  # the graph only
+
+
+def test_missing_fast_graph_is_written_on_first_use(onnx_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(onnx_dir / "cpu-int4", copy)
+    (copy / FAST_DECODER_FILE).unlink()
+    model = load_model(copy, "int4", open_decoder=False)
+    p = prepare_prompt(model, PROMPTS[0])
+    assert len(list(fast_generate_tokens(model, p, greedy, 3, eos_token_ids=[]))) == 3
+    assert (copy / FAST_DECODER_FILE).is_file() and model.decoder_session is None
+
+
+def test_pipeline_fast_flag(onnx_dir):
+    fast = Qwen3VLPipeline(onnx_dir, "int4", fast=True)
+    slow = Qwen3VLPipeline(onnx_dir, "int4")
+    kw = dict(max_new_tokens=15, temperature=0.0)
+    assert fast.generate(PROMPTS[0], **kw) == slow.generate(PROMPTS[0], **kw)
+    assert fast.model.decoder_session is None  # the teaching decoder was never loaded
+
+
+# -- parity with transformers -------------------------------------------------------------------------
+def fast_teacher_forced(model, prompt: Prompt, forced: np.ndarray) -> np.ndarray:
+    """(len(forced), V): the fast decoder's logits that chose each of transformers' tokens."""
+    dec = FastDecoder(model, 1, prompt.length + len(forced))
+    logits = [dec.prefill(prompt.inputs_embeds, prompt.positions.position_ids, prompt.deepstack)[0].copy()]
+    for tok in forced[:-1]:
+        logits.append(dec.decode(np.array([tok]), prompt.positions.rope_deltas)[0].copy())
+    return np.stack(logits)
+
+
+def hf_greedy(hf, ids: np.ndarray, n_new: int, **kw):
+    torch = pytest.importorskip("torch")
+    with torch.no_grad():
+        hf.model.rope_deltas = None
+        out = hf.generate(torch.tensor(ids), max_new_tokens=n_new, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True, eos_token_id=None, pad_token_id=151643, **kw)
+        hf.model.rope_deltas = None
+    return out.sequences[0, ids.shape[1]:].numpy(), np.stack([l[0].numpy() for l in out.logits])
+
+
+@pytest.fixture(scope="module")
+def tiny_deep_fp32(tiny_deep_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fast") / "tiny-deep"
+    export(tiny_deep_dir, out, progress=False, log=lambda _: None)
+    return load_model(out, open_decoder=False)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-deep"])
+def test_fast_text_parity_with_transformers(preset, models, tiny_deep_fp32, tiny_dir, tiny_deep_dir,
+                                            hf_model_factory):
+    pytest.importorskip("torch")
+    model = models["fp32"] if preset == "tiny" else tiny_deep_fp32
+    hf = hf_model_factory(tiny_dir if preset == "tiny" else tiny_deep_dir)
+    for text in PROMPTS:
+        p = prepare_prompt(model, text)
+        ref_tokens, ref_logits = hf_greedy(hf, p.input_ids, N_NEW)
+        ours = fast_teacher_forced(model, p, ref_tokens)
+        assert np.abs(ours - ref_logits).max() <= TOL
+        assert list(fast_generate_tokens(model, p, greedy, N_NEW, eos_token_ids=[])) == ref_tokens.tolist()
+
+
+def test_fast_image_parity_with_transformers_incl_deepstack(models, tiny_dir, hf_model_factory):
+    torch = pytest.importorskip("torch")
+    from matplotlib import cbook
+
+    from qwen3vl_lab.positions import mm_token_type_ids
+
+    model, hf = models["fp32"], hf_model_factory(tiny_dir)
+    photo = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    p = prepare_multimodal_prompt(model, "Describe what you see.", images=[photo], image_size=256)
+    assert p.deepstack is not None and p.positions.rope_deltas[0, 0] < 0
+    from qwen3vl_lab.generate import preprocess_visuals
+
+    visuals = preprocess_visuals(model, [photo], None, 256)
+    kw = dict(pixel_values=torch.tensor(visuals.pixel_values), image_grid_thw=torch.tensor(visuals.image_grid_thw),
+              mm_token_type_ids=torch.tensor(mm_token_type_ids(p.input_ids)))
+    ref_tokens, ref_logits = hf_greedy(hf, p.input_ids, N_NEW, **kw)
+    ours = fast_teacher_forced(model, p, ref_tokens)
+    assert np.abs(ours - ref_logits).max() <= TOL
+    assert list(fast_generate_tokens(model, p, greedy, N_NEW, eos_token_ids=[])) == ref_tokens.tolist()
+    without = Prompt(p.input_ids, p.inputs_embeds, p.positions, None)  # DeepStack dropped: far off
+    assert np.abs(fast_teacher_forced(model, without, ref_tokens[:1]) - ref_logits[:1]).max() > 100 * TOL
+
+
+# -- the bench command (figures are printed, never asserted) -------------------------------------------
+def test_bench_command_prints_json(onnx_dir):
+    out = subprocess.run([sys.executable, "-m", "qwen3vl_lab", "bench", "--model_dir", str(onnx_dir),
+                          "--text_precision", "int4", "--prompt_tokens", "16", "--new_tokens", "8", "--runs", "1",
+                          "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("decode_tok_s", "prefill_tok_s", "floor_fraction", "bandwidth_gb_s", "weight_bytes",
+                "peak_rss_bytes", "overhead_ms_per_token"):
+        assert key in result
+    assert result["decode_tok_s"] > 0 and result["weight_bytes"] > 0
+    assert "decode" in out.stdout and "bandwidth" in out.stdout
+
+
+@pytest.mark.parametrize("engine,precision", [("torch", "fp32"), ("genai", "int4")])
+def test_bench_against_another_engine_prints_the_ratio(onnx_dir, tiny_dir, tmp_path, engine, precision):
+    pytest.importorskip("torch" if engine == "torch" else "onnxruntime_genai")
+    out = subprocess.run([sys.executable, "-m", "qwen3vl_lab", "bench", "--model_dir", str(onnx_dir),
+                          "--text_precision", precision, "--prompt_tokens", "8", "--new_tokens", "4", "--runs", "1",
+                          "--threads", "1", "--image_size", "0", "--vs", engine, "--hf_dir", str(tiny_dir),
+                          "--genai_dir", str(tmp_path / "genai"), "--json"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result[f"{engine}_decode_tok_s"] > 0 and result["ratio"] > 0
+    assert f"vs {engine}" in out.stdout
+    if engine == "genai":  # its builder's export of the same checkpoint, with our INT4 recipe
+        graph = onnx.load(str(tmp_path / "genai" / "model.onnx"), load_external_data=False)
+        nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+        attrs = {(a.name, onnx.helper.get_attribute_value(a)) for a in nbits[0].attribute}
+        assert {("bits", 4), ("block_size", 32), ("accuracy_level", 4)} <= attrs
+
+
+def test_bench_rejects_bad_input(onnx_dir, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "qwen3vl_lab", "bench", "--model_dir", str(onnx_dir),
+                          "--runs", "0"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--runs" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "qwen3vl_lab", "bench", "--model_dir", str(onnx_dir),
+                          "--vs", "genai"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--hf_dir" in out.stderr and "Traceback" not in out.stderr
