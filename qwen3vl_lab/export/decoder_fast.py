@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from ..config import ModelConfig, TextConfig
 from ..errors import UserError
@@ -50,8 +50,8 @@ QUANT_SUFFIX = re.compile(r"_(Q\d+(G\d+)?|scales?|zp|zero_points)$")
 class SourceDecoder:
     """An exported `model.onnx` read without its weights: which node computes each linear layer."""
 
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
+    def __init__(self, model: onnx.ModelProto, folder: Path | None = None):
+        self.model, self.folder = model, folder
         self.initializers = {t.name: t for t in model.graph.initializer}
         self.linear: dict[str, onnx.NodeProto] = {}
         for node in model.graph.node:
@@ -73,13 +73,34 @@ class SourceDecoder:
                             "`qwen3vl-lab export`")
         return self.initializers[name]
 
+    def array(self, name: str) -> np.ndarray:
+        """One initializer's values (only its bytes are read from the source's data file)."""
+        t = self.tensor(name)
+        if t.data_location != TensorProto.EXTERNAL:
+            return numpy_helper.to_array(t)
+        info = {e.key: e.value for e in t.external_data}
+        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+        count = int(np.prod(t.dims)) if t.dims else 1
+        with open(Path(self.folder) / info["location"], "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            return np.fromfile(f, dtype=dtype, count=count).reshape(tuple(t.dims))
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
 
 class FastGraph(GraphBuilder):
-    """GraphBuilder whose weights are shared with the source decoder (external-data references)."""
+    """GraphBuilder whose weights are shared with the source decoder (external-data references).
 
-    def __init__(self, source: SourceDecoder):
-        super().__init__("qwen3vl_text_decoder_fast")
-        self.source = source
+    With `fuse`, linear layers that read the same input (q/k/v, gate/up) become one node over their
+    weights concatenated along N (MatMul: (K, N) columns; MatMulNBits: its N-major packed blocks,
+    scales and zero points: the same quantized bytes, so the same numbers); those weights are
+    written to this graph's own data file."""
+
+    def __init__(self, source: SourceDecoder, data_path: Path | None = None, fuse: bool = False):
+        super().__init__("qwen3vl_text_decoder_fast", data_path)
+        self.source, self.fuse = source, fuse
         self._shared: set[str] = set()
 
     def shared(self, name: str) -> str:
@@ -95,8 +116,37 @@ class FastGraph(GraphBuilder):
         for name in src.input[1:]:
             if name:
                 self.shared(name)
-        attrs = {a.name: helper.get_attribute_value(a) for a in src.attribute}
-        return self.op(src.op_type, [x, *src.input[1:]], out=out, domain=src.domain, **attrs)
+        return self.op(src.op_type, [x, *src.input[1:]], out=out, domain=src.domain, **_attrs(src))
+
+    def linears(self, x: str, weights: list[str]) -> list[str]:
+        """x @ W for several weights: one fused node + Split when `fuse` and their nodes agree, else one each."""
+        nodes = [self.source.node_for(w) for w in weights]
+        if not self.fuse or not _fusable(nodes):
+            return [self.linear(x, w) for w in weights]
+        first, attrs = nodes[0], _attrs(nodes[0])
+        if first.op_type == "MatMul":
+            parts = [self.source.array(n.input[1]) for n in nodes]  # (K, N_i)
+            sizes = [p.shape[1] for p in parts]
+            inputs = [self.weight(f"{weights[0]}+fused", np.concatenate(parts, axis=1))]  # (K, sum N_i)
+        else:  # MatMulNBits: every quantized input is N-major
+            sizes = [_attrs(n)["N"] for n in nodes]
+            attrs["N"] = sum(sizes)
+            inputs = [self.weight(f"{first.input[j]}+fused", np.concatenate([self.source.array(n.input[j])
+                                                                             for n in nodes], axis=0))
+                      for j in range(1, len(first.input))]
+        out = self.op(first.op_type, [x, *inputs], domain=first.domain, **attrs)
+        return self.op("Split", [out, self.const(sizes, np.int64)], n_out=len(nodes), axis=-1)
+
+
+def _fusable(nodes: list[onnx.NodeProto]) -> bool:
+    """Same op, same inputs count, same attributes except N, and a plain layout we know how to concatenate."""
+    first = nodes[0]
+    if first.op_type not in ("MatMul", "MatMulNBits") or any(n.op_type != first.op_type for n in nodes):
+        return False
+    if first.op_type == "MatMulNBits" and len(first.input) > 4:  # g_idx / bias: leave them alone
+        return False
+    strip = lambda n: {k: v for k, v in _attrs(n).items() if k != "N"}  # noqa: E731
+    return all(len(n.input) == len(first.input) and strip(n) == strip(first) for n in nodes)
 
 
 def rms_norm(g: FastGraph, x: str, weight: str, eps: float) -> str:
@@ -128,9 +178,7 @@ def attention(g: FastGraph, h: str, i: int, cfg: TextConfig) -> str:
     """q/k/v projections, q/k-norm, MRoPE, then GroupQueryAttention on the shared KV buffers."""
     nh, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     p = f"{PREFIX}.layers.{i}.self_attn"
-    q = g.linear(h, f"{p}.q_proj.weight")  # (B, S, nh*hd)
-    k = g.linear(h, f"{p}.k_proj.weight")  # (B, S, kv*hd)
-    v = g.linear(h, f"{p}.v_proj.weight")  # (B, S, kv*hd)
+    q, k, v = g.linears(h, [f"{p}.{n}_proj.weight" for n in "qkv"])  # (B, S, nh*hd), 2 x (B, S, kv*hd)
     q = mrope(g, head_norm(g, q, f"{p}.q_norm.weight", nh, cfg), nh, cfg)
     k = mrope(g, head_norm(g, k, f"{p}.k_norm.weight", kv, cfg), kv, cfg)
     ctx, _, _ = g.op("GroupQueryAttention",
@@ -144,14 +192,20 @@ def attention(g: FastGraph, h: str, i: int, cfg: TextConfig) -> str:
 def mlp(g: FastGraph, h: str, i: int) -> str:
     """down(silu(gate(h)) * up(h)); QuickGelu with alpha 1 is x * sigmoid(x) = SiLU."""
     p = f"{PREFIX}.layers.{i}.mlp"
-    gate = g.op("QuickGelu", [g.linear(h, f"{p}.gate_proj.weight")], domain=MS_DOMAIN, alpha=1.0)
-    return g.linear(g.op("Mul", [gate, g.linear(h, f"{p}.up_proj.weight")]), f"{p}.down_proj.weight")
+    gate, up = g.linears(h, [f"{p}.gate_proj.weight", f"{p}.up_proj.weight"])  # (B, S, I) each
+    act = g.op("QuickGelu", [gate], domain=MS_DOMAIN, alpha=1.0)
+    return g.linear(g.op("Mul", [act, up]), f"{p}.down_proj.weight")
 
 
-def build_fast_decoder(cfg: ModelConfig, source: onnx.ModelProto) -> onnx.ModelProto:
-    """The fused decoder graph over `source`'s weights (source loaded with load_external_data=False)."""
+def build_fast_decoder(cfg: ModelConfig, source: onnx.ModelProto, folder: Path | None = None,
+                       fuse: bool = False, data_dir: Path | None = None) -> onnx.ModelProto:
+    """The fused decoder graph over `source`'s weights (source loaded with load_external_data=False).
+
+    fuse=True also concatenates q/k/v and gate/up weights (read from `folder`, written to
+    model-fast.onnx.data there): fewer, larger kernels, at the cost of a second copy of those weights."""
     text = cfg.text
-    g = FastGraph(SourceDecoder(source))
+    data = Path(data_dir or folder) / (FAST_DECODER_FILE + ".data") if fuse and folder is not None else None
+    g = FastGraph(SourceDecoder(source, folder), data, fuse=fuse)
     B, S, C = "batch_size", "sequence_length", "kv_capacity"
     x = g.input("inputs_embeds", FLOAT, [B, S, text.hidden_size])
     g.input("position_ids", INT64, [3, B, S])
@@ -204,13 +258,16 @@ def rope_cache(text: TextConfig, length: int) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(angles), np.sin(angles)
 
 
-def write_fast_decoder(folder: str | Path, cfg: ModelConfig | None = None) -> Path:
+def write_fast_decoder(folder: str | Path, cfg: ModelConfig | None = None, fuse: bool = False) -> Path:
     """Write `model-fast.onnx` beside an exported `model.onnx` (any precision); returns its path.
 
-    The file holds the graph only (a few hundred kB): its weights are references into
-    `model.onnx.data`. It is written to a temporary name and moved into place.
+    Unfused, the file holds the graph only (a few hundred kB): its weights are references into
+    `model.onnx.data`. fuse=True adds `model-fast.onnx.data` with the concatenated q/k/v and gate/up
+    weights. Everything is written in a staging folder and moved into place, the graph last.
     """
     import json  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
 
     folder = Path(folder)
     source_path = folder / gc.DECODER_FILE
@@ -220,13 +277,21 @@ def write_fast_decoder(folder: str | Path, cfg: ModelConfig | None = None) -> Pa
         genai = json.loads((folder / gc.GENAI_CONFIG).read_text(encoding="utf-8"))
         cfg = ModelConfig.from_dict(genai["qwen3vl_lab"]["config"])
     source = onnx.load(str(source_path), load_external_data=False)
-    model = build_fast_decoder(cfg, source)
-    out = folder / FAST_DECODER_FILE
-    tmp = folder / f".{FAST_DECODER_FILE}.tmp"
+    out, data = folder / FAST_DECODER_FILE, folder / (FAST_DECODER_FILE + ".data")
     try:
-        onnx.save_model(model, str(tmp))
-        tmp.replace(out)
+        staging = Path(tempfile.mkdtemp(prefix=".fast-", dir=folder))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write into {folder} ({e.strerror}); make it writable or re-export it") from None
+    try:
+        model = build_fast_decoder(cfg, source, folder, fuse=fuse, data_dir=staging)
+        onnx.save_model(model, str(staging / FAST_DECODER_FILE))
+        if (staging / data.name).is_file():
+            (staging / data.name).replace(data)
+        else:
+            data.unlink(missing_ok=True)
+        (staging / FAST_DECODER_FILE).replace(out)
+    except OSError as e:
         raise UserError(f"cannot write {out} ({e.strerror}); make {folder} writable or re-export it") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -157,16 +157,26 @@ def make_quantizer(model: onnx.ModelProto, recipe: Int4Recipe, bits: int, node_n
     return mq.MatMulNBitsQuantizer(model, algo_config=algo, **common)
 
 
-def one_matmul_model(node: onnx.NodeProto, weight: np.ndarray) -> onnx.ModelProto:
-    """The MatMul `node` alone, with its weight (K, N) as the only initializer (same names as in the decoder)."""
-    k, n = weight.shape
+def one_matmul_model(node: onnx.NodeProto, weight: np.ndarray | None = None, *, raw: bytes | None = None,
+                     dims: tuple[int, int] | None = None) -> onnx.ModelProto:
+    """The MatMul `node` alone, with its weight (K, N) as the only initializer (same names as in the decoder).
+
+    Pass the weight as an array, or as float32 `raw` bytes with `dims` (what `read_raw` returns: the
+    bytes go into the model's one tensor without any numpy copy)."""
+    if weight is not None:
+        weight = np.ascontiguousarray(weight, np.float32)
+        raw, dims = weight.tobytes(), weight.shape
+    k, n = (int(d) for d in dims)
     graph = helper.make_graph(
         [helper.make_node("MatMul", list(node.input), list(node.output), name=node.name)], "one_matmul",
         [helper.make_tensor_value_info(node.input[0], TensorProto.FLOAT, ["M", k])],
-        [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, ["M", n])],
-        [numpy_helper.from_array(weight, node.input[1])])
+        [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, ["M", n])], [])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
+    t = model.graph.initializer.add()  # filled in place: make_model / append would copy the weight again
+    t.name, t.data_type = node.input[1], TensorProto.FLOAT
+    t.dims.extend([k, n])
+    t.raw_data = raw
     return model
 
 
@@ -209,7 +219,9 @@ def quantize_one_matmul(node: onnx.NodeProto, model: onnx.ModelProto, recipe: In
         raise UserError(f"onnxruntime's quantizer failed on {node.name} (K={k}, N={n}, {recipe.name}): "
                         f"{str(e).splitlines()[0][:160]}; try another --block_size or --algorithm") from None
     result = q.model.model if hasattr(q.model, "model") else q.model
-    nodes = list(result.graph.node)
+    # copies: a protobuf sub-message keeps its whole parent alive (upb arenas), and the parent here
+    # still holds the fp32 weight; keeping the original node objects would pin every weight in memory
+    nodes = [_detached(x) for x in result.graph.node]
     kinds = [x.op_type for x in nodes]
     if "MatMulNBits" not in kinds:
         raise RuntimeError(f"onnxruntime's quantizer left {node.name} unquantized (nodes {kinds})")
@@ -217,7 +229,14 @@ def quantize_one_matmul(node: onnx.NodeProto, model: onnx.ModelProto, recipe: In
         if x.op_type == "MatMulNBits":
             set_accuracy_level(x, recipe.accuracy_level)
     used = {i for x in nodes for i in x.input}
-    return nodes, [t for t in result.graph.initializer if t.name in used]
+    return nodes, [_detached(t) for t in result.graph.initializer if t.name in used]
+
+
+def _detached(message):
+    """A copy of a protobuf message that owns its memory (does not pin the message it came from)."""
+    copy = type(message)()
+    copy.CopyFrom(message)
+    return copy
 
 
 # -- streaming the graph -------------------------------------------------------------------------
@@ -337,7 +356,10 @@ def quantize_decoder(src_folder: Path, dst_folder: Path, recipe: Int4Recipe, pro
                     new_nodes.append(node)
                     continue
                 # the fp32 weight (K, N) lives only inside the one-node model: one matrix in memory at a time
-                one = one_matmul_model(node, read_array(inits[targets[node.name]], src_folder))
+                if inits[targets[node.name]].data_type != TensorProto.FLOAT:
+                    raise UserError(f"{targets[node.name]} is not float32; quantize the fp32 export")
+                w = inits[targets[node.name]]
+                one = one_matmul_model(node, raw=read_raw(w, src_folder), dims=tuple(w.dims))
                 q_nodes, q_inits = quantize_one_matmul(node, one, recipe, bits)
                 del one
                 records.append(_node_record(q_nodes, targets[node.name], q_inits))

@@ -26,7 +26,6 @@ This is the one module of qwen3vl_lab that imports torch (the `train` extra).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import shapes
-from ..config import ENDOFTEXT_TOKEN_ID, IM_END_TOKEN_ID, IMAGE_TOKEN_ID
+from ..config import ENDOFTEXT_TOKEN_ID, IM_END_TOKEN_ID
 from ..errors import UserError
 from ..image import ImageProcessorConfig, preprocess
 from ..positions import mm_token_type_ids
@@ -342,7 +341,8 @@ def training_markdown(record: dict) -> str:
         "real tokenizer, 151936-row vocabulary) trained from scratch on the synthetic shapes task",
         "(`qwen3vl_lab/shapes.py`: 96x96 images, 9 image tokens, one per 3x3 cell).",
         "",
-        "Retrain (about 20 minutes on 2 CPU cores; `pip install -e .[train]`):",
+        "Retrain (`pip install -e .[train]`; deterministic data, about 20 minutes on 2 idle CPU cores;",
+        "this run's own time on a shared machine is under Recipe):",
         "",
         f"    qwen3vl-lab train-shapes --output_dir runs/shapes --seed {cfg['seed']} --steps {cfg['steps']} --ship",
         "",
