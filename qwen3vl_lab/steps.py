@@ -144,7 +144,7 @@ def run_decoder(model: Model, inputs_embeds: np.ndarray, position_ids: np.ndarra
     n = model.config.text.num_hidden_layers
     keys = [out[f"present.{i}.key"] for i in range(n)]
     values = [out[f"present.{i}.value"] for i in range(n)]
-    attentions = [out[f"attentions.{i}"] for i in range(n)] if f"attentions.0" in out else None
+    attentions = [out[f"attentions.{i}"] for i in range(n)] if "attentions.0" in out else None
     logits = out["logits"]
     if logits_to_keep == 1:
         logits = logits[:, -1]  # (B, V)

@@ -18,7 +18,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from qwen3vl_lab.cli import main  # noqa: E402
 from qwen3vl_lab.errors import UserError  # noqa: E402
 from qwen3vl_lab.export.exporter import export  # noqa: E402
 from qwen3vl_lab.generate import (batch_steps, generate_batch, generate_tokens, pad_prompts,  # noqa: E402
@@ -29,6 +28,7 @@ from qwen3vl_lab.positions import mm_token_type_ids  # noqa: E402
 from qwen3vl_lab.sampling import SamplingConfig, make_sampler  # noqa: E402
 from qwen3vl_lab.steps import (build_positions, decode_step, deepstack_embeds, embed, encode_image,  # noqa: E402
                                merge_vision, prefill)
+from helpers import grace_hopper, run_cli as run
 
 TOL = 1e-4
 N_NEW = 8
@@ -41,13 +41,6 @@ def report_max_diffs():
     yield
     for k, v in sorted(MAX_DIFFS.items()):
         print(f"\n{k:34s} max |logit diff| {v:.2e}", end="")
-
-
-def grace_hopper() -> str:
-    from matplotlib import cbook
-
-    return cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
-
 
 def noise(h: int, w: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -207,15 +200,6 @@ def test_pipeline_runs_a_list_of_prompts_in_batches(onnx_dir):
 
 
 # -- CLI ----------------------------------------------------------------------------------------
-def run(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_prompts_file_writes_jsonl_in_input_order(onnx_dir, tmp_path, capsys):
     from PIL import Image
 

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from qwen3vl_lab.cli import main
 from qwen3vl_lab.export.exporter import export
+from helpers import assert_one_line_error, run_cli as run
 
 
 @pytest.fixture(scope="module")
@@ -19,27 +19,6 @@ def onnx_dir(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "tiny-onnx"
     export(tiny_dir, out, progress=False, log=lambda _: None)
     return out
-
-
-def run(capsys, *argv):
-    """main() in-process -> (exit code, stdout, stderr); argparse's SystemExit is caught too."""
-    try:
-        code = main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("qwen3vl-lab: error:")
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], lines[0]
-
 
 def gen(onnx_dir, *extra):
     return ("generate", "--model_dir", str(onnx_dir), "--prompt", "Hello", "--max_new_tokens", "4", *extra)

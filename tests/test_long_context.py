@@ -21,7 +21,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from qwen3vl_lab.cache import bytes_per_token  # noqa: E402
-from qwen3vl_lab.cli import main  # noqa: E402
 from qwen3vl_lab.errors import UserError  # noqa: E402
 from qwen3vl_lab.export.exporter import export  # noqa: E402
 from qwen3vl_lab.export.genai_config import GENAI_CONFIG  # noqa: E402
@@ -30,6 +29,7 @@ from qwen3vl_lab.generate import (ContextOverflow, generate_batch, generate_toke
 from qwen3vl_lab.model import load_model  # noqa: E402
 from qwen3vl_lab.pipeline import Qwen3VLPipeline, greedy  # noqa: E402
 from qwen3vl_lab.steps import decode_step, prefill, prefill_chunked  # noqa: E402
+from helpers import grace_hopper, run_cli as run
 
 TOL = 1e-4
 CHUNK_TOL = 1e-5
@@ -41,13 +41,6 @@ def report_max_diffs():
     yield
     for k, v in sorted(MAX_DIFFS.items()):
         print(f"\n{k:34s} max |logit diff| {v:.2e}", end="")
-
-
-def grace_hopper() -> str:
-    from matplotlib import cbook
-
-    return cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
-
 
 @pytest.fixture(scope="module")
 def onnx_dir(tiny_dir, tmp_path_factory):
@@ -217,16 +210,6 @@ def test_context_limit_comes_from_the_config(small_dir):
     assert len(list(generate_tokens(model, prompt, greedy, 20, eos_token_ids=[]))) == 4  # stops at the context end
     short = prepare_ids(model, random_ids(20))
     assert [len(t) for t in generate_batch(model, [prompt, short], greedy, 20, eos_token_ids=[])] == [4, 20]
-
-
-def run(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
 
 def test_interactive_drops_the_oldest_turns(small_dir, tmp_path, monkeypatch, capsys):
     import qwen3vl_lab.pipeline as pipeline

@@ -26,6 +26,7 @@ from qwen3vl_lab.positions import mm_token_type_ids  # noqa: E402
 from qwen3vl_lab.steps import (build_positions, decode_step, deepstack_embeds, embed, encode_image,  # noqa: E402
                                merge_vision, prefill, tokenize)
 from qwen3vl_lab.video import patchify_video, video_smart_resize  # noqa: E402
+from helpers import grace_hopper
 
 TOL = 1e-4
 N_NEW = 10
@@ -38,13 +39,6 @@ def report_max_diffs():
     yield
     for k, v in sorted(MAX_DIFFS.items()):
         print(f"\n{k:28s} max |logit diff| {v:.2e}", end="")
-
-
-def grace_hopper() -> str:
-    from matplotlib import cbook
-
-    return cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)  # a real 512x600 photo, offline
-
 
 def noise_image(h: int, w: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)

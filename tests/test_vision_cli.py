@@ -17,17 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwen3vl_lab.cli import main
 from qwen3vl_lab.errors import UserError
 from qwen3vl_lab.export.exporter import export
 from qwen3vl_lab.export.genai_config import GENAI_CONFIG, VISION_FILE
-
-
-def grace_hopper() -> str:
-    from matplotlib import cbook
-
-    return cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
-
+from helpers import assert_one_line_error, grace_hopper, run_cli as run
 
 @pytest.fixture(scope="module")
 def onnx_dir(tiny_dir, tmp_path_factory) -> Path:
@@ -70,29 +63,9 @@ def small_context_dir(onnx_dir, tmp_path_factory) -> Path:
 
     return linked_copy(onnx_dir, tmp_path_factory.mktemp("small") / "m", edit_config=shrink)
 
-
-def run(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as e:  # argparse's own errors (bad option values) exit from inside parse_args
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def gen(model_dir, *extra):
     return ["generate", "--model_dir", str(model_dir), "--prompt", "Describe it.", "--max_new_tokens", "3",
             "--temperature", "0", *extra]
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err and lines[0].startswith("qwen3vl-lab: error: ")
-    for n in needles:
-        assert n in lines[0], lines[0]
-
 
 # -- files of every kind -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
