@@ -17,7 +17,6 @@ interrupted export leaves OUT as it was.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import Checkpoint
 from ..config import ModelConfig, load_hf_config
 from ..errors import UserError
+from ..files import replace_folder
 from ..tokenizer import shipped_tokenizer_dir
 from . import genai_config as gc
 from .decoder import PREFIX, build_decoder, build_embedding, lm_head_weight
@@ -104,17 +104,6 @@ def has_vision(ckpt: Checkpoint) -> bool:
     return "model.visual.patch_embed.proj.weight" in ckpt
 
 
-def _move_into_place(staged: Path, final: Path) -> None:
-    """Replace `final` by `staged` (a folder), keeping the old one until the new one is in place."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-    staged.rename(final)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def export(hf_dir: str | Path, output_dir: str | Path, precisions: Sequence[str] = ("fp32",), *,
            with_attentions: bool = False, progress: bool = True, recipe: Int4Recipe | None = None,
            log: Callable[[str], None] = print) -> Path:
@@ -150,7 +139,7 @@ def export(hf_dir: str | Path, output_dir: str | Path, precisions: Sequence[str]
                 shutil.rmtree(fp32_dir)
         copy_pytorch_files(hf_dir, staging / "pytorch")
         for part in sorted(staging.iterdir()):
-            _move_into_place(part, out / part.name)
+            replace_folder(part, out / part.name)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if created:

@@ -37,6 +37,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import UserError
+from ..files import replace_folder
 from . import genai_config as gc
 from .onnx_graph import ALIGN, INLINE_LIMIT, MS_DOMAIN
 
@@ -413,16 +414,6 @@ def _link_or_copy(src: Path, dst: Path, link: bool) -> None:
     shutil.copy2(src, dst)
 
 
-def _replace_folder(staged: Path, final: Path) -> None:
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-    staged.rename(final)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def _folder_bytes(folder: Path, names) -> int:
     return sum((folder / n).stat().st_size for n in names if (folder / n).is_file())
 
@@ -467,7 +458,7 @@ def quantize_folder(fp32_folder: str | Path, out_folder: str | Path, recipe: Int
         (staging / QUANTIZATION_FILE).write_text(json.dumps(quantization_record(
             recipe, nodes, seconds, _folder_bytes(src, decoder_files), _folder_bytes(staging, decoder_files)),
             indent=2) + "\n", encoding="utf-8")
-        _replace_folder(staging, out)
+        replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -35,6 +35,7 @@ import numpy as np
 from ..checkpoint import SAVE_DTYPES, Checkpoint, LazyTensor, save_checkpoint_weights
 from ..config import ENDOFTEXT_TOKEN_ID, IM_END_TOKEN_ID, ModelConfig, parse_hf_config
 from ..errors import UserError
+from ..files import replace_folder
 
 CONFIG_STYLES = ("v5", "legacy")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "chat_template.json", "PROVENANCE.md")
@@ -390,17 +391,6 @@ def _write_trained_folder(folder: Path, dtype: str | None, config_style: str, ti
     _write_json(folder / "config.json", config)
 
 
-def _move_into_place(tmp: Path, output_dir: Path) -> None:
-    """Rename the finished temporary folder to `output_dir`, replacing an existing one last."""
-    if not output_dir.exists():
-        os.replace(tmp, output_dir)
-        return
-    old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-    os.replace(output_dir, old)
-    os.replace(tmp, output_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def make_tiny(
     output_dir: str | Path,
     seed: int = 0,
@@ -440,7 +430,7 @@ def make_tiny(
         else:
             _write_folder(tmp, preset, int(seed), dtype or _preset(preset).dtype, config_style,
                           tie_word_embeddings, max_shard_bytes)
-        _move_into_place(tmp, output_dir)
+        replace_folder(tmp, output_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
