@@ -542,6 +542,8 @@ def add_bench(sub) -> None:
                    help="where onnxruntime-genai's export lives / is built (default MODEL_DIR/genai-cpu-PRECISION)")
     p.add_argument("--threads", type=threads_t, default=None, help="intra-op threads for every engine (default: cores)")
     p.add_argument("--image_size", type=bench_image_t, default=448, help="vision timing image, N x N (0 skips)")
+    p.add_argument("--spinning", action="store_true",
+                   help="let our onnxruntime threads spin between ops (onnxruntime's default; ours is off)")
     p.add_argument("--json", action="store_true", help="print all figures as one JSON object (last line)")
     p.set_defaults(run=run_bench)
 
@@ -551,7 +553,7 @@ def run_bench(a) -> int:
 
     cfg = BenchConfig(model_dir=a.model_dir, precision=a.text_precision, prompt_tokens=a.prompt_tokens,
                       new_tokens=a.new_tokens, runs=a.runs, batch_size=a.batch_size, vs=a.vs, hf_dir=a.hf_dir,
-                      genai_dir=a.genai_dir, threads=a.threads, image_size=a.image_size)
+                      genai_dir=a.genai_dir, threads=a.threads, image_size=a.image_size, spinning=a.spinning)
     result = bench(cfg)
     if a.json:
         print(json.dumps(result))

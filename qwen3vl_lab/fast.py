@@ -11,8 +11,9 @@ What makes it fast (ONNX_ANCHORS.md §1.8, §7, §8.3):
   bound both as `past_key_values.*` and as `present.*`: GroupQueryAttention writes each new position in
   place, so no step reallocates or copies the cache;
 - every decode input (embedding, positions, seqlens_k, total length, zero DeepStack) and the logits
-  output are numpy arrays bound once and overwritten in place; the embedding lookup writes straight
-  into the decoder's input. A decode step is two `run_with_iobinding` calls and a few tiny writes;
+  output are numpy arrays bound once and overwritten in place; the embedding row is copied from a
+  memory map of the exported table straight into the decoder's input. A decode step is one
+  `run_with_iobinding` call and a few tiny writes;
 - prefill keeps the logits of the last position only (`logits_to_keep` 1: the lm_head runs on one row).
 
 The teaching path (steps.py + cache.py: a growing, inspectable cache) computes the same tokens.
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from .errors import UserError
@@ -42,7 +44,27 @@ class FastTimings:
 
     prefill: float = 0.0  # the prefill call, prompt embeddings in -> first logits out
     decode: list[float] = field(default_factory=list)  # per decode step: embed + decoder + sampling + bookkeeping
-    decoder_run: list[float] = field(default_factory=list)  # per decode step: inside the two onnxruntime runs
+    decoder_run: list[float] = field(default_factory=list)  # per decode step: embedding row + onnxruntime run
+
+
+def embedding_table(model: Model) -> np.ndarray | None:
+    """The embedding table (V, H) as a read-only memory map of the exported file, or None.
+
+    The embedding graph is one Gather from this table; reading the rows in numpy saves a session
+    run (and its thread pool waking next to the decoder's) per decode step. Only the rows looked up
+    are ever read from disk. None when the graph is anything else (the session is used then)."""
+    from .export.genai_config import EMBEDDING_FILE  # noqa: PLC0415
+
+    graph = onnx.load(str(model.folder / EMBEDDING_FILE), load_external_data=False).graph
+    if [n.op_type for n in graph.node] != ["Gather"] or len(graph.initializer) != 1:
+        return None
+    table = graph.initializer[0]
+    if table.data_type != onnx.TensorProto.FLOAT or table.data_location != onnx.TensorProto.EXTERNAL \
+            or len(table.dims) != 2 or graph.node[0].input[0] != table.name:
+        return None
+    info = {e.key: e.value for e in table.external_data}
+    return np.memmap(model.folder / info["location"], dtype=np.float32, mode="r", offset=int(info.get("offset", 0)),
+                     shape=tuple(table.dims))
 
 
 def _bound(array: np.ndarray) -> ort.OrtValue:
@@ -89,9 +111,11 @@ class FastDecoder:
         self.step_embeds = np.zeros((batch_size, 1, H), np.float32)  # (B, 1, H)
         self.step_positions = np.zeros((3, batch_size, 1), np.int64)  # (3, B, 1)
         self.step_deepstack = np.zeros((model.config.num_deepstack, batch_size, 1, H), np.float32)  # zeros
-        self.embed_binding = model.embedding.io_binding()
-        self.embed_binding.bind_ortvalue_input("input_ids", _bound(self.step_ids))
-        self.embed_binding.bind_ortvalue_output("inputs_embeds", _bound(self.step_embeds))
+        self.table = embedding_table(model)  # (V, H) memory map, or None: run the embedding session
+        if self.table is None:
+            self.embed_binding = model.embedding.io_binding()
+            self.embed_binding.bind_ortvalue_input("input_ids", _bound(self.step_ids))
+            self.embed_binding.bind_ortvalue_output("inputs_embeds", _bound(self.step_embeds))
 
     def _bind_input(self, name: str, array: np.ndarray) -> None:
         if name in self.inputs:
@@ -140,7 +164,10 @@ class FastDecoder:
         self.total[...] = self.length
         self.seqlens_k[:] = self.length - 1
         t0 = time.perf_counter()
-        self.model.embedding.run_with_iobinding(self.embed_binding)  # writes step_embeds
+        if self.table is not None:
+            np.take(self.table, self.step_ids[:, 0], axis=0, out=self.step_embeds[:, 0])  # (B, H) rows
+        else:
+            self.model.embedding.run_with_iobinding(self.embed_binding)  # writes step_embeds
         self._run()
         if timings is not None:
             timings.decoder_run.append(time.perf_counter() - t0)

@@ -29,14 +29,16 @@ class RuntimeOptions:
     """onnxruntime session settings. threads=None uses onnxruntime's default (one per core).
 
     The defaults suit decoding on a CPU: all graph optimisations (fusions, constant folding, weight
-    prepacking), the memory arena (decode steps reuse the same buffers), and worker threads that spin
-    briefly between the many small ops of a step instead of sleeping (allow_spinning=False saves CPU
-    when other processes need the cores, at some latency per step)."""
+    prepacking), the memory arena (decode steps reuse the same buffers), and worker threads that
+    sleep between ops instead of spinning. Spinning (onnxruntime's own default) only pays on cores
+    nobody else wants: on the shared 2-core VM this was measured on, with other processes running,
+    decode steps took 1.6x (2B dims, INT4) to 2x (tiny model) longer with spinning, in alternating
+    runs of two processes. Set allow_spinning=True on a machine of your own to try it."""
 
     threads: int | None = None
     graph_optimization: str = "all"  # "disable", "basic", "extended", "all"
     memory_arena: bool = True
-    allow_spinning: bool = True
+    allow_spinning: bool = False
     log_severity: int = 3  # errors only: onnxruntime's warnings are noise for users
 
     def session_options(self) -> ort.SessionOptions:

@@ -21,7 +21,7 @@ import pytest
 from qwen3vl_lab.errors import UserError
 from qwen3vl_lab.export.decoder_fast import FAST_DECODER_FILE
 from qwen3vl_lab.export.exporter import export
-from qwen3vl_lab.fast import FastDecoder, FastTimings, fast_generate_tokens
+from qwen3vl_lab.fast import FastDecoder, fast_generate_tokens
 from qwen3vl_lab.generate import Prompt, generate_tokens, prepare_multimodal_prompt, prepare_prompt
 from qwen3vl_lab.model import load_model
 from qwen3vl_lab.pipeline import Qwen3VLPipeline, greedy
@@ -101,6 +101,7 @@ def test_fast_logits_equal_teaching_logits_and_cache(models):
     p = prepare_prompt(model, PROMPTS[0])
     step = prefill(model, p.inputs_embeds, p.positions)
     dec = FastDecoder(model, batch_size=1, capacity=p.length + 8)
+    assert dec.table is not None  # decode steps read embedding rows from the memory-mapped table
     buffers = [k.__array_interface__["data"][0] for k in dec.keys + dec.values]
     logits = dec.prefill(p.inputs_embeds, p.positions.position_ids)
     assert np.abs(logits - step.logits).max() <= 1e-5
@@ -116,6 +117,16 @@ def test_fast_logits_equal_teaching_logits_and_cache(models):
         np.testing.assert_allclose(dec.keys[i][:, :, :T], step.cache.keys[i], atol=1e-5)
         np.testing.assert_allclose(dec.values[i][:, :, :T], step.cache.values[i], atol=1e-5)
         assert not dec.keys[i][:, :, T:].any()  # the rest of the buffer is untouched
+
+
+def test_embedding_session_fallback_gives_the_same_tokens(models, monkeypatch):
+    import qwen3vl_lab.fast as fast
+
+    model = models["fp32"]
+    p = prepare_prompt(model, PROMPTS[0])
+    mapped = list(fast_generate_tokens(model, p, greedy, 10, eos_token_ids=[]))
+    monkeypatch.setattr(fast, "embedding_table", lambda model: None)  # e.g. an embedding graph of another form
+    assert list(fast_generate_tokens(model, p, greedy, 10, eos_token_ids=[])) == mapped
 
 
 def test_batch_of_equal_prompts_gives_each_rows_tokens(models):
@@ -174,24 +185,39 @@ def test_prefill_runs_the_lm_head_on_the_last_position_only(onnx_dir):
 
 
 # -- the fast graph file ------------------------------------------------------------------------------
+def _external(t) -> dict:
+    return {e.key: e.value for e in t.external_data}
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
 def test_fast_graph_uses_fused_ops_and_reads_the_same_weights(onnx_dir, precision):
+    from qwen3vl_lab.export.decoder_fast import SourceDecoder
+
     folder = onnx_dir / f"cpu-{precision}"
     fast = onnx.load(str(folder / FAST_DECODER_FILE), load_external_data=False)
     plain = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    ops = {n.op_type for n in fast.graph.node}
+    ops = [n.op_type for n in fast.graph.node]
     assert {"GroupQueryAttention", "MRotaryEmbedding", "SkipSimplifiedLayerNormalization",
-            "SimplifiedLayerNormalization"} <= ops
-    linear = "MatMulNBits" if precision == "int4" else "MatMul"
-    assert sum(n.op_type == linear for n in fast.graph.node) == sum(n.op_type == linear and
-                                                                    n.input[1] in {t.name for t in plain.graph.initializer}
-                                                                    for n in plain.graph.node)
-    external = [t for t in fast.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    assert external and all({e.key: e.value for e in t.external_data}["location"] == "model.onnx.data"
-                            for t in external)
-    plain_refs = {t.name: [(e.key, e.value) for e in t.external_data] for t in plain.graph.initializer}
-    assert all(plain_refs[t.name] == [(e.key, e.value) for e in t.external_data] for t in external)
-    assert (folder / FAST_DECODER_FILE).stat().st_size < 200_000  # the graph only
+            "SimplifiedLayerNormalization"} <= set(ops)
+    plain_refs = {t.name: _external(t) for t in plain.graph.initializer}
+    shared = [t for t in fast.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+              and _external(t)["location"] == "model.onnx.data"]
+    assert shared and all(plain_refs[t.name] == _external(t) for t in shared)  # the very same bytes
+    layers = 4
+    if precision == "fp32":  # every weight shared, one MatMul per linear layer (7 per layer + lm_head)
+        assert ops.count("MatMul") == 7 * layers + 1
+        assert not (folder / (FAST_DECODER_FILE + ".data")).exists()
+        assert (folder / FAST_DECODER_FILE).stat().st_size < 200_000  # the graph only
+        return
+    # INT4: q/k/v and gate/up fused: 4 MatMulNBits per layer + lm_head, over concatenated packed bytes
+    assert ops.count("MatMulNBits") == 4 * layers + 1
+    source = SourceDecoder(plain, folder)
+    fused = SourceDecoder(fast, folder)
+    qkv = next(n for n in fast.graph.node if n.op_type == "MatMulNBits" and "q_proj" in n.input[1])
+    for j in (1, 2):  # packed weights, scales
+        parts = [source.array(source.node_for(f"model.language_model.layers.0.self_attn.{x}_proj.weight").input[j])
+                 for x in "qkv"]
+        np.testing.assert_array_equal(fused.array(qkv.input[j]), np.concatenate(parts))
 
 
 def test_missing_fast_graph_is_written_on_first_use(onnx_dir, tmp_path):
@@ -298,7 +324,8 @@ def test_bench_against_another_engine_prints_the_ratio(onnx_dir, tiny_dir, tmp_p
     out = subprocess.run([sys.executable, "-m", "qwen3vl_lab", "bench", "--model_dir", str(onnx_dir),
                           "--text_precision", precision, "--prompt_tokens", "8", "--new_tokens", "4", "--runs", "1",
                           "--threads", "1", "--image_size", "0", "--vs", engine, "--hf_dir", str(tiny_dir),
-                          "--genai_dir", str(tmp_path / "genai"), "--json"], capture_output=True, text=True, timeout=600)
+                          "--genai_dir", str(tmp_path / "genai"), "--json"],
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result[f"{engine}_decode_tok_s"] > 0 and result["ratio"] > 0
@@ -317,3 +344,11 @@ def test_bench_rejects_bad_input(onnx_dir, tmp_path):
     out = subprocess.run([sys.executable, "-m", "qwen3vl_lab", "bench", "--model_dir", str(onnx_dir),
                           "--vs", "genai"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--hf_dir" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_fast_path_and_bench_do_not_import_torch():
+    """torch is only loaded by the `--vs torch` worker process, never by the runtime or the bench itself."""
+    code = ("import sys, qwen3vl_lab.fast, qwen3vl_lab.bench, qwen3vl_lab.bench_workers, "
+            "qwen3vl_lab.export.decoder_fast; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr

@@ -65,6 +65,8 @@ class TrainConfig:
     eval_n: int = 400  # held-out scenes for the final evaluation (every question of each scene)
     eval_seed: int = 0
     dtype: str = "bfloat16"  # of the saved weights
+    focus: float = 0.0  # in stage 3, this share of examples: two objects, a question that names a shape
+    init_from: str | None = None  # continue from this checkpoint folder (a previous run's output) instead of fresh init
 
 
 @dataclass
@@ -124,8 +126,15 @@ def task_token_ids(encoder: Encoder) -> np.ndarray:
     return np.array(sorted(ids), np.int64)
 
 
-def sample_example(rng: np.random.Generator, stage: Stage):
-    """One (image, QA) of a stage: a random scene, a question type, then an object."""
+FOCUS_STAGE = Stage("two objects, colour/position of a named shape", (2,), ("colour", "position"))
+
+
+def sample_example(rng: np.random.Generator, stage: Stage, focus: float = 0.0):
+    """One (image, QA) of a stage: a random scene, a question type, then an object.
+
+    focus > 0 (stage 3 only): that share of examples are two-object questions that name a shape."""
+    if focus > 0 and stage is STAGES[2] and rng.random() < focus:
+        stage = FOCUS_STAGE
     n_objects = int(rng.choice(stage.n_objects))
     image, objects = shapes.make_scene(rng, n_objects=n_objects)
     kind = stage.kinds[int(rng.integers(len(stage.kinds)))]
@@ -149,7 +158,7 @@ def make_batch(encoder: Encoder, cfg: TrainConfig, step: int) -> Batch:
     """The training batch of a step: a pure function of (seed, step)."""
     rng = shapes.training_rng(cfg.seed, step)
     stage = stage_of(step, cfg)
-    examples = [sample_example(rng, stage) for _ in range(cfg.batch_size)]
+    examples = [sample_example(rng, stage, cfg.focus) for _ in range(cfg.batch_size)]
     seqs, rows, cols, targets = [], [], [], []
     for b, (_, qa) in enumerate(examples):
         prompt, answer = encoder.prompt(qa.question), encoder.answer(qa.answer)
@@ -341,10 +350,10 @@ def training_markdown(record: dict) -> str:
         "real tokenizer, 151936-row vocabulary) trained from scratch on the synthetic shapes task",
         "(`qwen3vl_lab/shapes.py`: 96x96 images, 9 image tokens, one per 3x3 cell).",
         "",
-        "Retrain (`pip install -e .[train]`; deterministic data, about 20 minutes on 2 idle CPU cores;",
-        "this run's own time on a shared machine is under Recipe):",
+        "Retrain (`pip install -e .[train]`; deterministic data; this run's own time on a shared 2-core machine",
+        "is under Recipe):",
         "",
-        f"    qwen3vl-lab train-shapes --output_dir runs/shapes --seed {cfg['seed']} --steps {cfg['steps']} --ship",
+        *retrain_commands(record),
         "",
         "## Recipe",
         "",
@@ -353,8 +362,8 @@ def training_markdown(record: dict) -> str:
         f"{cfg['steps']} steps, grad clip {cfg['grad_clip']}, seed {cfg['seed']}.",
         f"- Sampled softmax: the {record['task_tokens']} answer token rows + {cfg['negatives']} uniformly drawn other rows "
         "per step, logQ-corrected. The saved model is an ordinary full-vocabulary checkpoint.",
-        f"- Curriculum: colour questions on one object until step {int(cfg['stage2_at'] * cfg['steps'])}, all questions on "
-        f"one object until step {int(cfg['stage3_at'] * cfg['steps'])}, then one or two objects.",
+        curriculum_line(cfg),
+        *previous_run_lines(record),
         f"- Training took {record['train_seconds'] / 60:.1f} min ({record['steps_per_second']:.2f} steps/s) "
         f"on {record['machine']}; final training loss {record['final_loss']:.4f}.",
         "",
@@ -364,11 +373,67 @@ def training_markdown(record: dict) -> str:
         "| --- | --- | --- |",
     ]
     fp32, saved = record["eval"]["fp32"], record["eval"]["saved"]
-    for key in fp32:
+    for key in [k for k in (*shapes.QUESTION_TYPES, "1_object", "2_object", "all") if k in fp32]:
         lines.append(f"| {key} | {fp32[key]['accuracy'] * 100:.1f}% ({fp32[key]['correct']}/{fp32[key]['total']}) | "
                      f"{saved[key]['accuracy'] * 100:.1f}% ({saved[key]['correct']}/{saved[key]['total']}) |")
     lines += ["", "Through the ONNX pipeline: `qwen3vl-lab eval-shapes --model_dir OUT` after `make-tiny --trained` and `export`.", ""]
     return "\n".join(lines)
+
+
+def curriculum_line(cfg: dict) -> str:
+    if cfg["stage3_at"] <= 0:
+        line = "- Curriculum: one- or two-object scenes, every question type, from the first step"
+    else:
+        line = (f"- Curriculum: colour questions on one object until step {int(cfg['stage2_at'] * cfg['steps'])}, all "
+                f"questions on one object until step {int(cfg['stage3_at'] * cfg['steps'])}, then one or two objects")
+    if cfg.get("focus"):
+        line += f"; {cfg['focus']:.0%} of those examples are two-object colour/position questions"
+    return line + "."
+
+
+def command_flags(cfg: dict) -> str:
+    """The train-shapes options that differ from the defaults."""
+    default = asdict(TrainConfig())
+    flags = []
+    for key in ("seed", "steps", "lr", "stage2_at", "stage3_at", "focus", "batch_size", "negatives", "dtype"):
+        if key in cfg and cfg[key] != default[key]:
+            flags.append(f"--{key} {cfg[key]}")
+    return " ".join(flags)
+
+
+def retrain_commands(record: dict) -> list[str]:
+    """The command lines that reproduce this run (and the run it continued), indented as a code block."""
+    chain = []
+    while record:
+        chain.append(record["config"])
+        record = record.get("previous")
+    chain.reverse()
+    lines = []
+    for i, cfg in enumerate(chain):
+        init = f" --init_from runs/shapes-{i}" if i else ""
+        ship = " --ship" if i == len(chain) - 1 else ""
+        lines.append(f"    qwen3vl-lab train-shapes --output_dir runs/shapes-{i + 1}{init} {command_flags(cfg)}{ship}".rstrip())
+    return lines
+
+
+def previous_run_lines(record: dict) -> list[str]:
+    """One line per earlier run this one continued (--init_from), oldest first, from their training.json."""
+    chain = []
+    prev = record.get("previous")
+    while prev:
+        chain.append(prev)
+        prev = prev.get("previous")
+    lines = []
+    for i, run in enumerate(reversed(chain)):
+        c, acc = run["config"], run["eval"]["saved"]
+        start = "from scratch" if i == 0 else f"continuing run {i}"
+        focus = f", focus {c['focus']}" if c.get("focus") else ""
+        lines.append(f"- Run {i + 1} (runs/shapes-{i + 1}): {c['steps']} steps {start} (seed {c['seed']}, lr {c['lr']}{focus}, "
+                     f"{run['train_seconds'] / 60:.1f} min); held-out accuracy {acc['all']['accuracy'] * 100:.1f}% "
+                     f"(1 object {acc['1_object']['accuracy'] * 100:.1f}%, 2 objects {acc['2_object']['accuracy'] * 100:.1f}%).")
+    if lines:
+        lines.append(f"- Run {len(lines) + 1}, this one: the recipe above.")
+    return lines
 
 
 def load_saved(folder: Path):
@@ -391,7 +456,7 @@ def train(cfg: TrainConfig, output_dir: Path, ship: bool = False, progress: bool
 
     encoder = Encoder(tokenizer, ImageProcessorConfig.from_dict(preprocessor_config(PRESET)))
     task_ids = task_token_ids(encoder)
-    model = build_model(cfg.seed)
+    model = build_model(cfg.seed) if cfg.init_from is None else load_saved(Path(cfg.init_from))
     model.train()
     optimizer = make_optimizer(model, cfg)
     loss_fn = SampledSoftmax(task_ids, model.config.text_config.vocab_size, cfg.negatives, cfg.seed)
@@ -420,6 +485,10 @@ def train(cfg: TrainConfig, output_dir: Path, ship: bool = False, progress: bool
         "machine": f"{platform.machine()}, {cfg.threads} torch threads, torch {torch.__version__}",
         "eval": {"scenes": cfg.eval_n, "seed": cfg.eval_seed, "fp32": fp32_table},
     }
+    if cfg.init_from is not None and (Path(cfg.init_from) / "training.json").is_file():
+        import json  # noqa: PLC0415
+
+        record["previous"] = json.loads((Path(cfg.init_from) / "training.json").read_text(encoding="utf-8"))
     tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     record["eval"]["saved"], record["eval"]["saved_label"] = fp32_table, f"{cfg.dtype} (as saved)"
@@ -460,6 +529,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads")
     p.add_argument("--eval_n", type=int, default=d.eval_n, help="held-out scenes evaluated at the end")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"], help="saved weight dtype")
+    p.add_argument("--stage2_at", type=float, default=d.stage2_at,
+                   help="fraction of the steps after which all question types come (one object)")
+    p.add_argument("--stage3_at", type=float, default=d.stage3_at,
+                   help="fraction of the steps after which scenes have one or two objects")
+    p.add_argument("--focus", type=float, default=d.focus,
+                   help="share of stage-3 examples that are two-object colour/position questions (default 0)")
+    p.add_argument("--init_from", default=None, help="continue training this checkpoint folder (a previous output)")
     p.add_argument("--ship", action="store_true", help="also copy the result into qwen3vl_lab/data/shapes_model")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -477,7 +553,10 @@ def run(a) -> int:
     except ImportError:
         raise UserError("training needs torch: pip install -e '.[train]'") from None
     cfg = TrainConfig(seed=a.seed, steps=a.steps, batch_size=a.batch_size, lr=a.lr, negatives=a.negatives,
-                      threads=a.threads, eval_n=a.eval_n, dtype=a.dtype)
+                      threads=a.threads, eval_n=a.eval_n, dtype=a.dtype, stage2_at=a.stage2_at,
+                      stage3_at=a.stage3_at, init_from=a.init_from, focus=a.focus)
+    if a.init_from is not None and not (Path(a.init_from) / "config.json").is_file():
+        raise UserError(f"--init_from {a.init_from} is not a checkpoint folder; pass a previous --output_dir")
     train(cfg, Path(a.output_dir), ship=a.ship, progress=not a.quiet)
     return 0
 
