@@ -28,7 +28,7 @@ from qwen3vl_lab.positions import mm_token_type_ids  # noqa: E402
 from qwen3vl_lab.sampling import SamplingConfig, make_sampler  # noqa: E402
 from qwen3vl_lab.steps import (build_positions, decode_step, deepstack_embeds, embed, encode_image,  # noqa: E402
                                merge_vision, prefill)
-from helpers import grace_hopper, run_cli as run
+from helpers import grace_hopper, print_max_diffs, run_cli as run
 
 TOL = 1e-4
 N_NEW = 8
@@ -39,8 +39,7 @@ MAX_DIFFS: dict[str, float] = {}
 @pytest.fixture(scope="module", autouse=True)
 def report_max_diffs():
     yield
-    for k, v in sorted(MAX_DIFFS.items()):
-        print(f"\n{k:34s} max |logit diff| {v:.2e}", end="")
+    print_max_diffs(MAX_DIFFS)
 
 def noise(h: int, w: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)

@@ -29,7 +29,7 @@ from qwen3vl_lab.generate import (ContextOverflow, generate_batch, generate_toke
 from qwen3vl_lab.model import load_model  # noqa: E402
 from qwen3vl_lab.pipeline import Qwen3VLPipeline, greedy  # noqa: E402
 from qwen3vl_lab.steps import decode_step, prefill, prefill_chunked  # noqa: E402
-from helpers import grace_hopper, run_cli as run
+from helpers import grace_hopper, print_max_diffs, run_cli as run
 
 TOL = 1e-4
 CHUNK_TOL = 1e-5
@@ -39,8 +39,7 @@ MAX_DIFFS: dict[str, float] = {}
 @pytest.fixture(scope="module", autouse=True)
 def report_max_diffs():
     yield
-    for k, v in sorted(MAX_DIFFS.items()):
-        print(f"\n{k:34s} max |logit diff| {v:.2e}", end="")
+    print_max_diffs(MAX_DIFFS)
 
 @pytest.fixture(scope="module")
 def onnx_dir(tiny_dir, tmp_path_factory):

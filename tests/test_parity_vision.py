@@ -26,7 +26,7 @@ from qwen3vl_lab.positions import mm_token_type_ids  # noqa: E402
 from qwen3vl_lab.steps import (build_positions, decode_step, deepstack_embeds, embed, encode_image,  # noqa: E402
                                merge_vision, prefill, tokenize)
 from qwen3vl_lab.video import patchify_video, video_smart_resize  # noqa: E402
-from helpers import grace_hopper
+from helpers import grace_hopper, print_max_diffs
 
 TOL = 1e-4
 N_NEW = 10
@@ -37,8 +37,7 @@ MAX_DIFFS: dict[str, float] = {}
 def report_max_diffs():
     """Print the measured maxima at the end of the module (visible with pytest -s)."""
     yield
-    for k, v in sorted(MAX_DIFFS.items()):
-        print(f"\n{k:28s} max |logit diff| {v:.2e}", end="")
+    print_max_diffs(MAX_DIFFS, width=28)
 
 def noise_image(h: int, w: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
