@@ -3,6 +3,7 @@
     from qwen3vl_lab import notebook
     model = notebook.open_model()        # MODEL_DIR, else HF_DIR exported once, else the tiny checkpoint
     notebook.describe()                  # one line saying which of the three it is
+    model = notebook.open_model(default="shapes")  # ... else the trained shapes model (notebooks 04, 06)
 
 - `MODEL_DIR=/path/to/export` uses an exported folder (what `qwen3vl-lab export` wrote) as is.
 - `HF_DIR=/path/to/Qwen3-VL-2B-Instruct` exports that checkpoint once (fp32 with attention outputs,
@@ -11,6 +12,9 @@
   attention outputs, and INT4) on first use (~4 s) into the cache folder: `$QWEN3VL_LAB_CACHE`, else `$XDG_CACHE_HOME/qwen3vl-lab`, else
   `~/.cache/qwen3vl-lab`. Its name carries a hash of the exporter's source, so a changed exporter
   gets a fresh export instead of a stale one.
+- `default="shapes"`: instead of the random tiny checkpoint, the trained shapes model
+  (`make_tiny(preset="shapes", trained=True)`, qwen3vl_lab/shapes.py), exported fp32 with attention
+  outputs and cached the same way: it answers questions about `shapes.make_scene` images.
 """
 
 from __future__ import annotations
@@ -96,6 +100,24 @@ def tiny_model_dir() -> Path:
     return tiny_dir() / "onnx"
 
 
+def shapes_model_dir() -> Path:
+    """The trained shapes model exported to ONNX (cpu-fp32/ with attention outputs), made on first use."""
+    from .export.exporter import export  # noqa: PLC0415
+    from .export.tiny import TRAINED_PRESET, make_tiny  # noqa: PLC0415
+
+    def build(tmp: Path) -> None:
+        make_tiny(tmp / "hf", preset=TRAINED_PRESET, trained=True)
+        export(tmp / "hf", tmp / "onnx", ("fp32",), with_attentions=True, progress=False, log=_silent)
+
+    final = cache_dir() / f"shapes-trained-{_exporter_hash()}"
+    if not final.is_dir():
+        _build_once(final, build)
+        for old in final.parent.glob("shapes-trained-*"):  # made by an older exporter: never used again
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    return final / "onnx"
+
+
 def exported_hf_dir(hf_dir: str | Path) -> Path:
     """A real checkpoint exported once (fp32 with attention outputs, and INT4) into the cache folder."""
     from .export.exporter import export  # noqa: PLC0415
@@ -120,28 +142,45 @@ def user_model_dir() -> Path | None:
     return None
 
 
-def model_dir() -> Path:
-    """MODEL_DIR, else HF_DIR exported once, else the tiny checkpoint's export."""
-    return user_model_dir() or tiny_model_dir()
+DEFAULTS = ("tiny", "shapes")
+
+
+def _check_default(default: str) -> None:
+    if default not in DEFAULTS:
+        raise UserError(f"unknown default model {default!r}; use one of {', '.join(DEFAULTS)}")
+
+
+def model_dir(default: str = "tiny") -> Path:
+    """MODEL_DIR, else HF_DIR exported once, else the tiny checkpoint's (default="shapes": the trained shapes model's) export."""
+    _check_default(default)
+    return user_model_dir() or (shapes_model_dir() if default == "shapes" else tiny_model_dir())
 
 
 def is_tiny() -> bool:
     return user_model_dir() is None
 
 
-def open_model(text_precision: str = "fp32"):
-    """load_model(model_dir(), text_precision): the three sessions, config and tokenizer."""
+def is_shapes() -> bool:
+    """True when no MODEL_DIR / HF_DIR is set, i.e. `default="shapes"` gives the trained shapes model."""
+    return user_model_dir() is None
+
+
+def open_model(text_precision: str = "fp32", default: str = "tiny"):
+    """load_model(model_dir(default), text_precision): the three sessions, config and tokenizer."""
     from .model import load_model  # noqa: PLC0415
 
-    return load_model(model_dir(), text_precision)
+    return load_model(model_dir(default), text_precision)
 
 
-def describe() -> str:
+def describe(default: str = "tiny") -> str:
     """One line: which model the notebook is running on."""
     if os.environ.get("MODEL_DIR"):
         return f"MODEL_DIR: {model_dir()}"
     if os.environ.get("HF_DIR"):
         return f"HF_DIR {os.environ['HF_DIR']} exported to {model_dir()}"
+    _check_default(default)
+    if default == "shapes":
+        return f"trained shapes model (qwen3vl_lab/shapes.py) exported to {shapes_model_dir()}"
     return f"tiny random-weight checkpoint (seed {TINY_SEED}) exported to {tiny_model_dir()}"
 
 

@@ -1,4 +1,4 @@
-"""Every teaching notebook runs top to bottom on the tiny checkpoint and asserts what it teaches.
+"""Every teaching notebook runs top to bottom (04, 06 on the trained shapes model) and asserts what it teaches.
 
 The notebooks are executed as users run them (a fresh python3 kernel, nbclient, cells in order);
 their own `assert`s are the checks, and each ends by printing "<name>: all checks passed". They run
@@ -43,6 +43,7 @@ def notebook_env(tmp_path_factory) -> dict:
     with pytest.MonkeyPatch.context() as mp:  # make the tiny model once, here, for every notebook
         mp.setenv("QWEN3VL_LAB_CACHE", str(cache))
         notebook.tiny_model_dir()
+        notebook.shapes_model_dir()  # notebooks 04 and 06 default to the trained shapes model
     return {"QWEN3VL_LAB_CACHE": str(cache), "MODEL_DIR": None, "HF_DIR": None, "MPLBACKEND": None}
 
 

@@ -335,3 +335,23 @@ def test_notebook_model_folder_choices(monkeypatch, tmp_path, tiny_dir):
     assert exported != tiny and exported.is_relative_to(tmp_path / "cache")
     assert "attentions.0" in load_model(exported).decoder_outputs and (exported / "cpu-int4").is_dir()
     assert notebook.model_dir() == exported  # exported once
+
+
+def test_notebook_shapes_default(monkeypatch, tmp_path):
+    """default="shapes": the trained shapes model, exported once with attentions, unless MODEL_DIR is set."""
+    from qwen3vl_lab import notebook, shapes, shapes_eval
+
+    monkeypatch.setenv("QWEN3VL_LAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MODEL_DIR", raising=False)
+    monkeypatch.delenv("HF_DIR", raising=False)
+    folder = notebook.model_dir(default="shapes")
+    assert folder == notebook.shapes_model_dir() and folder.is_relative_to(tmp_path / "cache")
+    assert notebook.is_shapes() and "shapes" in notebook.describe(default="shapes")
+    model = notebook.open_model(default="shapes")
+    notebook.require_attentions(model)
+    image, _ = shapes.make_scene([("red", "square", "top left")])
+    assert shapes_eval.answer(model, image, "What colour is the square?") == "Red."  # trained, not random
+    with pytest.raises(UserError, match="unknown default model"):
+        notebook.model_dir(default="big")
+    monkeypatch.setenv("MODEL_DIR", str(folder))
+    assert notebook.model_dir(default="shapes") == folder and not notebook.is_shapes()

@@ -12,28 +12,34 @@
 # prefill    -> with DeepStack added inside the first decoder layers
 # ```
 #
-# Runs on the tiny checkpoint with a photo that ships with matplotlib (set `MODEL_DIR` or `HF_DIR`
-# for a real model).
+# Runs on the trained shapes model (`qwen3vl-lab make-tiny --trained`, a tiny Qwen3-VL trained on
+# `qwen3vl_lab.shapes` scenes: 96 x 96 pixels, a 3 x 3 grid of cells, one or two shapes) with a
+# scene it has never seen, so the answer at the end can be checked. Set `MODEL_DIR` or `HF_DIR` for
+# a real model.
 
 # %%
 # %matplotlib inline
 import numpy as np
 
-from qwen3vl_lab import notebook
+from qwen3vl_lab import notebook, shapes
 from qwen3vl_lab.generate import generate_tokens, prepare_multimodal_prompt, preprocess_visuals
 from qwen3vl_lab.image import load_image, resize_image
 from qwen3vl_lab.pipeline import greedy
+from qwen3vl_lab.shapes_eval import answer
 from qwen3vl_lab.steps import (build_positions, deepstack_embeds, embed, encode_image, merge_vision, prefill,
                                tokenize)
 from qwen3vl_lab.viz import plot_token_on_image, seen_image
 from qwen3vl_lab.viz.trace import processor_config
 
-model = notebook.open_model()
+model = notebook.open_model(default="shapes")
 cfg = model.config
-print(notebook.describe())
-photo = notebook.sample_image()
-prompt = "Who is this?"
-size = (320, 256)  # resize to exactly 320 x 256 pixels (None: the processor's smart_resize)
+print(notebook.describe(default="shapes"))
+scene, objects = shapes.make_scene(3, n_objects=1)  # a fresh random scene: one object
+qa = shapes.question_answer_pairs(objects, kinds=["colour"])[0]
+prompt = qa.question
+size = (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE)  # exactly 96 x 96 pixels (None: the processor's smart_resize)
+print(f"scene: {shapes.describe_scene(objects)} | question: {prompt!r} | expected answer: {qa.answer!r}")
+scene
 
 # %% [markdown]
 # ## 1. Pixels -> patches
@@ -43,22 +49,23 @@ size = (320, 256)  # resize to exactly 320 x 256 pixels (None: the processor's s
 # x 16 x 16 pixels = 1536 numbers. The rows come in 2 x 2 blocks, the order the merger consumes.
 
 # %%
-visuals = preprocess_visuals(model, [photo], image_size=size)
+visuals = preprocess_visuals(model, [scene], image_size=size)
 pixel_values, grid = visuals.pixel_values, visuals.image_grid_thw  # (N, 1536), (1, 3)
 t, h, w = grid[0]
 print(f"pixel_values {pixel_values.shape}, image_grid_thw {grid.tolist()}: {t} x {h} x {w} patches")
 assert pixel_values.shape == (t * h * w, 3 * 2 * 16 * 16)
 
 # %% [markdown]
-# The patches put back together are the resized photo (up to rounding): nothing else happened to it.
+# The patches put back together are the resized picture (up to rounding): nothing else happened to
+# it. Marked: the 2 x 2 block of patches (one image token) that holds the object.
 
 # %%
 shown = seen_image(pixel_values, grid[0], processor_config(model))
-resized = resize_image(load_image(photo), *size)
-print("picture the tower sees:", shown.shape, "| max |difference| to the resized photo:",
+resized = resize_image(load_image(scene), *size)
+print("picture the tower sees:", shown.shape, "| max |difference| to the resized picture:",
       int(np.abs(shown.astype(int) - resized).max()))
 assert shown.shape == (*size, 3) and np.abs(shown.astype(int) - resized).max() <= 1
-cell = (4, 3)
+cell = (objects[0].row, objects[0].col)
 plot_token_on_image(shown, cell, (h // 2, w // 2))
 
 # %% [markdown]
@@ -107,7 +114,7 @@ print("merged embeddings", embeds.shape, "| deepstack input", deepstack.shape)
 # %% [markdown]
 # ## 5. Positions and prefill
 #
-# The image's tokens share one t and spread h, w over the 10 x 8 cells (notebook 02), so
+# The image's tokens share one t and spread h, w over the image's cells (notebook 02), so
 # `rope_deltas` is negative. Then the decoder runs as for text, with the DeepStack input.
 
 # %%
@@ -123,18 +130,28 @@ assert int(positions.rope_deltas[0, 0]) == max(h, w) // 2 - n_tokens
 # image matters: without DeepStack, or with the picture flipped, the logits change.
 
 # %%
-p = prepare_multimodal_prompt(model, prompt, [photo], image_size=size)
+p = prepare_multimodal_prompt(model, prompt, [scene], image_size=size)
 assert np.array_equal(p.input_ids, ids) and np.array_equal(p.inputs_embeds, embeds)
 tokens = list(generate_tokens(model, p, greedy, max_new_tokens=8, eos_token_ids=[]))
 assert tokens[0] == int(step.logits[0].argmax())
 print("generated:", repr(model.tokenizer.decode(tokens)))
 no_deepstack = prefill(model, embeds, positions)
-flipped = prepare_multimodal_prompt(model, prompt, [load_image(photo)[:, ::-1].copy()], image_size=size)
+flipped = prepare_multimodal_prompt(model, prompt, [load_image(scene)[:, ::-1].copy()], image_size=size)
 flipped_step = prefill(model, flipped.inputs_embeds, flipped.positions, deepstack=flipped.deepstack)
 print(f"max |logit change|: without DeepStack {np.abs(no_deepstack.logits - step.logits).max():.3f}, "
       f"flipped image {np.abs(flipped_step.logits - step.logits).max():.3f}")
 assert np.abs(no_deepstack.logits - step.logits).max() > 1e-3
 assert np.abs(flipped_step.logits - step.logits).max() > 1e-3
+
+# %% [markdown]
+# And the answer is right: `shapes_eval.answer` runs the same steps (greedy, stopping at
+# `<|im_end|>`) and the trained model names the object's colour.
+
+# %%
+reply = answer(model, scene, prompt)
+print(f"Q: {prompt}  A: {reply!r}  (expected {qa.answer!r})")
+if notebook.is_shapes():  # a real model (MODEL_DIR / HF_DIR) answers in its own words
+    assert reply == qa.answer
 
 # %% [markdown]
 # ## 6. What the generated tokens look at
@@ -146,12 +163,12 @@ assert np.abs(flipped_step.logits - step.logits).max() > 1e-3
 from qwen3vl_lab.viz import record_generation
 from qwen3vl_lab.viz.widgets import GenerationExplorer, generation_figure
 
-trace = record_generation(model, prompt, max_new_tokens=6, images=[photo], image_size=size)
+trace = record_generation(model, prompt, max_new_tokens=6, images=[scene], image_size=size)
 assert trace.tokens.tolist() == tokens[:6]
 assert trace.image_cells()[0].size == n_tokens
 
 # %% tags=["main-figure"]
-generation_figure(trace, step=3)
+generation_figure(trace, step=0)  # prefill: the prompt's last token predicts the answer
 
 # %%
 explorer = GenerationExplorer(trace)

@@ -6,22 +6,25 @@
 # them against transformers' `output_attentions=True` within 1e-4). Row q says how much query token
 # q took from each key token; rows sum to 1.
 #
-# Runs on the tiny checkpoint (set `MODEL_DIR` or `HF_DIR` for a real one; `HF_DIR` exports with
-# attentions). A random-weight model's attention is unstructured, but the rules it obeys are not.
+# Runs on the trained shapes model (`qwen3vl-lab make-tiny --trained`: a tiny Qwen3-VL trained to
+# answer questions about `qwen3vl_lab.shapes` scenes), so section 3 can show attention that means
+# something: the answer looks at the object. Set `MODEL_DIR` or `HF_DIR` for a real model (`HF_DIR`
+# exports with attentions).
 
 # %%
 # %matplotlib inline
 import numpy as np
 
-from qwen3vl_lab import notebook
+from qwen3vl_lab import notebook, shapes
+from qwen3vl_lab.shapes_eval import keyword_attention
 from qwen3vl_lab.steps import build_positions, embed, prefill
 from qwen3vl_lab.viz import (plot_attention, plot_attention_grid, plot_attention_on_image, plot_attention_row,
                              record_generation)
 
-model = notebook.open_model()
+model = notebook.open_model(default="shapes")
 notebook.require_attentions(model)
 cfg = model.config.text
-print(notebook.describe())
+print(notebook.describe(default="shapes"))
 
 # %%
 trace = record_generation(model, "The cat sat on the mat because it was tired.", max_new_tokens=6)
@@ -88,20 +91,45 @@ prefill_attn = trace.layer_attention(0, 0)
 assert not np.allclose(prefill_attn[0], prefill_attn[1]), "heads sharing a kv head still attend differently"
 
 # %% [markdown]
-# ## 3. Attention to an image
+# ## 3. Attention to an image: the answer looks at the object
 #
-# With an image in the prompt, the newest token's attention to the image tokens can be laid back
-# onto the image: each image token stands for a 32 x 32-pixel cell.
+# A fresh shapes scene (96 x 96 pixels, one object) and a question about it. Each of the 9 image
+# tokens stands for one 32 x 32-pixel cell, so the newest token's attention to the image tokens can
+# be laid back onto the picture. Decode step 1 is the query "A", whose logits predict the shape.
 
 # %%
-image_trace = record_generation(model, "Who is this?", images=[notebook.sample_image()], image_size=(320, 256),
-                                max_new_tokens=4)
-weights = image_trace.image_attention(step=3, layer=cfg.num_hidden_layers - 1)  # (rows, cols), mean over heads
+scene, objects = shapes.make_scene(3, n_objects=1)
+qa = shapes.question_answer_pairs(objects, kinds=["shape"])[0]
+print(f"scene: {shapes.describe_scene(objects)} | Q: {qa.question!r} -> expected {qa.answer!r}")
+image_trace = record_generation(model, qa.question, images=[scene], max_new_tokens=4)
+print("generated:", image_trace.labels[image_trace.prompt_length:])
+weights = image_trace.image_attention(step=1, layer=cfg.num_hidden_layers - 1)  # (rows, cols), mean over heads
 cells = image_trace.image_cells()[0][0]
-row = image_trace.attention_row(3, cfg.num_hidden_layers - 1).mean(axis=0)  # (T,)
+row = image_trace.attention_row(1, cfg.num_hidden_layers - 1).mean(axis=0)  # (T,)
 print(f"{cells.size} image cells hold {row[cells].sum():.1%} of the attention of the newest token")
 assert weights.shape == cells.shape and np.allclose(weights, row[cells])
-plot_attention_on_image(image_trace.images[0], weights, title="last layer, mean over heads, decode step 3")
+plot_attention_on_image(image_trace.images[0], weights, title="last layer, mean over heads, decode step 1 (predicting the shape)")
+
+# %% [markdown]
+# A number for it: `shapes_eval.keyword_attention` feeds the expected answer up to its key word
+# ("triangle" in "A triangle.") and reads, at the position that predicts that word, which share of
+# each head's image attention falls on the object's cell. Spread evenly, the share would be the
+# cell's share of the area, 1/9 = 11%.
+
+# %%
+ka = keyword_attention(model, scene, qa)
+layer_share, head_share = ka.layer_share(), ka.object_share()  # (L,), (L, heads)
+best_layer = int(layer_share.argmax())
+best_head = np.unravel_index(head_share.argmax(), head_share.shape)
+print(f"predicting {ka.keyword_token!r}: share of image attention on the object's cell {ka.object_cell} "
+      f"(area share 1/9 = {1 / 9:.1%})")
+print("  per layer (heads averaged):", ", ".join(f"{v:.1%}" for v in layer_share))
+print(f"  best layer {best_layer}: {layer_share[best_layer]:.1%} | best head (layer, head) "
+      f"{tuple(int(i) for i in best_head)}: {head_share[best_head]:.1%}")
+if notebook.is_shapes():  # the trained model; a real one is free to look elsewhere
+    assert layer_share[best_layer] > 0.5 and head_share[best_head] > 0.5, "the answer looks at the object"
+plot_attention_on_image(image_trace.images[0], shapes.cell_grid(ka.image_attention[best_layer].mean(0)),
+                        title=f"predicting {ka.keyword_token.strip()!r}: layer {best_layer}, mean over heads")
 
 # %% [markdown]
 # ## 4. Explore
