@@ -1,7 +1,7 @@
 """Deliberately broken copies of an exported folder: known bugs for the doctor to find (and for notebooks to show).
 
-    make_broken("OUT/cpu-fp32", "/tmp/no-qk-norm", "no_qk_norm")
-    run_checklist("/tmp/no-qk-norm").item("qk_norm").status           # 'fail'
+    make_broken("OUT/cpu-fp32", "broken/no-qk-norm", "no_qk_norm")
+    run_checklist("broken/no-qk-norm").item("qk_norm").status           # 'fail'
 
 Kinds (each one a bug seen in real Qwen-VL ports, ONNX_ANCHORS.md §3):
     no_qk_norm     q_norm / k_norm skipped in every layer (alibaba/MNN#4683)
