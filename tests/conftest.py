@@ -55,3 +55,23 @@ def hf_model_factory():
         return cache[key]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_fp32_dir(tiny_dir, tmp_path_factory) -> Path:
+    """`tiny_dir` exported fp32 only (no cpu-int4/). Shared read-only: copy it before changing anything."""
+    from qwen3vl_lab.export.exporter import export
+
+    out = tmp_path_factory.mktemp("onnx") / "tiny-fp32"
+    export(tiny_dir, out, progress=False, log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_dir(tiny_dir, tmp_path_factory) -> Path:
+    """`tiny_dir` exported fp32 + int4 (the builder's recipe). Shared read-only: copy it before changing anything."""
+    from qwen3vl_lab.export.exporter import export
+
+    out = tmp_path_factory.mktemp("onnx") / "tiny-fp32-int4"
+    export(tiny_dir, out, ["fp32", "int4"], progress=False, log=lambda _: None)
+    return out

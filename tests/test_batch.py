@@ -19,7 +19,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from qwen3vl_lab.errors import UserError  # noqa: E402
-from qwen3vl_lab.export.exporter import export  # noqa: E402
 from qwen3vl_lab.generate import (batch_steps, generate_batch, generate_tokens, pad_prompts,  # noqa: E402
                                   prepare_multimodal_prompt, preprocess_visuals)
 from qwen3vl_lab.model import load_model  # noqa: E402
@@ -46,10 +45,8 @@ def noise(h: int, w: int, seed: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def onnx_dir(tiny_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx") / "tiny"
-    export(tiny_dir, out, progress=False, log=lambda _: None)
-    return out
+def onnx_dir(tiny_onnx_fp32_dir):
+    return tiny_onnx_fp32_dir  # shared across test files: never modified in place
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,12 @@ import sys
 import numpy as np
 import pytest
 
-from qwen3vl_lab.export.exporter import export
 from helpers import assert_one_line_error, run_cli as run
 
 
 @pytest.fixture(scope="module")
-def onnx_dir(tiny_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "tiny-onnx"
-    export(tiny_dir, out, progress=False, log=lambda _: None)
-    return out
+def onnx_dir(tiny_onnx_fp32_dir):
+    return tiny_onnx_fp32_dir  # shared across test files: never modified in place
 
 def gen(onnx_dir, *extra):
     return ("generate", "--model_dir", str(onnx_dir), "--prompt", "Hello", "--max_new_tokens", "4", *extra)

@@ -21,7 +21,6 @@ from qwen3vl_lab.debug.inputs import PromptSpec, prepare
 from qwen3vl_lab.debug.layers import capture, compare_layers
 from qwen3vl_lab.debug.sweep import sweep
 from qwen3vl_lab.debug.weights import compare_weights
-from qwen3vl_lab.export.exporter import export
 from qwen3vl_lab.export.quantize import Int4Recipe, quantize_folder
 from qwen3vl_lab.model import load_model
 from qwen3vl_lab.steps import prefill
@@ -32,10 +31,8 @@ CHECKS = ("accuracy_level", "lm_head", "tied_embeddings", "qk_norm", "genai_conf
 
 
 @pytest.fixture(scope="module")
-def root(tiny_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("doctor") / "onnx"
-    export(tiny_dir, out, ["fp32", "int4"], progress=False, log=lambda _: None)
-    return out
+def root(tiny_onnx_dir):
+    return tiny_onnx_dir  # shared across test files: never modified in place
 
 
 @pytest.fixture(scope="module")

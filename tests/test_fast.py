@@ -34,10 +34,8 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def onnx_dir(tiny_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fast") / "tiny"
-    export(tiny_dir, out, ["fp32", "int4"], progress=False, log=lambda _: None)
-    return out
+def onnx_dir(tiny_onnx_dir):
+    return tiny_onnx_dir  # shared across test files: never modified in place
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,8 @@ from helpers import run_cli as run
 N_MATMULS = 4 * 7 + 1  # tiny: 4 layers x (q, k, v, o, gate, up, down) + lm_head
 
 @pytest.fixture(scope="module")
-def root(tiny_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("int4") / "onnx"
-    export(tiny_dir, out, ["fp32", "int4"], progress=False, log=lambda _: None)
-    return out
+def root(tiny_onnx_dir):
+    return tiny_onnx_dir  # shared across test files: never modified in place
 
 
 def graph(folder):

@@ -22,7 +22,6 @@ torch = pytest.importorskip("torch")
 
 from qwen3vl_lab.cache import bytes_per_token  # noqa: E402
 from qwen3vl_lab.errors import UserError  # noqa: E402
-from qwen3vl_lab.export.exporter import export  # noqa: E402
 from qwen3vl_lab.export.genai_config import GENAI_CONFIG  # noqa: E402
 from qwen3vl_lab.generate import (ContextOverflow, generate_batch, generate_tokens, pad_prompts,  # noqa: E402
                                   prepare_ids, prepare_multimodal_prompt, prepare_prompt, run_prefill)
@@ -42,10 +41,8 @@ def report_max_diffs():
     print_max_diffs(MAX_DIFFS)
 
 @pytest.fixture(scope="module")
-def onnx_dir(tiny_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx") / "tiny"
-    export(tiny_dir, out, progress=False, log=lambda _: None)
-    return out
+def onnx_dir(tiny_onnx_fp32_dir):
+    return tiny_onnx_fp32_dir  # shared across test files: never modified in place
 
 
 @pytest.fixture(scope="module")

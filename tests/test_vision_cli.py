@@ -18,15 +18,12 @@ import pytest
 from PIL import Image
 
 from qwen3vl_lab.errors import UserError
-from qwen3vl_lab.export.exporter import export
 from qwen3vl_lab.export.genai_config import GENAI_CONFIG, VISION_FILE
 from helpers import assert_one_line_error, grace_hopper, run_cli as run
 
 @pytest.fixture(scope="module")
-def onnx_dir(tiny_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("onnx") / "tiny"
-    export(tiny_dir, out, progress=False, log=lambda _: None)
-    return out
+def onnx_dir(tiny_onnx_fp32_dir):
+    return tiny_onnx_fp32_dir  # shared across test files: never modified in place
 
 
 def linked_copy(src: Path, dst: Path, skip=(), edit_config=None) -> Path:
