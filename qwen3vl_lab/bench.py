@@ -230,7 +230,7 @@ def check_config(cfg: BenchConfig) -> None:
 
 def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     """Run the benchmark, log a readable report, return the figures (the JSON object)."""
-    from .export.decoder_fast import FAST_DECODER_FILE  # noqa: PLC0415
+    from .layout import FAST_DECODER_FILE  # noqa: PLC0415
     from .model import RuntimeOptions, load_model  # noqa: PLC0415
 
     check_config(cfg)

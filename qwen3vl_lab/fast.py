@@ -32,8 +32,9 @@ import onnx
 import onnxruntime as ort
 
 from .errors import UserError
-from .export.decoder_fast import rope_cache
+from .layout import EMBEDDING_FILE
 from .model import Model
+from .rope import rope_cache
 
 Sampler = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (logits (B, V), previous ids (B, T)) -> (B,)
 
@@ -53,8 +54,6 @@ def embedding_table(model: Model) -> np.ndarray | None:
     The embedding graph is one Gather from this table; reading the rows in numpy saves a session
     run (and its thread pool waking next to the decoder's) per decode step. Only the rows looked up
     are ever read from disk. None when the graph is anything else (the session is used then)."""
-    from .export.genai_config import EMBEDDING_FILE  # noqa: PLC0415
-
     graph = onnx.load(str(model.folder / EMBEDDING_FILE), load_external_data=False).graph
     if [n.op_type for n in graph.node] != ["Gather"] or len(graph.initializer) != 1:
         return None

@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from .config import ModelConfig
 from .errors import UserError
-from .export.genai_config import DECODER_FILE, EMBEDDING_FILE, GENAI_CONFIG, VISION_FILE
+from .layout import DECODER_FILE, EMBEDDING_FILE, FAST_DECODER_FILE, GENAI_CONFIG, VISION_FILE
 
 
 @dataclass(frozen=True)
@@ -108,15 +108,23 @@ class Model:
             self.decoder_session = open_session(self.folder / DECODER_FILE, self.options)
         return self.decoder_session
 
-    @cached_property
-    def fast_decoder(self) -> ort.InferenceSession:
-        """The fused decoder (model-fast.onnx, same weights) that `fast.py` runs; written on first use if missing."""
-        from .export.decoder_fast import FAST_DECODER_FILE, write_fast_decoder  # noqa: PLC0415
+    def fast_decoder_file(self) -> Path:
+        """model-fast.onnx, the fused decoder (same weights) that `fast.py` runs; a UserError if it is missing.
 
+        `qwen3vl-lab export` writes it beside every model.onnx; the runtime only reads it (it never
+        imports the builder). A folder without it (an export older than the fast path, or a
+        `quantize_folder` / sweep variant) gets a one-line error naming the two ways to write it."""
         path = self.folder / FAST_DECODER_FILE
         if not path.is_file():
-            write_fast_decoder(self.folder, self.config)
-        return open_session(path, self.options)
+            raise UserError(f"{path} is missing (the fused decoder that fast=True / --fast runs); re-run "
+                            "`qwen3vl-lab export` for this folder, or write it beside model.onnx with "
+                            "qwen3vl_lab.export.decoder_fast.write_fast_decoder(folder)")
+        return path
+
+    @cached_property
+    def fast_decoder(self) -> ort.InferenceSession:
+        """The fused decoder's session (`fast_decoder_file`), opened on first use."""
+        return open_session(self.fast_decoder_file(), self.options)
 
     @property
     def precision(self) -> str:

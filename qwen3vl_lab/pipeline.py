@@ -59,6 +59,8 @@ class Qwen3VLPipeline:
         the teaching decoder is then only opened if a padded batch of prompts needs it."""
         self.fast = fast
         self.model: Model = load_model(model_dir, text_precision, options, open_decoder=not fast)
+        if fast:
+            self.model.fast_decoder_file()  # a folder without model-fast.onnx fails here, not at the first prompt
         self.vision_cache: OrderedDict[str, object] = OrderedDict()  # pixel hash -> VisionFeatures
         self.vision_calls = 0  # how many images/videos went through the vision tower
 

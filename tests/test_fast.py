@@ -18,11 +18,13 @@ import numpy as np
 import onnx
 import pytest
 
+from helpers import assert_one_line_error, run_cli
 from qwen3vl_lab.errors import UserError
-from qwen3vl_lab.export.decoder_fast import FAST_DECODER_FILE
+from qwen3vl_lab.export.decoder_fast import write_fast_decoder
 from qwen3vl_lab.export.exporter import export
 from qwen3vl_lab.fast import FastDecoder, fast_generate_tokens
 from qwen3vl_lab.generate import Prompt, generate_tokens, prepare_multimodal_prompt, prepare_prompt
+from qwen3vl_lab.layout import FAST_DECODER_FILE
 from qwen3vl_lab.model import load_model
 from qwen3vl_lab.pipeline import Qwen3VLPipeline, greedy
 from qwen3vl_lab.positions import Positions
@@ -218,16 +220,31 @@ def test_fast_graph_uses_fused_ops_and_reads_the_same_weights(onnx_dir, precisio
         np.testing.assert_array_equal(fused.array(qkv.input[j]), np.concatenate(parts))
 
 
-def test_missing_fast_graph_is_written_on_first_use(onnx_dir, tmp_path):
+def test_missing_fast_graph_is_a_one_line_error_and_the_builder_writes_it(onnx_dir, tmp_path, capsys):
+    """The runtime only reads model-fast.onnx (it never imports the builder): a folder without it
+    (an older export, a quantize_folder / sweep variant) is refused before any prompt runs, naming
+    the file and both fixes; `write_fast_decoder` then makes the same folder run with the same tokens."""
     import shutil
 
     copy = tmp_path / "copy"
     shutil.copytree(onnx_dir / "cpu-int4", copy)
     (copy / FAST_DECODER_FILE).unlink()
+    (copy / (FAST_DECODER_FILE + ".data")).unlink(missing_ok=True)
+    with pytest.raises(UserError, match="model-fast.onnx is missing.*qwen3vl-lab export.*write_fast_decoder"):
+        Qwen3VLPipeline(copy, "int4", fast=True)
     model = load_model(copy, "int4", open_decoder=False)
     p = prepare_prompt(model, PROMPTS[0])
-    assert len(list(fast_generate_tokens(model, p, greedy, 3, eos_token_ids=[]))) == 3
-    assert (copy / FAST_DECODER_FILE).is_file() and model.decoder_session is None
+    with pytest.raises(UserError, match="model-fast.onnx is missing"):
+        list(fast_generate_tokens(model, p, greedy, 3, eos_token_ids=[]))
+    code, out, err = run_cli(capsys, "generate", "--model_dir", copy, "--text_precision", "int4", "--prompt", "Hi",
+                             "--fast", "--max_new_tokens", "2")
+    assert_one_line_error(code, err, FAST_DECODER_FILE, "qwen3vl-lab export")
+    assert out == "" and not (copy / FAST_DECODER_FILE).exists()  # nothing printed, nothing written
+
+    write_fast_decoder(copy)  # the builder step `qwen3vl-lab export` runs for every precision folder
+    rebuilt, exported = (load_model(folder, "int4", open_decoder=False) for folder in (copy, onnx_dir))
+    tokens = [list(fast_generate_tokens(m, p, greedy, 3, eos_token_ids=[])) for m in (rebuilt, exported)]
+    assert len(tokens[0]) == 3 and tokens[0] == tokens[1] and rebuilt.decoder_session is None
 
 
 def test_pipeline_fast_flag(onnx_dir):

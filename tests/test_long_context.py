@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 
 from qwen3vl_lab.cache import bytes_per_token  # noqa: E402
 from qwen3vl_lab.errors import UserError  # noqa: E402
-from qwen3vl_lab.export.genai_config import GENAI_CONFIG  # noqa: E402
+from qwen3vl_lab.layout import GENAI_CONFIG  # noqa: E402
 from qwen3vl_lab.generate import (ContextOverflow, generate_batch, generate_tokens, pad_prompts,  # noqa: E402
                                   prepare_ids, prepare_multimodal_prompt, prepare_prompt, run_prefill)
 from qwen3vl_lab.model import load_model  # noqa: E402

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from qwen3vl_lab.errors import UserError
-from qwen3vl_lab.export.genai_config import GENAI_CONFIG, VISION_FILE
+from qwen3vl_lab.layout import GENAI_CONFIG, VISION_FILE
 from helpers import assert_one_line_error, grace_hopper, run_cli as run
 
 @pytest.fixture(scope="module")

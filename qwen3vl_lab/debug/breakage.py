@@ -25,7 +25,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import UserError
-from ..export.genai_config import DECODER_FILE, GENAI_CONFIG
+from ..layout import DECODER_FILE, GENAI_CONFIG
 from ..config import ENDOFTEXT_TOKEN_ID
 
 KINDS = ("no_qk_norm", "no_deepstack", "positions_1d", "eos_missing", "wrong_type")

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..export.genai_config import DECODER_FILE, EMBEDDING_FILE, VISION_FILE
 from ..generate import prepare_prompt
+from ..layout import DECODER_FILE, EMBEDDING_FILE, VISION_FILE
 from ..model import Model
 from ..positions import Positions, build_positions, next_positions
 from ..steps import embed, prefill

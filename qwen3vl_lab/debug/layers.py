@@ -26,8 +26,8 @@ import onnx
 import onnxruntime as ort
 
 from ..cache import KVCache
-from ..export.genai_config import DECODER_FILE
 from ..generate import Prompt
+from ..layout import DECODER_FILE
 from ..model import Model
 from ..positions import next_positions
 from ..steps import embed, zeros_deepstack

@@ -26,8 +26,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import UserError
-from ..export.genai_config import DECODER_FILE
 from ..export.quantize import read_array
+from ..layout import DECODER_FILE
 from ..model import Model
 
 PREFIX = "model.language_model."

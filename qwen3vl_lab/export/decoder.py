@@ -23,31 +23,13 @@ from typing import Callable
 import numpy as np
 
 from ..config import ModelConfig, TextConfig
+from ..rope import mrope_inv_freq_by_axis
 from .onnx_graph import FLOAT, INT64, GraphBuilder
 
 Weights = Callable[[str], np.ndarray]  # HF parameter name -> float32 array
 
 NEG_INF = float(np.finfo(np.float32).min)  # what transformers adds at masked positions
 PREFIX = "model.language_model"
-
-
-def mrope_inv_freq_by_axis(text: TextConfig) -> np.ndarray:
-    """(3, hd/2) float32: row a holds inv_freq[j] where channel j rotates with axis a (T, H, W), else 0.
-
-    Interleaved MRoPE (FACTS §4.2): channel j uses H if j % 3 == 1 and j < 3*section[1],
-    W if j % 3 == 2 and j < 3*section[2], T otherwise.
-    """
-    half = text.head_dim // 2
-    exponent = np.arange(0, text.head_dim, 2, dtype=np.float32) / np.float32(text.head_dim)  # (hd/2,)
-    power = (np.float64(text.rope_theta) ** exponent.astype(np.float64)).astype(np.float32)  # rounded like torch
-    inv_freq = np.float32(1.0) / power  # theta^(-2j/hd), bit-equal to transformers' inv_freq
-    axis = np.zeros(half, dtype=np.int64)  # 0 = T
-    j = np.arange(half)
-    axis[(j % 3 == 1) & (j < 3 * text.mrope_section[1])] = 1
-    axis[(j % 3 == 2) & (j < 3 * text.mrope_section[2])] = 2
-    table = np.zeros((3, half), dtype=np.float32)
-    table[axis, j] = inv_freq
-    return table
 
 
 def linear(g: GraphBuilder, x: str, weights: Weights, name: str, out: str | None = None) -> str:

@@ -19,7 +19,7 @@ layers are also fused into one MatMulNBits each (their packed bytes concatenated
 
 Inputs  inputs_embeds (B, S, H) f32, position_ids (3, B, S) i64, seqlens_k (B,) i32 (= total
         length - 1 per row), total_sequence_length () i32, cos_cache / sin_cache (C, hd/2) f32
-        (cos/sin of position p * inv_freq, rows 0..C-1), past_key_values.{i}.key/value
+        (cos/sin of position p * inv_freq, rows 0..C-1: `rope.rope_cache`), past_key_values.{i}.key/value
         (B, kv, C, hd) f32 — the preallocated buffers, bound again as present.{i}.*,
         deepstack_embeds (D, B, S, H) f32, logits_to_keep () i64 [optional, 0 = all]
 Outputs logits (B, S', V), present.{i}.key/value (B, kv, C, hd)
@@ -38,11 +38,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..config import ModelConfig, TextConfig
 from ..errors import UserError
-from . import genai_config as gc
-from .decoder import PREFIX, mrope_inv_freq_by_axis
+from ..layout import DECODER_FILE, FAST_DECODER_FILE, GENAI_CONFIG
+from .decoder import PREFIX
 from .onnx_graph import FLOAT, INT64, MS_DOMAIN, GraphBuilder
 
-FAST_DECODER_FILE = "model-fast.onnx"
 INT32 = TensorProto.INT32
 LINEAR_OPS = ("MatMul", "MatMulNBits", "FusedMatMul", "Gemm")
 # onnxruntime's quantizer names the packed tensors after the weight: W_Q4, W_Q8G32, W_scales, W_zp, ...
@@ -255,17 +254,6 @@ def build_fast_decoder(cfg: ModelConfig, source: onnx.ModelProto, folder: Path |
     return g.build(doc="qwen3vl-lab fast decoder: fused onnxruntime contrib ops over the weights of model.onnx")
 
 
-def rope_cache(text: TextConfig, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin (length, hd/2) float32: angle p * inv_freq[j] for positions p = 0..length-1.
-
-    MRotaryEmbedding picks, for channel j, the row of the position on j's axis (T, H or W), so one
-    1-D table serves all three axes; inv_freq is the one `export/decoder.py` uses (bit-equal to
-    transformers')."""
-    inv_freq = mrope_inv_freq_by_axis(text).sum(axis=0)  # (hd/2,): each channel has one axis' value
-    angles = np.arange(length, dtype=np.float32)[:, None] * inv_freq[None, :]  # (length, hd/2), fp32 like torch
-    return np.cos(angles), np.sin(angles)
-
-
 def write_fast_decoder(folder: str | Path, cfg: ModelConfig | None = None, fuse: bool | None = None) -> Path:
     """Write `model-fast.onnx` beside an exported `model.onnx` (any precision); returns its path.
 
@@ -279,11 +267,11 @@ def write_fast_decoder(folder: str | Path, cfg: ModelConfig | None = None, fuse:
     import tempfile  # noqa: PLC0415
 
     folder = Path(folder)
-    source_path = folder / gc.DECODER_FILE
+    source_path = folder / DECODER_FILE
     if not source_path.is_file():
         raise UserError(f"{source_path} is missing; run `qwen3vl-lab export` first")
     if cfg is None:
-        genai = json.loads((folder / gc.GENAI_CONFIG).read_text(encoding="utf-8"))
+        genai = json.loads((folder / GENAI_CONFIG).read_text(encoding="utf-8"))
         cfg = ModelConfig.from_dict(genai["qwen3vl_lab"]["config"])
     source = onnx.load(str(source_path), load_external_data=False)
     out, data = folder / FAST_DECODER_FILE, folder / (FAST_DECODER_FILE + ".data")

@@ -29,6 +29,7 @@ from ..checkpoint import Checkpoint
 from ..config import ModelConfig, load_hf_config
 from ..errors import UserError
 from ..files import replace_folder
+from ..layout import DECODER_FILE, EMBEDDING_FILE, VISION_FILE
 from ..tokenizer import shipped_tokenizer_dir
 from . import genai_config as gc
 from .decoder import PREFIX, build_decoder, build_embedding, lm_head_weight
@@ -79,18 +80,18 @@ def export_precision(cfg: ModelConfig, ckpt: Checkpoint, folder: Path, precision
     weights = ckpt.get
     steps = cfg.text.num_hidden_layers + 2
     with tqdm(total=steps, desc=f"export {precision}", unit="part", disable=not progress) as bar:
-        build_embedding(cfg, weights, folder / (gc.EMBEDDING_FILE + ".data")).save(folder / gc.EMBEDDING_FILE)
+        build_embedding(cfg, weights, folder / (EMBEDDING_FILE + ".data")).save(folder / EMBEDDING_FILE)
         bar.update(1)
         vision = None
         if has_vision(ckpt):
             from .vision import build_vision, vision_genai_section  # noqa: PLC0415 (optional part)
 
-            build_vision(cfg, weights, folder / (gc.VISION_FILE + ".data")).save(folder / gc.VISION_FILE)
+            build_vision(cfg, weights, folder / (VISION_FILE + ".data")).save(folder / VISION_FILE)
             vision = vision_genai_section(cfg)
         bar.update(1)
         head = lm_head_weight(cfg, weights, set(ckpt.names()))
-        build_decoder(cfg, weights, folder / (gc.DECODER_FILE + ".data"), with_attentions=with_attentions,
-                      lm_head=head, progress=bar).save(folder / gc.DECODER_FILE)
+        build_decoder(cfg, weights, folder / (DECODER_FILE + ".data"), with_attentions=with_attentions,
+                      lm_head=head, progress=bar).save(folder / DECODER_FILE)
     write_fast_decoder(folder, cfg)  # model-fast.onnx: the fused graph over the same weights (fast.py)
     config = gc.make_genai_config(cfg, precision, vision=vision, with_attentions=with_attentions, source=source)
     gc.write_genai_config(folder, config)

@@ -12,11 +12,7 @@ import json
 from pathlib import Path
 
 from ..config import ModelConfig
-
-GENAI_CONFIG = "genai_config.json"
-DECODER_FILE = "model.onnx"
-EMBEDDING_FILE = "qwen3vl-embedding.onnx"
-VISION_FILE = "qwen3vl-vision.onnx"
+from ..layout import DECODER_FILE, EMBEDDING_FILE, GENAI_CONFIG
 
 
 def make_genai_config(cfg: ModelConfig, precision: str, *, vision: dict | None = None, recipe: dict | None = None,

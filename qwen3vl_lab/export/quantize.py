@@ -38,6 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import UserError
 from ..files import replace_folder
+from ..layout import DECODER_FILE, EMBEDDING_FILE, GENAI_CONFIG, VISION_FILE
 from . import genai_config as gc
 from .onnx_graph import ALIGN, INLINE_LIMIT, MS_DOMAIN
 
@@ -48,7 +49,7 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 BITS = (2, 4, 8)
 QUANTIZATION_FILE = "quantization.json"
 LM_HEAD_OUTPUT = "logits"  # the decoder's last MatMul writes the logits (export/decoder.py)
-COPIED_FILES = (gc.EMBEDDING_FILE, gc.EMBEDDING_FILE + ".data", gc.VISION_FILE, gc.VISION_FILE + ".data")
+COPIED_FILES = (EMBEDDING_FILE, EMBEDDING_FILE + ".data", VISION_FILE, VISION_FILE + ".data")
 
 
 # -- the recipe --------------------------------------------------------------------------------
@@ -340,11 +341,11 @@ def quantize_decoder(src_folder: Path, dst_folder: Path, recipe: Int4Recipe, pro
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     src_folder, dst_folder = Path(src_folder), Path(dst_folder)
-    model = onnx.load(str(src_folder / gc.DECODER_FILE), load_external_data=False)
+    model = onnx.load(str(src_folder / DECODER_FILE), load_external_data=False)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     targets = _matmul_weights(graph, inits)
-    data = ExternalData(dst_folder / (gc.DECODER_FILE + ".data"))
+    data = ExternalData(dst_folder / (DECODER_FILE + ".data"))
     new_nodes, new_inits, records, excluded, replaced = [], [], [], [], set()
     try:
         with tqdm(total=len(targets), desc=f"quantize {recipe.name}", unit="matmul", disable=not progress) as bar:
@@ -385,7 +386,7 @@ def quantize_decoder(src_folder: Path, dst_folder: Path, recipe: Int4Recipe, pro
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     model.doc_string = f"qwen3vl-lab INT4 decoder ({recipe.name}), quantized by onnxruntime MatMulNBitsQuantizer"
-    onnx.save_model(model, str(dst_folder / gc.DECODER_FILE))
+    onnx.save_model(model, str(dst_folder / DECODER_FILE))
     return {"nodes": records, "excluded": excluded}
 
 
@@ -430,10 +431,10 @@ def quantize_folder(fp32_folder: str | Path, out_folder: str | Path, recipe: Int
     """
     recipe = (recipe or Int4Recipe()).validate()
     src, out = Path(fp32_folder), Path(out_folder)
-    if not (src / gc.DECODER_FILE).is_file() or not (src / gc.GENAI_CONFIG).is_file():
-        raise UserError(f"{src} is not an exported fp32 folder (no {gc.DECODER_FILE} / {gc.GENAI_CONFIG}); "
+    if not (src / DECODER_FILE).is_file() or not (src / GENAI_CONFIG).is_file():
+        raise UserError(f"{src} is not an exported fp32 folder (no {DECODER_FILE} / {GENAI_CONFIG}); "
                         "run `qwen3vl-lab export --precision fp32` first")
-    genai = json.loads((src / gc.GENAI_CONFIG).read_text(encoding="utf-8"))
+    genai = json.loads((src / GENAI_CONFIG).read_text(encoding="utf-8"))
     if genai.get("qwen3vl_lab", {}).get("precision") != "fp32":
         raise UserError(f"{src} holds precision {genai.get('qwen3vl_lab', {}).get('precision')!r}; quantize the fp32 folder")
     if recipe.algorithm == "hqq":
@@ -454,7 +455,7 @@ def quantize_folder(fp32_folder: str | Path, out_folder: str | Path, recipe: Int
         genai["qwen3vl_lab"]["precision"] = "int4"
         genai["qwen3vl_lab"]["recipe"] = recipe.to_dict()
         gc.write_genai_config(staging, genai)
-        decoder_files = (gc.DECODER_FILE, gc.DECODER_FILE + ".data")
+        decoder_files = (DECODER_FILE, DECODER_FILE + ".data")
         (staging / QUANTIZATION_FILE).write_text(json.dumps(quantization_record(
             recipe, nodes, seconds, _folder_bytes(src, decoder_files), _folder_bytes(staging, decoder_files)),
             indent=2) + "\n", encoding="utf-8")
@@ -472,7 +473,7 @@ def quantization_record(recipe: Int4Recipe, nodes: dict, seconds: float, fp32_by
         "recipe": recipe.to_dict(),
         "quantizer": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
         "onnxruntime_version": onnxruntime.__version__,
-        "source": f"cpu-fp32/{gc.DECODER_FILE}",
+        "source": f"cpu-fp32/{DECODER_FILE}",
         "seconds": round(seconds, 3),
         "decoder_bytes": {"fp32": fp32_bytes, "quantized": int4_bytes},
         "num_quantized": len(nodes["nodes"]),
@@ -483,7 +484,7 @@ def quantization_record(recipe: Int4Recipe, nodes: dict, seconds: float, fp32_by
 
 def read_recipe(folder: str | Path) -> Int4Recipe | None:
     """The recipe a folder was quantized with (from genai_config.json), or None for an fp32 folder."""
-    path = Path(folder) / gc.GENAI_CONFIG
+    path = Path(folder) / GENAI_CONFIG
     if not path.is_file():
         return None
     recipe = json.loads(path.read_text(encoding="utf-8")).get("qwen3vl_lab", {}).get("recipe")

@@ -29,21 +29,16 @@ import math
 import numpy as np
 
 from ..config import ModelConfig, VisionConfig
+from ..layout import (DEEPSTACK_FEATURES, IMAGE_FEATURES, PIXEL_VALUES, POS_INDICES, POS_WEIGHTS, ROTARY_COS,
+                      ROTARY_SIN, VISION_FILE)
 from .decoder import Weights, apply_rope, linear
-from .genai_config import VISION_FILE  # "qwen3vl-vision.onnx"
 from .onnx_graph import FLOAT, INT64, GraphBuilder
 
 PREFIX = "model.visual"
 LAYER_NORM_EPS = 1e-6  # every LayerNorm of the vision tower (blocks and mergers); not in config.json
 
-# graph I/O names (also written to genai_config.json by vision_genai_section)
-PIXEL_VALUES = "pixel_values"
-POS_INDICES = "pos_interp_indices"
-POS_WEIGHTS = "pos_interp_weights"
-ROTARY_COS = "rotary_cos"
-ROTARY_SIN = "rotary_sin"
-IMAGE_FEATURES = "image_features"
-DEEPSTACK_FEATURES = "deepstack_features"
+# graph I/O names: defined in layout.py (vision.py feeds them), also written to genai_config.json
+# by vision_genai_section
 INPUT_NAMES = (PIXEL_VALUES, POS_INDICES, POS_WEIGHTS, ROTARY_COS, ROTARY_SIN)
 
 

@@ -17,8 +17,8 @@ from matplotlib.patches import Rectangle
 
 from ..config import TextConfig
 from ..errors import UserError
-from ..export.decoder import mrope_inv_freq_by_axis
 from ..positions import mrope_channel_axes
+from ..rope import mrope_inv_freq_by_axis
 from .figure import COLORS, figure_of, new_figure, tick_labels
 
 AXES = ("t", "h", "w")
