@@ -387,10 +387,20 @@ def _drop_oldest_turn(messages: list[dict], images: list, videos: list) -> tuple
 n_scenes_t = _number(int, "--n", lambda v: v >= 1, "an integer >= 1")
 
 
+RECIPES_HELP = ("fp32, onnxruntime recipes (e.g. default-b32-sym-acc4-head_int4, "
+                "default-2bit-b16-asym-acc4-head_int4), SIMULATED ones (sim-int3-per-tensor, sim-int2-b16-asym-mse: sim-intBITS-bBLOCK|per-tensor[-asym][-mse]"
+                "[-head_fp32]), or `contrast` for the built-in fp32 / 4 / 3 / 2-bit list")
+
+
 def add_eval_shapes(sub) -> None:
     p = sub.add_parser("eval-shapes", help="accuracy of an exported model on fresh held-out shapes scenes (ONNX only)")
     p.add_argument("--model_dir", required=True, help="an export of the shapes model (make-tiny --trained, then export)")
-    p.add_argument("--text_precision", default="fp32", choices=["fp32", "int4"])
+    p.add_argument("--text_precision", default=None, choices=["fp32", "int4"],
+                   help="the folder to score (default fp32)")
+    p.add_argument("--recipes", nargs="+", default=None, metavar="NAME",
+                   help="instead, build these variants from the fp32 export and score each: " + RECIPES_HELP)
+    p.add_argument("--out_dir", default=None, help="with --recipes: keep the variants here and reuse them next time "
+                                                   "(default: a temporary folder)")
     p.add_argument("--n", type=n_scenes_t, default=200, help="held-out scenes; every question of each (default 200)")
     p.add_argument("--seed", type=seed_t, default=0, help="held-out stream (default 0)")
     p.add_argument("--threads", type=threads_t, default=None, help="onnxruntime intra-op threads")
@@ -399,11 +409,52 @@ def add_eval_shapes(sub) -> None:
     p.set_defaults(run=run_eval_shapes)
 
 
+def _parse_recipes(names, *, fp32: bool = True):
+    """Recipe names from the command line ("contrast" = the built-in list) -> recipes, checked before any work."""
+    from .debug.accuracy import FP32, contrast_recipes, parse_recipe  # noqa: PLC0415
+
+    recipes = []
+    for name in names:
+        recipes += contrast_recipes() if name == "contrast" else [parse_recipe(name)]
+    if not fp32:
+        if FP32 in names:
+            raise UserError("fp32 is the sweep's reference, not a recipe to rank; leave it out of --recipes")
+        recipes = [r for r in recipes if r != FP32]
+    return recipes
+
+
+def _recipe_accuracy(model_dir, recipes, n: int, seed: int, out_dir, threads, *, quiet: bool):
+    from .debug.accuracy import recipe_accuracy  # noqa: PLC0415
+    from .model import RuntimeOptions  # noqa: PLC0415
+
+    return recipe_accuracy(model_dir, recipes, n=n, seed=seed, out_dir=out_dir, options=RuntimeOptions(threads=threads),
+                           progress=not quiet)
+
+
+def _print_recipe_accuracy(result, seconds: float) -> None:
+    print(result.table())
+    print(f"\nthe same questions, every recipe ({seconds:.1f} s in all):")
+    print(result.examples_table())
+
+
 def run_eval_shapes(a) -> int:
     from .model import RuntimeOptions, load_model  # noqa: PLC0415
     from .shapes import format_table  # noqa: PLC0415
     from .shapes_eval import evaluate_shapes  # noqa: PLC0415
 
+    if a.recipes:
+        if a.text_precision is not None:
+            raise UserError("--recipes builds its variants from the fp32 export; leave out --text_precision")
+        t0 = time.perf_counter()
+        result = _recipe_accuracy(a.model_dir, _parse_recipes(a.recipes), a.n, a.seed, a.out_dir, a.threads,
+                                  quiet=a.quiet)
+        _print_recipe_accuracy(result, time.perf_counter() - t0)
+        if a.json:
+            print(json.dumps(result.to_json()))
+        return 0
+    if a.out_dir is not None:
+        raise UserError("--out_dir keeps the variants of --recipes; pass --recipes too, or leave out --out_dir")
+    a.text_precision = a.text_precision or "fp32"
     model = load_model(a.model_dir, a.text_precision, RuntimeOptions(threads=a.threads))
     t0 = time.perf_counter()
     result = evaluate_shapes(model, n=a.n, seed=a.seed, progress=not a.quiet)
@@ -482,6 +533,9 @@ def run_doctor(a) -> int:
     return 0
 
 
+shapes_t = _number(int, "--shapes", lambda v: v >= 1, "a number of scenes >= 1")
+
+
 def add_sweep(sub) -> None:
     p = sub.add_parser("sweep", help="build INT4 recipe variants of an fp32 export and rank them by agreement with fp32")
     p.add_argument("--model_dir", required=True, help="an export folder with cpu-fp32/")
@@ -489,17 +543,20 @@ def add_sweep(sub) -> None:
     p.add_argument("--out_dir", default=None, help="keep the variants here (default: a temporary folder)")
     p.add_argument("--recipes", nargs="+", default=None, metavar="NAME",
                    help="recipes to build, e.g. default-b32-sym-acc4-head_int4 rtn-b64-asym-acc0-head_int8 "
-                        "default-2bit-b32-sym-acc4-head_int4 (default: the built-in list)")
+                        "default-2bit-b32-sym-acc4-head_int4 sim-int3-per-tensor (SIMULATED: sim-intBITS-bBLOCK|"
+                        "per-tensor[-asym][-mse][-head_fp32]) (default: the built-in list)")
     p.add_argument("--fast", action="store_true", help="skip the slow algorithms (k_quant, hqq) of the built-in list")
+    p.add_argument("--shapes", type=shapes_t, default=None, metavar="N",
+                   help="also score fp32 and every recipe on N held-out scenes of the shapes task (the trained "
+                        "shapes model only: make-tiny --trained, then export)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_sweep)
 
 
 def _run_sweep(model_dir, prompts, image, image_size, n_steps, out_dir, *, fast: bool, quiet: bool, names=None):
     from .debug.sweep import default_recipes, sweep  # noqa: PLC0415
-    from .export.quantize import Int4Recipe  # noqa: PLC0415
 
-    recipes = [Int4Recipe.from_name(n) for n in names] if names else default_recipes(include_slow=not fast)
+    recipes = _parse_recipes(names, fp32=False) if names else default_recipes(include_slow=not fast)
     result = sweep(model_dir, recipes, prompts, out_dir=out_dir, n_steps=n_steps,
                    image=image, image_size=image_size, progress=not quiet)
     print()
@@ -508,10 +565,27 @@ def _run_sweep(model_dir, prompts, image, image_size, n_steps, out_dir, *, fast:
 
 
 def run_sweep(a) -> int:
+    import tempfile  # noqa: PLC0415
+
     from .debug.figures import write_figures  # noqa: PLC0415
 
-    result = _run_sweep(a.model_dir, a.prompt, _image_arg(a), a.image_size, a.n_steps or 12, a.out_dir,
-                        fast=a.fast, quiet=a.quiet, names=a.recipes)
+    from .debug.sweep import default_recipes  # noqa: PLC0415
+
+    image = _image_arg(a)
+    if a.shapes is None:
+        result = _run_sweep(a.model_dir, a.prompt, image, a.image_size, a.n_steps or 12, a.out_dir,
+                            fast=a.fast, quiet=a.quiet, names=a.recipes)
+    else:  # accuracy first (a model that is not the shapes model stops here), then the sweep reuses its variants
+        recipes = _parse_recipes(a.recipes, fp32=False) if a.recipes else default_recipes(include_slow=not a.fast)
+        with tempfile.TemporaryDirectory(prefix="qwen3vl-sweep-") as tmp:
+            out_dir = a.out_dir or tmp
+            t0 = time.perf_counter()
+            accuracy = _recipe_accuracy(a.model_dir, recipes, a.shapes, 0, out_dir, None, quiet=a.quiet)
+            seconds = time.perf_counter() - t0
+            result = _run_sweep(a.model_dir, a.prompt, image, a.image_size, a.n_steps or 12, out_dir,
+                                fast=a.fast, quiet=a.quiet, names=[r.name for r in recipes])
+            print()
+            _print_recipe_accuracy(accuracy, seconds)
     if a.report_dir:
         paths = write_figures(None, a.report_dir, sweep=result)
         print(f"wrote {', '.join(str(p) for p in paths)}")

@@ -75,3 +75,16 @@ def tiny_onnx_dir(tiny_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("onnx") / "tiny-fp32-int4"
     export(tiny_dir, out, ["fp32", "int4"], progress=False, log=lambda _: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def shapes_onnx_fp32_dir(tmp_path_factory) -> Path:
+    """The trained shapes model (make-tiny --trained) exported fp32 only. Shared read-only: copy it before changing anything."""
+    from qwen3vl_lab.export.exporter import export
+    from qwen3vl_lab.export.tiny import make_tiny
+
+    base = tmp_path_factory.mktemp("shapes")
+    make_tiny(base / "hf", preset="shapes", trained=True)
+    out = base / "onnx"
+    export(base / "hf", out, progress=False, log=lambda _: None)
+    return out

@@ -12,6 +12,8 @@ Modules (each usable on its own; results are small dataclasses holding numpy arr
     weights.py    MatMulNBits unpacking (checked against onnxruntime) and per-matrix / per-block error
     checklist.py  the INT4-gibberish checklist, pass/fail with evidence
     sweep.py      build INT4 recipe variants and rank them by agreement with fp32
+    simulate.py   SIMULATED low-bit weights (3 bits, per-tensor scales, clipping): what MatMulNBits cannot run
+    accuracy.py   answers, not logits: exact-match accuracy of each recipe on the shapes task
     breakage.py   deliberately broken folders (no q/k-norm, DeepStack unwired, 1-D positions, ...)
     doctor.py     all of the above for one folder; figures.py draws them
 """
@@ -28,6 +30,9 @@ _EXPORTS = {
     "dequantize_with_onnxruntime": "weights", "compare_weights": "weights",
     "Checklist": "checklist", "CheckItem": "checklist", "run_checklist": "checklist",
     "SweepResult": "sweep", "default_recipes": "sweep",
+    "SimRecipe": "simulate", "fake_quantize": "simulate", "simulate_folder": "simulate",
+    "AccuracyResult": "accuracy", "recipe_accuracy": "accuracy", "contrast_recipes": "accuracy",
+    "load_variant": "accuracy", "parse_recipe": "accuracy",
     "make_broken": "breakage",
     "DoctorReport": "doctor", "diagnose": "doctor",
     "write_figures": "figures",

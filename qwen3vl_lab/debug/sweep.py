@@ -6,9 +6,12 @@
     result.names, result.mean_kl, result.agreement          # arrays in rank order, ready to plot
 
 Every variant is quantized from OUT/cpu-fp32 by onnxruntime's MatMulNBitsQuantizer (export/quantize.py)
-into OUT_DIR/<recipe name>/ (fp32 embedding/vision: one private copy in OUT_DIR/.fp32-assets, hard-linked
-into every variant), then compared with
-fp32 by teacher forcing (debug/compare.py). Ranking: lowest mean KL(fp32 || variant) over every step
+into OUT_DIR/<recipe name>/ (fp32 embedding/vision and the export's pytorch/ files: one private copy in
+OUT_DIR/.fp32-assets, hard-linked into every variant), then compared with fp32 by teacher forcing
+(debug/compare.py). A `SimRecipe` (simulate.py: 3 bits, per-tensor scales, ...) is built as a SIMULATED
+variant instead, and its rows say so. A variant already in OUT_DIR, stamped with the same fp32 decoder
+and recipe, is reused (`accuracy.build_variant`); `accuracy.recipe_accuracy` scores the same variants
+on the shapes task. Ranking: lowest mean KL(fp32 || variant) over every step
 of every prompt first; top-1 agreement and the free-greedy divergence step are reported alongside.
 """
 
@@ -18,7 +21,6 @@ import importlib.util
 import json
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -26,11 +28,13 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import UserError
-from ..export.genai_config import DECODER_FILE
-from ..export.quantize import QUANTIZATION_FILE, Int4Recipe, copy_assets, quantize_folder
-from ..model import Model, load_model, resolve_folder
+from ..export.quantize import QUANTIZATION_FILE, Int4Recipe
+from ..layout import DECODER_FILE
+from ..model import Model, load_model
+from .accuracy import build_variant, fp32_source, shared_assets, source_fingerprint
 from .compare import Comparison, compare
 from .inputs import PromptLike, as_specs
+from .simulate import SimRecipe
 
 
 def default_recipes(include_slow: bool = True) -> list[Int4Recipe]:
@@ -57,7 +61,7 @@ def default_recipes(include_slow: bool = True) -> list[Int4Recipe]:
 
 @dataclass
 class SweepRow:
-    recipe: Int4Recipe
+    recipe: Int4Recipe | SimRecipe  # a SimRecipe row is a SIMULATION (fp32 MatMuls holding rounded weights)
     folder: str
     mean_kl: float
     max_kl: float
@@ -71,6 +75,10 @@ class SweepRow:
     @property
     def name(self) -> str:
         return self.recipe.name
+
+    @property
+    def simulated(self) -> bool:
+        return isinstance(self.recipe, SimRecipe)
 
 
 @dataclass
@@ -96,7 +104,7 @@ class SweepResult:
     def first_divergence(self) -> np.ndarray:
         return np.array([r.first_divergence for r in self.rows])
 
-    def rank_of(self, recipe: Int4Recipe | str) -> int:
+    def rank_of(self, recipe: Int4Recipe | SimRecipe | str) -> int:
         name = recipe if isinstance(recipe, str) else recipe.validate().name
         return self.names.index(name)
 
@@ -106,14 +114,19 @@ class SweepResult:
         lines = [f"recipe sweep: {len(self.prompts)} prompt(s) x {self.n_steps} steps, ranked by {self.ranked_by}",
                  head, "-" * len(head)]
         for i, r in enumerate(self.rows):
+            sim = "  SIMULATED" if r.simulated else ""
             lines.append(f"{i + 1:2d} {r.name[:42]:42s} {r.mean_kl:9.4f} {r.max_kl:8.4f} {r.agreement:6.0%} "
-                         f"{r.mean_ref_rank:7.1f} {r.first_divergence:7.1f} {r.decoder_mb:7.1f} {r.quantize_seconds:7.2f}")
+                         f"{r.mean_ref_rank:7.1f} {r.first_divergence:7.1f} {r.decoder_mb:7.1f} {r.quantize_seconds:7.2f}{sim}")
+        if any(r.simulated for r in self.rows):
+            lines.append("SIMULATED: fp32 MatMuls holding rounded weights (simulate.py), not onnxruntime quantized "
+                         "models; their MB are fp32 sizes")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
         return {"prompts": self.prompts, "n_steps": self.n_steps, "ranked_by": self.ranked_by,
-                "rows": [{"recipe": r.recipe.to_dict(), "folder": r.folder, "mean_kl": r.mean_kl, "max_kl": r.max_kl,
-                          "top1_agreement": r.agreement, "mean_ref_rank": r.mean_ref_rank,
+                "rows": [{"recipe": r.recipe.to_dict(), "simulated": r.simulated, "folder": r.folder,
+                          "mean_kl": r.mean_kl, "max_kl": r.max_kl, "top1_agreement": r.agreement,
+                          "mean_ref_rank": r.mean_ref_rank,
                           "first_divergence": r.first_divergence, "decoder_mb": r.decoder_mb,
                           "quantize_seconds": r.quantize_seconds} for r in self.rows]}
 
@@ -123,7 +136,7 @@ def _decoder_mb(folder: Path) -> float:
                if (folder / f).is_file()) / 2**20
 
 
-def evaluate_variant(reference: Model, folder: Path, recipe: Int4Recipe, prompts, n_steps: int,
+def evaluate_variant(reference: Model, folder: Path, recipe: Int4Recipe | SimRecipe, prompts, n_steps: int,
                      seconds: float) -> SweepRow:
     variant = load_model(folder)
     cmp = compare(reference, variant, prompts, n_steps)
@@ -133,17 +146,19 @@ def evaluate_variant(reference: Model, folder: Path, recipe: Int4Recipe, prompts
                     cmp.mean_ref_rank, float(np.mean(div)) if div else float(n_steps), _decoder_mb(folder), seconds, cmp)
 
 
-def sweep(model_dir: str | Path, recipes: Sequence[Int4Recipe] | None = None,
+def sweep(model_dir: str | Path, recipes: Sequence[Int4Recipe | SimRecipe] | None = None,
           prompts: Sequence[PromptLike] | PromptLike | None = None, *, out_dir: str | Path | None = None,
           n_steps: int = 12, image=None, image_size: int | None = None, progress: bool = True,
           keep_comparisons: bool = True) -> SweepResult:
     """Quantize every recipe from the fp32 export in `model_dir`, compare each with fp32, rank them.
 
-    out_dir: where the variants are written (kept); None = a temporary folder removed afterwards.
+    recipes: Int4Recipe (onnxruntime) and SimRecipe (simulated) objects; default `default_recipes()`.
+    out_dir: where the variants are written (kept, and reused by later calls); None = a temporary
+    folder removed afterwards.
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    fp32 = resolve_folder(model_dir, "fp32")
+    fp32 = fp32_source(model_dir)
     recipes = [r.validate() for r in (recipes if recipes is not None else default_recipes())]
     names = [r.name for r in recipes]
     if len(set(names)) != len(names):
@@ -155,11 +170,10 @@ def sweep(model_dir: str | Path, recipes: Sequence[Int4Recipe] | None = None,
     rows = []
     try:
         root.mkdir(parents=True, exist_ok=True)
-        assets = copy_assets(fp32, root / ".fp32-assets")  # one copy of embedding/vision, linked into each variant
+        assets = shared_assets(fp32, root)  # one copy of embedding/vision + pytorch/, linked into each variant
+        fingerprint = source_fingerprint(fp32)
         for recipe in tqdm(recipes, desc="sweep", unit="recipe", disable=not progress):
-            t0 = time.perf_counter()
-            folder = quantize_folder(fp32, root / recipe.name, recipe, progress=False, link=True, assets=assets)
-            seconds = time.perf_counter() - t0
+            folder, seconds, _ = build_variant(fp32, root, recipe, fingerprint=fingerprint, assets=assets)
             row = evaluate_variant(reference, folder, recipe, specs, n_steps, seconds)
             if not keep_comparisons:
                 row.comparison = None
