@@ -517,7 +517,7 @@ def _image_arg(a):
 
 def run_doctor(a) -> int:
     from .debug.doctor import diagnose  # noqa: PLC0415
-    from .debug.figures import write_figures  # noqa: PLC0415
+    from .viz.doctor import write_figures  # noqa: PLC0415
 
     image = _image_arg(a)
     report = diagnose(a.model_dir, a.text_precision, a.reference, a.prompt, image=image, image_size=a.image_size,
@@ -567,7 +567,7 @@ def _run_sweep(model_dir, prompts, image, image_size, n_steps, out_dir, *, fast:
 def run_sweep(a) -> int:
     import tempfile  # noqa: PLC0415
 
-    from .debug.figures import write_figures  # noqa: PLC0415
+    from .viz.doctor import write_figures  # noqa: PLC0415
 
     from .debug.sweep import default_recipes  # noqa: PLC0415
 

@@ -3,7 +3,7 @@
     from qwen3vl_lab import notebook
     model = notebook.open_model()        # MODEL_DIR, else HF_DIR exported once, else the tiny checkpoint
     notebook.describe()                  # one line saying which of the three it is
-    model = notebook.open_model(default="shapes")  # ... else the trained shapes model (notebooks 04, 06)
+    model = notebook.open_model(default="shapes")  # ... else the trained shapes model (notebooks 04-06)
 
 - `MODEL_DIR=/path/to/export` uses an exported folder (what `qwen3vl-lab export` wrote) as is.
 - `HF_DIR=/path/to/Qwen3-VL-2B-Instruct` exports that checkpoint once (fp32 with attention outputs,
@@ -14,7 +14,8 @@
   gets a fresh export instead of a stale one.
 - `default="shapes"`: instead of the random tiny checkpoint, the trained shapes model
   (`make_tiny(preset="shapes", trained=True)`, qwen3vl_lab/shapes.py), exported fp32 with attention
-  outputs and cached the same way: it answers questions about `shapes.make_scene` images.
+  outputs and cached the same way (the hash also covers the shipped weights, so a retrained model
+  is exported afresh): it answers questions about `shapes.make_scene` images.
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ def cache_dir() -> Path:
     return root
 
 
-def _exporter_hash() -> str:
-    """A short hash of the source files that decide what make_tiny and export write."""
+def _exporter_hash(*extra: Path) -> str:
+    """A short hash of the source files that decide what make_tiny and export write (and of `extra` files)."""
     here = Path(__file__).resolve().parent
-    files = sorted((here / "export").glob("*.py")) + [here / "config.py", here / "checkpoint.py"]
+    files = sorted((here / "export").glob("*.py")) + [here / "config.py", here / "checkpoint.py"] + list(extra)
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
@@ -103,13 +104,15 @@ def tiny_model_dir() -> Path:
 def shapes_model_dir() -> Path:
     """The trained shapes model exported to ONNX (cpu-fp32/ with attention outputs), made on first use."""
     from .export.exporter import export  # noqa: PLC0415
-    from .export.tiny import TRAINED_PRESET, make_tiny  # noqa: PLC0415
+    from .export.tiny import TRAINED_FILES, TRAINED_PRESET, make_tiny, trained_model_dir  # noqa: PLC0415
 
     def build(tmp: Path) -> None:
         make_tiny(tmp / "hf", preset=TRAINED_PRESET, trained=True)
         export(tmp / "hf", tmp / "onnx", ("fp32",), with_attentions=True, progress=False, log=_silent)
 
-    final = cache_dir() / f"shapes-trained-{_exporter_hash()}"
+    shipped = Path(str(trained_model_dir()))  # retrained weights -> a new cache folder
+    weights = [shipped / name for name in TRAINED_FILES if (shipped / name).is_file()]
+    final = cache_dir() / f"shapes-trained-{_exporter_hash(*weights)}"
     if not final.is_dir():
         _build_once(final, build)
         for old in final.parent.glob("shapes-trained-*"):  # made by an older exporter: never used again

@@ -8,7 +8,7 @@
 
 So a runtime module never imports export/ (the file and graph I/O names they share live in
 `layout.py`, the rotary frequencies in `rope.py`), nor debug/, viz/, train/ or an orchestrator; a viz
-module never imports export/, train/ or an orchestrator. Every import counts: absolute or relative,
+module never imports export/, train/ or an orchestrator; debug/ computes and never draws (no viz/). Every import counts: absolute or relative,
 at the top of the file or inside a function, and `importlib.import_module` with a literal name.
 """
 
@@ -28,6 +28,7 @@ ORCHESTRATORS = ("cli", "notebook", "__main__")  # plus every bench*.py
 FORBIDDEN = {  # part -> the parts it must not import
     "runtime": ("export", "debug", "viz", "train", "orchestrator"),
     "viz": ("export", "train", "orchestrator"),
+    "debug": ("viz", "train", "orchestrator"),
 }
 
 
@@ -105,7 +106,7 @@ def package_files() -> list[Path]:
     return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
 
 
-def test_runtime_and_viz_do_not_import_the_builder():
+def test_the_parts_import_one_way():
     problems = []
     for path in package_files():
         where = path.relative_to(PACKAGE.parent).as_posix()
@@ -143,6 +144,7 @@ CAUGHT = [
     (VIZ, "from ..export.decoder import mrope_inv_freq_by_axis", 1),
     (VIZ, f"from {NAME}.export.decoder import PREFIX", 1),
     (VIZ, "from .. import export", 1),
+    (f"{NAME}.debug.doctor", "def f():\n    from ..viz.int4 import plot_step_divergence\n", 2),
 ]
 ALLOWED = [
     (RUNTIME, "from .config import ModelConfig\nfrom .layout import DECODER_FILE\nimport onnx"),

@@ -15,7 +15,7 @@ Modules (each usable on its own; results are small dataclasses holding numpy arr
     simulate.py   SIMULATED low-bit weights (3 bits, per-tensor scales, clipping): what MatMulNBits cannot run
     accuracy.py   answers, not logits: exact-match accuracy of each recipe on the shapes task
     breakage.py   deliberately broken folders (no q/k-norm, DeepStack unwired, 1-D positions, ...)
-    doctor.py     all of the above for one folder; figures.py draws them
+    doctor.py     all of the above for one folder (qwen3vl_lab.viz.doctor draws them: write_figures)
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ _EXPORTS = {
     "load_variant": "accuracy", "parse_recipe": "accuracy",
     "make_broken": "breakage",
     "DoctorReport": "doctor", "diagnose": "doctor",
-    "write_figures": "figures",
 }
 
 __all__ = sorted(_EXPORTS)

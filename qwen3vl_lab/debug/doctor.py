@@ -3,7 +3,7 @@
     report = diagnose("OUT", "int4", prompts=["Write a haiku."], image="photo.jpg", image_size=256)
     print(report.render())
     report.checklist, report.comparison, report.layers, report.weights     # the result objects, for plots
-    write_figures(report, "report/")                                        # PNGs (debug/figures.py)
+    write_figures(report, "report/")                                        # PNGs (qwen3vl_lab.viz.doctor)
 
 Order follows the debug recipe of ONNX_ANCHORS.md §3: the checklist (config, graph and runtime
 suspects, with the accuracy_level oracle), then the fp32-vs-test comparison per step, then where

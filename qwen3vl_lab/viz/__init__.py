@@ -11,7 +11,8 @@ widgets in `viz.widgets` only choose which step/layer/head/token a plot shows.
 from .attention import (plot_attention, plot_attention_grid, plot_attention_heads, plot_attention_on_image,
                         plot_attention_row)
 from .cache import cache_table, plot_cache_bytes, plot_cache_length, plot_kv_cache
-from .int4 import plot_int4_summary, plot_layer_divergence, plot_step_divergence
+from .doctor import write_figures
+from .int4 import plot_int4_summary, plot_layer_divergence, plot_recipe_accuracy, plot_step_divergence
 from .positions import (inv_freq_per_channel, mrope_angles, plot_image_positions, plot_mrope_channels,
                         plot_positions, plot_token_on_image)
 from .probs import plot_entropy, plot_step_probabilities, plot_top_k
@@ -26,5 +27,5 @@ __all__ = [
     "plot_positions", "plot_image_positions", "plot_mrope_channels", "plot_token_on_image", "inv_freq_per_channel",
     "mrope_angles",
     "plot_top_k", "plot_entropy", "plot_step_probabilities",
-    "plot_step_divergence", "plot_layer_divergence", "plot_int4_summary",
+    "plot_step_divergence", "plot_layer_divergence", "plot_int4_summary", "plot_recipe_accuracy", "write_figures",
 ]

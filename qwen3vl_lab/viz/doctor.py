@@ -5,8 +5,8 @@
     fig = plot_weights(report.weights)           # relative error per weight matrix
     fig = plot_sweep(result)                     # mean KL per recipe, best first
 
-`qwen3vl_lab.viz.int4` (the notebooks' plotting module) is used for the step and layer figures
-when it is installed; these functions are the fallback and cover the weight and sweep figures.
+The step and layer figures are the notebooks' own (`viz/int4.py`); the weight and sweep figures are
+drawn here. The doctor (`debug/`) computes, viz draws: debug never imports viz.
 Figures are created detached from pyplot (`matplotlib.figure.Figure`), so nothing pops up or leaks.
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .compare import Comparison
-from .layers import KINDS, LayerReport
-from .weights import WeightReport
+from ..debug.compare import Comparison
+from ..debug.layers import KINDS, LayerReport
+from ..debug.weights import WeightReport
 
 
 def _figure(figsize=(7.0, 3.6)):
@@ -88,14 +88,14 @@ def plot_sweep(result):
 
 
 def _viz_steps(cmp: Comparison):
-    from ..viz.int4 import plot_step_divergence  # noqa: PLC0415  (the notebooks' plot, when present)
+    from .int4 import plot_step_divergence  # noqa: PLC0415  (the notebooks' plot, when present)
 
     f = cmp.forced[0]
     return plot_step_divergence(f.kl, top1_agree=f.top1_agree, title=f"KL per step: {f.label[:40]}")
 
 
 def _viz_layers(report: LayerReport):
-    from ..viz.int4 import plot_layer_divergence  # noqa: PLC0415
+    from .int4 import plot_layer_divergence  # noqa: PLC0415
 
     rows = [r for r in report.rows if np.isfinite(r.sqnr_db)]
     return plot_layer_divergence(np.array([r.sqnr_db for r in rows]), names=[r.name for r in rows])
