@@ -138,6 +138,55 @@ def test_three_training_steps_change_the_weights(encoder):
     assert not torch.equal(before, model.model.visual.patch_embed.proj.weight)
 
 
+def test_task_rows_train_like_the_full_matrix_and_write_back(encoder):
+    """TaskRows (only the task's embedding rows train) gives the same loss as the full matrix, moves only
+    those rows, and restore() leaves an ordinary model whose embedding holds them."""
+    torch = pytest.importorskip("torch")
+    from qwen3vl_lab.train.train_shapes import (SampledSoftmax, TaskRows, TrainConfig, build_model, make_batch,
+                                                make_optimizer, task_row_ids, train_step)
+
+    torch.set_num_threads(2)
+    cfg = TrainConfig(batch_size=4, steps=2, negatives=64)
+    rows = task_row_ids(encoder)
+    batch = make_batch(encoder, cfg, 0)
+    assert set(np.unique(batch.input_ids)) <= set(rows.tolist())  # every input token has a trainable row
+
+    def first_loss(model):
+        loss_fn = SampledSoftmax(rows, model.config.text_config.vocab_size, cfg.negatives, 0)
+        opt = make_optimizer(model, cfg)
+        return train_step(model, opt, loss_fn, batch, 1e-3, 1.0)[0], opt
+
+    full_model = build_model(0)
+    full_loss, _ = first_loss(full_model)
+    model = build_model(0)
+    before = model.model.language_model.embed_tokens.weight.detach().clone()
+    task = TaskRows(model, rows)
+    loss, opt = first_loss(model)
+    assert abs(loss - full_loss) < 1e-5 * max(1.0, abs(full_loss))
+    assert all(p is not model.lm_head.weight for g in opt.param_groups for p in g["params"])  # the big matrix is frozen
+    model = task.restore()
+    after = model.model.language_model.embed_tokens.weight
+    others = np.setdiff1d(np.arange(after.shape[0]), rows)
+    assert torch.equal(after[others], before[others])
+    assert not torch.equal(after[rows], before[rows])
+    assert model.lm_head.weight.data_ptr() == after.data_ptr()  # still tied
+
+
+def test_position_embedding_init_options():
+    """--pos_embed_std re-draws only the vision position table; sincos is MAE's 2-D code (row half, column half)."""
+    torch = pytest.importorskip("torch")
+    from qwen3vl_lab.train.train_shapes import build_model, sincos_2d
+
+    code = sincos_2d(48, 64).reshape(48, 48, 64)
+    assert np.allclose(code[:, :, :32], code[:, :1, :32]) and np.allclose(code[:, :, 32:], code[:1, :, 32:])
+    assert len({row.tobytes() for row in code.reshape(-1, 64)}) == 48 * 48  # every cell of the table differs
+    default, normal, sincos = build_model(0), build_model(0, 0.1), build_model(0, 0.1, "sincos")
+    assert abs(float(default.model.visual.pos_embed.weight.detach().std()) - 0.02) < 0.002  # transformers' initializer_range
+    assert abs(float(normal.model.visual.pos_embed.weight.detach().std()) - 0.1) < 0.005
+    assert torch.allclose(sincos.model.visual.pos_embed.weight, torch.as_tensor(sincos_2d(48, 64)) * 0.1)
+    assert torch.equal(default.model.visual.patch_embed.proj.weight, normal.model.visual.patch_embed.proj.weight)
+
+
 def test_train_extra_pins_the_same_torch():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert "torch==2.13.0" in project["optional-dependencies"]["train"]
@@ -175,7 +224,8 @@ def test_shipped_checkpoint_is_a_full_bf16_qwen3vl_with_its_recipe(trained_dir):
     assert not (shipped / "vocab.json").exists()  # the tokenizer ships once, in data/tokenizer
     record = json.loads((trained_dir / "training.json").read_text())
     saved = record["eval"]["saved"]  # what training measured on 400 held-out scenes (see TRAINING.md)
-    for key in ("1_object", "describe", "shape"):
+    assert record["eval"]["scenes"] == 400 and record["config"]["init_from"] is None  # one run, from scratch
+    for key in ("1_object", "describe", "colour", "shape"):
         assert saved[key]["accuracy"] >= 0.95, (key, saved[key])
     pre = json.loads((trained_dir / "preprocessor_config.json").read_text())
     assert pre["size"] == {"longest_edge": 9216, "shortest_edge": 9216}
