@@ -51,7 +51,7 @@ from onnx import TensorProto
 from ..errors import UserError
 from ..export.genai_config import write_genai_config
 from ..export.quantize import (COPIED_FILES, LM_HEAD_OUTPUT, ExternalData, _link_or_copy, _matmul_weights,
-                               read_array, read_raw)
+                               carry_initializer, read_array)
 from ..files import replace_folder
 from ..layout import DECODER_FILE, GENAI_CONFIG
 
@@ -218,10 +218,8 @@ def _simulate_decoder(src: Path, dst: Path, recipe: SimRecipe) -> list[dict]:
                 err = float(np.sum((w_hat - w) ** 2) / max(np.sum(w.astype(np.float64) ** 2), 1e-30))
                 records.append({"weight": t.name, "K": int(w.shape[0]), "N": int(w.shape[1]), "rel_mse": err})
                 new_inits.append(data.tensor(t.name, w_hat))
-            elif t.data_location == TensorProto.EXTERNAL:
-                new_inits.append(data.tensor(t.name, raw=read_raw(t, src), data_type=t.data_type, dims=t.dims))
             else:
-                new_inits.append(t)
+                new_inits.append(carry_initializer(t, src, data))
     finally:
         data.close()
     graph.ClearField("initializer")

@@ -371,12 +371,8 @@ def quantize_decoder(src_folder: Path, dst_folder: Path, recipe: Int4Recipe, pro
                 replaced.add(targets[node.name])
                 bar.update(1)
         for t in graph.initializer:  # everything else (norm weights, fp32 head when excluded, ...) is copied
-            if t.name in replaced:
-                continue
-            if t.data_location == TensorProto.EXTERNAL:
-                new_inits.append(data.tensor(t.name, raw=read_raw(t, src_folder), data_type=t.data_type, dims=t.dims))
-            else:
-                new_inits.append(t)
+            if t.name not in replaced:
+                new_inits.append(carry_initializer(t, src_folder, data))
     finally:
         data.close()
     graph.ClearField("node")
@@ -388,6 +384,13 @@ def quantize_decoder(src_folder: Path, dst_folder: Path, recipe: Int4Recipe, pro
     model.doc_string = f"qwen3vl-lab INT4 decoder ({recipe.name}), quantized by onnxruntime MatMulNBitsQuantizer"
     onnx.save_model(model, str(dst_folder / DECODER_FILE))
     return {"nodes": records, "excluded": excluded}
+
+
+def carry_initializer(t: onnx.TensorProto, src_folder: Path, data: ExternalData) -> onnx.TensorProto:
+    """An initializer the new graph keeps unchanged: external data is copied into `data`, inline stays inline."""
+    if t.data_location == TensorProto.EXTERNAL:
+        return data.tensor(t.name, raw=read_raw(t, src_folder), data_type=t.data_type, dims=t.dims)
+    return t
 
 
 # -- a whole precision folder --------------------------------------------------------------------
