@@ -352,3 +352,18 @@ def test_keyword_attention_points_at_the_asked_object(trained_dir, tmp_path_fact
             shares[qa.kind].append(ka.layer_share())  # (L,)
     for kind, s in shares.items():
         assert np.mean(s, axis=0).max() > 0.4, (kind, np.mean(s, axis=0))
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (("--lr", "0"), "--lr"),
+    (("--pos_embed_std", "-1"), "--pos_embed_std"),
+    (("--seed", "-2"), "--seed"),
+    (("--steps", "0"), "--steps"),
+    (("--pos_embed_init", "uniform"), "--pos_embed_init"),
+])
+def test_train_shapes_bad_values_are_one_line_errors(tmp_path, capsys, flags, needle):
+    from helpers import assert_one_line_error, run_cli
+
+    code, _, err = run_cli(capsys, "train-shapes", "--output_dir", str(tmp_path / "out"), *flags)
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "out").exists()

@@ -209,10 +209,10 @@ def sincos_2d(side: int, dim: int) -> np.ndarray:
 def build_model(seed: int, pos_embed_std: float | None = None, pos_embed_init: str = "normal"):
     """transformers' Qwen3VLForConditionalGeneration with the "shapes" preset config, fresh init.
 
-    pos_embed_std: re-draw the vision position embedding at this std. At transformers' 0.02 it is
-    ~40x smaller than a patch's embedding, an object's features end up carrying no trace of where
-    it is (a linear probe reads its cell at chance), and "Where is the circle?" with two objects
-    stays at chance.
+    pos_embed_std: re-draw the vision position embedding at this std (an experiment, see the module
+    docstring). At transformers' 0.02 it is ~40x smaller than a patch's embedding and an object's
+    image token carries no linear trace of its cell; larger, the cell becomes readable, but in
+    6000-step runs the model learned less, and two-object position questions stayed at chance.
     """
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
@@ -261,10 +261,8 @@ class TaskRows:
         self.row_ids = torch.as_tensor(row_ids)
         lookup = torch.full((self.full.num_embeddings,), -1, dtype=torch.long)
         lookup[self.row_ids] = torch.arange(len(row_ids))
-        self.lookup = lookup
-        self.rows = torch.nn.Parameter(self.full.weight[self.row_ids].clone())
-        self.embed = _RowsEmbedding(self.rows, lookup)
-        model.model.language_model.embed_tokens = self.embed
+        self.rows = torch.nn.Parameter(self.full.weight[self.row_ids].clone())  # (K, H), the only trained rows
+        model.model.language_model.embed_tokens = _rows_embedding(self.rows, lookup)
 
     def restore(self):
         """Put the trained rows into the full embedding and the full embedding back into the model."""
@@ -276,7 +274,8 @@ class TaskRows:
         return self.model
 
 
-def _RowsEmbedding(rows, lookup):
+def _rows_embedding(rows, lookup):
+    """An nn.Module that embeds vocabulary ids from the (K, H) task rows (lookup: vocabulary id -> row or -1)."""
     import torch
 
     class RowsEmbedding(torch.nn.Module):
@@ -324,7 +323,6 @@ class SampledSoftmax:
         import torch.nn.functional as F
 
         pick = torch.randperm(len(self.others), generator=self.generator)[: self.negatives]
-        k = len(self.task_ids)
         if task_weight is None:
             task_weight = weight[self.task_ids]
         logits = torch.cat([hidden @ task_weight.T, hidden @ weight[self.others[pick]].T + self.correction], dim=1)  # (N, K + n)
@@ -527,7 +525,7 @@ def command_flags(cfg: dict) -> str:
     default = asdict(TrainConfig())
     flags = []
     for key in ("seed", "steps", "lr", "stage2_at", "stage3_at", "focus", "batch_size", "negatives", "dtype",
-                "pos_embed_std", "pos_embed_init", "threads"):
+                "pos_embed_std", "pos_embed_init", "threads", "eval_n"):
         if key in cfg and cfg[key] != default[key] and not (key.startswith("pos_embed") and cfg.get("init_from")):
             flags.append(f"--{key} {cfg[key]}")
     if not cfg.get("task_rows"):
@@ -688,8 +686,12 @@ def run(a) -> int:
     for name in ("steps", "batch_size", "negatives", "threads", "eval_n"):
         if getattr(a, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(a, name)}")
-    if a.seed < 0 or a.lr <= 0 or (a.pos_embed_std is not None and a.pos_embed_std <= 0):
-        raise UserError("--seed must be >= 0, --lr and --pos_embed_std > 0")
+    if a.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {a.seed}")
+    for name in ("lr", "pos_embed_std"):
+        value = getattr(a, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name} must be > 0, got {value}")
     # Sleeping, not spinning, OpenMP threads: on a shared machine spinning threads make a step ~7x slower.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
