@@ -39,7 +39,7 @@ import numpy as np
 
 from .. import shapes
 from ..errors import UserError
-from ..export.quantize import COPIED_FILES, Int4Recipe, quantize_folder
+from ..export.quantize import COPIED_FILES, Int4Recipe, link_or_copy, quantize_folder
 from ..layout import DECODER_FILE, GENAI_CONFIG
 from ..model import RuntimeOptions, load_model, resolve_folder
 from .simulate import SimRecipe, simulate_folder
@@ -188,10 +188,7 @@ def _link_processor_files(assets: Path, folder: Path) -> None:
     for f in src.iterdir():
         dst = folder / PROCESSOR_FOLDER / f.name
         if not dst.exists():
-            try:
-                os.link(f, dst)
-            except OSError:
-                shutil.copy2(f, dst)
+            link_or_copy(f, dst, link=True)
 
 
 def build_variant(fp32_folder: Path, root: Path, recipe: Int4Recipe | SimRecipe, *, fingerprint: str,

@@ -50,8 +50,8 @@ from onnx import TensorProto
 
 from ..errors import UserError
 from ..export.genai_config import write_genai_config
-from ..export.quantize import (COPIED_FILES, LM_HEAD_OUTPUT, ExternalData, _link_or_copy, _matmul_weights,
-                               carry_initializer, read_array)
+from ..export.quantize import (COPIED_FILES, LM_HEAD_OUTPUT, ExternalData, carry_initializer, link_or_copy,
+                               matmul_weights, read_array)
 from ..files import replace_folder
 from ..layout import DECODER_FILE, GENAI_CONFIG
 
@@ -203,7 +203,7 @@ def _simulate_decoder(src: Path, dst: Path, recipe: SimRecipe) -> list[dict]:
     model = onnx.load(str(src / DECODER_FILE), load_external_data=False)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    targets = _matmul_weights(graph, inits)  # node name -> weight name
+    targets = matmul_weights(graph, inits)  # node name -> weight name
     head = {targets[n.name] for n in graph.node if n.name in targets and LM_HEAD_OUTPUT in n.output}
     rounded = {w for w in targets.values() if not (w in head and recipe.lm_head == "fp32")}
     data = ExternalData(dst / (DECODER_FILE + ".data"))
@@ -256,7 +256,7 @@ def simulate_folder(fp32_folder: str | Path, out_folder: str | Path, recipe: Sim
         shared = Path(assets) if assets is not None else src
         for name in COPIED_FILES:
             if (shared / name).is_file():
-                _link_or_copy(shared / name, staging / name, link)
+                link_or_copy(shared / name, staging / name, link)
         genai["qwen3vl_lab"]["simulation"] = recipe.to_dict()
         write_genai_config(staging, genai)
         (staging / SIMULATION_FILE).write_text(json.dumps({

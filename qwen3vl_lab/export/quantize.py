@@ -312,7 +312,7 @@ def read_array(t: TensorProto, folder: Path) -> np.ndarray:
     return arr.reshape(tuple(t.dims))
 
 
-def _matmul_weights(graph: onnx.GraphProto, inits: dict[str, TensorProto]) -> dict[str, str]:
+def matmul_weights(graph: onnx.GraphProto, inits: dict[str, TensorProto]) -> dict[str, str]:
     """node name -> weight name for every MatMul whose second input is a 2-D initializer."""
     out = {}
     for n in graph.node:
@@ -344,7 +344,7 @@ def quantize_decoder(src_folder: Path, dst_folder: Path, recipe: Int4Recipe, pro
     model = onnx.load(str(src_folder / DECODER_FILE), load_external_data=False)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    targets = _matmul_weights(graph, inits)
+    targets = matmul_weights(graph, inits)
     data = ExternalData(dst_folder / (DECODER_FILE + ".data"))
     new_nodes, new_inits, records, excluded, replaced = [], [], [], [], set()
     try:
@@ -404,7 +404,7 @@ def copy_assets(fp32_folder: str | Path, dst: str | Path) -> Path:
     return dst
 
 
-def _link_or_copy(src: Path, dst: Path, link: bool) -> None:
+def link_or_copy(src: Path, dst: Path, link: bool) -> None:
     """Hard-link (no extra disk; onnxruntime refuses symlinks that leave the folder) or copy.
 
     Exports copy: onnx's own loader (`onnx.load` with external data) rejects hard-linked data files.
@@ -453,7 +453,7 @@ def quantize_folder(fp32_folder: str | Path, out_folder: str | Path, recipe: Int
         shared = Path(assets) if assets is not None else src
         for name in COPIED_FILES:
             if (shared / name).is_file():
-                _link_or_copy(shared / name, staging / name, link)
+                link_or_copy(shared / name, staging / name, link)
         seconds = time.perf_counter() - t0
         genai["qwen3vl_lab"]["precision"] = "int4"
         genai["qwen3vl_lab"]["recipe"] = recipe.to_dict()
