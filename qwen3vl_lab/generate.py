@@ -34,8 +34,18 @@ import numpy as np
 from .errors import UserError
 from .model import Model
 from .positions import Positions
-from .steps import (Step, build_positions, decode_step, deepstack_embeds, embed, encode_image, merge_vision,
-                    prefill, prefill_chunked, tokenize)
+from .steps import (
+    Step,
+    build_positions,
+    decode_step,
+    deepstack_embeds,
+    embed,
+    encode_image,
+    merge_vision,
+    prefill,
+    prefill_chunked,
+    tokenize,
+)
 from .vision import VisionFeatures
 
 Sampler = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (logits (B, V), previous ids (B, T)) -> (B,)

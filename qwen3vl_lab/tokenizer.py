@@ -85,7 +85,7 @@ def _chat_template_from_json(folder: Path) -> str | None:
 @functools.lru_cache(maxsize=None)
 def _load_folder(folder: str):
     """AutoTokenizer for one resolved folder, loaded once per process (~0.2 s, plus ~2 s to import transformers)."""
-    from transformers import AutoTokenizer  # imported here: loading transformers takes seconds
+    from transformers import AutoTokenizer  # noqa: PLC0415 (importing transformers takes seconds)
 
     try:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)

@@ -22,8 +22,7 @@ import numpy as np
 
 from .config import ModelConfig, VisionConfig
 from .errors import UserError
-from .layout import (DEEPSTACK_FEATURES, IMAGE_FEATURES, PIXEL_VALUES, POS_INDICES, POS_WEIGHTS, ROTARY_COS,
-                     ROTARY_SIN)
+from .layout import DEEPSTACK_FEATURES, IMAGE_FEATURES, PIXEL_VALUES, POS_INDICES, POS_WEIGHTS, ROTARY_COS, ROTARY_SIN
 from .vision_inputs import interpolation_indices_and_weights, rotary_cos_sin, rotary_position_ids
 
 

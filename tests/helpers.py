@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qwen3vl_lab.cli import main
+from qwen3vl_lab.apps.cli import main
 
 
 def run_cli(capsys, *argv):

@@ -18,14 +18,14 @@ import pytest
 from helpers import assert_one_line_error, run_cli
 from onnx import helper, numpy_helper
 
-from qwen3vl_lab.debug.accuracy import (VARIANT_STAMP, load_variant, parse_recipe, recipe_accuracy,
-                                        source_fingerprint)
 from qwen3vl_lab.debug.compare import teacher_forced
 from qwen3vl_lab.debug.simulate import SIMULATION_FILE, SimRecipe, fake_quantize, simulate_folder
+from qwen3vl_lab.debug.variants import VARIANT_STAMP
 from qwen3vl_lab.debug.weights import QuantizedMatrix, dequantize_with_onnxruntime
 from qwen3vl_lab.errors import UserError
 from qwen3vl_lab.export.quantize import Int4Recipe, quantize_folder, quantize_matmul
 from qwen3vl_lab.model import load_model
+from qwen3vl_lab.shapes.accuracy import load_variant, parse_recipe, recipe_accuracy, source_fingerprint
 
 PER_TENSOR_2BIT_ASYM = SimRecipe(bits=2, block_size=None, symmetric=False)
 
@@ -234,7 +234,7 @@ def test_eval_shapes_recipes_bad_input_is_one_line(shapes_onnx_fp32_dir, capsys,
 
 
 def test_sweep_with_shapes_accuracy_and_a_simulated_recipe(shapes_onnx_fp32_dir, tmp_path, capsys):
-    from qwen3vl_lab import shapes
+    from qwen3vl_lab.shapes import task as shapes
 
     shapes.make_scene(3)[0].save(tmp_path / "scene.png")  # variants carry the checkpoint's preprocessor: same tokens
     names = ["sim-int2-per-tensor-asym", "default-b32-sym-acc4-head_int4"]
@@ -261,7 +261,7 @@ def test_sweep_shapes_refuses_another_model_before_building_anything(tiny_onnx_f
 
 
 def test_shared_assets_follow_the_export(tmp_path):
-    from qwen3vl_lab.debug.accuracy import _sync_file
+    from qwen3vl_lab.shapes.accuracy import _sync_file
 
     src, dst = tmp_path / "a.onnx.data", tmp_path / "assets" / "a.onnx.data"
     dst.parent.mkdir()

@@ -18,16 +18,23 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from helpers import grace_hopper, print_max_diffs
+from helpers import run_cli as run
+
 from qwen3vl_lab.errors import UserError  # noqa: E402
-from qwen3vl_lab.generate import (batch_steps, generate_batch, generate_tokens, pad_prompts,  # noqa: E402
-                                  prepare_multimodal_prompt, preprocess_visuals)
+from qwen3vl_lab.generate import (  # noqa: E402
+    batch_steps,
+    generate_batch,
+    generate_tokens,
+    pad_prompts,
+    prepare_multimodal_prompt,
+    preprocess_visuals,
+)
 from qwen3vl_lab.model import load_model  # noqa: E402
 from qwen3vl_lab.pipeline import Qwen3VLPipeline, greedy  # noqa: E402
 from qwen3vl_lab.positions import mm_token_type_ids  # noqa: E402
 from qwen3vl_lab.sampling import SamplingConfig, make_sampler  # noqa: E402
-from qwen3vl_lab.steps import (build_positions, decode_step, deepstack_embeds, embed, encode_image,  # noqa: E402
-                               merge_vision, prefill)
-from helpers import grace_hopper, print_max_diffs, run_cli as run
+from qwen3vl_lab.steps import build_positions, decode_step, deepstack_embeds, embed, encode_image, merge_vision, prefill  # noqa: E402
 
 TOL = 1e-4
 N_NEW = 8

@@ -62,7 +62,7 @@ def wait_for_server(url: str, proc: subprocess.Popen, timeout: float = 60) -> No
 @pytest.fixture
 def lab(tmp_path):
     """A JupyterLab server on a copy of the quickstart notebook; yields (base url, token)."""
-    from qwen3vl_lab import notebook
+    from qwen3vl_lab.apps import notebook
 
     cache, work, config = tmp_path / "cache", tmp_path / "work", tmp_path / "jupyter"
     work.mkdir()

@@ -1,4 +1,4 @@
-"""qwen3vl_lab.checkpoint: torch-free safetensors reading and writing, checked against safetensors/torch."""
+"""qwen3vl_lab.export.checkpoint: torch-free safetensors reading and writing, checked against safetensors/torch."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from qwen3vl_lab.checkpoint import (
+from qwen3vl_lab.errors import UserError
+from qwen3vl_lab.export.checkpoint import (
     INDEX_NAME,
     SAFETENSORS_NAME,
     Checkpoint,
@@ -18,7 +19,6 @@ from qwen3vl_lab.checkpoint import (
     save_checkpoint_weights,
     save_safetensors,
 )
-from qwen3vl_lab.errors import UserError
 
 DTYPES = ["float32", "bfloat16", "float16"]
 

@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-
-from helpers import assert_one_line_error, run_cli as run
+from helpers import assert_one_line_error
+from helpers import run_cli as run
 
 
 @pytest.fixture(scope="module")

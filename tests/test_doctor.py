@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from qwen3vl_lab.cli import main
+from qwen3vl_lab.apps.cli import main
 from qwen3vl_lab.debug.breakage import make_broken
 from qwen3vl_lab.debug.checklist import run_checklist
 from qwen3vl_lab.debug.compare import compare, free_greedy, teacher_forced

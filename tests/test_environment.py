@@ -1,8 +1,8 @@
 """environment.yml (conda) and pyproject.toml describe the same environment."""
 
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ import sys
 import numpy as np
 import onnx
 import pytest
-
 from helpers import assert_one_line_error, run_cli
+
 from qwen3vl_lab.errors import UserError
 from qwen3vl_lab.export.decoder_fast import write_fast_decoder
 from qwen3vl_lab.export.exporter import export
@@ -363,7 +363,7 @@ def test_bench_rejects_bad_input(onnx_dir, tmp_path):
 
 def test_fast_path_and_bench_do_not_import_torch():
     """torch is only loaded by the `--vs torch` worker process, never by the runtime or the bench itself."""
-    code = ("import sys, qwen3vl_lab.fast, qwen3vl_lab.bench, qwen3vl_lab.bench_workers, "
+    code = ("import sys, qwen3vl_lab.fast, qwen3vl_lab.apps.bench, qwen3vl_lab.apps.bench_workers, "
             "qwen3vl_lab.export.decoder_fast; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr

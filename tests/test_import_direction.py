@@ -1,15 +1,18 @@
 """The package's parts import one way, read from the source with `ast` (nothing is imported or run).
 
+    runtime   the top-level modules that load and run an exported folder (config, model, decoder, steps, ...)
     export/   the builder: checkpoint -> ONNX files        may import runtime (config, layout, rope, ...)
-    runtime   the top-level modules that load and run an exported folder (config, model, steps, fast, ...)
-    debug/    the INT4 doctor                              may import export and runtime
+    debug/    the INT4 doctor, generic tools               may import export and runtime
     viz/      plots and widgets                            may import runtime and debug
-    cli.py, notebook.py, bench*.py, __main__.py, train/    orchestrators: may import anything
+    shapes/   the shapes task: scenes, training, eval      may import runtime, export and debug
+    apps/     CLI, bench, notebook helpers; __main__.py    may import anything
 
 So a runtime module never imports export/ (the file and graph I/O names they share live in
-`layout.py`, the rotary frequencies in `rope.py`), nor debug/, viz/, train/ or an orchestrator; a viz
-module never imports export/, train/ or an orchestrator; debug/ computes and never draws (no viz/). Every import counts: absolute or relative,
-at the top of the file or inside a function, and `importlib.import_module` with a literal name.
+`layout.py`, the rotary frequencies in `rope.py`), nor debug/, viz/, shapes/ or apps/; a viz module
+never imports export/, shapes/ or apps/; debug/ computes and never draws (no viz/) and knows no task
+(no shapes/). Every import counts: absolute or relative, at the top of the file or inside a function,
+and `importlib.import_module` with a literal name. And no two modules import each other, directly or
+around a longer loop (`test_no_import_cycles`): a cycle hidden by a function-local import is still one.
 """
 
 from __future__ import annotations
@@ -23,17 +26,18 @@ import qwen3vl_lab
 
 PACKAGE = Path(qwen3vl_lab.__file__).resolve().parent
 NAME = PACKAGE.name  # "qwen3vl_lab"
-SUBPACKAGES = ("export", "debug", "viz", "train")
-ORCHESTRATORS = ("cli", "notebook", "__main__")  # plus every bench*.py
+SUBPACKAGES = ("export", "debug", "viz", "shapes", "apps")
 FORBIDDEN = {  # part -> the parts it must not import
-    "runtime": ("export", "debug", "viz", "train", "orchestrator"),
-    "viz": ("export", "train", "orchestrator"),
-    "debug": ("viz", "train", "orchestrator"),
+    "runtime": ("export", "debug", "viz", "shapes", "apps"),
+    "export": ("debug", "viz", "shapes", "apps"),
+    "debug": ("viz", "shapes", "apps"),
+    "viz": ("export", "shapes", "apps"),
+    "shapes": ("viz", "apps"),
 }
 
 
 def part_of(module: str) -> str | None:
-    """'runtime', 'export', 'debug', 'viz', 'train' or 'orchestrator' for a dotted name; None outside the package."""
+    """'runtime', 'export', 'debug', 'viz', 'shapes' or 'apps' for a dotted name; None outside the package."""
     parts = module.split(".")
     if parts[0] != NAME:
         return None
@@ -41,8 +45,8 @@ def part_of(module: str) -> str | None:
         return "runtime"  # the package root (`qwen3vl_lab/__init__.py`)
     if parts[1] in SUBPACKAGES:
         return parts[1]
-    if parts[1] in ORCHESTRATORS or parts[1].startswith("bench"):
-        return "orchestrator"
+    if parts[1] == "__main__":
+        return "apps"
     return "runtime"
 
 
@@ -120,10 +124,65 @@ def test_the_scan_sees_every_part():
     parts = {}
     for path in package_files():
         parts.setdefault(part_of(module_name(path)), []).append(module_name(path))
-    assert {"runtime", "export", "debug", "viz", "orchestrator"} <= set(parts)
+    assert {"runtime", "export", "debug", "viz", "shapes", "apps"} <= set(parts)
     assert {f"{NAME}.model", f"{NAME}.fast", f"{NAME}.vision", f"{NAME}.layout", f"{NAME}.rope"} <= set(parts["runtime"])
-    assert {f"{NAME}.cli", f"{NAME}.bench", f"{NAME}.notebook"} <= set(parts["orchestrator"])
+    assert {f"{NAME}.apps.cli", f"{NAME}.apps.bench", f"{NAME}.apps.notebook", f"{NAME}.__main__"} <= set(parts["apps"])
+    assert {f"{NAME}.export.checkpoint", f"{NAME}.export.files"} <= set(parts["export"])
+    assert {f"{NAME}.shapes.task", f"{NAME}.shapes.train", f"{NAME}.shapes.evaluate"} <= set(parts["shapes"])
     assert f"{NAME}.viz.positions" in parts["viz"]
+
+
+def module_graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports (any depth; a name that is not a module is dropped)."""
+    files = {module_name(p): p for p in package_files()}
+    graph = {}
+    for name, path in files.items():
+        found = imports(path.read_text(encoding="utf-8"), name, is_package=path.name == "__init__.py")
+        graph[name] = {target for _, target in found if target in files and target != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    # a package's __init__ that lazily re-exports its own modules is not a cycle of logic: leave packages out
+    graph = {m: {t for t in ts if not (PACKAGE / t.replace(".", "/")[len(NAME) + 1:] / "__init__.py").is_file()}
+             for m, ts in module_graph().items()}
+    assert cycles(graph) == []
+
+
+def test_cycle_finder_finds_a_loop():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
 
 
 # -- the checker itself catches every spelling of the import (so a clean run means something) ----------
@@ -145,6 +204,10 @@ CAUGHT = [
     (VIZ, f"from {NAME}.export.decoder import PREFIX", 1),
     (VIZ, "from .. import export", 1),
     (f"{NAME}.debug.doctor", "def f():\n    from ..viz.int4 import plot_step_divergence\n", 2),
+    (f"{NAME}.debug.sweep", "from ..shapes.accuracy import recipe_accuracy", 1),
+    (f"{NAME}.export.tiny", "from ..shapes.task import Scene", 1),
+    (f"{NAME}.export.quantize", "from ..debug.weights import dequantize", 1),
+    (RUNTIME, "from .apps.cli import main", 1),
 ]
 ALLOWED = [
     (RUNTIME, "from .config import ModelConfig\nfrom .layout import DECODER_FILE\nimport onnx"),
@@ -152,8 +215,9 @@ ALLOWED = [
     (VIZ, "from ..rope import mrope_inv_freq_by_axis\nfrom ..debug.compare import Comparison\nfrom .figure import COLORS"),
     (EXPORT, "from ..layout import FAST_DECODER_FILE\nfrom ..config import ModelConfig\nfrom .decoder import PREFIX"),
     (f"{NAME}.debug.sweep", "from ..export.quantize import quantize_folder"),
-    (f"{NAME}.cli", "from .export.exporter import export"),
-    (f"{NAME}.bench_workers", "from .export.tiny import make_tiny"),
+    (f"{NAME}.apps.cli", "from ..export.exporter import export\nfrom ..shapes.train import run"),
+    (f"{NAME}.apps.bench_workers", "from ..export.tiny import make_tiny"),
+    (f"{NAME}.shapes.accuracy", "from ..debug.variants import build_variant\nfrom ..export.quantize import Int4Recipe"),
 ]
 
 

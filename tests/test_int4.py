@@ -9,15 +9,15 @@ import json
 import numpy as np
 import onnx
 import pytest
+from helpers import run_cli as run
 from onnx import helper, numpy_helper
 
+from qwen3vl_lab.debug.weights import QuantizedMatrix, dequantize_with_onnxruntime, read_quantized, unpack_bits
 from qwen3vl_lab.errors import UserError
 from qwen3vl_lab.export.exporter import export
 from qwen3vl_lab.export.quantize import QUANTIZATION_FILE, Int4Recipe, quantize_matmul
-from qwen3vl_lab.debug.weights import (QuantizedMatrix, dequantize_with_onnxruntime, read_quantized, unpack_bits)
 from qwen3vl_lab.model import load_model
 from qwen3vl_lab.pipeline import Qwen3VLTextOnlyPipeline
-from helpers import run_cli as run
 
 N_MATMULS = 4 * 7 + 1  # tiny: 4 layers x (q, k, v, o, gate, up, down) + lm_head
 

@@ -20,15 +20,25 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from helpers import grace_hopper, print_max_diffs
+from helpers import run_cli as run
+
 from qwen3vl_lab.cache import bytes_per_token  # noqa: E402
 from qwen3vl_lab.errors import UserError  # noqa: E402
+from qwen3vl_lab.generate import (  # noqa: E402
+    ContextOverflow,
+    generate_batch,
+    generate_tokens,
+    pad_prompts,
+    prepare_ids,
+    prepare_multimodal_prompt,
+    prepare_prompt,
+    run_prefill,
+)
 from qwen3vl_lab.layout import GENAI_CONFIG  # noqa: E402
-from qwen3vl_lab.generate import (ContextOverflow, generate_batch, generate_tokens, pad_prompts,  # noqa: E402
-                                  prepare_ids, prepare_multimodal_prompt, prepare_prompt, run_prefill)
 from qwen3vl_lab.model import load_model  # noqa: E402
 from qwen3vl_lab.pipeline import Qwen3VLPipeline, greedy  # noqa: E402
 from qwen3vl_lab.steps import decode_step, prefill, prefill_chunked  # noqa: E402
-from helpers import grace_hopper, print_max_diffs, run_cli as run
 
 TOL = 1e-4
 CHUNK_TOL = 1e-5
@@ -208,8 +218,9 @@ def test_context_limit_comes_from_the_config(small_dir):
     assert [len(t) for t in generate_batch(model, [prompt, short], greedy, 20, eos_token_ids=[])] == [4, 20]
 
 def test_interactive_drops_the_oldest_turns(small_dir, tmp_path, monkeypatch, capsys):
-    import qwen3vl_lab.pipeline as pipeline
     from PIL import Image
+
+    import qwen3vl_lab.pipeline as pipeline
 
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     seen = []  # (prompt text, number of images) of every turn

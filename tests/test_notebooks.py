@@ -37,7 +37,7 @@ make_figures = _load("make_figures")
 @pytest.fixture(scope="session")
 def notebook_env(tmp_path_factory) -> dict:
     """The kernel's environment: a private cache folder, and no real model."""
-    from qwen3vl_lab import notebook
+    from qwen3vl_lab.apps import notebook
 
     cache = tmp_path_factory.mktemp("nb-cache")
     with pytest.MonkeyPatch.context() as mp:  # make the tiny model once, here, for every notebook

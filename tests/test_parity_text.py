@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 from qwen3vl_lab.export.exporter import export  # noqa: E402
 from qwen3vl_lab.export.tiny import make_tiny  # noqa: E402
-from qwen3vl_lab.generate import prepare_ids, generate_tokens  # noqa: E402
+from qwen3vl_lab.generate import generate_tokens, prepare_ids  # noqa: E402
 from qwen3vl_lab.model import load_model  # noqa: E402
 from qwen3vl_lab.pipeline import greedy  # noqa: E402
 from qwen3vl_lab.steps import build_positions, decode_step, embed, prefill, tokenize  # noqa: E402

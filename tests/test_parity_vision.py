@@ -17,16 +17,24 @@ from PIL import Image
 
 torch = pytest.importorskip("torch")
 
+from helpers import grace_hopper, print_max_diffs
+
 from qwen3vl_lab.export.exporter import export  # noqa: E402
-from qwen3vl_lab.generate import (generate_tokens, prepare_multimodal_prompt, prepare_prompt,  # noqa: E402
-                                  preprocess_visuals)
+from qwen3vl_lab.generate import generate_tokens, prepare_multimodal_prompt, prepare_prompt, preprocess_visuals  # noqa: E402
 from qwen3vl_lab.model import load_model  # noqa: E402
 from qwen3vl_lab.pipeline import greedy  # noqa: E402
 from qwen3vl_lab.positions import mm_token_type_ids  # noqa: E402
-from qwen3vl_lab.steps import (build_positions, decode_step, deepstack_embeds, embed, encode_image,  # noqa: E402
-                               merge_vision, prefill, tokenize)
+from qwen3vl_lab.steps import (  # noqa: E402
+    build_positions,
+    decode_step,
+    deepstack_embeds,
+    embed,
+    encode_image,
+    merge_vision,
+    prefill,
+    tokenize,
+)
 from qwen3vl_lab.video import patchify_video, video_smart_resize  # noqa: E402
-from helpers import grace_hopper, print_max_diffs
 
 TOL = 1e-4
 N_NEW = 10

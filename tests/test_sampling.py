@@ -78,7 +78,7 @@ def test_top_p_ties():
     here, while transformers drops an arbitrary part of it (torch.sort is not stable)."""
     rng = np.random.default_rng(3)
     same = straddle = 0
-    for trial in range(200):
+    for _trial in range(200):
         logits = rng.integers(-3, 3, size=(1, 24)).astype(np.float32)
         top_p = float(rng.uniform(0.05, 0.97))
         ours = np.isfinite(filter_logits(logits, 0.8, 0, top_p))[0]

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 
-from qwen3vl_lab import shapes
 from qwen3vl_lab.errors import UserError
+from qwen3vl_lab.shapes import task as shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,14 +85,14 @@ def test_cell_grid_and_bad_specs():
 def encoder():
     from qwen3vl_lab.export.tiny import preprocessor_config
     from qwen3vl_lab.image import ImageProcessorConfig
+    from qwen3vl_lab.shapes.train import Encoder
     from qwen3vl_lab.tokenizer import load_tokenizer
-    from qwen3vl_lab.train.train_shapes import Encoder
 
     return Encoder(load_tokenizer(), ImageProcessorConfig.from_dict(preprocessor_config("shapes")))
 
 
 def test_training_batches_are_deterministic_and_teach_the_answer(encoder):
-    from qwen3vl_lab.train.train_shapes import TrainConfig, make_batch
+    from qwen3vl_lab.shapes.train import TrainConfig, make_batch
 
     cfg = TrainConfig(batch_size=6, steps=100)
     a, b, c = make_batch(encoder, cfg, 50), make_batch(encoder, cfg, 50), make_batch(encoder, cfg, 51)
@@ -109,7 +109,7 @@ def test_training_batches_are_deterministic_and_teach_the_answer(encoder):
 
 def test_sampled_softmax_with_every_row_is_the_full_softmax(encoder):
     torch = pytest.importorskip("torch")
-    from qwen3vl_lab.train.train_shapes import SampledSoftmax, task_token_ids
+    from qwen3vl_lab.shapes.train import SampledSoftmax, task_token_ids
 
     task = task_token_ids(encoder)
     vocab = 151936
@@ -124,8 +124,15 @@ def test_sampled_softmax_with_every_row_is_the_full_softmax(encoder):
 
 def test_three_training_steps_change_the_weights(encoder):
     torch = pytest.importorskip("torch")
-    from qwen3vl_lab.train.train_shapes import (SampledSoftmax, TrainConfig, build_model, make_batch,
-                                                make_optimizer, task_token_ids, train_step)
+    from qwen3vl_lab.shapes.train import (
+        SampledSoftmax,
+        TrainConfig,
+        build_model,
+        make_batch,
+        make_optimizer,
+        task_token_ids,
+        train_step,
+    )
 
     torch.set_num_threads(2)
     cfg = TrainConfig(batch_size=4, steps=3, negatives=64)
@@ -142,8 +149,16 @@ def test_task_rows_train_like_the_full_matrix_and_write_back(encoder):
     """TaskRows (only the task's embedding rows train) gives the same loss as the full matrix, moves only
     those rows, and restore() leaves an ordinary model whose embedding holds them."""
     torch = pytest.importorskip("torch")
-    from qwen3vl_lab.train.train_shapes import (SampledSoftmax, TaskRows, TrainConfig, build_model, make_batch,
-                                                make_optimizer, task_row_ids, train_step)
+    from qwen3vl_lab.shapes.train import (
+        SampledSoftmax,
+        TaskRows,
+        TrainConfig,
+        build_model,
+        make_batch,
+        make_optimizer,
+        task_row_ids,
+        train_step,
+    )
 
     torch.set_num_threads(2)
     cfg = TrainConfig(batch_size=4, steps=2, negatives=64)
@@ -175,7 +190,7 @@ def test_task_rows_train_like_the_full_matrix_and_write_back(encoder):
 def test_position_embedding_init_options():
     """--pos_embed_std re-draws only the vision position table; sincos is MAE's 2-D code (row half, column half)."""
     torch = pytest.importorskip("torch")
-    from qwen3vl_lab.train.train_shapes import build_model, sincos_2d
+    from qwen3vl_lab.shapes.train import build_model, sincos_2d
 
     code = sincos_2d(48, 64).reshape(48, 48, 64)
     assert np.allclose(code[:, :, :32], code[:, :1, :32]) and np.allclose(code[:, :, 32:], code[:1, :, 32:])
@@ -210,7 +225,7 @@ def shapes_onnx(trained_dir, tmp_path_factory):
 
 
 def test_shipped_checkpoint_is_a_full_bf16_qwen3vl_with_its_recipe(trained_dir):
-    from qwen3vl_lab.checkpoint import Checkpoint
+    from qwen3vl_lab.export.checkpoint import Checkpoint
     from qwen3vl_lab.export.tiny import trained_model_dir
 
     config = json.loads((trained_dir / "config.json").read_text())
@@ -234,8 +249,8 @@ def test_shipped_checkpoint_is_a_full_bf16_qwen3vl_with_its_recipe(trained_dir):
 def transformers_answers(model, scenes_and_questions):
     from qwen3vl_lab.export.tiny import preprocessor_config
     from qwen3vl_lab.image import ImageProcessorConfig
+    from qwen3vl_lab.shapes.train import Encoder, greedy_answers
     from qwen3vl_lab.tokenizer import load_tokenizer
-    from qwen3vl_lab.train.train_shapes import Encoder, greedy_answers
 
     enc = Encoder(load_tokenizer(), ImageProcessorConfig.from_dict(preprocessor_config("shapes")))
     images = [im for im, _ in scenes_and_questions]
@@ -276,7 +291,7 @@ def twenty_scenes():
 
 def test_onnx_fp32_answers_exactly_like_transformers(trained_dir, shapes_onnx, hf_model_factory, twenty_scenes):
     from qwen3vl_lab.model import load_model
-    from qwen3vl_lab.shapes_eval import answer, cached_vision
+    from qwen3vl_lab.shapes.evaluate import answer, cached_vision
 
     items, expected, twenty_objects = twenty_scenes
     ref = transformers_answers(hf_model_factory(trained_dir), items)
@@ -291,7 +306,7 @@ def test_onnx_fp32_answers_exactly_like_transformers(trained_dir, shapes_onnx, h
 
 
 def test_eval_shapes_cli(shapes_onnx, capsys):
-    from qwen3vl_lab.cli import main
+    from qwen3vl_lab.apps.cli import main
 
     assert main(["eval-shapes", "--model_dir", str(shapes_onnx), "--n", "10", "--quiet", "--json"]) == 0
     out = capsys.readouterr().out
@@ -303,7 +318,7 @@ def test_eval_shapes_cli(shapes_onnx, capsys):
 
 
 def test_make_tiny_trained_cli_and_its_errors(tmp_path, capsys):
-    from qwen3vl_lab.cli import main
+    from qwen3vl_lab.apps.cli import main
 
     assert main(["make-tiny", "--trained", "--output_dir", str(tmp_path / "m")]) == 0
     assert "trained shapes" in capsys.readouterr().out
@@ -320,7 +335,7 @@ def test_make_tiny_trained_cli_and_its_errors(tmp_path, capsys):
 
 
 def test_trained_float32_and_legacy_copies_hold_the_same_weights(trained_dir, tmp_path):
-    from qwen3vl_lab.checkpoint import Checkpoint
+    from qwen3vl_lab.export.checkpoint import Checkpoint
     from qwen3vl_lab.export.tiny import make_tiny
 
     out = make_tiny(tmp_path / "f32", preset="shapes", trained=True, dtype="float32", config_style="legacy")
@@ -338,7 +353,7 @@ def test_keyword_attention_points_at_the_asked_object(trained_dir, tmp_path_fact
     attention on the object's cell (uniform over the 9 cells would be 11%)."""
     from qwen3vl_lab.export.exporter import export
     from qwen3vl_lab.model import load_model
-    from qwen3vl_lab.shapes_eval import keyword_attention
+    from qwen3vl_lab.shapes.evaluate import keyword_attention
 
     out = tmp_path_factory.mktemp("shapes") / "onnx-attn"
     export(trained_dir, out, with_attentions=True, progress=False, log=lambda _: None)

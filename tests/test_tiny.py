@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from qwen3vl_lab.checkpoint import INDEX_NAME, SAFETENSORS_NAME, Checkpoint
 from qwen3vl_lab.config import load_hf_config, parse_hf_config
 from qwen3vl_lab.errors import UserError
+from qwen3vl_lab.export.checkpoint import INDEX_NAME, SAFETENSORS_NAME, Checkpoint
 from qwen3vl_lab.export.tiny import (
     PREPROCESSOR_CONFIG,
     TOKENIZER_FILES,
@@ -138,7 +138,7 @@ def test_importing_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, qwen3vl_lab.checkpoint, qwen3vl_lab.export.tiny; print('torch' in sys.modules)"
+    code = "import sys, qwen3vl_lab.export.checkpoint, qwen3vl_lab.export.tiny; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import assert_one_line_error, grace_hopper
+from helpers import run_cli as run
 from PIL import Image
 
 from qwen3vl_lab.errors import UserError
 from qwen3vl_lab.layout import GENAI_CONFIG, VISION_FILE
-from helpers import assert_one_line_error, grace_hopper, run_cli as run
+
 
 @pytest.fixture(scope="module")
 def onnx_dir(tiny_onnx_fp32_dir):

@@ -13,13 +13,13 @@ import sys
 import numpy as np
 import pytest
 
+from qwen3vl_lab import viz
 from qwen3vl_lab.errors import UserError
 from qwen3vl_lab.export.exporter import export
 from qwen3vl_lab.generate import generate_tokens, prepare_prompt
 from qwen3vl_lab.model import load_model
 from qwen3vl_lab.pipeline import greedy
 from qwen3vl_lab.steps import build_positions, embed, prefill
-from qwen3vl_lab import viz
 from qwen3vl_lab.viz import widgets
 
 PROMPT = "Describe a cat in one sentence."
@@ -41,7 +41,7 @@ def trace(model):
 
 @pytest.fixture(scope="module")
 def photo():
-    from qwen3vl_lab.notebook import sample_image
+    from qwen3vl_lab.apps.notebook import sample_image
 
     return sample_image()
 
@@ -99,7 +99,7 @@ def test_trace_errors_are_one_line_user_errors(model, trace, tiny_dir, tmp_path)
     assert not t.has_attentions and t.tokens.tolist() == trace.tokens[:2].tolist()
     with pytest.raises(UserError, match="--with_attentions"):
         t.attention_row(0, 0)
-    from qwen3vl_lab.notebook import require_attentions
+    from qwen3vl_lab.apps.notebook import require_attentions
 
     with pytest.raises(UserError, match="--with_attentions"):
         require_attentions(plain)
@@ -307,7 +307,7 @@ def test_plots_work_in_a_plain_python_session(tmp_path):
 
 # -- notebook helpers ------------------------------------------------------------------------------
 def test_notebook_model_folder_choices(monkeypatch, tmp_path, tiny_dir):
-    from qwen3vl_lab import notebook
+    from qwen3vl_lab.apps import notebook
 
     monkeypatch.setenv("QWEN3VL_LAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("MODEL_DIR", raising=False)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen3vl_lab import notebook
+from qwen3vl_lab.apps import notebook
 from qwen3vl_lab.export.exporter import export
 from qwen3vl_lab.export.tiny import make_tiny
 from qwen3vl_lab.model import load_model

@@ -14,10 +14,16 @@
 # %matplotlib inline
 import numpy as np
 
-from qwen3vl_lab import notebook
+from qwen3vl_lab.apps import notebook
 from qwen3vl_lab.positions import build_positions, mrope_channel_axes, next_positions
-from qwen3vl_lab.viz import (inv_freq_per_channel, mrope_angles, plot_image_positions, plot_mrope_channels,
-                             plot_positions, prompt_layout)
+from qwen3vl_lab.viz import (
+                             inv_freq_per_channel,
+                             mrope_angles,
+                             plot_image_positions,
+                             plot_mrope_channels,
+                             plot_positions,
+                             prompt_layout,
+)
 
 model = notebook.open_model()
 print(notebook.describe())

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from qwen3vl_lab import notebook
+from qwen3vl_lab.apps import notebook
 from qwen3vl_lab.cache import bytes_per_token
 from qwen3vl_lab.steps import build_positions, decode_step, embed, prefill, tokenize
 from qwen3vl_lab.viz import plot_kv_cache

@@ -13,7 +13,7 @@
 # ```
 #
 # Runs on the trained shapes model (`qwen3vl-lab make-tiny --trained`, a tiny Qwen3-VL trained on
-# `qwen3vl_lab.shapes` scenes: 96 x 96 pixels, a 3 x 3 grid of cells, one or two shapes) with a
+# `qwen3vl_lab.shapes.task` scenes: 96 x 96 pixels, a 3 x 3 grid of cells, one or two shapes) with a
 # scene it has never seen, so the answer at the end can be checked. Set `MODEL_DIR` or `HF_DIR` for
 # a real model.
 
@@ -25,9 +25,8 @@ from qwen3vl_lab import notebook, shapes
 from qwen3vl_lab.generate import generate_tokens, prepare_multimodal_prompt, preprocess_visuals
 from qwen3vl_lab.image import load_image, resize_image
 from qwen3vl_lab.pipeline import greedy
-from qwen3vl_lab.shapes_eval import answer
-from qwen3vl_lab.steps import (build_positions, deepstack_embeds, embed, encode_image, merge_vision, prefill,
-                               tokenize)
+from qwen3vl_lab.shapes.evaluate import answer
+from qwen3vl_lab.steps import build_positions, deepstack_embeds, embed, encode_image, merge_vision, prefill, tokenize
 from qwen3vl_lab.viz import plot_token_on_image, seen_image
 from qwen3vl_lab.viz.trace import processor_config
 

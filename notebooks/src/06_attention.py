@@ -7,7 +7,7 @@
 # q took from each key token; rows sum to 1.
 #
 # Runs on the trained shapes model (`qwen3vl-lab make-tiny --trained`: a tiny Qwen3-VL trained to
-# answer questions about `qwen3vl_lab.shapes` scenes), so section 3 can show attention that means
+# answer questions about `qwen3vl_lab.shapes.task` scenes), so section 3 can show attention that means
 # something: the answer looks at the object. Set `MODEL_DIR` or `HF_DIR` for a real model (`HF_DIR`
 # exports with attentions).
 
@@ -16,10 +16,15 @@
 import numpy as np
 
 from qwen3vl_lab import notebook, shapes
-from qwen3vl_lab.shapes_eval import keyword_attention
+from qwen3vl_lab.shapes.evaluate import keyword_attention
 from qwen3vl_lab.steps import build_positions, embed, prefill
-from qwen3vl_lab.viz import (plot_attention, plot_attention_grid, plot_attention_on_image, plot_attention_row,
-                             record_generation)
+from qwen3vl_lab.viz import (
+    plot_attention,
+    plot_attention_grid,
+    plot_attention_on_image,
+    plot_attention_row,
+    record_generation,
+)
 
 model = notebook.open_model(default="shapes")
 notebook.require_attentions(model)

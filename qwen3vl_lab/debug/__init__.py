@@ -13,7 +13,7 @@ Modules (each usable on its own; results are small dataclasses holding numpy arr
     checklist.py  the INT4-gibberish checklist, pass/fail with evidence
     sweep.py      build INT4 recipe variants and rank them by agreement with fp32
     simulate.py   SIMULATED low-bit weights (3 bits, per-tensor scales, clipping): what MatMulNBits cannot run
-    accuracy.py   answers, not logits: exact-match accuracy of each recipe on the shapes task
+    variants.py   quantization variants of an fp32 export, built once and cached by content
     breakage.py   deliberately broken folders (no q/k-norm, DeepStack unwired, 1-D positions, ...)
     doctor.py     all of the above for one folder (qwen3vl_lab.viz.doctor draws them: write_figures)
 """
@@ -31,8 +31,7 @@ _EXPORTS = {
     "Checklist": "checklist", "CheckItem": "checklist", "run_checklist": "checklist",
     "SweepResult": "sweep", "default_recipes": "sweep",
     "SimRecipe": "simulate", "fake_quantize": "simulate", "simulate_folder": "simulate",
-    "AccuracyResult": "accuracy", "recipe_accuracy": "accuracy", "contrast_recipes": "accuracy",
-    "load_variant": "accuracy", "parse_recipe": "accuracy",
+    "contrast_recipes": "variants", "parse_recipe": "variants", "build_variant": "variants",
     "make_broken": "breakage",
     "DoctorReport": "doctor", "diagnose": "doctor",
 }

@@ -24,9 +24,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..config import ENDOFTEXT_TOKEN_ID
 from ..errors import UserError
 from ..layout import DECODER_FILE, GENAI_CONFIG
-from ..config import ENDOFTEXT_TOKEN_ID
 
 KINDS = ("no_qk_norm", "no_deepstack", "positions_1d", "eos_missing", "wrong_type")
 

@@ -257,7 +257,7 @@ def check_genai_config(model: Model) -> CheckItem:
                 checked += 1
                 if v not in names:
                     problems.append(f"decoder.{section}.{key} {v!r} is not in the graph")
-    for part, default in (("decoder", DECODER_FILE), ("embedding", EMBEDDING_FILE), ("vision", VISION_FILE)):
+    for part, _default in (("decoder", DECODER_FILE), ("embedding", EMBEDDING_FILE), ("vision", VISION_FILE)):
         fn = m.get(part, {}).get("filename")
         if fn and not (model.folder / fn).is_file():
             problems.append(f"{part}.filename {fn} does not exist")

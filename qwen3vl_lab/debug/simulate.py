@@ -49,10 +49,17 @@ import onnx
 from onnx import TensorProto
 
 from ..errors import UserError
+from ..export.files import replace_folder
 from ..export.genai_config import write_genai_config
-from ..export.quantize import (COPIED_FILES, LM_HEAD_OUTPUT, ExternalData, carry_initializer, link_or_copy,
-                               matmul_weights, read_array)
-from ..files import replace_folder
+from ..export.quantize import (
+    COPIED_FILES,
+    LM_HEAD_OUTPUT,
+    ExternalData,
+    carry_initializer,
+    link_or_copy,
+    matmul_weights,
+    read_array,
+)
 from ..layout import DECODER_FILE, GENAI_CONFIG
 
 SIM_BITS = (2, 3, 4, 5, 6, 8)

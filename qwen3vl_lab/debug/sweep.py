@@ -31,10 +31,10 @@ from ..errors import UserError
 from ..export.quantize import QUANTIZATION_FILE, Int4Recipe
 from ..layout import DECODER_FILE
 from ..model import Model, load_model
-from .accuracy import build_variant, fp32_source, shared_assets, source_fingerprint
 from .compare import Comparison, compare
 from .inputs import PromptLike, as_specs
 from .simulate import SimRecipe
+from .variants import build_variant, fp32_source, shared_assets, source_fingerprint
 
 
 def default_recipes(include_slow: bool = True) -> list[Int4Recipe]:

@@ -25,15 +25,15 @@ from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from ..checkpoint import Checkpoint
 from ..config import ModelConfig, load_hf_config
 from ..errors import UserError
-from ..files import replace_folder
 from ..layout import DECODER_FILE, EMBEDDING_FILE, VISION_FILE
 from ..tokenizer import shipped_tokenizer_dir
 from . import genai_config as gc
+from .checkpoint import Checkpoint
 from .decoder import PREFIX, build_decoder, build_embedding, lm_head_weight
 from .decoder_fast import write_fast_decoder
+from .files import replace_folder
 from .quantize import Int4Recipe, quantize_folder
 
 PYTORCH_FILES = (

@@ -37,9 +37,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import UserError
-from ..files import replace_folder
 from ..layout import DECODER_FILE, EMBEDDING_FILE, GENAI_CONFIG, VISION_FILE
 from . import genai_config as gc
+from .files import replace_folder
 from .onnx_graph import ALIGN, INLINE_LIMIT, MS_DOMAIN
 
 ALGORITHMS = ("default", "rtn", "hqq", "k_quant")

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import SAVE_DTYPES, Checkpoint, LazyTensor, save_checkpoint_weights
 from ..config import ENDOFTEXT_TOKEN_ID, IM_END_TOKEN_ID, ModelConfig, parse_hf_config
 from ..errors import UserError
-from ..files import replace_folder
+from .checkpoint import SAVE_DTYPES, Checkpoint, LazyTensor, save_checkpoint_weights
+from .files import replace_folder
 
 CONFIG_STYLES = ("v5", "legacy")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "chat_template.json", "PROVENANCE.md")
@@ -151,7 +151,7 @@ def hf_config_dict(preset: str = "tiny", dtype: str | None = None, tie_word_embe
     transformers is imported here, not at module import: with torch installed, importing its
     configuration module also imports torch (transformers/modeling_rope_utils.py).
     """
-    from transformers import Qwen3VLConfig
+    from transformers import Qwen3VLConfig  # noqa: PLC0415 (imports torch: only here)
 
     p = _preset(preset)
     text = {**p.text, "initializer_range": p.init_std, "bos_token_id": ENDOFTEXT_TOKEN_ID,

@@ -29,8 +29,16 @@ import math
 import numpy as np
 
 from ..config import ModelConfig, VisionConfig
-from ..layout import (DEEPSTACK_FEATURES, IMAGE_FEATURES, PIXEL_VALUES, POS_INDICES, POS_WEIGHTS, ROTARY_COS,
-                      ROTARY_SIN, VISION_FILE)
+from ..layout import (
+    DEEPSTACK_FEATURES,
+    IMAGE_FEATURES,
+    PIXEL_VALUES,
+    POS_INDICES,
+    POS_WEIGHTS,
+    ROTARY_COS,
+    ROTARY_SIN,
+    VISION_FILE,
+)
 from .decoder import Weights, apply_rope, linear
 from .onnx_graph import FLOAT, INT64, GraphBuilder
 

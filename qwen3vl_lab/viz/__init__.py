@@ -8,16 +8,30 @@ widgets in `viz.widgets` only choose which step/layer/head/token a plot shows.
     plot_kv_cache(trace.cache_history).savefig("cache.png")
 """
 
-from .attention import (plot_attention, plot_attention_grid, plot_attention_heads, plot_attention_on_image,
-                        plot_attention_row)
+from .attention import plot_attention, plot_attention_grid, plot_attention_heads, plot_attention_on_image, plot_attention_row
 from .cache import cache_table, plot_cache_bytes, plot_cache_length, plot_kv_cache
 from .doctor import write_figures
 from .int4 import plot_int4_summary, plot_layer_divergence, plot_recipe_accuracy, plot_step_divergence
-from .positions import (inv_freq_per_channel, mrope_angles, plot_image_positions, plot_mrope_channels,
-                        plot_positions, plot_token_on_image)
+from .positions import (
+                        inv_freq_per_channel,
+                        mrope_angles,
+                        plot_image_positions,
+                        plot_mrope_channels,
+                        plot_positions,
+                        plot_token_on_image,
+)
 from .probs import plot_entropy, plot_step_probabilities, plot_top_k
-from .trace import (GenerationTrace, PromptLayout, entropy, image_token_cells, prompt_layout, record_generation,
-                    seen_image, softmax, token_labels)
+from .trace import (
+                        GenerationTrace,
+                        PromptLayout,
+                        entropy,
+                        image_token_cells,
+                        prompt_layout,
+                        record_generation,
+                        seen_image,
+                        softmax,
+                        token_labels,
+)
 
 __all__ = [
     "GenerationTrace", "record_generation", "PromptLayout", "prompt_layout", "seen_image", "softmax", "entropy",

@@ -144,7 +144,7 @@ def plot_recipe_accuracy(data, *, labels: Sequence[str] | None = None, simulated
                          bits=None, reference: float | None = None, ax=None, title: str | None = None):
     """Exact-match accuracy per quantization recipe: one bar each, in the order given (top to bottom).
 
-    data: an AccuracyResult (`qwen3vl_lab.debug.accuracy.recipe_accuracy`), or accuracies in [0, 1]
+    data: an AccuracyResult (`qwen3vl_lab.shapes.accuracy.recipe_accuracy`), or accuracies in [0, 1]
     with their `labels` (and optionally `simulated` flags, `well_formed` shares, `bits`).
     Bar colour = bits (grey fp32, blue 4, orange 3, red 2); hatched bars are SIMULATED (fp32 weights
     rounded to the grid, what MatMulNBits cannot run) and say so in their label. A black diamond marks

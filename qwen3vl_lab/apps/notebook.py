@@ -1,6 +1,6 @@
 """Helpers the teaching notebooks share: which model folder to use, made once and cached.
 
-    from qwen3vl_lab import notebook
+    from qwen3vl_lab.apps import notebook
     model = notebook.open_model()        # MODEL_DIR, else HF_DIR exported once, else the tiny checkpoint
     notebook.describe()                  # one line saying which of the three it is
     model = notebook.open_model(default="shapes")  # ... else the trained shapes model (notebooks 04-06)
@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 TINY_SEED = 0
 
@@ -75,8 +75,8 @@ def _silent(_: str) -> None:
 
 def tiny_dir() -> Path:
     """The cached tiny folder: checkpoint in `hf/`, export in `onnx/` (cpu-fp32 with attention outputs, cpu-int4)."""
-    from .export.exporter import export  # noqa: PLC0415
-    from .export.tiny import make_tiny  # noqa: PLC0415
+    from ..export.exporter import export  # noqa: PLC0415
+    from ..export.tiny import make_tiny  # noqa: PLC0415
 
     def build(tmp: Path) -> None:
         make_tiny(tmp / "hf", seed=TINY_SEED)
@@ -103,8 +103,8 @@ def tiny_model_dir() -> Path:
 
 def shapes_model_dir() -> Path:
     """The trained shapes model exported to ONNX (cpu-fp32/ with attention outputs), made on first use."""
-    from .export.exporter import export  # noqa: PLC0415
-    from .export.tiny import TRAINED_FILES, TRAINED_PRESET, make_tiny, trained_model_dir  # noqa: PLC0415
+    from ..export.exporter import export  # noqa: PLC0415
+    from ..export.tiny import TRAINED_FILES, TRAINED_PRESET, make_tiny, trained_model_dir  # noqa: PLC0415
 
     def build(tmp: Path) -> None:
         make_tiny(tmp / "hf", preset=TRAINED_PRESET, trained=True)
@@ -123,7 +123,7 @@ def shapes_model_dir() -> Path:
 
 def exported_hf_dir(hf_dir: str | Path) -> Path:
     """A real checkpoint exported once (fp32 with attention outputs, and INT4) into the cache folder."""
-    from .export.exporter import export  # noqa: PLC0415
+    from ..export.exporter import export  # noqa: PLC0415
 
     hf_dir = Path(hf_dir).expanduser().resolve()
     if not (hf_dir / "config.json").is_file():
@@ -170,7 +170,7 @@ def is_shapes() -> bool:
 
 def open_model(text_precision: str = "fp32", default: str = "tiny"):
     """load_model(model_dir(default), text_precision): the three sessions, config and tokenizer."""
-    from .model import load_model  # noqa: PLC0415
+    from ..model import load_model  # noqa: PLC0415
 
     return load_model(model_dir(default), text_precision)
 

@@ -3,7 +3,7 @@
 KL divergence and top-1 agreement (compare.py, sweep.py) say how far a variant drifts from fp32;
 on the trained shapes model (`qwen3vl-lab make-tiny --trained`) we can also ask the question that
 matters: does it still answer correctly? Every recipe is built from the fp32 export into its own
-folder, and `shapes_eval.evaluate_shapes` runs the same held-out scenes through each.
+folder (debug/variants.py), and `shapes.evaluate.evaluate_shapes` runs the same held-out scenes through each.
 
     result = recipe_accuracy("models/shapes-onnx", ["fp32", Int4Recipe(), Int4Recipe(bits=2, block_size=128),
                                                     SimRecipe(bits=3)], n=20, out_dir="variants")
@@ -25,205 +25,33 @@ mixes up a colour is wrong and well formed; word salad is neither.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Sequence
 
 import numpy as np
 
-from .. import shapes
+from ..debug.simulate import SimRecipe
+from ..debug.variants import (
+    FP32,
+    Recipe,
+    build_variant,
+    contrast_recipes,
+    fp32_source,
+    parse_recipe,
+    recipe_name,
+    shared_assets,
+    source_fingerprint,
+)
 from ..errors import UserError
-from ..export.quantize import COPIED_FILES, Int4Recipe, link_or_copy, quantize_folder
-from ..layout import DECODER_FILE, GENAI_CONFIG
-from ..model import RuntimeOptions, load_model, resolve_folder
-from .simulate import SimRecipe, simulate_folder
+from ..export.quantize import Int4Recipe
+from ..model import RuntimeOptions, load_model
+from . import task as shapes
 
-FP32 = "fp32"
-VARIANT_STAMP = "variant.json"  # written last into a variant folder: its source, recipe and builder
-PROCESSOR_FOLDER = "pytorch"  # the export's tokenizer / chat template / preprocessor files (beside cpu-*/)
 MIN_FP32_ACCURACY = 0.5  # below this the model is not the trained shapes model: accuracies would mean nothing
-
-Recipe = Union[Int4Recipe, SimRecipe, str]  # str: "fp32" or a recipe name
-
-
-# -- recipes -------------------------------------------------------------------------------------
-def parse_recipe(spec: Recipe) -> Int4Recipe | SimRecipe | str:
-    """"fp32", a recipe object, or a name: "default-2bit-b16-asym-acc4-head_int4", "sim-int3-per-tensor"."""
-    if isinstance(spec, (Int4Recipe, SimRecipe)):
-        return spec.validate()
-    if not isinstance(spec, str):
-        raise UserError(f"a recipe is fp32, an Int4Recipe, a SimRecipe or a name, got {type(spec).__name__}")
-    if spec == FP32:
-        return FP32
-    if spec.startswith("sim-"):
-        return SimRecipe.from_name(spec)
-    try:
-        return Int4Recipe.from_name(spec)
-    except UserError:
-        raise UserError(f"recipe name {spec!r} is not fp32, an onnxruntime recipe (e.g. "
-                        "default-b32-sym-acc4-head_int4, default-2bit-b16-asym-acc4-head_int4) or a simulated one (e.g. sim-int3-per-tensor, "
-                        "sim-int2-b16-asym-mse)") from None
-
-
-def recipe_name(recipe: Int4Recipe | SimRecipe | str) -> str:
-    return recipe if isinstance(recipe, str) else recipe.name
-
-
-def contrast_recipes() -> list:
-    """fp32; INT4 as `export` writes it and coarser; 3 and 2 bits in blocks and per tensor (`--recipes contrast`).
-
-    Real onnxruntime MatMulNBits for every 4- and 2-bit recipe in blocks; SIMULATED (`sim-`) for
-    3 bits, one scale per matrix, and the clipping search.
-    """
-    return [
-        FP32,
-        Int4Recipe(),  # the builder's default: block 32, symmetric, accuracy_level 4, int4 lm_head
-        Int4Recipe(block_size=128, symmetric=False, accuracy_level=0),  # MatMulNBitsQuantizer's own defaults
-        SimRecipe(bits=4, block_size=None),  # one scale per matrix
-        SimRecipe(bits=3, block_size=32),
-        SimRecipe(bits=3, block_size=None),
-        Int4Recipe(bits=2, block_size=128),  # 2 bits, one scale per 128 weights, plain rounding
-        Int4Recipe(bits=2, block_size=16, symmetric=False),  # 2 bits, small asymmetric blocks
-        SimRecipe(bits=2, block_size=16, symmetric=False, clip=True),  # ... and an error-minimising clip
-        SimRecipe(bits=2, block_size=None),  # 2 bits, one scale per matrix
-        SimRecipe(bits=2, block_size=None, clip=True),
-        SimRecipe(bits=2, block_size=None, symmetric=False),
-    ]
-
-
-# -- variants, built once ------------------------------------------------------------------------
-def export_root(folder: Path) -> Path:
-    """The export folder around a precision folder (OUT for OUT/cpu-fp32), as `Model.root` finds it."""
-    folder = Path(folder)
-    return folder.parent if folder.name.startswith("cpu-") else folder
-
-
-def _export_files(fp32_folder: Path) -> list[Path]:
-    """Everything a variant takes from the export: the fp32 decoder, embedding and vision graphs, pytorch/."""
-    fp32_folder = Path(fp32_folder)
-    names = [DECODER_FILE, DECODER_FILE + ".data", *COPIED_FILES]
-    processor = export_root(fp32_folder) / PROCESSOR_FOLDER
-    extra = sorted(f for f in processor.iterdir() if f.is_file()) if processor.is_dir() else []
-    return [fp32_folder / n for n in names if (fp32_folder / n).is_file()] + extra
-
-
-def source_fingerprint(fp32_folder: Path) -> str:
-    """A content hash of what the variants are made from (graphs, weights, tokenizer and preprocessor
-    files): a variant made from another checkpoint is stale."""
-    h = hashlib.sha256()
-    for path in _export_files(fp32_folder):
-        h.update(path.name.encode())
-        with open(path, "rb") as f:
-            h.update(hashlib.file_digest(f, "sha256").digest())
-    return h.hexdigest()[:16]
-
-
-def _builder_version(recipe: Int4Recipe | SimRecipe) -> str:
-    """The code that builds a variant: simulate.py, or onnxruntime's quantizer driven by export/quantize.py."""
-    import onnxruntime  # noqa: PLC0415
-
-    from ..export import quantize  # noqa: PLC0415
-    from . import simulate  # noqa: PLC0415
-
-    module = simulate if isinstance(recipe, SimRecipe) else quantize
-    code = hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()[:12]
-    return f"{module.__name__.rsplit('.', 1)[-1]}.py {code}, onnxruntime {onnxruntime.__version__}"
-
-
-def _stamp(recipe: Int4Recipe | SimRecipe, fingerprint: str) -> dict:
-    """What a variant is made of; a folder whose stamp differs (other weights, recipe or code) is rebuilt."""
-    return {"source_sha256": fingerprint, "recipe": recipe.to_dict(), "builder": _builder_version(recipe)}
-
-
-def _read_stamp(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / VARIANT_STAMP).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _sync_file(src: Path, dst: Path) -> None:
-    """Make dst a copy of src unless it is one already (same size and modification time: copy2 keeps both).
-
-    A changed file gets a new inode (copy, then rename): variants still linked to the old one keep it
-    until their stamps, which name the old source, get them rebuilt."""
-    s = src.stat()
-    if dst.is_file() and (dst.stat().st_size, dst.stat().st_mtime_ns) == (s.st_size, s.st_mtime_ns):
-        return
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
-
-
-def shared_assets(fp32_folder: Path, root: Path) -> Path:
-    """root/.fp32-assets: one private copy of the fp32 embedding/vision graphs and of the export's pytorch/
-    folder (tokenizer, chat template, image preprocessor), hard-linked into every variant; refreshed when
-    the export changed.
-
-    Private, because onnx's loader refuses hard-linked external data: the export's own files keep one link.
-    """
-    fp32_folder, assets = Path(fp32_folder), Path(root) / ".fp32-assets"
-    (assets / PROCESSOR_FOLDER).mkdir(parents=True, exist_ok=True)
-    for path in _export_files(fp32_folder):
-        if path.parent == fp32_folder and path.name in COPIED_FILES:
-            _sync_file(path, assets / path.name)
-        elif path.parent != fp32_folder:  # pytorch/
-            _sync_file(path, assets / PROCESSOR_FOLDER / path.name)
-    return assets
-
-
-def _link_processor_files(assets: Path, folder: Path) -> None:
-    """A variant folder is its own export root (`Model.root`): it needs pytorch/ beside its graphs, or images
-    would be preprocessed with default settings instead of the checkpoint's."""
-    src = Path(assets) / PROCESSOR_FOLDER
-    if not src.is_dir():
-        return
-    (folder / PROCESSOR_FOLDER).mkdir(exist_ok=True)
-    for f in src.iterdir():
-        dst = folder / PROCESSOR_FOLDER / f.name
-        if not dst.exists():
-            link_or_copy(f, dst, link=True)
-
-
-def build_variant(fp32_folder: Path, root: Path, recipe: Int4Recipe | SimRecipe, *, fingerprint: str,
-                  assets: Path) -> tuple[Path, float, bool]:
-    """root/<recipe name>/ made from the fp32 folder, unless its stamp says it already is
-    -> (folder, seconds it took to build, reused).
-
-    Int4Recipe: onnxruntime's quantizer (`quantize_folder`); SimRecipe: the simulation (`simulate_folder`).
-    Embedding/vision and pytorch/ files are hard-linked from `assets` (`shared_assets`).
-    """
-    folder = Path(root) / recipe.name
-    stamp = _stamp(recipe, fingerprint)
-    found = _read_stamp(folder) or {}
-    if {k: found.get(k) for k in stamp} == stamp:
-        return folder, float(found.get("build_seconds", 0.0)), True
-    t0 = time.perf_counter()
-    if isinstance(recipe, SimRecipe):
-        simulate_folder(fp32_folder, folder, recipe, link=True, assets=assets)
-    else:
-        quantize_folder(fp32_folder, folder, recipe, progress=False, link=True, assets=assets)
-    _link_processor_files(assets, folder)
-    seconds = time.perf_counter() - t0
-    stamp["build_seconds"] = round(seconds, 3)
-    (folder / VARIANT_STAMP).write_text(json.dumps(stamp, indent=2) + "\n", encoding="utf-8")  # last: marks it complete
-    return folder, seconds, False
-
-
-def fp32_source(model_dir: str | Path) -> Path:
-    """The export's cpu-fp32 folder (or model_dir itself when it is one); refuses quantized and simulated folders."""
-    folder = resolve_folder(model_dir, "fp32")
-    genai = json.loads((folder / GENAI_CONFIG).read_text(encoding="utf-8")).get("qwen3vl_lab", {})
-    if genai.get("precision") != "fp32" or "simulation" in genai:
-        raise UserError(f"{folder} is not the fp32 export (precision {genai.get('precision')!r}"
-                        f"{', simulated' if 'simulation' in genai else ''}); pass the export folder with cpu-fp32/")
-    return folder
 
 
 # -- results -------------------------------------------------------------------------------------
@@ -400,7 +228,7 @@ def _well_formed(predictions: Sequence[str]) -> float:
 
 def _evaluate(folder: Path, recipe, n: int, seed: int, options: RuntimeOptions | None, *, build_seconds: float = 0.0,
               reused: bool = False):
-    from ..shapes_eval import evaluate_shapes  # noqa: PLC0415
+    from .evaluate import evaluate_shapes  # noqa: PLC0415
 
     model = load_model(folder, "fp32", options)
     t0 = time.perf_counter()

@@ -12,16 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import PROG, ArgumentParser, UserError
 
-PROG = "qwen3vl-lab"
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but errors are one line naming the fix, exit code 2."""
-
-    def error(self, message: str):  # noqa: D102
-        self.exit(2, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
+Parser = ArgumentParser  # argparse whose errors are one line, exit code 2 (errors.py)
 
 
 # -- value checks (argparse types) -------------------------------------------------------------
@@ -71,7 +64,7 @@ def add_make_tiny(sub) -> None:
 
 
 def run_make_tiny(a) -> int:
-    from .export.tiny import make_tiny  # noqa: PLC0415
+    from ..export.tiny import make_tiny  # noqa: PLC0415
 
     t0 = time.perf_counter()
     preset = a.preset or ("shapes" if a.trained else "tiny")
@@ -117,7 +110,7 @@ INT4_OPTIONS = ("block_size", "asymmetric", "accuracy_level", "lm_head", "algori
 
 def int4_recipe(a):
     """The Int4Recipe the options ask for (unset options keep the builder defaults)."""
-    from .export.quantize import Int4Recipe  # noqa: PLC0415
+    from ..export.quantize import Int4Recipe  # noqa: PLC0415
 
     base = Int4Recipe()
     return Int4Recipe(block_size=a.block_size or base.block_size,
@@ -127,7 +120,7 @@ def int4_recipe(a):
 
 
 def run_export(a) -> int:
-    from .export.exporter import export  # noqa: PLC0415
+    from ..export.exporter import export  # noqa: PLC0415
 
     given = [f"--{o}" for o in INT4_OPTIONS if getattr(a, o) is not None]
     if given and "int4" not in a.precision:
@@ -188,9 +181,9 @@ def _video_arg(frames: list[str]):
 
 
 def run_generate(a) -> int:
-    from .generate import check_has_vision  # noqa: PLC0415
-    from .model import RuntimeOptions  # noqa: PLC0415
-    from .pipeline import Qwen3VLPipeline  # noqa: PLC0415
+    from ..generate import check_has_vision  # noqa: PLC0415
+    from ..model import RuntimeOptions  # noqa: PLC0415
+    from ..pipeline import Qwen3VLPipeline  # noqa: PLC0415
 
     items = None
     if a.prompts_file is not None:
@@ -298,7 +291,7 @@ def run_prompts_file(pipe, items: list[dict], a) -> int:
 
 def _image_command(line: str, pending: list, image_size) -> None:
     """`/image PATH`: check the file now (one-line error, the chat goes on) and attach it to the next turn."""
-    from .image import ImageProcessorConfig, load_image, target_size  # noqa: PLC0415
+    from ..image import ImageProcessorConfig, load_image, target_size  # noqa: PLC0415
 
     path = line.strip()[len("/image"):].strip()
     if not path:
@@ -316,8 +309,8 @@ def interactive(pipe, a) -> int:
     images of earlier turns stay in the history; the pipeline encodes each one only once. When the
     history no longer fits the model's context, the oldest turns are dropped (with a notice).
     """
-    from .generate import ContextOverflow  # noqa: PLC0415
-    from .tokenizer import format_chat  # noqa: PLC0415
+    from ..generate import ContextOverflow  # noqa: PLC0415
+    from ..tokenizer import format_chat  # noqa: PLC0415
 
     messages: list[dict] = []
     images, videos = [], []  # every image / video of the chat so far, in order
@@ -411,7 +404,7 @@ def add_eval_shapes(sub) -> None:
 
 def _parse_recipes(names, *, fp32: bool = True):
     """Recipe names from the command line ("contrast" = the built-in list) -> recipes, checked before any work."""
-    from .debug.accuracy import FP32, contrast_recipes, parse_recipe  # noqa: PLC0415
+    from ..shapes.accuracy import FP32, contrast_recipes, parse_recipe  # noqa: PLC0415
 
     recipes = []
     for name in names:
@@ -424,8 +417,8 @@ def _parse_recipes(names, *, fp32: bool = True):
 
 
 def _recipe_accuracy(model_dir, recipes, n: int, seed: int, out_dir, threads, *, quiet: bool):
-    from .debug.accuracy import recipe_accuracy  # noqa: PLC0415
-    from .model import RuntimeOptions  # noqa: PLC0415
+    from ..model import RuntimeOptions  # noqa: PLC0415
+    from ..shapes.accuracy import recipe_accuracy  # noqa: PLC0415
 
     return recipe_accuracy(model_dir, recipes, n=n, seed=seed, out_dir=out_dir, options=RuntimeOptions(threads=threads),
                            progress=not quiet)
@@ -438,9 +431,9 @@ def _print_recipe_accuracy(result, seconds: float) -> None:
 
 
 def run_eval_shapes(a) -> int:
-    from .model import RuntimeOptions, load_model  # noqa: PLC0415
-    from .shapes import format_table  # noqa: PLC0415
-    from .shapes_eval import evaluate_shapes  # noqa: PLC0415
+    from ..model import RuntimeOptions, load_model  # noqa: PLC0415
+    from ..shapes.evaluate import evaluate_shapes  # noqa: PLC0415
+    from ..shapes.task import format_table  # noqa: PLC0415
 
     if a.recipes:
         if a.text_precision is not None:
@@ -471,14 +464,14 @@ def add_train_shapes(sub) -> None:
     p = sub.add_parser("train-shapes", help="train the shapes-task model from scratch (needs the train extra: torch)")
     p.set_defaults(run=run_train_shapes)
     try:
-        from .train.train_shapes import add_arguments  # noqa: PLC0415 (no torch at import)
+        from ..shapes.train import add_arguments  # noqa: PLC0415 (no torch at import)
     except ImportError:
         return
     add_arguments(p)
 
 
 def run_train_shapes(a) -> int:
-    from .train.train_shapes import run  # noqa: PLC0415
+    from ..shapes.train import run  # noqa: PLC0415
 
     return run(a)
 
@@ -516,8 +509,8 @@ def _image_arg(a):
 
 
 def run_doctor(a) -> int:
-    from .debug.doctor import diagnose  # noqa: PLC0415
-    from .viz.doctor import write_figures  # noqa: PLC0415
+    from ..debug.doctor import diagnose  # noqa: PLC0415
+    from ..viz.doctor import write_figures  # noqa: PLC0415
 
     image = _image_arg(a)
     report = diagnose(a.model_dir, a.text_precision, a.reference, a.prompt, image=image, image_size=a.image_size,
@@ -554,7 +547,7 @@ def add_sweep(sub) -> None:
 
 
 def _run_sweep(model_dir, prompts, image, image_size, n_steps, out_dir, *, fast: bool, quiet: bool, names=None):
-    from .debug.sweep import default_recipes, sweep  # noqa: PLC0415
+    from ..debug.sweep import default_recipes, sweep  # noqa: PLC0415
 
     recipes = _parse_recipes(names, fp32=False) if names else default_recipes(include_slow=not fast)
     result = sweep(model_dir, recipes, prompts, out_dir=out_dir, n_steps=n_steps,
@@ -567,9 +560,8 @@ def _run_sweep(model_dir, prompts, image, image_size, n_steps, out_dir, *, fast:
 def run_sweep(a) -> int:
     import tempfile  # noqa: PLC0415
 
-    from .viz.doctor import write_figures  # noqa: PLC0415
-
-    from .debug.sweep import default_recipes  # noqa: PLC0415
+    from ..debug.sweep import default_recipes  # noqa: PLC0415
+    from ..viz.doctor import write_figures  # noqa: PLC0415
 
     image = _image_arg(a)
     if a.shapes is None:

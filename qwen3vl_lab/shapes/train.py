@@ -1,7 +1,7 @@
 """Train the tiny Qwen3-VL of the "shapes" task (qwen3vl_lab/shapes.py) on CPU, from scratch.
 
     qwen3vl-lab train-shapes --output_dir runs/shapes            # ~20 min on 2 CPU cores
-    python -m qwen3vl_lab.train.train_shapes --output_dir runs/shapes --steps 300 --eval_n 50   # a quick try
+    python -m qwen3vl_lab.shapes.train --output_dir runs/shapes --steps 300 --eval_n 50   # a quick try
 
 The model is transformers' own `Qwen3VLForConditionalGeneration`, built from the "shapes" preset of
 `export/tiny.py` (real tokenizer and 151936-row vocabulary, interleaved MRoPE, a 2-block vision
@@ -45,13 +45,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from .. import shapes
-from ..config import ENDOFTEXT_TOKEN_ID, IM_END_TOKEN_ID
-from ..errors import UserError
+from ..config import ENDOFTEXT_TOKEN_ID, IM_END_TOKEN_ID, parse_hf_config
+from ..errors import ArgumentParser, UserError
+from ..export.checkpoint import save_checkpoint_weights
+from ..export.tiny import (
+    GENERATION_CONFIG,
+    TRAINED_FILES,
+    VIDEO_PREPROCESSOR_CONFIG,
+    _write_json,
+    copy_tokenizer_files,
+    expected_parameter_shapes,
+    hf_config_dict,
+    preprocessor_config,
+    trained_model_dir,
+)
 from ..image import ImageProcessorConfig, preprocess
 from ..positions import mm_token_type_ids
 from ..tokenizer import encode_prompt, format_chat, load_tokenizer
+from . import task as shapes
 
 PRESET = "shapes"
 
@@ -214,10 +227,9 @@ def build_model(seed: int, pos_embed_std: float | None = None, pos_embed_init: s
     image token carries no linear trace of its cell; larger, the cell becomes readable, but in
     6000-step runs the model learned less, and two-object position questions stayed at chance.
     """
-    import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    import torch  # noqa: PLC0415 (torch: the optional [train] extra)
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration  # noqa: PLC0415 (torch: the optional [train] extra)
 
-    from ..export.tiny import hf_config_dict
 
     torch.manual_seed(seed)
     config = Qwen3VLConfig.from_dict(hf_config_dict(PRESET, dtype="float32"))
@@ -253,7 +265,7 @@ class TaskRows:
     """
 
     def __init__(self, model, row_ids: np.ndarray):
-        import torch
+        import torch  # noqa: PLC0415 (torch: the optional [train] extra)
 
         self.model = model
         self.full = model.model.language_model.embed_tokens  # nn.Embedding; lm_head.weight is the same tensor
@@ -266,7 +278,7 @@ class TaskRows:
 
     def restore(self):
         """Put the trained rows into the full embedding and the full embedding back into the model."""
-        import torch
+        import torch  # noqa: PLC0415 (torch: the optional [train] extra)
 
         with torch.no_grad():
             self.full.weight[self.row_ids] = self.rows.detach()
@@ -276,7 +288,7 @@ class TaskRows:
 
 def _rows_embedding(rows, lookup):
     """An nn.Module that embeds vocabulary ids from the (K, H) task rows (lookup: vocabulary id -> row or -1)."""
-    import torch
+    import torch  # noqa: PLC0415 (torch: the optional [train] extra)
 
     class RowsEmbedding(torch.nn.Module):
         def __init__(self):
@@ -303,7 +315,7 @@ class SampledSoftmax:
     """
 
     def __init__(self, task_ids: np.ndarray, vocab_size: int, negatives: int, seed: int):
-        import torch
+        import torch  # noqa: PLC0415 (torch: the optional [train] extra)
 
         self.task_ids = torch.as_tensor(task_ids)
         others = np.setdiff1d(np.arange(vocab_size), task_ids)
@@ -319,8 +331,8 @@ class SampledSoftmax:
         """hidden (N, H), weight (V, H) the output embedding, targets (N,) -> loss, accuracy among the scored rows.
 
         task_weight (K, H): the task rows' weights, if they live apart from `weight` (TaskRows)."""
-        import torch
-        import torch.nn.functional as F
+        import torch  # noqa: PLC0415 (torch: the optional [train] extra)
+        import torch.nn.functional as F  # noqa: PLC0415 (torch: the optional [train] extra)
 
         pick = torch.randperm(len(self.others), generator=self.generator)[: self.negatives]
         if task_weight is None:
@@ -341,7 +353,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def train_step(model, optimizer, loss_fn: SampledSoftmax, batch: Batch, lr: float, grad_clip: float):
-    import torch
+    import torch  # noqa: PLC0415 (torch: the optional [train] extra)
 
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -367,7 +379,7 @@ def train_step(model, optimizer, loss_fn: SampledSoftmax, batch: Batch, lr: floa
 
 def make_optimizer(model, cfg: TrainConfig):
     """AdamW; no weight decay on norms and biases."""
-    import torch
+    import torch  # noqa: PLC0415 (torch: the optional [train] extra)
 
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -381,7 +393,7 @@ def make_optimizer(model, cfg: TrainConfig):
 def greedy_answers(model, encoder: Encoder, images, questions: list[str], batch_size: int = 64,
                    max_new_tokens: int = 24) -> list[str]:
     """transformers greedy generate() over the full vocabulary, left-padded batches -> answer texts."""
-    import torch
+    import torch  # noqa: PLC0415 (torch: the optional [train] extra)
 
     model.eval()
     texts = []
@@ -418,8 +430,6 @@ def evaluate(model, encoder: Encoder, n: int, seed: int = 0) -> tuple[dict, list
 # ------------------------------------------------------------------------------------- saving
 def state_tensors(model) -> dict[str, np.ndarray]:
     """The checkpoint's tensors (HF names) as float32 numpy; the tied lm_head is not written."""
-    from ..config import parse_hf_config
-    from ..export.tiny import expected_parameter_shapes, hf_config_dict
 
     expected = expected_parameter_shapes(parse_hf_config(hf_config_dict(PRESET)))
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
@@ -432,9 +442,6 @@ def state_tensors(model) -> dict[str, np.ndarray]:
 def write_checkpoint(model, folder: Path, cfg: TrainConfig, record: dict) -> None:
     """An ordinary Hugging Face checkpoint folder: config, generation/preprocessor configs,
     model.safetensors (cfg.dtype), tokenizer files, training.json and TRAINING.md."""
-    from ..checkpoint import save_checkpoint_weights
-    from ..export.tiny import (GENERATION_CONFIG, VIDEO_PREPROCESSOR_CONFIG, _write_json, copy_tokenizer_files,
-                               hf_config_dict, preprocessor_config)
 
     folder.mkdir(parents=True, exist_ok=True)
     config = hf_config_dict(PRESET, dtype=cfg.dtype)
@@ -571,21 +578,19 @@ def previous_run_lines(record: dict) -> list[str]:
 
 def load_saved(folder: Path):
     """The written checkpoint, as transformers loads it (weights upcast to float32)."""
-    import torch
-    from transformers import Qwen3VLForConditionalGeneration
+    import torch  # noqa: PLC0415 (torch: the optional [train] extra)
+    from transformers import Qwen3VLForConditionalGeneration  # noqa: PLC0415 (torch: the optional [train] extra)
 
     return Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 # ------------------------------------------------------------------------------------- main
 def train(cfg: TrainConfig, output_dir: Path, ship: bool = False, progress: bool = True) -> dict:
-    import torch
-    from tqdm.auto import tqdm
+    import torch  # noqa: PLC0415 (torch: the optional [train] extra)
 
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     tokenizer = load_tokenizer()
-    from ..export.tiny import preprocessor_config
 
     encoder = Encoder(tokenizer, ImageProcessorConfig.from_dict(preprocessor_config(PRESET)))
     task_ids = task_row_ids(encoder) if cfg.task_rows else task_token_ids(encoder)
@@ -644,7 +649,6 @@ def train(cfg: TrainConfig, output_dir: Path, ship: bool = False, progress: bool
 
 def ship_checkpoint(folder: Path) -> Path:
     """Copy a trained folder's files (not the tokenizer, which ships once) into qwen3vl_lab/data/shapes_model."""
-    from ..export.tiny import TRAINED_FILES, trained_model_dir
 
     dest = Path(str(trained_model_dir()))
     dest.mkdir(parents=True, exist_ok=True)
@@ -695,7 +699,7 @@ def run(a) -> int:
     # Sleeping, not spinning, OpenMP threads: on a shared machine spinning threads make a step ~7x slower.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
-        import torch  # noqa: F401
+        import torch  # noqa: F401, PLC0415 (torch: the optional [train] extra)
     except ImportError:
         raise UserError("training needs torch: pip install -e '.[train]'") from None
     cfg = TrainConfig(seed=a.seed, steps=a.steps, batch_size=a.batch_size, lr=a.lr, negatives=a.negatives,
@@ -709,9 +713,7 @@ def run(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cli import Parser
-
-    p = Parser(prog="python -m qwen3vl_lab.train.train_shapes", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m qwen3vl_lab.shapes.train", description=__doc__.splitlines()[0])
     add_arguments(p)
     a = p.parse_args(argv)
     try:

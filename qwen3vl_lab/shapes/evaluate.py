@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import shapes
-from .generate import generate_tokens, prepare_multimodal_prompt
-from .model import Model
-from .vision import VisionFeatures
+from ..generate import generate_tokens, prepare_multimodal_prompt
+from ..model import Model
+from ..vision import VisionFeatures
+from . import task as shapes
 
 MAX_NEW_TOKENS = 24  # the longest answer (two objects) is 17 tokens + <|im_end|>
 
@@ -31,7 +31,7 @@ def greedy(logits: np.ndarray, previous_ids: np.ndarray | None = None) -> np.nda
 
 def cached_vision(model: Model):
     """A vision encoder for `prepare_multimodal_prompt` that runs the tower once per distinct image."""
-    from .steps import encode_image  # noqa: PLC0415
+    from ..steps import encode_image  # noqa: PLC0415
 
     cache: dict[bytes, VisionFeatures] = {}
 
@@ -101,7 +101,7 @@ def keyword_index(tokenizer, answer_ids: list[int], word: str) -> int:
     for k, t in enumerate(answer_ids):
         if tokenizer.decode([t]).strip().lower() == word:
             return k
-    from .errors import UserError  # noqa: PLC0415
+    from ..errors import UserError  # noqa: PLC0415
 
     raise UserError(f"the answer has no single token {word!r}; pass a colour or shape question")
 
@@ -112,8 +112,8 @@ def keyword_attention(model: Model, image, qa: shapes.QA) -> KeywordAttention:
     Needs an export with attention outputs (`qwen3vl-lab export --with_attentions`); colour and shape
     questions (their key word is one token).
     """
-    from .errors import UserError  # noqa: PLC0415
-    from .steps import decode_step, prefill  # noqa: PLC0415
+    from ..errors import UserError  # noqa: PLC0415
+    from ..steps import decode_step, prefill  # noqa: PLC0415
 
     if qa.kind not in ("colour", "shape"):
         raise UserError(f"keyword_attention takes colour or shape questions, not {qa.kind!r}")

@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .errors import UserError
+from ..errors import UserError
 
 IMAGE_SIZE = 96  # pixels per side
 GRID = 3  # cells per side

@@ -1,7 +1,7 @@
 """The engines `qwen3vl-lab bench --vs` compares against, each in its own process.
 
-    python -m qwen3vl_lab.bench_workers genai GENAI_DIR --threads 2
-    python -m qwen3vl_lab.bench_workers torch HF_DIR --threads 2
+    python -m qwen3vl_lab.apps.bench_workers genai GENAI_DIR --threads 2
+    python -m qwen3vl_lab.apps.bench_workers torch HF_DIR --threads 2
 
 A worker loads its model once, prints `{"ready": ...}`, then answers one JSON line per request
 `{"ids": [[...]], "new_tokens": M}` with `{"prefill_s": t, "decode_s": [t, ...], "peak_rss_bytes": n}`:
@@ -112,7 +112,7 @@ ENGINES = {"genai": GenaiEngine, "torch": TorchEngine}
 def main(argv: list[str] | None = None) -> int:
     import argparse  # noqa: PLC0415
 
-    p = argparse.ArgumentParser(prog="qwen3vl_lab.bench_workers")
+    p = argparse.ArgumentParser(prog="qwen3vl_lab.apps.bench_workers")
     p.add_argument("engine", choices=sorted(ENGINES))
     p.add_argument("folder")
     p.add_argument("--threads", type=int, default=None)

@@ -36,8 +36,8 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from ..errors import UserError
 from .bench_workers import peak_rss_bytes, reset_peak_rss
-from .errors import UserError
 
 GB = 1e9
 
@@ -99,10 +99,10 @@ def prompt_ids(cfg: BenchConfig, vocab_limit: int = 151643) -> np.ndarray:
 
 def run_ours(model, ids: np.ndarray, new_tokens: int) -> dict:
     """One forced-length greedy generation on the fast path -> prefill_s, decode_s, overhead_s."""
-    from .fast import FastTimings, fast_generate_batch  # noqa: PLC0415
-    from .generate import Prompt  # noqa: PLC0415
-    from .pipeline import greedy  # noqa: PLC0415
-    from .steps import build_positions, embed  # noqa: PLC0415
+    from ..fast import FastTimings, fast_generate_batch  # noqa: PLC0415
+    from ..generate import Prompt  # noqa: PLC0415
+    from ..pipeline import greedy  # noqa: PLC0415
+    from ..steps import build_positions, embed  # noqa: PLC0415
 
     t0 = time.perf_counter()
     prompt = Prompt(ids, embed(model, ids), build_positions(ids))  # (B, S), (B, S, H), (3, B, S)
@@ -118,7 +118,7 @@ def vision_encode_seconds(model, size: int, seed: int) -> float | None:
     """Preprocess + vision tower for one random size x size image (None without a vision model)."""
     if not size or not model.has_vision:
         return None
-    from .generate import encode_visuals, preprocess_visuals  # noqa: PLC0415
+    from ..generate import encode_visuals, preprocess_visuals  # noqa: PLC0415
 
     image = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
     t0 = time.perf_counter()
@@ -132,7 +132,7 @@ class Worker:
     """A `bench_workers` process: one JSON request per line in, one JSON result per line out."""
 
     def __init__(self, engine: str, folder: Path, threads: int | None):
-        cmd = [sys.executable, "-m", "qwen3vl_lab.bench_workers", engine, str(folder)]
+        cmd = [sys.executable, "-m", "qwen3vl_lab.apps.bench_workers", engine, str(folder)]
         if threads:
             cmd += ["--threads", str(threads)]
         self.engine = engine
@@ -230,8 +230,8 @@ def check_config(cfg: BenchConfig) -> None:
 
 def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     """Run the benchmark, log a readable report, return the figures (the JSON object)."""
-    from .layout import FAST_DECODER_FILE  # noqa: PLC0415
-    from .model import RuntimeOptions, load_model  # noqa: PLC0415
+    from ..layout import FAST_DECODER_FILE  # noqa: PLC0415
+    from ..model import RuntimeOptions, load_model  # noqa: PLC0415
 
     check_config(cfg)
     threads = cfg.threads or default_threads()
