@@ -2,8 +2,12 @@
 
 Like mlx-examples, the cache is plain data that is passed into each step and returned from it:
 
-    logits, cache = prefill(model, embeds, positions, cache)      # cache.length == S
-    logits, cache = decode_step(model, token, cache, deltas)      # cache.length == S + 1
+    step = prefill(model, embeds, positions)                      # step.cache.length == S
+    step = decode_step(model, token, step.cache, deltas)          # step.cache.length == S + 1
+
+The teaching decoder (decoder.py) feeds `keys`/`values` as the graph's past inputs, whatever the
+graph calls them, and returns a new cache holding its present outputs; the fast decoder (fast.py)
+keeps preallocated buffers instead.
 
 `cache.keys[i]` is what layer i's attention has seen so far, after q/k-norm and MRoPE:
 (B, kv_heads, T, head_dim). `cache.history` holds one `CacheRecord` per step (length and bytes
@@ -59,13 +63,6 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
 
-    def feeds(self) -> dict[str, np.ndarray]:
-        """The decoder's past_key_values.{i}.key/value inputs."""
-        out = {}
-        for i, (k, v) in enumerate(zip(self.keys, self.values)):
-            out[f"past_key_values.{i}.key"], out[f"past_key_values.{i}.value"] = k, v
-        return out
-
     def updated(self, keys: list[np.ndarray], values: list[np.ndarray], attention_mask: np.ndarray) -> "KVCache":
         """A new cache holding the decoder's present.* outputs, with this step recorded."""
         new = keys[0].shape[2] - self.length if keys else 0
@@ -79,6 +76,11 @@ class KVCache:
         )
         return replace(self, keys=keys, values=values, attention_mask=attention_mask,
                        history=[*self.history, record])
+
+    def as_prefill(self, since: int) -> "KVCache":
+        """The records from `since` on relabelled "prefill" (the chunks of one chunked prefill)."""
+        history = [*self.history[:since], *(replace(r, kind="prefill") for r in self.history[since:])]
+        return replace(self, history=history)
 
 
 def bytes_per_token(text: TextConfig, dtype_bytes: int = 4) -> int:

@@ -1,17 +1,20 @@
-"""The generation loop, built from the step functions only (mlx-examples style: it yields tokens).
+"""Prompts in, tokens out: preparing a prompt, then ONE generation loop (`generate_step`, mlx-lm's shape).
 
     prompt = prepare_prompt(model, "Hello")                           # ids, embeddings, 3-D positions
     prompt = prepare_multimodal_prompt(model, "Describe it.", images=["photo.jpg"])   # + vision, DeepStack
-    for token in generate_tokens(model, prompt, sampler, max_new_tokens=20):
-        ...                                                           # one int per decode step
+    for s in generate_step(model, prompt, sampler, max_new_tokens=20):   # any Decoder, any sampler
+        s.tokens, s.logits, s.step.cache, s.seconds                   # one record per token
+    for token in generate_tokens(model, prompt, sampler, 20):         # just the ids (batch of one)
+        ...
 
 `prepare_multimodal_prompt` = preprocess_visuals -> tokenize -> (context check) -> merge_visuals
 (encode_image, merge_vision, deepstack_embeds, build_positions per steps.py); each part is callable
 on its own for notebooks.
 
-`generate_tokens` stops after an end-of-sequence token (<|im_end|> / <|endoftext|>, which it still
-yields, as transformers' generate returns it) or after max_new_tokens. `tokenizer.stream_text` turns
-the tokens into text pieces without ever splitting a multi-byte character.
+Everything that generates consumes `generate_step`: `generate_tokens`, the batches below, the fast
+path (`decoder=FastDecoder(model)`, or fast=True), the pipeline's stream and batch calls, the trace
+behind the widgets (viz/trace.py) and the shapes evaluation. `tokenizer.stream_text` turns tokens into
+text pieces without ever splitting a multi-byte character.
 
 Batches (B prompts of different lengths at once):
 
@@ -20,35 +23,29 @@ Batches (B prompts of different lengths at once):
         ...
     token_lists = generate_batch(model, [prompt_a, prompt_b], sampler, 20)   # one list of ids per prompt
 
-`prefill_chunk=N` (generate_tokens, batch_steps, generate_batch) prefills long prompts N tokens at a time.
+`prefill_chunk=N` prefills long prompts N tokens at a time (same logits and cache, less memory).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from .decoder import Decoder, Step
 from .errors import UserError
+from .fast import FastDecoder
+from .image import ImageProcessorConfig, preprocess_one
 from .model import Model
 from .positions import Positions
-from .steps import (
-    Step,
-    build_positions,
-    decode_step,
-    deepstack_embeds,
-    embed,
-    encode_image,
-    merge_vision,
-    prefill,
-    prefill_chunked,
-    tokenize,
-)
+from .sampling import SamplerFn
+from .steps import build_positions, deepstack_embeds, embed, encode_image, merge_vision, tokenize
+from .tokenizer import IMAGE_PAD, VIDEO_PAD
+from .video import VideoProcessorConfig, preprocess_video_one
 from .vision import VisionFeatures
-
-Sampler = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (logits (B, V), previous ids (B, T)) -> (B,)
 
 
 @dataclass
@@ -133,9 +130,6 @@ def preprocess_visuals(model: Model, images=None, videos=None, image_size=None, 
     Uses the checkpoint's preprocessor_config.json / video_preprocessor_config.json when the export has them.
     image_size: None = transformers' smart_resize; an int N (or (h, w)) resizes everything to N x N.
     """
-    from .image import ImageProcessorConfig, preprocess_one  # noqa: PLC0415
-    from .video import VideoProcessorConfig, preprocess_video_one  # noqa: PLC0415
-
     images, videos = _as_list(images), _as_list(videos)
     folder = _processor_folder(model)
     out = VisualInputs(None, None)
@@ -190,8 +184,6 @@ def check_visual_context(model: Model, prompt_length: int, visual_tokens: int) -
 
 
 def check_raw_placeholders(prompt: str, n_images: int, n_videos: int) -> None:
-    from .tokenizer import IMAGE_PAD, VIDEO_PAD  # noqa: PLC0415
-
     for pad, n, kind in ((IMAGE_PAD, n_images, "image"), (VIDEO_PAD, n_videos, "video")):
         if prompt.count(pad) != n:
             raise UserError(f"the raw prompt holds {prompt.count(pad)} {pad} placeholders for {n} {kind}s; put one "
@@ -242,39 +234,87 @@ def merge_visuals(model: Model, input_ids: np.ndarray, visuals: VisualInputs,
     return Prompt(input_ids, embeds, positions, deepstack)
 
 
-def run_prefill(model: Model, prompt: Prompt, prefill_chunk: int | None = None) -> Step:
+def open_decoder(model: Model, fast: bool = False) -> Decoder:
+    """The teaching decoder (model.onnx, an inspectable cache) or the fast one (model-fast.onnx, IOBinding)."""
+    return FastDecoder(model) if fast else model.teaching_decoder
+
+
+def run_prefill(decoder: Decoder, cache, prompt: Prompt, prefill_chunk: int | None = None) -> Step:
     """The prompt through the decoder: whole, or `prefill_chunk` tokens at a time (same logits and cache)."""
+    kwargs = dict(input_ids=prompt.input_ids, attention_mask=prompt.attention_mask, deepstack=prompt.deepstack)
     if prefill_chunk is None or prefill_chunk >= prompt.length:
-        return prefill(model, prompt.inputs_embeds, prompt.positions, attention_mask=prompt.attention_mask,
-                       deepstack=prompt.deepstack)
-    return prefill_chunked(model, prompt.inputs_embeds, prompt.positions, prefill_chunk,
-                           attention_mask=prompt.attention_mask, deepstack=prompt.deepstack)
+        return decoder.prefill(cache, prompt.inputs_embeds, prompt.positions.position_ids, **kwargs)
+    return decoder.prefill_chunked(cache, prompt.inputs_embeds, prompt.positions.position_ids, prefill_chunk, **kwargs)
 
 
-def generate_tokens(model: Model, prompt: Prompt, sampler: Sampler, max_new_tokens: int = 100,
+@dataclass
+class GenerationStep:
+    """One token per row, as the generation loop yields it."""
+
+    index: int  # 0: the token drawn from the prefill's logits, then one per decode step
+    tokens: np.ndarray  # (B,) int64: each row's new token; the pad id for rows that had already finished
+    finished: np.ndarray  # (B,) bool: the row is done after this token (end of sequence or its budget)
+    step: Step  # the decoder call whose logits the tokens were drawn from (logits, cache, positions, attentions)
+    seconds: float  # wall time of this token: decoder call, sampling and bookkeeping
+    decoder_seconds: float  # the part spent in the decoder call
+
+    @property
+    def logits(self) -> np.ndarray:
+        """(B, V) the scores the tokens were drawn from (the fast decoder's are a view: copy to keep them)."""
+        return self.step.logits
+
+
+def generate_step(model: Model, prompt: Prompt, sampler: SamplerFn, max_new_tokens: int = 100, *,
+                  decoder: Decoder | None = None, eos_token_ids: Sequence[int] | None = None,
+                  prefill_chunk: int | None = None, pad_token_id: int | None = None) -> Iterator[GenerationStep]:
+    """THE generation loop: prefill once, then one decode step per token; one GenerationStep per token.
+
+    Any `Decoder` (default: the teaching decoder) and any sampler `(logits (B, V), previous ids) -> (B,)`.
+    A batch (B, S) may be left-padded (`pad_prompts`). Like transformers' generate, rows that finished
+    keep taking a dummy token (the pad id, attention mask 1) so the batch stays rectangular; their later
+    tokens are not theirs. The sampler sees each row's own history (prompt without pads + its tokens) —
+    a (B, T) array when no row is padded, else one array per row — so repetition penalties match a lone
+    run. A row stops after an end-of-sequence id (<|im_end|> / <|endoftext|>, which it still yields, as
+    transformers' generate returns it), after max_new_tokens, or at the context limit.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    decoder = decoder or model.teaching_decoder
+    eos = np.array(sorted(set(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)), np.int64)
+    pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
+    padded = prompt.attention_mask is not None and not np.asarray(prompt.attention_mask).all()
+    mask = np.ones(prompt.input_ids.shape, bool) if prompt.attention_mask is None else prompt.attention_mask.astype(bool)
+    lengths = mask.sum(axis=1)  # (B,) real prompt tokens per row
+    check_context(model, int(lengths.max()))
+    budget = np.minimum(max_new_tokens, model.context_length - lengths)  # (B,) the context limit is per row
+    histories = [row[keep] for row, keep in zip(prompt.input_ids, mask)]
+    finished = np.zeros(len(lengths), bool)  # (B,)
+    t0 = time.perf_counter()
+    step = run_prefill(decoder, decoder.new_cache(len(lengths), prompt.length + int(budget.max())), prompt,
+                       prefill_chunk)
+    decoder_seconds = time.perf_counter() - t0
+    for n in range(int(budget.max())):
+        previous = histories if padded else np.stack(histories)  # (B, T) or one (T_b,) per row
+        token = np.asarray(sampler(step.logits, previous), np.int64).reshape(-1)  # (B,)
+        token = np.where(finished, pad, token)
+        histories = [h if done else np.append(h, tok) for h, tok, done in zip(histories, token, finished)]
+        finished = finished | np.isin(token, eos) | (n + 1 >= budget)
+        yield GenerationStep(n, token, finished.copy(), step, time.perf_counter() - t0, decoder_seconds)
+        if finished.all():
+            return
+        t0 = time.perf_counter()
+        step = decoder.decode(step.cache, token, prompt.positions.rope_deltas)
+        decoder_seconds = time.perf_counter() - t0
+
+
+def generate_tokens(model: Model, prompt: Prompt, sampler: SamplerFn, max_new_tokens: int = 100,
                     eos_token_ids: Sequence[int] | None = None, prefill_chunk: int | None = None,
                     fast: bool = False) -> Iterator[int]:
-    """Prefill once, then one decode step per token; yields each new token id (batch of one).
-
-    fast=True runs the same loop on the fused decoder with preallocated KV buffers (`fast.py`): same tokens."""
-    if fast:
-        from .fast import fast_generate_tokens  # noqa: PLC0415
-
-        yield from fast_generate_tokens(model, prompt, sampler, max_new_tokens, eos_token_ids, prefill_chunk=prefill_chunk)
-        return
-    if max_new_tokens < 1:
-        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    eos = set(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
-    budget = min(max_new_tokens, model.context_length - prompt.length)
-    step = run_prefill(model, prompt, prefill_chunk)
-    history = prompt.input_ids
-    for n in range(budget):
-        token = np.asarray(sampler(step.logits, history), np.int64).reshape(-1)  # (B,)
-        yield int(token[0])
-        if int(token[0]) in eos or n + 1 == budget:
-            return
-        history = np.concatenate([history, token[:, None]], axis=1)
-        step = decode_step(model, token[:, None], step.cache, prompt.positions.rope_deltas)
+    """`generate_step` for one prompt, yielding each new token id. fast=True: the same tokens from the
+    fused decoder with preallocated KV buffers (fast.py)."""
+    for s in generate_step(model, prompt, sampler, max_new_tokens, decoder=open_decoder(model, fast),
+                           eos_token_ids=eos_token_ids, prefill_chunk=prefill_chunk):
+        yield int(s.tokens[0])
 
 
 # -- batches ------------------------------------------------------------------------------------
@@ -316,46 +356,15 @@ def pad_prompts(model: Model, prompts: Sequence[Prompt], pad_token_id: int | Non
     return Prompt(input_ids, inputs_embeds, Positions(position_ids, rope_deltas), deepstack, attention_mask)
 
 
-@dataclass
-class BatchStep:
-    """One generation step of a batch."""
-
-    tokens: np.ndarray  # (B,) int64: each row's new token; the pad id for rows that had already finished
-    finished: np.ndarray  # (B,) bool: the row is done after this step (end of sequence or its budget)
-
-
-def batch_steps(model: Model, batch: Prompt, sampler: Sampler, max_new_tokens: int = 100,
+def batch_steps(model: Model, batch: Prompt, sampler: SamplerFn, max_new_tokens: int = 100,
                 eos_token_ids: Sequence[int] | None = None, prefill_chunk: int | None = None,
-                pad_token_id: int | None = None) -> Iterator[BatchStep]:
-    """`generate_tokens` for a left-padded batch (`pad_prompts`): one BatchStep per decode step.
-
-    Like transformers' generate, rows that finished keep taking a dummy token (the pad id, attention
-    mask 1) so the batch stays rectangular; their later tokens are not theirs. The sampler sees each
-    row's own history (prompt without pads + its tokens), so repetition penalties match a lone run.
-    """
-    if max_new_tokens < 1:
-        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    eos = np.array(sorted(set(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)), np.int64)
-    pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
-    mask = np.ones(batch.input_ids.shape, bool) if batch.attention_mask is None else batch.attention_mask.astype(bool)
-    lengths = mask.sum(axis=1)  # (B,) real prompt tokens per row
-    budget = np.minimum(max_new_tokens, model.context_length - lengths)  # (B,) the context limit is per row
-    histories = [list(row[keep]) for row, keep in zip(batch.input_ids, mask)]
-    finished = np.zeros(len(lengths), bool)  # (B,)
-    step = run_prefill(model, batch, prefill_chunk)
-    for n in range(1, int(budget.max()) + 1):
-        token = np.asarray(sampler(step.logits, [np.asarray(h, np.int64) for h in histories]), np.int64).reshape(-1)
-        token = np.where(finished, pad, token)  # (B,)
-        for b in np.flatnonzero(~finished):
-            histories[b].append(int(token[b]))
-        finished = finished | np.isin(token, eos) | (n >= budget)
-        yield BatchStep(token, finished.copy())
-        if finished.all():
-            return
-        step = decode_step(model, token[:, None], step.cache, batch.positions.rope_deltas)
+                pad_token_id: int | None = None) -> Iterator[GenerationStep]:
+    """`generate_step` over a left-padded batch (`pad_prompts`): s.tokens (B,), s.finished (B,) per step."""
+    yield from generate_step(model, batch, sampler, max_new_tokens, eos_token_ids=eos_token_ids,
+                             prefill_chunk=prefill_chunk, pad_token_id=pad_token_id)
 
 
-def generate_batch(model: Model, prompts: Sequence[Prompt], sampler: Sampler, max_new_tokens: int = 100,
+def generate_batch(model: Model, prompts: Sequence[Prompt], sampler: SamplerFn, max_new_tokens: int = 100,
                    eos_token_ids: Sequence[int] | None = None, prefill_chunk: int | None = None) -> list[list[int]]:
     """B prompts at once -> one list of new token ids per prompt (each as `generate_tokens` would give it)."""
     out: list[list[int]] = [[] for _ in prompts]

@@ -26,3 +26,38 @@ ROTARY_COS = "rotary_cos"  # (N, hd) f32
 ROTARY_SIN = "rotary_sin"  # (N, hd) f32
 IMAGE_FEATURES = "image_features"  # (N/4, out_hidden)
 DEEPSTACK_FEATURES = "deepstack_features"  # (num_deepstack, N/4, out_hidden)
+
+# -- the text decoder's graph I/O ---------------------------------------------------------------
+# `decoder.DecoderIO.read` finds these in any decoder graph and is the only reader; the builder writes
+# ours. Other exporters' spellings are listed too: onnxruntime-genai and the original guide's builder
+# take `inputs_embeds` (or `input_ids`) and write `present.%d.key`; the guide's text documents
+# `present_key_values.%d.key`; transformers.js / onnx-community decoders add `num_logits_to_keep` and
+# `use_cache_branch`.
+INPUT_IDS = "input_ids"  # (B, S) int64, a decoder that embeds tokens itself (or the embedding model's input)
+INPUTS_EMBEDS = "inputs_embeds"  # (B, S, H) f32
+POSITION_IDS = "position_ids"  # (3, B, S) int64 (MRoPE t/h/w), or (B, S) for 1-D rotary positions
+ATTENTION_MASK = "attention_mask"  # (B, past + S) int64
+DEEPSTACK_EMBEDS = "deepstack_embeds"  # (D, B, S, H) f32, added after the first D decoder layers
+LOGITS_TO_KEEP = ("logits_to_keep", "num_logits_to_keep")  # () int64: 0 = all positions, k = the last k
+USE_CACHE_BRANCH = "use_cache_branch"  # (1,) bool in merged onnx-community decoders
+LOGITS = "logits"  # (B, S or k, V)
+PAST_KV = r"past_key_values\.(\d+)\.(key|value)"  # (B, kv_heads, past, head_dim)
+PRESENT_KV = (r"present\.(\d+)\.(key|value)", r"present_key_values\.(\d+)\.(key|value)")
+ATTENTIONS = r"attentions\.(\d+)"  # (B, heads, S, past + S), `export --with_attentions`
+# the fused decoder's own inputs (export/decoder_fast.py writes them, fast.py binds them)
+COS_CACHE, SIN_CACHE = "cos_cache", "sin_cache"  # (capacity, head_dim / 2) f32
+SEQLENS_K = "seqlens_k"  # (B,) int32: total length - 1
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # () int32
+
+# the embedding model's I/O (ours, the guide's and onnx-community's embed_tokens)
+EMBEDDING_INPUT, EMBEDDING_OUTPUT = INPUT_IDS, INPUTS_EMBEDS
+
+
+def past_names(layer: int) -> tuple[str, str]:
+    """Our decoders' past key/value input names of one layer."""
+    return f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
+
+
+def present_names(layer: int) -> tuple[str, str]:
+    """Our decoders' present key/value output names of one layer."""
+    return f"present.{layer}.key", f"present.{layer}.value"

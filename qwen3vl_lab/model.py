@@ -2,11 +2,12 @@
 
     model = load_model("models/tiny-onnx", text_precision="fp32")
     model.embedding, model.decoder, model.vision      # onnxruntime.InferenceSession (vision loads on first use)
-    model.fast_decoder                                # model-fast.onnx (fast.py), opened on first use
+    model.teaching_decoder                            # decoder.OnnxDecoder over model.decoder: prefill / decode
+    model.fast_decoder                                # model-fast.onnx's session (fast.py), opened on first use
     model.config                                      # ModelConfig (from genai_config.json)
     model.tokenizer                                   # transformers tokenizer
 
-Sessions load once per `Model`; everything that runs them lives in `steps.py`.
+Sessions load once per `Model`; the decoders (decoder.py, fast.py) and the step functions (steps.py) run them.
 """
 
 from __future__ import annotations
@@ -17,11 +18,21 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 from .config import ModelConfig
+from .decoder import OnnxDecoder
 from .errors import UserError
-from .layout import DECODER_FILE, EMBEDDING_FILE, FAST_DECODER_FILE, GENAI_CONFIG, VISION_FILE
+from .layout import (
+    DECODER_FILE,
+    EMBEDDING_FILE,
+    EMBEDDING_INPUT,
+    EMBEDDING_OUTPUT,
+    FAST_DECODER_FILE,
+    GENAI_CONFIG,
+    VISION_FILE,
+)
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,7 @@ class Model:
     embedding: ort.InferenceSession
     decoder_session: ort.InferenceSession | None = None  # None: model.onnx is opened on first use of .decoder
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
+    accept_missing: bool = False  # run prompts that need a piece the decoder graph lacks (decoder.MissingPiece)
 
     @property
     def decoder(self) -> ort.InferenceSession:
@@ -155,6 +167,16 @@ class Model:
 
         pytorch = self.root / "pytorch"
         return load_tokenizer(pytorch if pytorch.is_dir() else None)
+
+    def embed(self, input_ids: np.ndarray) -> np.ndarray:
+        """Token ids (B, S) -> embeddings (B, S, H): one row lookup in the embedding graph."""
+        return self.embedding.run([EMBEDDING_OUTPUT], {EMBEDDING_INPUT: np.asarray(input_ids, np.int64)})[0]
+
+    @cached_property
+    def teaching_decoder(self) -> OnnxDecoder:
+        """model.onnx behind the Decoder interface: every step inspectable, the cache a plain array."""
+        return OnnxDecoder(self.decoder, self.config.text, self.embed,
+                           accept_missing=self.accept_missing, where=str(self.folder / DECODER_FILE))
 
     @cached_property
     def decoder_inputs(self) -> frozenset[str]:

@@ -31,7 +31,8 @@ import numpy as np
 from .errors import UserError
 from .generate import Prompt, generate_batch, generate_tokens, prepare_multimodal_prompt, prepare_prompt
 from .model import Model, RuntimeOptions, load_model
-from .sampling import SamplingConfig, make_sampler
+from .sampling import SamplingConfig, greedy, make_sampler  # noqa: F401 (greedy: pipeline.greedy stays importable)
+from .steps import encode_image
 from .tokenizer import stream_text
 
 
@@ -70,8 +71,6 @@ class Qwen3VLPipeline:
 
     def encode_cached(self, pixel_values: np.ndarray, grid_thw: np.ndarray):
         """One image's (or video's) VisionFeatures, computed once per distinct pixels."""
-        from .steps import encode_image  # noqa: PLC0415
-
         key = hashlib.sha1(np.ascontiguousarray(grid_thw, np.int64).tobytes()
                            + np.ascontiguousarray(pixel_values, np.float32).tobytes()).hexdigest()
         if key not in self.vision_cache:
@@ -206,8 +205,3 @@ def _check_chunk(prefill_chunk) -> None:
     if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, (int, np.integer))
                                       or prefill_chunk < 1):
         raise UserError(f"prefill_chunk must be None or an integer >= 1, got {prefill_chunk!r}; e.g. 1024")
-
-
-def greedy(logits: np.ndarray, previous_ids: np.ndarray | None = None) -> np.ndarray:
-    """The simplest sampler: the most likely token of each row."""
-    return np.argmax(logits, axis=-1)

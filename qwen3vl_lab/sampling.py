@@ -15,8 +15,9 @@ min_tokens_to_keep is 1 (generate() uses 1 unless beam search): the most likely 
 One documented difference: transformers' top-p sorts with torch.sort (not stable), so when tokens tied
 on the boundary logit straddle the cut it drops an arbitrary subset of them; here all of them are kept.
 
-A custom sampler is any callable `(logits (B, V), previous_ids) -> (B,) ids`; `make_sampler` accepts
-either that or a `SamplingConfig`.
+A sampler is any callable `(logits (B, V), previous_ids) -> (B,) ids` (`SamplerFn`): `greedy`, a
+`Sampler` (a `SamplingConfig` with its own random stream) or your own; `make_sampler` accepts either
+a callable or a `SamplingConfig`. The generation loop (generate.py) takes any of them.
 """
 
 from __future__ import annotations
@@ -29,7 +30,27 @@ import numpy as np
 
 from .errors import UserError
 
-SamplerFn = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
+SamplerFn = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]  # THE sampler type: (logits (B, V), previous ids) -> (B,)
+
+
+def greedy(logits: np.ndarray, previous_ids=None) -> np.ndarray:
+    """The simplest sampler: the most likely token of each row (the first among ties). (B, V) -> (B,) int64."""
+    return np.argmax(logits, axis=-1).astype(np.int64)
+
+
+def forced(tokens) -> SamplerFn:
+    """Teacher forcing as a sampler: the n-th call returns tokens[n] for every row, whatever the logits
+    (then the argmax, once the tokens run out). The generation loop then feeds a known continuation."""
+    tokens = [int(t) for t in tokens]
+    calls = iter(range(1 << 62))
+
+    def forced_sampler(logits, previous_ids=None) -> np.ndarray:
+        n = next(calls)
+        if n >= len(tokens):
+            return greedy(logits)
+        return np.full(np.shape(logits)[0], tokens[n], np.int64)
+
+    return forced_sampler
 
 
 @dataclass(frozen=True)

@@ -26,28 +26,20 @@ The generation loop in `generate.py` is built from these functions only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
 import numpy as np
 
 from .cache import KVCache
 from .config import IMAGE_TOKEN_ID
+from .decoder import Step
+from .errors import UserError
 from .model import Model
-from .positions import Positions, build_positions, next_positions
+from .positions import Positions, build_positions
+from .tokenizer import encode_prompt, format_chat
 from .vision import VisionFeatures
+from .vision import encode_image as run_vision_tower
 
 __all__ = ["Step", "tokenize", "embed", "encode_image", "merge_vision", "deepstack_embeds", "build_positions",
            "prefill", "prefill_chunked", "decode_step", "zeros_deepstack"]
-
-
-@dataclass
-class Step:
-    """What one decoder call produced."""
-
-    logits: np.ndarray  # (B, V) at the last position, or (B, S, V) when all positions were kept
-    cache: KVCache  # the cache after this step (returned, not mutated: mlx-style)
-    position_ids: np.ndarray  # (3, B, S) the positions this step used
-    attentions: list[np.ndarray] | None = None  # per layer (B, heads, S, T), from a --with_attentions export
 
 
 def tokenize(model: Model, prompt: str, *, raw: bool = False, image_grid_thw: np.ndarray | None = None,
@@ -56,8 +48,6 @@ def tokenize(model: Model, prompt: str, *, raw: bool = False, image_grid_thw: np
 
     Images (then videos) come before the text in the user turn; each placeholder is expanded to its
     grid's token count (videos: one timestamped block per frame pair)."""
-    from .tokenizer import encode_prompt, format_chat  # noqa: PLC0415
-
     n_images = 0 if image_grid_thw is None else len(np.asarray(image_grid_thw).reshape(-1, 3))
     n_videos = 0 if video_grid_thw is None else len(np.asarray(video_grid_thw).reshape(-1, 3))
     if raw:
@@ -74,15 +64,13 @@ def tokenize(model: Model, prompt: str, *, raw: bool = False, image_grid_thw: np
 
 def embed(model: Model, input_ids: np.ndarray) -> np.ndarray:
     """Token ids (B, S) -> embeddings (B, S, H): a row lookup in the embedding table."""
-    return model.embedding.run(["inputs_embeds"], {"input_ids": np.asarray(input_ids, np.int64)})[0]
+    return model.embed(input_ids)
 
 
 def encode_image(model: Model, pixel_values: np.ndarray, image_grid_thw: np.ndarray) -> VisionFeatures:
     """Pixel patches (N, 1536) + grids (n, 3) from `image.preprocess` -> VisionFeatures:
     image_features (n_tokens, H) for the placeholders, deepstack (D, n_tokens, H) for the decoder.
     Videos go through the same call (pixel_values_videos, video_grid_thw)."""
-    from .vision import encode_image as run_vision_tower  # noqa: PLC0415
-
     return run_vision_tower(model.vision, pixel_values, image_grid_thw, model.config)
 
 
@@ -94,8 +82,6 @@ def merge_vision(inputs_embeds: np.ndarray, input_ids: np.ndarray, image_feature
     image_features = getattr(image_features, "image_features", image_features)  # (n_visual, H)
     mask = np.asarray(input_ids) == token_id  # (B, S)
     if mask.sum() != len(image_features):
-        from .errors import UserError  # noqa: PLC0415
-
         raise UserError(f"the prompt has {int(mask.sum())} image tokens but the images give {len(image_features)} "
                         "features; build the prompt with the same images")
     out = inputs_embeds.copy()
@@ -114,8 +100,6 @@ def deepstack_embeds(input_ids: np.ndarray, deepstack: np.ndarray | VisionFeatur
     deepstack = np.asarray(getattr(deepstack, "deepstack", deepstack), np.float32)  # (D, n_visual, H)
     mask = np.asarray(input_ids) == token_id  # (B, S)
     if deepstack.ndim != 3 or deepstack.shape[1] != mask.sum():
-        from .errors import UserError  # noqa: PLC0415
-
         raise UserError(f"deepstack features have shape {deepstack.shape} but the prompt has {int(mask.sum())} "
                         "visual tokens; pass (D, n_visual, H) from the same images as the prompt")
     out = np.zeros((deepstack.shape[0], *mask.shape, deepstack.shape[2]), np.float32) if into is None else into
@@ -128,82 +112,33 @@ def zeros_deepstack(model: Model, batch: int, seq: int) -> np.ndarray:
     return np.zeros((model.config.num_deepstack, batch, seq, model.config.text.hidden_size), np.float32)
 
 
-def run_decoder(model: Model, inputs_embeds: np.ndarray, position_ids: np.ndarray, cache: KVCache,
-                attention_mask: np.ndarray, deepstack: np.ndarray | None, logits_to_keep: int) -> Step:
-    """One call of the decoder graph: new tokens + cache in, logits + grown cache out."""
-    B, S, _ = inputs_embeds.shape
-    feeds = {"inputs_embeds": inputs_embeds.astype(np.float32, copy=False),
-             "position_ids": position_ids.astype(np.int64, copy=False),
-             "attention_mask": attention_mask, **cache.feeds()}
-    if "deepstack_embeds" in model.decoder_inputs:
-        feeds["deepstack_embeds"] = deepstack if deepstack is not None else zeros_deepstack(model, B, S)
-    if "logits_to_keep" in model.decoder_inputs:
-        feeds["logits_to_keep"] = np.array(logits_to_keep, np.int64)
-    names = model.decoder_outputs
-    out = dict(zip(names, model.decoder.run(list(names), feeds)))
-    n = model.config.text.num_hidden_layers
-    keys = [out[f"present.{i}.key"] for i in range(n)]
-    values = [out[f"present.{i}.value"] for i in range(n)]
-    attentions = [out[f"attentions.{i}"] for i in range(n)] if "attentions.0" in out else None
-    logits = out["logits"]
-    if logits_to_keep == 1:
-        logits = logits[:, -1]  # (B, V)
-    return Step(logits, cache.updated(keys, values, attention_mask), position_ids, attentions)
-
-
 def prefill(model: Model, inputs_embeds: np.ndarray, positions: Positions, cache: KVCache | None = None, *,
             attention_mask: np.ndarray | None = None, deepstack: np.ndarray | None = None,
-            logits_to_keep: int = 1) -> Step:
+            logits_to_keep: int = 1, input_ids: np.ndarray | None = None) -> Step:
     """Run the whole prompt (B, S, H) through the decoder and fill the cache.
 
     attention_mask (B, S): 0 marks left padding. logits_to_keep=1 computes logits for the last
-    position only (what generation needs); 0 keeps all positions (B, S, V).
+    position only (what generation needs); 0 keeps all positions (B, S, V). input_ids (B, S) are
+    needed only by a decoder that embeds tokens itself (`model.teaching_decoder.io.token_input`).
     """
-    B, S, _ = inputs_embeds.shape
-    cache = cache if cache is not None else KVCache.empty(model.config.text, B)
-    mask = np.ones((B, S), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
-    full_mask = np.concatenate([cache.attention_mask, mask], axis=1)  # (B, P + S)
-    return run_decoder(model, inputs_embeds, positions.position_ids, cache, full_mask, deepstack, logits_to_keep)
+    decoder = model.teaching_decoder
+    cache = cache if cache is not None else decoder.new_cache(inputs_embeds.shape[0])
+    return decoder.prefill(cache, inputs_embeds, positions.position_ids, input_ids=input_ids,
+                           attention_mask=attention_mask, deepstack=deepstack, logits_to_keep=logits_to_keep)
 
 
 def decode_step(model: Model, token_ids: np.ndarray, cache: KVCache, rope_deltas: np.ndarray) -> Step:
     """One new token per row (B, 1) -> logits (B, V) and the cache one position longer."""
-    token_ids = np.asarray(token_ids, np.int64).reshape(cache.batch_size, 1)
-    mask = np.concatenate([cache.attention_mask, np.ones((cache.batch_size, 1), np.int64)], axis=1)  # (B, T + 1)
-    position_ids = next_positions(mask, rope_deltas, 1)  # (3, B, 1): all three rows equal
-    return run_decoder(model, embed(model, token_ids), position_ids, cache, mask, None, 1)
+    return model.teaching_decoder.decode(cache, token_ids, rope_deltas)
 
 
 def prefill_chunked(model: Model, inputs_embeds: np.ndarray, positions: Positions, chunk_size: int,
                     cache: KVCache | None = None, *, attention_mask: np.ndarray | None = None,
-                    deepstack: np.ndarray | None = None, logits_to_keep: int = 1) -> Step:
-    """`prefill` in pieces of `chunk_size` tokens: the same cache and logits, less peak memory.
-
-    A whole prefill scores every query against every key, (B, heads, S, S) floats per layer; chunk c
-    scores its C queries against the cache so far plus itself, (B, heads, C, P + C). Embeddings,
-    positions (3, B, S), the mask and DeepStack (D, B, S, H) are sliced along S; rope_deltas stay.
-    Attention probabilities are not returned (their widths differ per chunk).
-    """
-    B, S, _ = inputs_embeds.shape
-    if chunk_size < 1:
-        from .errors import UserError  # noqa: PLC0415
-
-        raise UserError(f"prefill chunk size must be at least 1, got {chunk_size}")
-    cache = cache if cache is not None else KVCache.empty(model.config.text, B)
-    mask = np.ones((B, S), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
-    wanted = S if logits_to_keep == 0 else min(logits_to_keep, S)  # logits of the last `wanted` positions
-    first_record, kept = len(cache.history), []
-    for start in range(0, S, chunk_size):
-        end = min(start + chunk_size, S)
-        here = min(end - start, max(0, wanted - (S - end)))  # how many of this chunk's positions are wanted
-        piece = Positions(positions.position_ids[:, :, start:end], positions.rope_deltas)  # (3, B, C)
-        step = prefill(model, inputs_embeds[:, start:end], piece, cache, attention_mask=mask[:, start:end],
-                       deepstack=None if deepstack is None else deepstack[:, :, start:end],  # (D, B, C, H)
-                       logits_to_keep=max(here, 1))
-        cache = step.cache
-        if here:
-            logits = step.logits if step.logits.ndim == 3 else step.logits[:, None]  # (B, n, V)
-            kept.append(logits[:, -here:])
-    logits = kept[-1][:, -1] if logits_to_keep == 1 else np.concatenate(kept, axis=1)  # (B, V) or (B, n, V)
-    history = [*cache.history[:first_record], *(replace(r, kind="prefill") for r in cache.history[first_record:])]
-    return Step(logits, replace(cache, history=history), positions.position_ids)
+                    deepstack: np.ndarray | None = None, logits_to_keep: int = 1,
+                    input_ids: np.ndarray | None = None) -> Step:
+    """`prefill` in pieces of `chunk_size` tokens: the same cache and logits, less peak memory
+    (`Decoder.prefill_chunked`)."""
+    decoder = model.teaching_decoder
+    cache = cache if cache is not None else decoder.new_cache(inputs_embeds.shape[0])
+    return decoder.prefill_chunked(cache, inputs_embeds, positions.position_ids, chunk_size, input_ids=input_ids,
+                                   attention_mask=attention_mask, deepstack=deepstack, logits_to_keep=logits_to_keep)

@@ -22,11 +22,12 @@ from helpers import assert_one_line_error, run_cli
 from qwen3vl_lab.errors import UserError
 from qwen3vl_lab.export.decoder_fast import write_fast_decoder
 from qwen3vl_lab.export.exporter import export
-from qwen3vl_lab.fast import FastDecoder, fast_generate_tokens
-from qwen3vl_lab.generate import Prompt, generate_tokens, prepare_multimodal_prompt, prepare_prompt
+from qwen3vl_lab.fast import FastDecoder
+from qwen3vl_lab.generate import Prompt, generate_step, generate_tokens, prepare_multimodal_prompt, prepare_prompt
 from qwen3vl_lab.layout import FAST_DECODER_FILE
 from qwen3vl_lab.model import load_model
-from qwen3vl_lab.pipeline import Qwen3VLPipeline, greedy
+from qwen3vl_lab.pipeline import Qwen3VLPipeline
+from qwen3vl_lab.sampling import greedy
 from qwen3vl_lab.positions import Positions
 from qwen3vl_lab.steps import decode_step, prefill
 
@@ -58,7 +59,7 @@ def test_fast_tokens_equal_teaching_tokens(models, precision, prompt):
     model = models[precision]
     p = prepare_prompt(model, prompt)
     teaching = list(generate_tokens(model, p, greedy, 24, eos_token_ids=[]))
-    fast = list(fast_generate_tokens(model, p, greedy, 24, eos_token_ids=[]))
+    fast = list(generate_tokens(model, p, greedy, 24, eos_token_ids=[], fast=True))
     assert fast == teaching
     assert len(set(fast)) > 1
     chunked = list(generate_tokens(model, p, greedy, 24, eos_token_ids=[], fast=True, prefill_chunk=3))
@@ -72,7 +73,7 @@ def test_fast_int4_accuracy_level_4_differs_only_at_near_ties(models, prompt):
     model = models["int4"]
     p = prepare_prompt(model, prompt)
     teaching = list(generate_tokens(model, p, greedy, 24, eos_token_ids=[]))
-    fast = list(fast_generate_tokens(model, p, greedy, 24, eos_token_ids=[]))
+    fast = list(generate_tokens(model, p, greedy, 24, eos_token_ids=[], fast=True))
     if fast == teaching:
         return
     k = next(i for i, (a, b) in enumerate(zip(fast, teaching)) if a != b)
@@ -91,7 +92,7 @@ def test_fast_sampling_with_a_seed_equals_teaching(models):
     p = prepare_prompt(model, PROMPTS[0])
     config = SamplingConfig(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.1, seed=7)
     teaching = list(generate_tokens(model, p, make_sampler(config), 20, eos_token_ids=[]))
-    fast = list(fast_generate_tokens(model, p, make_sampler(config), 20, eos_token_ids=[]))
+    fast = list(generate_tokens(model, p, make_sampler(config), 20, eos_token_ids=[], fast=True))
     assert fast == teaching
 
 
@@ -100,23 +101,24 @@ def test_fast_logits_equal_teaching_logits_and_cache(models):
     model = models["fp32"]
     p = prepare_prompt(model, PROMPTS[0])
     step = prefill(model, p.inputs_embeds, p.positions)
-    dec = FastDecoder(model, batch_size=1, capacity=p.length + 8)
+    dec = FastDecoder(model)
     assert dec.table is not None  # decode steps read embedding rows from the memory-mapped table
-    buffers = [k.__array_interface__["data"][0] for k in dec.keys + dec.values]
-    logits = dec.prefill(p.inputs_embeds, p.positions.position_ids)
-    assert np.abs(logits - step.logits).max() <= 1e-5
+    buf = dec.new_cache(batch_size=1, capacity=p.length + 8)
+    buffers = [k.__array_interface__["data"][0] for k in buf.keys + buf.values]
+    fast_step = dec.prefill(buf, p.inputs_embeds, p.positions.position_ids)
+    assert np.abs(fast_step.logits - step.logits).max() <= 1e-5
     for _ in range(6):
         token = int(step.logits[0].argmax())
         step = decode_step(model, np.array([[token]]), step.cache, p.positions.rope_deltas)
-        logits = dec.decode(np.array([token]), p.positions.rope_deltas)
-        assert np.abs(logits - step.logits).max() <= 1e-5
-    assert [k.__array_interface__["data"][0] for k in dec.keys + dec.values] == buffers  # never reallocated
+        fast_step = dec.decode(fast_step.cache, np.array([token]), p.positions.rope_deltas)
+        assert np.abs(fast_step.logits - step.logits).max() <= 1e-5
+    assert [k.__array_interface__["data"][0] for k in buf.keys + buf.values] == buffers  # never reallocated
     T = step.cache.length
-    assert dec.length == T
+    assert fast_step.cache is buf and buf.length == T
     for i in range(model.config.text.num_hidden_layers):  # written in place by GroupQueryAttention
-        np.testing.assert_allclose(dec.keys[i][:, :, :T], step.cache.keys[i], atol=1e-5)
-        np.testing.assert_allclose(dec.values[i][:, :, :T], step.cache.values[i], atol=1e-5)
-        assert not dec.keys[i][:, :, T:].any()  # the rest of the buffer is untouched
+        np.testing.assert_allclose(buf.keys[i][:, :, :T], step.cache.keys[i], atol=1e-5)
+        np.testing.assert_allclose(buf.values[i][:, :, :T], step.cache.values[i], atol=1e-5)
+        assert not buf.keys[i][:, :, T:].any()  # the rest of the buffer is untouched
 
 
 def test_embedding_session_fallback_gives_the_same_tokens(models, monkeypatch):
@@ -124,20 +126,19 @@ def test_embedding_session_fallback_gives_the_same_tokens(models, monkeypatch):
 
     model = models["fp32"]
     p = prepare_prompt(model, PROMPTS[0])
-    mapped = list(fast_generate_tokens(model, p, greedy, 10, eos_token_ids=[]))
+    mapped = list(generate_tokens(model, p, greedy, 10, eos_token_ids=[], fast=True))
     monkeypatch.setattr(fast, "embedding_table", lambda model: None)  # e.g. an embedding graph of another form
-    assert list(fast_generate_tokens(model, p, greedy, 10, eos_token_ids=[])) == mapped
+    assert list(generate_tokens(model, p, greedy, 10, eos_token_ids=[], fast=True)) == mapped
 
 
 def test_batch_of_equal_prompts_gives_each_rows_tokens(models):
-    from qwen3vl_lab.fast import fast_generate_batch
-
     model = models["int4"]
     p = prepare_prompt(model, PROMPTS[0])
-    alone = list(fast_generate_tokens(model, p, greedy, 10, eos_token_ids=[]))
+    alone = list(generate_tokens(model, p, greedy, 10, eos_token_ids=[], fast=True))
     batch = Prompt(np.repeat(p.input_ids, 3, 0), np.repeat(p.inputs_embeds, 3, 0),
                    Positions(np.repeat(p.positions.position_ids, 3, 1), np.repeat(p.positions.rope_deltas, 3, 0)))
-    rows = np.stack(list(fast_generate_batch(model, batch, greedy, 10, eos_token_ids=[])))  # (steps, B)
+    rows = np.stack([s.tokens for s in generate_step(model, batch, greedy, 10, decoder=FastDecoder(model),
+                                                     eos_token_ids=[])])  # (steps, B)
     for b in range(3):
         assert rows[:, b].tolist() == alone
 
@@ -149,7 +150,7 @@ def test_left_padded_batches_are_refused(models):
     mask[0, 0] = 0
     padded = Prompt(p.input_ids, p.inputs_embeds, p.positions, None, mask)
     with pytest.raises(UserError, match="left-padded"):
-        next(fast_generate_tokens(model, padded, greedy, 3))
+        next(generate_tokens(model, padded, greedy, 3, fast=True))
 
 
 # -- prefill computes logits for one row ------------------------------------------------------------
@@ -179,9 +180,10 @@ def test_prefill_runs_the_lm_head_on_the_last_position_only(onnx_dir):
     assert step.logits.shape == (1, V)
     prefill(model, p.inputs_embeds, p.positions, logits_to_keep=0)
     assert model.decoder_session.shapes[-1]["logits"] == (1, p.length, V)
-    dec = FastDecoder(load_model(onnx_dir, "fp32", open_decoder=False), 1, p.length + 1)
-    assert dec.prefill(p.inputs_embeds, p.positions.position_ids).shape == (1, V)
-    assert dec.logits.shape == (1, 1, V)  # the bound output: a (1, S, V) result would be an error
+    dec = FastDecoder(load_model(onnx_dir, "fp32", open_decoder=False))
+    buf = dec.new_cache(1, p.length + 1)
+    assert dec.prefill(buf, p.inputs_embeds, p.positions.position_ids).logits.shape == (1, V)
+    assert buf.logits.shape == (1, 1, V)  # the bound output: a (1, S, V) result would be an error
 
 
 # -- the fast graph file ------------------------------------------------------------------------------
@@ -235,7 +237,7 @@ def test_missing_fast_graph_is_a_one_line_error_and_the_builder_writes_it(onnx_d
     model = load_model(copy, "int4", open_decoder=False)
     p = prepare_prompt(model, PROMPTS[0])
     with pytest.raises(UserError, match="model-fast.onnx is missing"):
-        list(fast_generate_tokens(model, p, greedy, 3, eos_token_ids=[]))
+        list(generate_tokens(model, p, greedy, 3, eos_token_ids=[], fast=True))
     code, out, err = run_cli(capsys, "generate", "--model_dir", copy, "--text_precision", "int4", "--prompt", "Hi",
                              "--fast", "--max_new_tokens", "2")
     assert_one_line_error(code, err, FAST_DECODER_FILE, "qwen3vl-lab export")
@@ -243,7 +245,7 @@ def test_missing_fast_graph_is_a_one_line_error_and_the_builder_writes_it(onnx_d
 
     write_fast_decoder(copy)  # the builder step `qwen3vl-lab export` runs for every precision folder
     rebuilt, exported = (load_model(folder, "int4", open_decoder=False) for folder in (copy, onnx_dir))
-    tokens = [list(fast_generate_tokens(m, p, greedy, 3, eos_token_ids=[])) for m in (rebuilt, exported)]
+    tokens = [list(generate_tokens(m, p, greedy, 3, eos_token_ids=[], fast=True)) for m in (rebuilt, exported)]
     assert len(tokens[0]) == 3 and tokens[0] == tokens[1] and rebuilt.decoder_session is None
 
 
@@ -258,10 +260,13 @@ def test_pipeline_fast_flag(onnx_dir):
 # -- parity with transformers -------------------------------------------------------------------------
 def fast_teacher_forced(model, prompt: Prompt, forced: np.ndarray) -> np.ndarray:
     """(len(forced), V): the fast decoder's logits that chose each of transformers' tokens."""
-    dec = FastDecoder(model, 1, prompt.length + len(forced))
-    logits = [dec.prefill(prompt.inputs_embeds, prompt.positions.position_ids, prompt.deepstack)[0].copy()]
+    dec = FastDecoder(model)
+    step = dec.prefill(dec.new_cache(1, prompt.length + len(forced)), prompt.inputs_embeds,
+                       prompt.positions.position_ids, deepstack=prompt.deepstack)
+    logits = [step.logits[0].copy()]
     for tok in forced[:-1]:
-        logits.append(dec.decode(np.array([tok]), prompt.positions.rope_deltas)[0].copy())
+        step = dec.decode(step.cache, np.array([tok]), prompt.positions.rope_deltas)
+        logits.append(step.logits[0].copy())
     return np.stack(logits)
 
 
@@ -293,7 +298,7 @@ def test_fast_text_parity_with_transformers(preset, models, tiny_deep_fp32, tiny
         ref_tokens, ref_logits = hf_greedy(hf, p.input_ids, N_NEW)
         ours = fast_teacher_forced(model, p, ref_tokens)
         assert np.abs(ours - ref_logits).max() <= TOL
-        assert list(fast_generate_tokens(model, p, greedy, N_NEW, eos_token_ids=[])) == ref_tokens.tolist()
+        assert list(generate_tokens(model, p, greedy, N_NEW, eos_token_ids=[], fast=True)) == ref_tokens.tolist()
 
 
 def test_fast_image_parity_with_transformers_incl_deepstack(models, tiny_dir, hf_model_factory):
@@ -314,7 +319,7 @@ def test_fast_image_parity_with_transformers_incl_deepstack(models, tiny_dir, hf
     ref_tokens, ref_logits = hf_greedy(hf, p.input_ids, N_NEW, **kw)
     ours = fast_teacher_forced(model, p, ref_tokens)
     assert np.abs(ours - ref_logits).max() <= TOL
-    assert list(fast_generate_tokens(model, p, greedy, N_NEW, eos_token_ids=[])) == ref_tokens.tolist()
+    assert list(generate_tokens(model, p, greedy, N_NEW, eos_token_ids=[], fast=True)) == ref_tokens.tolist()
     without = Prompt(p.input_ids, p.inputs_embeds, p.positions, None)  # DeepStack dropped: far off
     assert np.abs(fast_teacher_forced(model, without, ref_tokens[:1]) - ref_logits[:1]).max() > 100 * TOL
 

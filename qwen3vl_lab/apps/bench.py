@@ -37,6 +37,12 @@ import numpy as np
 import onnx
 
 from ..errors import UserError
+from ..fast import FastDecoder
+from ..generate import Prompt, encode_visuals, generate_step, preprocess_visuals
+from ..layout import FAST_DECODER_FILE
+from ..model import RuntimeOptions, load_model
+from ..sampling import greedy
+from ..steps import build_positions, embed
 from .bench_workers import peak_rss_bytes, reset_peak_rss
 
 GB = 1e9
@@ -99,27 +105,19 @@ def prompt_ids(cfg: BenchConfig, vocab_limit: int = 151643) -> np.ndarray:
 
 def run_ours(model, ids: np.ndarray, new_tokens: int) -> dict:
     """One forced-length greedy generation on the fast path -> prefill_s, decode_s, overhead_s."""
-    from ..fast import FastTimings, fast_generate_batch  # noqa: PLC0415
-    from ..generate import Prompt  # noqa: PLC0415
-    from ..pipeline import greedy  # noqa: PLC0415
-    from ..steps import build_positions, embed  # noqa: PLC0415
-
     t0 = time.perf_counter()
     prompt = Prompt(ids, embed(model, ids), build_positions(ids))  # (B, S), (B, S, H), (3, B, S)
     embed_s = time.perf_counter() - t0
-    timings = FastTimings()
-    for _ in fast_generate_batch(model, prompt, greedy, new_tokens, eos_token_ids=[], timings=timings):
-        pass
-    overhead = [step - run for step, run in zip(timings.decode, timings.decoder_run)]
-    return {"prefill_s": embed_s + timings.prefill, "decode_s": timings.decode, "overhead_s": overhead}
+    steps = list(generate_step(model, prompt, greedy, new_tokens, decoder=FastDecoder(model), eos_token_ids=[]))
+    decode = [s.seconds for s in steps[1:]]  # decoder call + sampling + bookkeeping, per decode step
+    overhead = [s.seconds - s.decoder_seconds for s in steps[1:]]  # outside the embedding row + onnxruntime run
+    return {"prefill_s": embed_s + steps[0].seconds, "decode_s": decode, "overhead_s": overhead}
 
 
 def vision_encode_seconds(model, size: int, seed: int) -> float | None:
     """Preprocess + vision tower for one random size x size image (None without a vision model)."""
     if not size or not model.has_vision:
         return None
-    from ..generate import encode_visuals, preprocess_visuals  # noqa: PLC0415
-
     image = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
     t0 = time.perf_counter()
     visuals = preprocess_visuals(model, [image], image_size=size)
@@ -230,8 +228,6 @@ def check_config(cfg: BenchConfig) -> None:
 
 def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     """Run the benchmark, log a readable report, return the figures (the JSON object)."""
-    from ..layout import FAST_DECODER_FILE  # noqa: PLC0415
-    from ..model import RuntimeOptions, load_model  # noqa: PLC0415
 
     check_config(cfg)
     threads = cfg.threads or default_threads()

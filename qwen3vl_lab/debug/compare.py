@@ -25,6 +25,7 @@ import numpy as np
 
 from ..generate import generate_tokens
 from ..model import Model
+from ..sampling import greedy
 from ..steps import decode_step, prefill
 from .inputs import PromptLike, as_model, as_specs, label_of, prepare, same_tokens
 
@@ -212,10 +213,6 @@ def teacher_forced(ref: Model | str, test: Model | str, prompt: PromptLike, n_st
                          col("max_abs", np.float64), col("top5", np.float64))
 
 
-def _argmax(logits: np.ndarray, history: np.ndarray) -> np.ndarray:
-    return np.argmax(logits, axis=-1)
-
-
 def free_greedy(ref: Model | str, test: Model | str, prompt: PromptLike, n_steps: int = 16, *,
                 stop_at_eos: bool = True, decode_text: bool = True) -> FreeRun:
     """Both models generate greedily on their own; where do their token streams part?"""
@@ -224,8 +221,8 @@ def free_greedy(ref: Model | str, test: Model | str, prompt: PromptLike, n_steps
     p_ref, p_test = prepare(ref, spec), prepare(test, spec)
     same_tokens(p_ref, p_test)
     eos = None if stop_at_eos else []
-    a = np.array(list(generate_tokens(ref, p_ref, _argmax, n_steps, eos_token_ids=eos)), np.int64)
-    b = np.array(list(generate_tokens(test, p_test, _argmax, n_steps, eos_token_ids=eos)), np.int64)
+    a = np.array(list(generate_tokens(ref, p_ref, greedy, n_steps, eos_token_ids=eos)), np.int64)
+    b = np.array(list(generate_tokens(test, p_test, greedy, n_steps, eos_token_ids=eos)), np.int64)
     n = min(len(a), len(b))
     differ = np.flatnonzero(a[:n] != b[:n])
     first = int(differ[0]) if len(differ) else (None if len(a) == len(b) else n)

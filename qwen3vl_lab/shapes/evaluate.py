@@ -16,23 +16,19 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..generate import generate_tokens, prepare_multimodal_prompt
+from ..errors import UserError
+from ..generate import generate_step, generate_tokens, prepare_multimodal_prompt
 from ..model import Model
+from ..sampling import forced, greedy
+from ..steps import encode_image
 from ..vision import VisionFeatures
 from . import task as shapes
 
 MAX_NEW_TOKENS = 24  # the longest answer (two objects) is 17 tokens + <|im_end|>
 
 
-def greedy(logits: np.ndarray, previous_ids: np.ndarray | None = None) -> np.ndarray:
-    """The most likely token of each row (B, V) -> (B,)."""
-    return np.argmax(logits, axis=-1)
-
-
 def cached_vision(model: Model):
     """A vision encoder for `prepare_multimodal_prompt` that runs the tower once per distinct image."""
-    from ..steps import encode_image  # noqa: PLC0415
-
     cache: dict[bytes, VisionFeatures] = {}
 
     def encode(pixel_rows: np.ndarray, grid: np.ndarray) -> VisionFeatures:
@@ -112,17 +108,13 @@ def keyword_attention(model: Model, image, qa: shapes.QA) -> KeywordAttention:
     Needs an export with attention outputs (`qwen3vl-lab export --with_attentions`); colour and shape
     questions (their key word is one token).
     """
-    from ..errors import UserError  # noqa: PLC0415
-    from ..steps import decode_step, prefill  # noqa: PLC0415
-
     if qa.kind not in ("colour", "shape"):
         raise UserError(f"keyword_attention takes colour or shape questions, not {qa.kind!r}")
     prompt = prepare_multimodal_prompt(model, qa.question, images=[image])
     answer_ids = list(model.tokenizer(qa.answer)["input_ids"])
     k = keyword_index(model.tokenizer, answer_ids, qa.word)
-    step = prefill(model, prompt.inputs_embeds, prompt.positions, deepstack=prompt.deepstack)
-    for t in answer_ids[:k]:  # feed the answer's tokens before the key word
-        step = decode_step(model, np.array([[t]]), step.cache, prompt.positions.rope_deltas)
+    *_, last = generate_step(model, prompt, forced(answer_ids[:k]), k + 1, eos_token_ids=[])  # feed the answer up to
+    step = last.step  # the key word: this step's logits predict it
     if step.attentions is None:
         raise UserError(f"{model.folder} has no attention outputs; re-export with `qwen3vl-lab export --with_attentions`")
     image_cols = np.flatnonzero(prompt.input_ids[0] == model.config.image_token_id)  # (9,)

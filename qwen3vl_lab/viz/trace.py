@@ -15,23 +15,18 @@ the steps only indexes these arrays. Attention values exist when the folder was 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from ..cache import CacheRecord
 from ..config import ModelConfig
 from ..errors import UserError
-from ..generate import Prompt, prepare_prompt
+from ..generate import Prompt, generate_step, prepare_multimodal_prompt, prepare_prompt, preprocess_visuals
+from ..image import ImageProcessorConfig, unpatchify
 from ..model import Model
-from ..steps import decode_step, prefill
-
-Sampler = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (logits (B, V), previous ids (B, T)) -> (B,)
-
-
-def greedy(logits: np.ndarray, previous_ids: np.ndarray | None = None) -> np.ndarray:
-    """The most likely token of each row."""
-    return np.argmax(logits, axis=-1)
+from ..sampling import SamplerFn, greedy
+from ..steps import build_positions, tokenize
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -88,8 +83,6 @@ def image_token_cells(input_ids: np.ndarray, image_grid_thw, merge_size: int, im
 
 def processor_config(model: Model):
     """The export's image preprocessing numbers (pytorch/preprocessor_config.json), else Qwen3-VL's defaults."""
-    from ..image import ImageProcessorConfig  # noqa: PLC0415
-
     folder = model.root / "pytorch"
     if (folder / "preprocessor_config.json").is_file():
         return ImageProcessorConfig.from_dir(folder)
@@ -98,8 +91,6 @@ def processor_config(model: Model):
 
 def seen_image(pixel_values: np.ndarray, grid_thw, config) -> np.ndarray:
     """The RGB uint8 (H, W, 3) picture the vision tower received: pixel patches un-patchified and un-normalized."""
-    from ..image import unpatchify  # noqa: PLC0415
-
     chw = unpatchify(pixel_values, grid_thw, config.patch_size, config.merge_size, config.temporal_patch_size)[0]
     mean = np.asarray(config.image_mean, np.float32)[:, None, None]
     std = np.asarray(config.image_std, np.float32)[:, None, None]
@@ -143,9 +134,6 @@ class PromptLayout:
 
 def prompt_layout(model: Model, prompt: str, *, images=None, image_size=None, raw: bool = False) -> PromptLayout:
     """Tokenize a prompt (with its images' placeholders) and number its tokens; the vision tower does not run."""
-    from ..generate import preprocess_visuals  # noqa: PLC0415
-    from ..steps import build_positions, tokenize  # noqa: PLC0415
-
     grid, shown = None, None
     if images is not None:
         visuals = preprocess_visuals(model, images, None, image_size)
@@ -308,7 +296,7 @@ def _step_attentions(step, layers: Sequence[int] | None) -> list[np.ndarray] | N
 
 
 def record_generation(model: Model, prompt: str | Prompt, max_new_tokens: int = 8, *,
-                      sampler: Sampler | None = None, top_k: int = 10, stop_at_eos: bool = False,
+                      sampler: SamplerFn | None = None, top_k: int = 10, stop_at_eos: bool = False,
                       attention_layers: Sequence[int] | None = None, images=None, image_size=None,
                       raw: bool = False) -> GenerationTrace:
     """Generate up to max_new_tokens with the step functions and keep every step's arrays.
@@ -327,8 +315,6 @@ def record_generation(model: Model, prompt: str | Prompt, max_new_tokens: int = 
     if isinstance(prompt, Prompt):
         p = prompt
     elif images is not None:
-        from ..generate import prepare_multimodal_prompt, preprocess_visuals  # noqa: PLC0415
-
         visuals = preprocess_visuals(model, images, None, image_size)
         grid = visuals.image_grid_thw  # (n, 3)
         shown = seen_images(visuals.pixel_values, grid, processor_config(model))
@@ -336,22 +322,13 @@ def record_generation(model: Model, prompt: str | Prompt, max_new_tokens: int = 
     else:
         p = prepare_prompt(model, prompt, raw=raw)
     _batch_one(p)
-    sampler = sampler or greedy
-    eos = set(model.config.eos_token_ids)
-    budget = min(max_new_tokens, model.context_length - p.length)
-    step = prefill(model, p.inputs_embeds, p.positions, attention_mask=p.attention_mask, deepstack=p.deepstack)
-    history = p.input_ids  # (1, S)
-    logits, tokens, attentions, positions = [], [], [], [p.positions.position_ids[:, 0]]  # (3, S)
-    for n in range(budget):
-        logits.append(step.logits[0])  # (V,)
-        attentions.append(_step_attentions(step, attention_layers))
-        token = np.asarray(sampler(step.logits, history), np.int64).reshape(1)  # (1,)
-        tokens.append(int(token[0]))
-        if (stop_at_eos and tokens[-1] in eos) or n + 1 == budget:
-            break
-        history = np.concatenate([history, token[:, None]], axis=1)
-        step = decode_step(model, token[:, None], step.cache, p.positions.rope_deltas)
-        positions.append(step.position_ids[:, 0])  # (3, 1)
+    logits, tokens, attentions, positions = [], [], [], []
+    for s in generate_step(model, p, sampler or greedy, max_new_tokens, eos_token_ids=None if stop_at_eos else []):
+        logits.append(s.logits[0])  # (V,)
+        attentions.append(_step_attentions(s.step, attention_layers))
+        positions.append(s.step.position_ids[:, 0])  # (3, S) at prefill, then (3, 1) per decode step
+        tokens.append(int(s.tokens[0]))
+    step = s.step
     ids = p.input_ids[0]
     logits = np.stack(logits).astype(np.float32)  # (N, V)
     best = top_ids(logits, top_k)  # (N, K)
