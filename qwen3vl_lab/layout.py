@@ -61,3 +61,8 @@ def past_names(layer: int) -> tuple[str, str]:
 def present_names(layer: int) -> tuple[str, str]:
     """Our decoders' present key/value output names of one layer."""
     return f"present.{layer}.key", f"present.{layer}.value"
+
+
+def attention_name(layer: int) -> str:
+    """Our decoders' attention-probabilities output of one layer (`export --with_attentions`)."""
+    return f"attentions.{layer}"

@@ -19,6 +19,7 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from .config import ModelConfig
@@ -187,6 +188,18 @@ class Model:
     @cached_property
     def decoder_outputs(self) -> tuple[str, ...]:
         return tuple(o.name for o in self.decoder.get_outputs())
+
+
+def load_graph(folder: Path, name: str = DECODER_FILE) -> onnx.ModelProto:
+    """A graph without its weights (initializers still point at the folder's external-data files)."""
+    return onnx.load(str(Path(folder) / name), load_external_data=False)
+
+
+def edited_session(model: "Model", graph: onnx.ModelProto) -> ort.InferenceSession:
+    """A session for an edited in-memory copy of one of `model`'s graphs; weights come from its folder."""
+    so = model.options.session_options()
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model.folder))
+    return ort.InferenceSession(graph.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
 
 
 def load_model(model_dir: str | Path, text_precision: str = "fp32", options: RuntimeOptions | None = None,

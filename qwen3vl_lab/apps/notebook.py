@@ -189,7 +189,7 @@ def describe(default: str = "tiny") -> str:
 
 def require_attentions(model) -> None:
     """Stop with a clear message when the decoder was exported without attention outputs."""
-    if "attentions.0" not in model.decoder_outputs:
+    if not model.teaching_decoder.io.attentions:
         raise UserError(f"{model.folder} was exported without attention outputs; re-export it with "
                         "`qwen3vl-lab export --with_attentions` (or use HF_DIR, which does)")
 

@@ -25,7 +25,7 @@ _EXPORTS = {
     "Comparison": "compare", "TeacherForced": "compare", "FreeRun": "compare",
     "teacher_forced": "compare", "free_greedy": "compare", "kl_divergence": "compare",
     "LayerReport": "layers", "compare_layers": "layers", "capture": "layers", "activation_stats": "layers",
-    "tapped_session": "layers", "accuracy_level_session": "layers", "sqnr_db": "layers",
+    "accuracy_level_decoder": "layers", "sqnr_db": "layers",
     "QuantizedMatrix": "weights", "WeightReport": "weights", "read_quantized": "weights", "dequantize": "weights",
     "dequantize_with_onnxruntime": "weights", "compare_weights": "weights",
     "Checklist": "checklist", "CheckItem": "checklist", "run_checklist": "checklist",

@@ -26,7 +26,7 @@ from onnx import helper, numpy_helper
 
 from ..config import ENDOFTEXT_TOKEN_ID
 from ..errors import UserError
-from ..layout import DECODER_FILE, GENAI_CONFIG
+from ..layout import DECODER_FILE, DEEPSTACK_EMBEDS, GENAI_CONFIG, POSITION_IDS
 
 KINDS = ("no_qk_norm", "no_deepstack", "positions_1d", "eos_missing", "wrong_type")
 
@@ -77,7 +77,7 @@ def _skip_qk_norm(graph: onnx.GraphProto) -> int:
 def _skip_deepstack(graph: onnx.GraphProto) -> int:
     """Bypass each `Add(hidden, Gather(deepstack_embeds, j))`."""
     count = 0
-    for g in [n for n in graph.node if n.op_type == "Gather" and n.input and n.input[0] == "deepstack_embeds"]:
+    for g in [n for n in graph.node if n.op_type == "Gather" and n.input and n.input[0] == DEEPSTACK_EMBEDS]:
         for add in _consumers(graph, g.output[0]):
             other = [x for x in add.input if x != g.output[0]][0]
             _rewire(graph, add.output[0], other)
@@ -87,20 +87,20 @@ def _skip_deepstack(graph: onnx.GraphProto) -> int:
 
 def _positions_1d(graph: onnx.GraphProto) -> int:
     """Feed the T row to all three MRoPE axes: (3, B, S) -> Expand(Unsqueeze(position_ids[0]))."""
-    users = _consumers(graph, "position_ids")
+    users = _consumers(graph, POSITION_IDS)
     if not users:
         return 0
     graph.initializer.extend([numpy_helper.from_array(np.array(0, np.int64), "broken/row0"),
                               numpy_helper.from_array(np.array([0], np.int64), "broken/axes0")])
     nodes = [
-        helper.make_node("Gather", ["position_ids", "broken/row0"], ["broken/t_row"], name="broken/Gather", axis=0),
+        helper.make_node("Gather", [POSITION_IDS, "broken/row0"], ["broken/t_row"], name="broken/Gather", axis=0),
         helper.make_node("Unsqueeze", ["broken/t_row", "broken/axes0"], ["broken/t_row3"], name="broken/Unsqueeze"),
-        helper.make_node("Shape", ["position_ids"], ["broken/shape"], name="broken/Shape"),
+        helper.make_node("Shape", [POSITION_IDS], ["broken/shape"], name="broken/Shape"),
         helper.make_node("Expand", ["broken/t_row3", "broken/shape"], ["broken/position_ids_1d"], name="broken/Expand"),
     ]
     for n in users:
         for i, x in enumerate(n.input):
-            if x == "position_ids":
+            if x == POSITION_IDS:
                 n.input[i] = "broken/position_ids_1d"
     for k, n in enumerate(nodes):
         graph.node.insert(k, n)

@@ -30,12 +30,12 @@ import numpy as np
 import onnx
 
 from ..generate import prepare_prompt
-from ..layout import DECODER_FILE, EMBEDDING_FILE, VISION_FILE
-from ..model import Model
+from ..layout import DECODER_FILE, DEEPSTACK_EMBEDS, DEEPSTACK_FEATURES, EMBEDDING_FILE, VISION_FILE
+from ..model import Model, load_graph
 from ..positions import Positions, build_positions, next_positions
 from ..steps import embed, prefill
 from .compare import kl_divergence
-from .layers import accuracy_level_session, activation_stats, decoder_feeds, load_graph
+from .layers import accuracy_level_decoder, activation_stats
 from .weights import QuantizedMatrix, iter_quantized, short_name
 
 OUTLIER_RATIO = 20.0  # an input channel 20x the median channel: Qwen3-style massive activations
@@ -135,9 +135,9 @@ def check_accuracy_level(model: Model, graph: onnx.ModelProto, reference: Model 
     evidence = (f"{n4}/{len(nodes)} MatMulNBits at level 4; largest activation channel {worst.channel_ratio:.1f}x "
                 f"the median (input of {worst.node}); int8 blocks round up to {zeroed:.0%} of an input to zero")
     p = prepare_prompt(model, prompt)
-    session = accuracy_level_session(model, 0)  # the oracle: the same weights at level 0 (ONNX_ANCHORS.md §2.6)
-    feeds = decoder_feeds(model, session, p.inputs_embeds, p.positions.position_ids, p.deepstack)
-    logits0 = session.run(["logits"], feeds)[0][0]  # (S, V) same weights, accuracy_level 0
+    oracle = accuracy_level_decoder(model, 0)  # the same weights at level 0: does level 4 cause the drift?
+    logits0 = oracle.prefill(oracle.new_cache(1), p.inputs_embeds, p.positions.position_ids, deepstack=p.deepstack,
+                             logits_to_keep=0).logits[0]  # (S, V) same weights, accuracy_level 0
     logits4 = _logits(model, p.inputs_embeds, p.positions.position_ids)
     if reference is not None:  # measured: does level 4 add divergence from fp32 over level 0?
         ref = _logits(reference, p.inputs_embeds, p.positions.position_ids)
@@ -305,9 +305,11 @@ def _positions_known_answer() -> list[str]:
 def check_positions(model: Model) -> CheckItem:
     title = "3-D position ids and rope_deltas"
     problems = _positions_known_answer()
-    shape = next((i.shape for i in model.decoder.get_inputs() if i.name == "position_ids"), None)
-    if shape is None or len(shape) != 3 or shape[0] != 3:
-        problems.append(f"decoder position_ids has shape {shape}, not (3, batch, seq)")
+    io = model.teaching_decoder.io
+    if io.positions != "3d":
+        problems.append("the decoder takes " + ("1-D position_ids (batch, seq)" if io.positions == "1d" else
+                                                 "no position_ids (rotary positions from the mask: 1-D)")
+                        + ", not (3, batch, seq)")
         ignored = []
     else:
         p = _probe(model)
@@ -334,21 +336,21 @@ def check_deepstack(model: Model) -> CheckItem:
     if d == 0:
         return CheckItem("deepstack", title, "skip", "the checkpoint has no DeepStack layers")
     problems = []
-    if model.genai["model"]["decoder"].get("inputs", {}).get("deepstack_embeds") is None:
+    if model.genai["model"]["decoder"].get("inputs", {}).get(DEEPSTACK_EMBEDS) is None:
         problems.append("genai_config has no decoder.inputs.deepstack_embeds")
-    shape = next((i.shape for i in model.decoder.get_inputs() if i.name == "deepstack_embeds"), None)
-    if shape is None:
+    dec = model.teaching_decoder
+    if dec.io.deepstack is None:
         problems.append("the decoder has no deepstack_embeds input")
-    elif shape[0] != d:
-        problems.append(f"deepstack_embeds has {shape[0]} slices, the config {d}")
+    elif dec.num_deepstack != d:
+        problems.append(f"deepstack_embeds has {dec.num_deepstack} slices, the config {d}")
     vision = "no vision graph"
     if model.has_vision:
         outs = [o.name for o in model.vision.get_outputs()]
-        vision = "the vision graph returns deepstack_features" if "deepstack_features" in outs else ""
+        vision = "the vision graph returns deepstack_features" if DEEPSTACK_FEATURES in outs else ""
         if not vision:
             problems.append("the vision graph has no deepstack_features output")
     dead = []
-    if shape is not None:
+    if dec.io.deepstack is not None and dec.num_deepstack == d:
         p = _probe(model)
         B, S, H = p.inputs_embeds.shape
         zeros = np.zeros((d, B, S, H), np.float32)
@@ -390,7 +392,7 @@ def run_checklist(model: Model | str | Path, precision: str = "int4", reference:
 
     model = as_model(model, precision)
     ref = as_model(reference, "fp32") if reference is not None else None
-    graph = load_graph(model)
+    graph = load_graph(model.folder)
     items = [
         check_accuracy_level(model, graph, ref, prompt),
         check_lm_head(graph),

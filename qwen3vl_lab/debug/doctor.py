@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import UserError
-from ..model import Model, load_model
+from ..model import Model, load_graph, load_model
 from .checklist import Checklist, run_checklist
 from .compare import Comparison, compare
 from .inputs import PromptLike, as_specs
-from .layers import LayerReport, compare_layers, load_graph
+from .layers import LayerReport, compare_layers
 from .weights import WeightReport, compare_weights
 
 
@@ -98,7 +98,7 @@ def diagnose(model_dir: Model | str | Path, precision: str = "int4", reference: 
     checklist = run_checklist(test, reference=ref)
     comparison = compare(ref, test, specs, n_steps, progress=progress)
     layer_report = compare_layers(ref, test, specs[-1]) if layers else None  # the image prompt when there is one
-    has_q = any(n.op_type == "MatMulNBits" for n in load_graph(test).graph.node)
+    has_q = any(n.op_type == "MatMulNBits" for n in load_graph(test.folder).graph.node)
     weight_report = compare_weights(ref, test) if (weights and has_q) else None
     if weights and not has_q:
         notes.append("the test decoder has no MatMulNBits, so there are no quantized weights to compare")

@@ -6,14 +6,10 @@
     report.growth()                                         # layer whose residual stream gets worse fastest
 
 onnxruntime's `qdq_loss_debug` matches tensors around QuantizeLinear/DequantizeLinear nodes and finds
-nothing in weight-only MatMulNBits models (ONNX_ANCHORS.md §4). Here both decoders get the same
-named tensors as extra graph outputs — the export names them `layers.{i}.attn_out` (attention
-output, before the residual add), `layers.{i}.mlp_out`, `layers.{i}.hidden` (residual stream after
-layer i, DeepStack included) and `final_norm` — and the two captures are matched by name.
-
-The tapped copy is the graph only: the .onnx is parsed without its weights, outputs are added in
-memory, and onnxruntime reads the weights from the original folder's external-data files
-(`session.model_external_initializers_file_folder_path`). Nothing is copied or written.
+nothing in weight-only MatMulNBits models. Here both decoders are read through the runtime's hook
+points (`taps.run_with_cache`: `layers.{i}.attn_out`, `layers.{i}.mlp_out`, `layers.{i}.hidden`,
+`final_norm`, added as outputs of an in-memory copy of each graph; nothing is copied or written) and
+the two captures are matched by name.
 """
 
 from __future__ import annotations
@@ -23,102 +19,38 @@ from typing import Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-from ..cache import KVCache
-from ..generate import Prompt
-from ..layout import DECODER_FILE
-from ..model import Model
-from ..positions import next_positions
-from ..steps import embed, zeros_deepstack
+from ..decoder import OnnxDecoder
+from ..export.quantize import set_accuracy_level
+from ..model import Model, edited_session, load_graph
+from ..taps import KINDS, TappedDecoder, hook_points, run_with_cache
 from .inputs import PromptLike, as_model, as_specs, label_of, prepare, same_tokens
-
-KINDS = ("attn_out", "mlp_out", "hidden")
 
 
 def tap_names(model: Model) -> list[str]:
     """The per-layer tensors (attn_out, mlp_out, hidden for each layer), then final_norm and logits."""
-    n = model.config.text.num_hidden_layers
-    return [f"layers.{i}.{k}" for i in range(n) for k in KINDS] + ["final_norm", "logits"]
+    return [*hook_points(model), "logits"]
 
 
-def load_graph(model: Model) -> onnx.ModelProto:
-    """The decoder graph without its weights (initializers still point at the external-data file)."""
-    return onnx.load(str(model.folder / DECODER_FILE), load_external_data=False)
-
-
-def graph_session(model: Model, graph: onnx.ModelProto) -> ort.InferenceSession:
-    """A session for an edited copy of `model`'s decoder graph; weights come from the model's own folder."""
-    so = model.options.session_options()
-    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model.folder))
-    return ort.InferenceSession(graph.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
-
-
-def accuracy_level_session(model: Model, level: int = 0) -> ort.InferenceSession:
+def accuracy_level_decoder(model: Model, level: int = 0) -> OnnxDecoder:
     """The decoder with every MatMulNBits' accuracy_level rewritten to `level`, same weights, nothing written
-    (the oracle of ONNX_ANCHORS.md §2.6: does level 4's int8 activation quantization cause the drift?)."""
-    from ..export.quantize import set_accuracy_level  # noqa: PLC0415
-
-    graph = load_graph(model)
+    (the oracle for "is it accuracy_level 4's int8 activation quantization that drifts?")."""
+    graph = load_graph(model.folder)
     for n in graph.graph.node:
         if n.op_type == "MatMulNBits":
             set_accuracy_level(n, level)
-    return graph_session(model, graph)
-
-
-def tapped_session(model: Model, names: Sequence[str]) -> tuple[ort.InferenceSession, list[str]]:
-    """The decoder with `names` (those that exist in the graph) added as outputs -> (session, names found)."""
-    graph = load_graph(model)
-    produced = {o for n in graph.graph.node for o in n.output}
-    existing = {o.name for o in graph.graph.output}
-    found = [n for n in names if n in produced or n in existing]
-    for name in found:
-        if name not in existing:
-            graph.graph.output.append(onnx.ValueInfoProto(name=name))  # type/shape left to onnxruntime
-    return graph_session(model, graph), found
-
-
-def extend_prompt(model: Model, prompt: Prompt, tokens: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Prompt + teacher-forced continuation as ONE prefill: embeddings (1, S+T, H), positions (3, 1, S+T), DeepStack."""
-    embeds, positions, deepstack = prompt.inputs_embeds, prompt.positions.position_ids, prompt.deepstack
-    if tokens is None or len(tokens) == 0:
-        return embeds, positions, deepstack
-    ids = np.asarray(tokens, np.int64).reshape(1, -1)  # (1, T)
-    n = ids.shape[1]
-    mask = np.ones((1, prompt.length + n), np.int64)
-    more = next_positions(mask, prompt.positions.rope_deltas, n)  # (3, 1, T): cache_len + k + delta
-    embeds = np.concatenate([embeds, embed(model, ids)], axis=1)
-    positions = np.concatenate([positions, more], axis=2)
-    if deepstack is not None:
-        deepstack = np.concatenate([deepstack, np.zeros((*deepstack.shape[:2], n, deepstack.shape[3]), np.float32)], axis=2)
-    return embeds, positions, deepstack
-
-
-def decoder_feeds(model: Model, session: ort.InferenceSession, embeds: np.ndarray, position_ids: np.ndarray,
-                  deepstack: np.ndarray | None) -> dict[str, np.ndarray]:
-    """Inputs of one full-sequence prefill with an empty cache (all positions' logits kept)."""
-    B, S, _ = embeds.shape
-    inputs = {i.name for i in session.get_inputs()}
-    feeds = {"inputs_embeds": embeds.astype(np.float32, copy=False), "position_ids": position_ids.astype(np.int64),
-             "attention_mask": np.ones((B, S), np.int64), **KVCache.empty(model.config.text, B).feeds()}
-    if "deepstack_embeds" in inputs:
-        feeds["deepstack_embeds"] = deepstack if deepstack is not None else zeros_deepstack(model, B, S)
-    if "logits_to_keep" in inputs:
-        feeds["logits_to_keep"] = np.array(0, np.int64)
-    return {k: v for k, v in feeds.items() if k in inputs}
+    return OnnxDecoder(edited_session(model, graph), model.config.text, model.embed, accept_missing=True)
 
 
 def capture(model: Model | str, prompt: PromptLike, names: Sequence[str] | None = None,
-            tokens: Sequence[int] | None = None, *, session=None) -> dict[str, np.ndarray]:
-    """Run one prefill over the prompt (+ `tokens`, teacher-forced) and return the named tensors."""
+            tokens: Sequence[int] | None = None, *, decoder: TappedDecoder | None = None) -> dict[str, np.ndarray]:
+    """Run one prefill over the prompt (+ `tokens`, teacher-forced) and return the named tensors
+    (`taps.run_with_cache`; "logits" is every position's logits)."""
     model = as_model(model)
     names = tap_names(model) if names is None else list(names)
-    if session is None:
-        session, names = tapped_session(model, names)
-    p = prepare(model, as_specs(prompt)[0])
-    embeds, positions, deepstack = extend_prompt(model, p, tokens)
-    out = session.run(names, decoder_feeds(model, session, embeds, positions, deepstack))
-    return dict(zip(names, out))
+    logits, cache = run_with_cache(model, prepare(model, as_specs(prompt)[0]), [n for n in names if n != "logits"],
+                                   tokens, decoder=decoder)
+    return {**cache, **({"logits": logits} if "logits" in names else {})}
 
 
 # -- error measures ------------------------------------------------------------------------------
@@ -283,13 +215,12 @@ def matmul_inputs(graph: onnx.ModelProto) -> list[tuple[str, str, str, int, int]
 def activation_stats(model: Model | str, prompt: PromptLike = "Write a haiku about the sea.") -> list[ActivationStats]:
     """Outlier measures of every quantized MatMul's input on one prompt."""
     model = as_model(model)
-    specs = matmul_inputs(load_graph(model))
+    specs = matmul_inputs(load_graph(model.folder))
     tensors = list(dict.fromkeys(s[1] for s in specs))
     got = capture(model, prompt, tensors)
     return [ActivationStats(node, t, w, acc, bs, channel_ratio(got[t]), int8_zeroed(got[t], bs))
             for node, t, w, acc, bs in specs if t in got]
 
 
-__all__ = ["ActivationStats", "KINDS", "LayerReport", "TensorError", "accuracy_level_session", "activation_stats", "capture",
-           "compare_captures", "compare_layers", "cosine", "graph_session", "int8_zeroed", "load_graph",
-           "relative_error", "sqnr_db", "tap_names", "tapped_session"]
+__all__ = ["ActivationStats", "KINDS", "LayerReport", "TensorError", "accuracy_level_decoder", "activation_stats", "capture",
+           "compare_captures", "compare_layers", "cosine", "int8_zeroed", "relative_error", "sqnr_db", "tap_names"]

@@ -23,6 +23,18 @@ from typing import Callable
 import numpy as np
 
 from ..config import ModelConfig, TextConfig
+from ..layout import (
+    ATTENTION_MASK,
+    DEEPSTACK_EMBEDS,
+    INPUT_IDS,
+    INPUTS_EMBEDS,
+    LOGITS,
+    LOGITS_TO_KEEP,
+    POSITION_IDS,
+    attention_name,
+    past_names,
+    present_names,
+)
 from ..rope import mrope_inv_freq_by_axis
 from .onnx_graph import FLOAT, INT64, GraphBuilder
 
@@ -95,14 +107,14 @@ def attention(g: GraphBuilder, x: str, i: int, cfg: TextConfig, weights: Weights
     k = g.op("Transpose", [k], perm=[0, 2, 1, 3])  # (B, kv, S, hd)
     v = g.op("Transpose", [v], perm=[0, 2, 1, 3])  # (B, kv, S, hd)
     q, k = apply_rope(g, q, cos, sin, hd), apply_rope(g, k, cos, sin, hd)
-    k = g.op("Concat", [f"past_key_values.{i}.key", k], axis=2, out=f"present.{i}.key")  # (B, kv, T, hd)
-    v = g.op("Concat", [f"past_key_values.{i}.value", v], axis=2, out=f"present.{i}.value")
+    k = g.op("Concat", [past_names(i)[0], k], axis=2, out=present_names(i)[0])  # (B, kv, T, hd)
+    v = g.op("Concat", [past_names(i)[1], v], axis=2, out=present_names(i)[1])
     # GQA without copying K/V: query heads h = kv_head * rep + r share kv_head (transformers' repeat_kv)
     q_grouped = g.op("Reshape", [q, g.const([0, kv, -1, hd], np.int64)])  # (B, kv, rep*S, hd)
     scores = g.op("MatMul", [q_grouped, g.op("Transpose", [k], perm=[0, 1, 3, 2])])  # (B, kv, rep*S, T)
     scores = g.op("Reshape", [scores, g.const([0, nh, -1, 0], np.int64)], allowzero=0)  # (B, nh, S, T)
     scores = g.op("Add", [g.op("Mul", [scores, g.const(np.float32(hd**-0.5))]), mask])
-    probs = g.op("Softmax", [scores], axis=-1, out=f"attentions.{i}" if with_attentions else None)
+    probs = g.op("Softmax", [scores], axis=-1, out=attention_name(i) if with_attentions else None)
     ctx = g.op("MatMul", [g.op("Reshape", [probs, g.const([0, kv, -1, 0], np.int64)]), v])  # (B, kv, rep*S, hd)
     ctx = g.op("Reshape", [ctx, g.const([0, nh, -1, hd], np.int64)])  # (B, nh, S, hd)
     ctx = g.op("Reshape", [g.op("Transpose", [ctx], perm=[0, 2, 1, 3]), g.const([0, 0, nh * hd], np.int64)])
@@ -140,16 +152,16 @@ def build_decoder(cfg: ModelConfig, weights: Weights, data_path, *, with_attenti
     text = cfg.text
     g = GraphBuilder("qwen3vl_text_decoder", data_path)
     B, S, T, P = "batch_size", "sequence_length", "total_sequence_length", "past_sequence_length"
-    x = g.input("inputs_embeds", FLOAT, [B, S, text.hidden_size])
-    position_ids = g.input("position_ids", INT64, [3, B, S])
-    attention_mask = g.input("attention_mask", INT64, [B, T])
+    x = g.input(INPUTS_EMBEDS, FLOAT, [B, S, text.hidden_size])
+    position_ids = g.input(POSITION_IDS, INT64, [3, B, S])
+    attention_mask = g.input(ATTENTION_MASK, INT64, [B, T])
     for i in range(text.num_hidden_layers):
-        for kind in ("key", "value"):
-            g.input(f"past_key_values.{i}.{kind}", FLOAT, [B, text.num_key_value_heads, P, text.head_dim])
+        for name in past_names(i):
+            g.input(name, FLOAT, [B, text.num_key_value_heads, P, text.head_dim])
     deepstack = None
     if cfg.num_deepstack:
-        deepstack = g.input("deepstack_embeds", FLOAT, [cfg.num_deepstack, B, S, text.hidden_size])
-    keep = g.optional_input("logits_to_keep", np.array(0, np.int64), [])  # default 0: all positions
+        deepstack = g.input(DEEPSTACK_EMBEDS, FLOAT, [cfg.num_deepstack, B, S, text.hidden_size])
+    keep = g.optional_input(LOGITS_TO_KEEP[0], np.array(0, np.int64), [])  # default 0: all positions
 
     with g.scope("model"):
         mask = build_mask(g, attention_mask, x)
@@ -170,23 +182,23 @@ def build_decoder(cfg: ModelConfig, weights: Weights, data_path, *, with_attenti
     head = lm_head if lm_head is not None else lm_head_weight(cfg, weights)
     w = g.weight("lm_head.weight", np.ascontiguousarray(head.T))  # (H, V)
     with g.scope("lm_head"):
-        logits = g.op("MatMul", [x, w], out="logits")
+        logits = g.op("MatMul", [x, w], out=LOGITS)
     g.output(logits, FLOAT, [B, "logits_length", text.vocab_size])
     for i in range(text.num_hidden_layers):
-        for kind in ("key", "value"):
-            g.output(f"present.{i}.{kind}", FLOAT, [B, text.num_key_value_heads, T, text.head_dim])
+        for name in present_names(i):
+            g.output(name, FLOAT, [B, text.num_key_value_heads, T, text.head_dim])
     if with_attentions:
         for i in range(text.num_hidden_layers):
-            g.output(f"attentions.{i}", FLOAT, [B, text.num_attention_heads, S, T])
+            g.output(attention_name(i), FLOAT, [B, text.num_attention_heads, S, T])
     return g
 
 
 def build_embedding(cfg: ModelConfig, weights: Weights, data_path) -> GraphBuilder:
     """input_ids (B, S) int64 -> inputs_embeds (B, S, H): one Gather from the embedding table."""
     g = GraphBuilder("qwen3vl_embedding", data_path)
-    ids = g.input("input_ids", INT64, ["batch_size", "sequence_length"])
+    ids = g.input(INPUT_IDS, INT64, ["batch_size", "sequence_length"])
     table = g.weight(f"{PREFIX}.embed_tokens.weight", weights(f"{PREFIX}.embed_tokens.weight"))  # (V, H)
     with g.scope("model/embed_tokens"):
-        out = g.op("Gather", [table, ids], axis=0, out="inputs_embeds")
+        out = g.op("Gather", [table, ids], axis=0, out=INPUTS_EMBEDS)
     g.output(out, FLOAT, ["batch_size", "sequence_length", cfg.text.hidden_size])
     return g

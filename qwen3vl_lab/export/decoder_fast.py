@@ -38,7 +38,22 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..config import ModelConfig, TextConfig
 from ..errors import UserError
-from ..layout import DECODER_FILE, FAST_DECODER_FILE, GENAI_CONFIG
+from ..layout import (
+    COS_CACHE,
+    DECODER_FILE,
+    DEEPSTACK_EMBEDS,
+    FAST_DECODER_FILE,
+    GENAI_CONFIG,
+    INPUTS_EMBEDS,
+    LOGITS,
+    LOGITS_TO_KEEP,
+    POSITION_IDS,
+    SEQLENS_K,
+    SIN_CACHE,
+    TOTAL_SEQUENCE_LENGTH,
+    past_names,
+    present_names,
+)
 from .decoder import PREFIX
 from .onnx_graph import FLOAT, INT64, MS_DOMAIN, GraphBuilder
 
@@ -174,7 +189,7 @@ def head_norm(g: FastGraph, x: str, weight: str, n_heads: int, cfg: TextConfig) 
 
 def mrope(g: FastGraph, x: str, n_heads: int, cfg: TextConfig) -> str:
     """Interleaved MRoPE (layout 1) on (B, S, n*hd) with the 3-row position ids."""
-    return g.op("MRotaryEmbedding", [x, "position_ids", "cos_cache", "sin_cache"], domain=MS_DOMAIN,
+    return g.op("MRotaryEmbedding", [x, POSITION_IDS, COS_CACHE, SIN_CACHE], domain=MS_DOMAIN,
                 num_heads=n_heads, mrope_section=list(cfg.mrope_section), mrope_layout=1, interleaved=0)
 
 
@@ -186,9 +201,8 @@ def attention(g: FastGraph, h: str, i: int, cfg: TextConfig) -> str:
     q = mrope(g, head_norm(g, q, f"{p}.q_norm.weight", nh, cfg), nh, cfg)
     k = mrope(g, head_norm(g, k, f"{p}.k_norm.weight", kv, cfg), kv, cfg)
     ctx, _, _ = g.op("GroupQueryAttention",
-                     [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
-                      "total_sequence_length"],
-                     out=[f"/model/layers.{i}/attn/output", f"present.{i}.key", f"present.{i}.value"],
+                     [q, k, v, past_names(i)[0], past_names(i)[1], SEQLENS_K, TOTAL_SEQUENCE_LENGTH],
+                     out=[f"/model/layers.{i}/attn/output", *present_names(i)],
                      domain=MS_DOMAIN, num_heads=nh, kv_num_heads=kv, scale=float(hd ** -0.5), do_rotary=0)
     return g.linear(ctx, f"{p}.o_proj.weight")  # (B, S, H)
 
@@ -214,19 +228,19 @@ def build_fast_decoder(cfg: ModelConfig, source: onnx.ModelProto, folder: Path |
         data = Path(data_dir or folder) / (FAST_DECODER_FILE + ".data")
     g = FastGraph(SourceDecoder(source, folder), data, fuse=fuse)
     B, S, C = "batch_size", "sequence_length", "kv_capacity"
-    x = g.input("inputs_embeds", FLOAT, [B, S, text.hidden_size])
-    g.input("position_ids", INT64, [3, B, S])
-    g.input("seqlens_k", INT32, [B])
-    g.input("total_sequence_length", INT32, [])
-    for name in ("cos_cache", "sin_cache"):
+    x = g.input(INPUTS_EMBEDS, FLOAT, [B, S, text.hidden_size])
+    g.input(POSITION_IDS, INT64, [3, B, S])
+    g.input(SEQLENS_K, INT32, [B])
+    g.input(TOTAL_SEQUENCE_LENGTH, INT32, [])
+    for name in (COS_CACHE, SIN_CACHE):
         g.input(name, FLOAT, ["rope_length", text.head_dim // 2])
     for i in range(text.num_hidden_layers):
-        for kind in ("key", "value"):
-            g.input(f"past_key_values.{i}.{kind}", FLOAT, [B, text.num_key_value_heads, C, text.head_dim])
+        for name in past_names(i):
+            g.input(name, FLOAT, [B, text.num_key_value_heads, C, text.head_dim])
     deepstack = None
     if cfg.num_deepstack:
-        deepstack = g.input("deepstack_embeds", FLOAT, [cfg.num_deepstack, B, S, text.hidden_size])
-    keep = g.optional_input("logits_to_keep", np.array(0, np.int64), [])
+        deepstack = g.input(DEEPSTACK_EMBEDS, FLOAT, [cfg.num_deepstack, B, S, text.hidden_size])
+    keep = g.optional_input(LOGITS_TO_KEEP[0], np.array(0, np.int64), [])
     eps = text.rms_norm_eps
 
     with g.scope("model"):
@@ -246,11 +260,11 @@ def build_fast_decoder(cfg: ModelConfig, source: onnx.ModelProto, folder: Path |
         start = g.op("Neg", [g.op("Unsqueeze", [keep, g.const([0], np.int64)])])
         h = g.op("Slice", [h, start, g.const([np.iinfo(np.int64).max], np.int64), g.const([1], np.int64)])
     with g.scope("lm_head"):
-        logits = g.linear(h, "lm_head.weight", out="logits")
+        logits = g.linear(h, "lm_head.weight", out=LOGITS)
     g.output(logits, FLOAT, [B, "logits_length", text.vocab_size])
     for i in range(text.num_hidden_layers):
-        for kind in ("key", "value"):
-            g.output(f"present.{i}.{kind}", FLOAT, [B, text.num_key_value_heads, C, text.head_dim])
+        for name in present_names(i):
+            g.output(name, FLOAT, [B, text.num_key_value_heads, C, text.head_dim])
     return g.build(doc="qwen3vl-lab fast decoder: fused onnxruntime contrib ops over the weights of model.onnx")
 
 
