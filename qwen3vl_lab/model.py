@@ -12,7 +12,6 @@ Sessions load once per `Model`; the decoders (decoder.py, fast.py) and the step 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -22,18 +21,21 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .config import ModelConfig
-from .decoder import OnnxDecoder
+from .config import ModelConfig, TextConfig, VisionConfig, load_hf_config
+from .decoder import DecoderIO, MissingPiece, OnnxDecoder
 from .errors import UserError
 from .layout import (
     DECODER_FILE,
-    EMBEDDING_FILE,
     EMBEDDING_INPUT,
     EMBEDDING_OUTPUT,
     FAST_DECODER_FILE,
     GENAI_CONFIG,
+    LOGITS,
+    OWN_CONFIG,
+    OWN_SECTION,
     VISION_FILE,
 )
+from .layouts import Layout, find_layout, read_export_config, read_genai_config
 
 
 @dataclass(frozen=True)
@@ -109,17 +111,42 @@ class Model:
     folder: Path
     genai: dict
     config: ModelConfig
-    embedding: ort.InferenceSession
+    embedding: ort.InferenceSession | None  # None: the decoder embeds token ids itself
     decoder_session: ort.InferenceSession | None = None  # None: model.onnx is opened on first use of .decoder
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
     accept_missing: bool = False  # run prompts that need a piece the decoder graph lacks (decoder.MissingPiece)
+    layout: Layout | None = None  # which kind of export this is and where its files are (layouts.py)
 
     @property
     def decoder(self) -> ort.InferenceSession:
         """The teaching decoder (model.onnx): every step inspectable, the cache a plain array."""
         if self.decoder_session is None:
-            self.decoder_session = open_session(self.folder / DECODER_FILE, self.options)
+            self.decoder_session = open_session(self.decoder_file, self.options)
         return self.decoder_session
+
+    @property
+    def decoder_file(self) -> Path:
+        return self.layout.decoder if self.layout else self.folder / DECODER_FILE
+
+    @property
+    def kind(self) -> str:
+        """"qwen3vl-lab" (ours), "guide", "genai", "onnx-community" or "single-decoder"."""
+        return self.layout.kind if self.layout else "qwen3vl-lab"
+
+    @property
+    def notices(self) -> list[str]:
+        """What is filled in or missing, to say on stderr and in --json: the layout's notices, then what the
+        decoder graph lacks against ours (3-D positions, DeepStack, an embeddings input)."""
+        out = list(self.layout.notices) if self.layout else []
+        if self.kind != "qwen3vl-lab":
+            missing = self.teaching_decoder.io.missing
+            if missing:
+                out.append(f"this {self.kind} decoder lacks {'; '.join(missing)}: text prompts run as they "
+                           "should; image prompts are refused unless --accept_missing")
+            if self.layout and self.layout.vision is not None:
+                out.append(f"{self.layout.vision.name} takes other inputs than this toolkit's vision graph; images "
+                           "need a qwen3vl-lab export of the checkpoint (`qwen3vl-lab export --hf_dir ...`)")
+        return out
 
     def fast_decoder_file(self) -> Path:
         """model-fast.onnx, the fused decoder (same weights) that `fast.py` runs; a UserError if it is missing.
@@ -141,10 +168,13 @@ class Model:
 
     @property
     def precision(self) -> str:
-        return self.genai["qwen3vl_lab"]["precision"]
+        own = self.genai.get(OWN_SECTION)
+        return own["precision"] if isinstance(own, dict) else self.layout.precision
 
     @property
     def root(self) -> Path:
+        if self.layout:
+            return self.layout.root
         return self.folder.parent if self.folder.name.startswith("cpu-") else self.folder
 
     @property
@@ -153,7 +183,8 @@ class Model:
 
     @property
     def has_vision(self) -> bool:
-        return "vision" in self.genai["model"] and (self.folder / VISION_FILE).is_file()
+        """Our vision graph is here (foreign vision graphs take other inputs: see `notices`)."""
+        return self.kind == "qwen3vl-lab" and "vision" in self.genai.get("model", {}) and (self.folder / VISION_FILE).is_file()
 
     @cached_property
     def vision(self) -> ort.InferenceSession:
@@ -166,11 +197,16 @@ class Model:
     def tokenizer(self):
         from .tokenizer import load_tokenizer  # noqa: PLC0415 (transformers import is slow; load on use)
 
+        if self.layout:
+            return load_tokenizer(self.layout.tokenizer_dir)
         pytorch = self.root / "pytorch"
         return load_tokenizer(pytorch if pytorch.is_dir() else None)
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         """Token ids (B, S) -> embeddings (B, S, H): one row lookup in the embedding graph."""
+        if self.embedding is None:
+            raise MissingPiece(f"{self.root} has no embedding graph (its decoder takes token ids), so image features "
+                               "cannot be merged; use a qwen3vl-lab export for images")
         return self.embedding.run([EMBEDDING_OUTPUT], {EMBEDDING_INPUT: np.asarray(input_ids, np.int64)})[0]
 
     @cached_property
@@ -202,21 +238,52 @@ def edited_session(model: "Model", graph: onnx.ModelProto) -> ort.InferenceSessi
     return ort.InferenceSession(graph.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
 
 
+def model_config(layout: Layout, genai: dict, decoder: ort.InferenceSession | None) -> ModelConfig:
+    """The model's numbers: ours from qwen3vl_lab.json; a foreign export's from the Hugging Face config it
+    ships (the guide keeps the whole checkpoint in pytorch/), else from its genai_config.json and graph."""
+    own = genai.get(OWN_SECTION)
+    if isinstance(own, dict):
+        try:
+            return ModelConfig.from_dict(own["config"])
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{layout.folder / OWN_CONFIG} is not a qwen3vl-lab config ({type(e).__name__}: {e}); "
+                            "re-run `qwen3vl-lab export`") from None
+    if layout.hf_dir is not None:
+        return load_hf_config(layout.hf_dir)
+    info = read_genai_config(layout.genai_config) if layout.genai_config else None
+    io = DecoderIO.read(decoder or open_session(layout.decoder, RuntimeOptions()))
+    logits = next(o for o in (decoder or open_session(layout.decoder, RuntimeOptions())).get_outputs() if o.name == LOGITS)
+    numbers = dict(vocab_size=logits.shape[-1] if isinstance(logits.shape[-1], int) else info and info.vocab_size,
+                   hidden_size=io.hidden_size or (info and info.hidden_size), num_hidden_layers=io.num_layers,
+                   num_key_value_heads=io.kv_heads or (info and info.kv_heads),
+                   head_dim=io.head_dim or (info and info.head_size),
+                   num_attention_heads=(info and info.num_attention_heads) or io.kv_heads)
+    unknown = [k for k, v in numbers.items() if not v]
+    if unknown:
+        raise UserError(f"{layout.decoder}: the graph and its config do not say the model's {', '.join(unknown)}; "
+                        "put the checkpoint's config.json in a pytorch/ folder beside the export")
+    text = TextConfig(**numbers, max_position_embeddings=(info and info.context_length) or TextConfig.max_position_embeddings)
+    eos = (info and info.eos_token_ids) or ModelConfig.eos_token_ids
+    return ModelConfig(text=text, vision=VisionConfig(deepstack_visual_indexes=()), eos_token_ids=tuple(eos))
+
+
 def load_model(model_dir: str | Path, text_precision: str = "fp32", options: RuntimeOptions | None = None,
-               *, open_decoder: bool = True) -> Model:
-    """open_decoder=False defers model.onnx until `.decoder` is used (the fast path needs only model-fast.onnx)."""
+               *, open_decoder: bool = True, tokenizer_dir: str | Path | None = None,
+               accept_missing: bool = False) -> Model:
+    """Open an export: ours (OUT/cpu-<precision>/), the original guide's, onnxruntime-genai's builder's,
+    onnx-community's split, or a single decoder .onnx (`layouts.find_layout` says which).
+
+    open_decoder=False defers model.onnx until `.decoder` is used (the fast path needs only model-fast.onnx).
+    tokenizer_dir: where the tokenizer is when the export has none. accept_missing: run prompts that need
+    a piece the decoder lacks (3-D positions, DeepStack), saying so (`model.notices`, `decoder.missing_used`)."""
     options = options or RuntimeOptions()
-    folder = resolve_folder(model_dir, text_precision)
-    try:
-        genai = json.loads((folder / GENAI_CONFIG).read_text(encoding="utf-8"))
-        config = ModelConfig.from_dict(genai["qwen3vl_lab"]["config"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{folder / GENAI_CONFIG} is not a qwen3vl-lab config ({type(e).__name__}: {e}); "
-                        "re-run `qwen3vl-lab export`") from None
-    embedding = open_session(folder / EMBEDDING_FILE, options)
-    decoder = open_session(folder / DECODER_FILE, options) if open_decoder else None
-    return Model(folder=folder, genai=genai, config=config, embedding=embedding, decoder_session=decoder,
-                 options=options)
+    layout = find_layout(model_dir, text_precision, tokenizer_dir=tokenizer_dir)
+    genai = read_export_config(layout.folder) if layout.genai_config else {}
+    decoder = open_session(layout.decoder, options) if open_decoder or layout.kind != "qwen3vl-lab" else None
+    config = model_config(layout, genai, decoder)
+    embedding = open_session(layout.embedding, options) if layout.embedding else None
+    return Model(folder=layout.folder, genai=genai, config=config, embedding=embedding, decoder_session=decoder,
+                 options=options, accept_missing=accept_missing, layout=layout)
 
 
 def default_threads() -> int:
