@@ -35,7 +35,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .decoder import Decoder, Step
+from .decoder import Decoder, MissingPiece, Step
 from .errors import UserError
 from .fast import FastDecoder
 from .image import ImageProcessorConfig, preprocess_one
@@ -119,6 +119,11 @@ def _processor_folder(model: Model):
 
 
 def check_has_vision(model: Model) -> None:
+    if not model.has_vision and model.kind != "qwen3vl-lab":
+        lacks = ["a vision graph this toolkit can run", *model.teaching_decoder.io.missing]
+        fix = f"qwen3vl-lab export --hf_dir {model.layout.hf_dir}" if model.layout.hf_dir else "qwen3vl-lab export --hf_dir CKPT"
+        raise MissingPiece(f"this {model.kind} export cannot read images: it lacks {'; '.join(lacks)}; `{fix}` makes "
+                           "an export that has them (doctor --model_dir shows what each piece changes)")
     if not model.has_vision:
         raise UserError(f"{model.folder} has no vision model, so it cannot read images or videos; export a Qwen3-VL "
                         "checkpoint with vision weights (`qwen3vl-lab export`) or leave out the images")

@@ -13,7 +13,7 @@ Sessions load once per `Model`; the decoders (decoder.py, fast.py) and the step 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -183,8 +183,19 @@ class Model:
 
     @property
     def has_vision(self) -> bool:
-        """Our vision graph is here (foreign vision graphs take other inputs: see `notices`)."""
+        """Our vision graph is here, or was borrowed (foreign vision graphs take other inputs: see `notices`)."""
+        if "vision" in self.__dict__:
+            return True
         return self.kind == "qwen3vl-lab" and "vision" in self.genai.get("model", {}) and (self.folder / VISION_FILE).is_file()
+
+    def borrow_vision(self, other: "Model") -> None:
+        """Encode images with `other`'s vision graph (our export of the same checkpoint): how a foreign decoder
+        is given image prompts at all. What its decoder lacks (3-D positions, DeepStack) still applies."""
+        if other.config.vision.out_hidden_size != self.config.text.hidden_size:
+            raise UserError(f"{other.folder}'s images come out {other.config.vision.out_hidden_size} wide but "
+                            f"{self.folder}'s decoder takes {self.config.text.hidden_size}; pass the same checkpoint")
+        self.__dict__["vision"] = other.vision
+        self.config = replace(self.config, vision=other.config.vision)
 
     @cached_property
     def vision(self) -> ort.InferenceSession:

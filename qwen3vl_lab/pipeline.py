@@ -55,11 +55,16 @@ class Qwen3VLPipeline:
     max_cached_images = 64
 
     def __init__(self, model_dir: str | Path, text_precision: str = "fp32", options: RuntimeOptions | None = None,
-                 fast: bool = False):
+                 fast: bool = False, *, tokenizer_dir: str | Path | None = None, accept_missing: bool = False):
         """fast=True: single prompts run on the fused decoder with preallocated KV buffers (fast.py), same tokens;
-        the teaching decoder is then only opened if a padded batch of prompts needs it."""
+        the teaching decoder is then only opened if a padded batch of prompts needs it.
+
+        model_dir: any export `layouts.find_layout` knows (ours, the guide's, onnxruntime-genai's, onnx-community's,
+        a decoder .onnx). tokenizer_dir: where the tokenizer is if the export has none. accept_missing: run an image
+        prompt on a decoder that lacks 3-D positions or DeepStack (`self.notices` and each result say so)."""
         self.fast = fast
-        self.model: Model = load_model(model_dir, text_precision, options, open_decoder=not fast)
+        self.model: Model = load_model(model_dir, text_precision, options, open_decoder=not fast,
+                                       tokenizer_dir=tokenizer_dir, accept_missing=accept_missing)
         if fast:
             self.model.fast_decoder_file()  # a folder without model-fast.onnx fails here, not at the first prompt
         self.vision_cache: OrderedDict[str, object] = OrderedDict()  # pixel hash -> VisionFeatures
@@ -126,10 +131,17 @@ class Qwen3VLPipeline:
         if result is not None:
             result["result"] = self._result(p, ids, "".join(pieces))
 
+    @property
+    def notices(self) -> list[str]:
+        """What the export lacks or what was filled in (`Model.notices`)."""
+        return self.model.notices
+
     def _result(self, p: Prompt, ids: list[int], text: str | None = None) -> GenerationResult:
         text = "".join(stream_text(self.tokenizer, ids)) if text is None else text
         eos = bool(ids) and ids[-1] in self.model.config.eos_token_ids
-        return GenerationResult(text, ids, p.length, "eos" if eos else "max_new_tokens")
+        missing = list(self.model.teaching_decoder.missing_used) if self.model.decoder_session is not None else []
+        return GenerationResult(text, ids, p.length, "eos" if eos else "max_new_tokens",
+                                {"missing": missing} if missing else {})
 
     def generate_result(self, prompt: str, **kwargs) -> GenerationResult:
         box: dict = {}

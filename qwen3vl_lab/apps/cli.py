@@ -165,7 +165,36 @@ def add_generate(sub) -> None:
                    help="prompts of --prompts_file run together as one left-padded batch (default 8)")
     p.add_argument("--prefill_chunk", type=prefill_chunk_t, default=None, metavar="N",
                    help="run the prompt through the decoder N tokens at a time: same result, less memory on long prompts")
+    add_foreign_flags(p)
     p.set_defaults(run=run_generate)
+
+
+def add_foreign_flags(p) -> None:
+    """Flags for exports other tools made (the original guide's, onnxruntime-genai's, onnx-community's)."""
+    p.add_argument("--tokenizer_dir", default=None, metavar="DIR",
+                   help="where the tokenizer is, when the export has none (default: the export's, else the package's)")
+    p.add_argument("--accept_missing", action="store_true",
+                   help="run image prompts on a decoder that lacks 3-D positions or DeepStack: the answer differs "
+                        "from the model's, and stderr and --json say what was missing")
+
+
+def borrow_reference_vision(model, accept_missing: bool) -> None:
+    """A foreign export with the checkpoint beside it (the guide's pytorch/) and --accept_missing: encode images
+    with our vision graph of that checkpoint (built once into the cache), so its decoder can be tried on them."""
+    from ..model import load_model  # noqa: PLC0415 (start-up: the CLI imports a command's modules when it runs)
+    from .cache import reference_export  # noqa: PLC0415 (start-up)
+
+    layout = model.layout
+    if model.has_vision or not accept_missing or layout is None or layout.hf_dir is None:
+        return
+    ref = load_model(reference_export(layout.hf_dir, log=lambda m: say_notices([m])), open_decoder=False)
+    model.borrow_vision(ref)
+    say_notices([f"images are encoded by our vision graph of {layout.hf_dir} (cached in {ref.root})"])
+
+
+def say_notices(notices: list[str]) -> None:
+    for note in notices:
+        print(f"{PROG}: note: {note}", file=sys.stderr)
 
 
 def _sampling_kwargs(a) -> dict:
@@ -193,10 +222,13 @@ def run_generate(a) -> int:
         items = read_prompts_file(a.prompts_file)  # all checked before the model loads
     elif a.prompt is None and not a.interactive:
         raise UserError("nothing to do: pass --prompt TEXT, --prompts_file FILE or --interactive")
-    pipe = Qwen3VLPipeline(a.model_dir, a.text_precision, RuntimeOptions(threads=a.threads), fast=a.fast)
+    pipe = Qwen3VLPipeline(a.model_dir, a.text_precision, RuntimeOptions(threads=a.threads), fast=a.fast,
+                           tokenizer_dir=a.tokenizer_dir, accept_missing=a.accept_missing)
+    say_notices(pipe.notices)
     if items is not None:
         return run_prompts_file(pipe, items, a)
     if a.image or a.video:
+        borrow_reference_vision(pipe.model, a.accept_missing)
         check_has_vision(pipe.model)
     a.videos = [_video_arg(v) for v in a.video]
     if a.interactive:
@@ -210,8 +242,11 @@ def run_generate(a) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
     result = box["result"]
+    for missing in result.extra.get("missing", []):
+        print(f"{PROG}: note: this answer ran without {missing}", file=sys.stderr)
     if a.json:
         result.extra["seconds"] = round(time.perf_counter() - t0, 4)
+        result.extra["notices"] = pipe.notices
         print(json.dumps(result.to_json(), ensure_ascii=False))
     else:
         sys.stdout.write("\n")

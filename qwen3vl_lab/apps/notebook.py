@@ -23,50 +23,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from ..errors import UserError
+from .cache import build_once, cache_dir, exporter_hash
 
 TINY_SEED = 0
-
-
-def cache_dir() -> Path:
-    """Where made-on-first-use models live (created if missing)."""
-    if os.environ.get("QWEN3VL_LAB_CACHE"):
-        root = Path(os.environ["QWEN3VL_LAB_CACHE"])
-    else:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen3vl-lab"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-def _exporter_hash(*extra: Path) -> str:
-    """A short hash of the source files that decide what make_tiny and export write (and of `extra` files)."""
-    here = Path(__file__).resolve().parent
-    files = sorted((here / "export").glob("*.py")) + [here / "config.py", here / "checkpoint.py"] + list(extra)
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:12]
-
-
-def _build_once(final: Path, build) -> Path:
-    """Run build(tmp_folder) into a private temp folder, then rename it to `final` (first writer wins)."""
-    if final.is_dir():
-        return final
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        build(tmp)
-        try:
-            tmp.rename(final)
-        except OSError:  # another process finished first: use its folder
-            if not final.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def _silent(_: str) -> None:
@@ -82,9 +44,9 @@ def tiny_dir() -> Path:
         make_tiny(tmp / "hf", seed=TINY_SEED)
         export(tmp / "hf", tmp / "onnx", ("fp32", "int4"), with_attentions=True, progress=False, log=_silent)
 
-    final = cache_dir() / f"tiny-seed{TINY_SEED}-{_exporter_hash()}"
+    final = cache_dir() / f"tiny-seed{TINY_SEED}-{exporter_hash()}"
     if not final.is_dir():
-        _build_once(final, build)
+        build_once(final, build)
         for old in final.parent.glob(f"tiny-seed{TINY_SEED}-*"):  # made by an older exporter: never used again
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
@@ -112,9 +74,9 @@ def shapes_model_dir() -> Path:
 
     shipped = Path(str(trained_model_dir()))  # retrained weights -> a new cache folder
     weights = [shipped / name for name in TRAINED_FILES if (shipped / name).is_file()]
-    final = cache_dir() / f"shapes-trained-{_exporter_hash(*weights)}"
+    final = cache_dir() / f"shapes-trained-{exporter_hash(*weights)}"
     if not final.is_dir():
-        _build_once(final, build)
+        build_once(final, build)
         for old in final.parent.glob("shapes-trained-*"):  # made by an older exporter: never used again
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
@@ -128,8 +90,8 @@ def exported_hf_dir(hf_dir: str | Path) -> Path:
     hf_dir = Path(hf_dir).expanduser().resolve()
     if not (hf_dir / "config.json").is_file():
         raise UserError(f"HF_DIR={hf_dir} has no config.json; point HF_DIR at a Qwen3-VL checkpoint folder")
-    key = hashlib.sha256(f"{hf_dir}|{_exporter_hash()}".encode()).hexdigest()[:12]
-    return _build_once(cache_dir() / f"export-{hf_dir.name}-{key}",
+    key = hashlib.sha256(f"{hf_dir}|{exporter_hash()}".encode()).hexdigest()[:12]
+    return build_once(cache_dir() / f"export-{hf_dir.name}-{key}",
                        lambda tmp: export(hf_dir, tmp, ("fp32", "int4"), with_attentions=True, progress=True))
 
 
