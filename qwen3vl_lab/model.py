@@ -261,6 +261,8 @@ def model_config(layout: Layout, genai: dict, decoder: ort.InferenceSession | No
                             "re-run `qwen3vl-lab export`") from None
     if layout.hf_dir is not None:
         return load_hf_config(layout.hf_dir)
+    if layout.tokenizer_dir is not None and (layout.tokenizer_dir / "config.json").is_file():
+        return load_hf_config(layout.tokenizer_dir)  # a checkpoint folder passed as --tokenizer_dir
     info = read_genai_config(layout.genai_config) if layout.genai_config else None
     io = DecoderIO.read(decoder or open_session(layout.decoder, RuntimeOptions()))
     logits = next(o for o in (decoder or open_session(layout.decoder, RuntimeOptions())).get_outputs() if o.name == LOGITS)
@@ -272,7 +274,7 @@ def model_config(layout: Layout, genai: dict, decoder: ort.InferenceSession | No
     unknown = [k for k, v in numbers.items() if not v]
     if unknown:
         raise UserError(f"{layout.decoder}: the graph and its config do not say the model's {', '.join(unknown)}; "
-                        "put the checkpoint's config.json in a pytorch/ folder beside the export")
+                        "pass the checkpoint folder (with config.json) as --tokenizer_dir")
     text = TextConfig(**numbers, max_position_embeddings=(info and info.context_length) or TextConfig.max_position_embeddings)
     eos = (info and info.eos_token_ids) or ModelConfig.eos_token_ids
     return ModelConfig(text=text, vision=VisionConfig(deepstack_visual_indexes=()), eos_token_ids=tuple(eos))
