@@ -128,6 +128,10 @@ class Model:
     def decoder_file(self) -> Path:
         return self.layout.decoder if self.layout else self.folder / DECODER_FILE
 
+    def graph(self) -> onnx.ModelProto:
+        """The decoder graph without its weights (for reading nodes, or editing a copy: `edited_session`)."""
+        return load_graph(self.decoder_file.parent, self.decoder_file.name)
+
     @property
     def kind(self) -> str:
         """"qwen3vl-lab" (ours), "guide", "genai", "onnx-community" or "single-decoder"."""
@@ -245,7 +249,7 @@ def load_graph(folder: Path, name: str = DECODER_FILE) -> onnx.ModelProto:
 def edited_session(model: "Model", graph: onnx.ModelProto) -> ort.InferenceSession:
     """A session for an edited in-memory copy of one of `model`'s graphs; weights come from its folder."""
     so = model.options.session_options()
-    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model.folder))
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model.decoder_file.parent))
     return ort.InferenceSession(graph.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
 
 

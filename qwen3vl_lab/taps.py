@@ -31,7 +31,7 @@ import onnx
 from .decoder import OnnxDecoder, Step
 from .errors import UserError
 from .generate import Prompt, prepare_prompt
-from .model import Model, edited_session, load_graph
+from .model import Model, edited_session
 from .positions import next_positions
 
 KINDS = ("attn_out", "mlp_out", "hidden")
@@ -59,7 +59,7 @@ class TappedDecoder(OnnxDecoder):
     """The teaching decoder with named intermediate tensors added as outputs (those the graph has)."""
 
     def __init__(self, model: Model, names: Sequence[str] | None = None):
-        graph = load_graph(model.folder)
+        graph = model.graph()
         produced = {o for n in graph.graph.node for o in n.output}
         existing = {o.name for o in graph.graph.output}
         wanted = hook_points(model) if names is None else list(names)

@@ -181,8 +181,8 @@ def add_foreign_flags(p) -> None:
 def borrow_reference_vision(model, accept_missing: bool) -> None:
     """A foreign export with the checkpoint beside it (the guide's pytorch/) and --accept_missing: encode images
     with our vision graph of that checkpoint (built once into the cache), so its decoder can be tried on them."""
+    from ..export.cache import reference_export  # noqa: PLC0415 (start-up)
     from ..model import load_model  # noqa: PLC0415 (start-up: the CLI imports a command's modules when it runs)
-    from .cache import reference_export  # noqa: PLC0415 (start-up)
 
     layout = model.layout
     if model.has_vision or not accept_missing or layout is None or layout.hf_dir is None:
@@ -532,8 +532,15 @@ def add_doctor(sub) -> None:
     p.add_argument("--reference", default="fp32",
                    help="fp32 (the cpu-fp32 folder of the same export, default) or the path of an fp32 folder")
     _add_prompt_options(p)
+    p.add_argument("--hf_dir", default=None, metavar="CKPT",
+                   help="the checkpoint the export was made from: our fp32 export of it (built once into the cache) "
+                        "probes images, measures the export's own error and ranks INT4 recipes (default: the "
+                        "checkpoint a foreign export ships in pytorch/, if any)")
+    p.add_argument("--no_recipes", action="store_true", help="skip ranking INT4 recipes on the checkpoint's export")
     p.add_argument("--sweep", action="store_true", help="also build and rank INT4 recipe variants (see `sweep`)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--tokenizer_dir", default=None, metavar="DIR",
+                   help="where the tokenizer is, when the export has none (default: the export's, else the package's)")
     p.set_defaults(run=run_doctor)
 
 
@@ -549,7 +556,8 @@ def run_doctor(a) -> int:
 
     image = _image_arg(a)
     report = diagnose(a.model_dir, a.text_precision, a.reference, a.prompt, image=image, image_size=a.image_size,
-                      n_steps=a.n_steps or 16, progress=not a.quiet)
+                      n_steps=a.n_steps or 16, progress=not a.quiet, hf_dir=a.hf_dir,
+                      recipes=False if a.no_recipes else None, log=lambda m: say_notices([m]))
     print(report.render())
     result = None
     if a.sweep:

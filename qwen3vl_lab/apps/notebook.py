@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import UserError
-from .cache import build_once, cache_dir, exporter_hash
+from ..export.cache import build_once, cache_dir, exporter_hash
 
 TINY_SEED = 0
 

@@ -23,7 +23,6 @@ Each line is pass / fail (or skip when it does not apply) with the evidence it w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +30,12 @@ import onnx
 
 from ..generate import prepare_prompt
 from ..layout import DECODER_FILE, DEEPSTACK_EMBEDS, DEEPSTACK_FEATURES, EMBEDDING_FILE, VISION_FILE
-from ..model import Model, load_graph
+from ..model import Model
 from ..positions import Positions, build_positions, next_positions
 from ..steps import embed, prefill
+from .checkitem import CheckItem, Checklist, attrs
 from .compare import kl_divergence
+from .export_checks import check_algorithm, check_image_probe, check_kv_cache
 from .layers import accuracy_level_decoder, activation_stats
 from .weights import QuantizedMatrix, iter_quantized, short_name
 
@@ -45,54 +46,7 @@ CHANGE_TOL = 1e-4  # logits "change" when some logit moves by more than this
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
 
 
-@dataclass
-class CheckItem:
-    key: str
-    title: str
-    status: str  # "pass", "fail" or "skip"
-    evidence: str
-    fix: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.status != "fail"
-
-
-@dataclass
-class Checklist:
-    folder: str
-    items: list[CheckItem]
-
-    @property
-    def failed(self) -> list[CheckItem]:
-        return [i for i in self.items if i.status == "fail"]
-
-    @property
-    def passed(self) -> bool:
-        return not self.failed
-
-    def item(self, key: str) -> CheckItem:
-        return next(i for i in self.items if i.key == key)
-
-    def status(self) -> dict[str, str]:
-        return {i.key: i.status for i in self.items}
-
-    def table(self) -> str:
-        lines = [f"checklist for {self.folder}"]
-        for i in self.items:
-            lines.append(f"  [{i.status.upper():4s}] {i.title}: {i.evidence}")
-            if i.status == "fail" and i.fix:
-                lines.append(f"         fix: {i.fix}")
-        lines.append(f"  {sum(i.status == 'pass' for i in self.items)} pass, {len(self.failed)} fail, "
-                     f"{sum(i.status == 'skip' for i in self.items)} skip")
-        return "\n".join(lines)
-
-
 # -- helpers -------------------------------------------------------------------------------------
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
 def live_nodes(graph: onnx.GraphProto, outputs=("logits",)) -> set[int]:
     """Indices of the nodes that the given graph outputs depend on."""
     producer = {o: i for i, n in enumerate(graph.node) for o in n.output}
@@ -124,7 +78,7 @@ def check_accuracy_level(model: Model, graph: onnx.ModelProto, reference: Model 
     nodes = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
     if not nodes:
         return CheckItem("accuracy_level", title, "pass", "no MatMulNBits: activations are never quantized")
-    levels = [int(_attrs(n).get("accuracy_level", 0)) for n in nodes]
+    levels = [int(attrs(n).get("accuracy_level", 0)) for n in nodes]
     n4 = sum(lv == 4 for lv in levels)
     if n4 == 0:
         return CheckItem("accuracy_level", title, "pass",
@@ -163,7 +117,7 @@ def check_lm_head(graph: onnx.ModelProto) -> CheckItem:
     if node is None:
         return CheckItem("lm_head", title, "skip", "no node writes `logits`")
     if node.op_type == "MatMulNBits":
-        a = _attrs(node)
+        a = attrs(node)
         bits = int(a.get("bits", 4))
         ev = f"lm_head is MatMulNBits bits {bits}, block {a.get('block_size')}, accuracy_level {a.get('accuracy_level', 0)}"
         return CheckItem("lm_head", title, "fail" if bits <= 4 else "pass", ev,
@@ -180,20 +134,28 @@ def _head_columns(model: Model, graph: onnx.ModelProto, ids: np.ndarray) -> tupl
     from ..export.quantize import read_array  # noqa: PLC0415
 
     inits = {t.name: t for t in graph.graph.initializer}
-    w = read_array(inits[node.input[1]], model.folder)  # (H, V)
+    w = read_array(inits[node.input[1]], model.decoder_file.parent)  # (H, V)
     return np.ascontiguousarray(w[:, ids].T), "fp32"
 
 
 def check_tied_embeddings(model: Model, graph: onnx.ModelProto) -> CheckItem:
     title = "tied embeddings / quantized head"
-    emb = onnx.load(str(model.folder / EMBEDDING_FILE), load_external_data=False)
+    emb_file = model.layout.embedding if model.layout else model.folder / EMBEDDING_FILE
+    emb = onnx.load(str(emb_file), load_external_data=False) if emb_file is not None else graph  # else: inside the decoder
     quantized_table = [n.op_type for n in emb.graph.node if n.op_type in ("GatherBlockQuantized", "DequantizeLinear")]
+    if emb_file is None and not quantized_table:
+        return CheckItem("tied_embeddings", title, "skip", "the decoder embeds token ids itself with an fp32 table")
     if lm_head_node(graph.graph) is None:
         return CheckItem("tied_embeddings", title, "skip", "no lm_head found")
     tok = model.tokenizer
     special = [tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")]
     rng = np.random.default_rng(0)
     ids = np.unique(np.concatenate([special, rng.integers(0, model.config.text.vocab_size, 256)])).astype(np.int64)
+    if emb_file is None:
+        return CheckItem("tied_embeddings", title, "fail", f"the decoder reads its input embeddings through "
+                         f"{', '.join(sorted(set(quantized_table)))} from the quantized lm_head",
+                         "keep the embedding table fp32: a table dequantized from a quantized head adds the head's "
+                         "error to every input token (microsoft/onnxruntime-genai#2306)")
     rows = embed(model, ids[None, :])[0]  # (n, H) what the embedding graph returns
     cols, kind = _head_columns(model, graph, ids)  # (n, H)
     rel = float(np.linalg.norm(rows - cols) / max(np.linalg.norm(rows), 1e-30))
@@ -241,6 +203,8 @@ def check_qk_norm(model: Model, graph: onnx.ModelProto) -> CheckItem:
 
 def check_genai_config(model: Model) -> CheckItem:
     title = "genai_config type and I/O names"
+    if not model.genai:
+        return CheckItem("genai_config", title, "skip", "this export has no genai_config.json")
     m = model.genai.get("model", {})
     dec = m.get("decoder", {})
     problems = []
@@ -386,21 +350,25 @@ def check_eos(model: Model) -> CheckItem:
 
 
 def run_checklist(model: Model | str | Path, precision: str = "int4", reference: Model | str | Path | None = None,
-                  prompt: str = "Write a haiku about the sea.") -> Checklist:
-    """Every check against `model` (a folder or a loaded Model). `reference` (fp32) feeds the accuracy_level oracle."""
+                  prompt: str = "Write a haiku about the sea.", vision_reference: Model | None = None) -> Checklist:
+    """Every check against `model` (a folder or a loaded Model). `reference` (fp32) feeds the accuracy_level oracle;
+    `vision_reference` (our export of the checkpoint; default: the reference) the image probe."""
     from .inputs import as_model  # noqa: PLC0415
 
     model = as_model(model, precision)
     ref = as_model(reference, "fp32") if reference is not None else None
-    graph = load_graph(model.folder)
+    graph = model.graph()
     items = [
         check_accuracy_level(model, graph, ref, prompt),
+        check_algorithm(model, graph),
         check_lm_head(graph),
         check_tied_embeddings(model, graph),
         check_qk_norm(model, graph),
         check_genai_config(model),
         check_positions(model),
         check_deepstack(model),
+        check_kv_cache(model),
+        check_image_probe(model, vision_reference or ref),
         check_eos(model),
     ]
     return Checklist(str(model.folder), items)

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..errors import UserError
-from ..model import Model, load_graph, load_model
+from ..export.cache import reference_export
+from ..export.quantize import Int4Recipe
+from ..model import Model, load_model
 from .checklist import Checklist, run_checklist
 from .compare import Comparison, compare
 from .inputs import PromptLike, as_specs
 from .layers import LayerReport, compare_layers
+from .sweep import sweep
 from .weights import WeightReport, compare_weights
 
 
@@ -35,6 +38,10 @@ class DoctorReport:
     layers: LayerReport | None = None
     weights: WeightReport | None = None
     notes: list[str] = field(default_factory=list)
+    export_comparison: Comparison | None = None  # the reference vs our export of the checkpoint: the export's own error
+    best_recipe: str | None = None
+    recipe_lines: list[str] = field(default_factory=list)
+    advice: list[str] = field(default_factory=list)
 
     def verdict(self) -> list[str]:
         """Short findings, most actionable first."""
@@ -69,44 +76,113 @@ class DoctorReport:
         if self.weights is not None:
             parts += ["", f"weights: the {min(8, len(self.weights.rows))} matrices with the largest error "
                           f"(of {len(self.weights.rows)})", self.weights.table(8)]
+        if self.export_comparison is not None:
+            c = self.export_comparison
+            parts += ["", "the reference vs our export of the checkpoint (the export's own error, before quantization):",
+                      f"  mean KL {c.mean_kl:.4g} nats, top-1 agreement {c.agreement:.0%}", c.table()]
+        if self.recipe_lines:
+            parts += ["", "INT4 recipes on our export of the checkpoint (best first):"]
+            parts += [f"  {line}" for line in self.recipe_lines]
         parts += ["", "findings:"] + [f"  - {v}" for v in self.verdict()]
         parts += [f"  note: {n}" for n in self.notes]
+        if self.advice:
+            parts += ["", "what to do:"] + [f"  {i + 1}. {a}" for i, a in enumerate(self.advice)]
         return "\n".join(parts)
 
 
 def _load_pair(model_dir, precision: str, reference) -> tuple[Model, Model]:
+    """The tested model and its reference: a given Model or folder, else the fp32 of the same export."""
     test = model_dir if isinstance(model_dir, Model) else load_model(model_dir, precision)
     if isinstance(reference, Model):
         return test, reference
     if reference in (None, "fp32"):
-        if isinstance(model_dir, Model) or (Path(model_dir) / "genai_config.json").is_file():
-            root = test.root
-            if not (root / "cpu-fp32").is_dir():
-                raise UserError(f"no fp32 reference next to {test.folder}; pass --reference with an fp32 folder")
-            return test, load_model(root, "fp32")
-        return test, load_model(model_dir, "fp32")
+        layout = test.layout
+        if layout is None or "fp32" not in layout.precisions or test.precision == "fp32":
+            raise UserError(f"no fp32 reference next to {test.folder}; pass --reference with an fp32 folder, or "
+                            "--hf_dir with the checkpoint to build one")
+        return test, load_model(layout.root, "fp32")
     return test, load_model(reference, "fp32")
+
+
+def checkpoint_reference(test: Model, hf_dir: str | Path | None, ref: Model,
+                         log: Callable[[str], None]) -> Model | None:
+    """Our fp32 export of the checkpoint (`hf_dir`, or the one a foreign export ships in pytorch/), built once
+    into the cache; else the reference itself when it is one of ours with a vision graph; else None."""
+    hf_dir = hf_dir or (test.layout.hf_dir if test.layout else None)
+    if hf_dir is not None:
+        return load_model(reference_export(hf_dir, log=log))
+    return ref if ref.kind == "qwen3vl-lab" and ref.has_vision else None
+
+
+def _with_vision(models: Sequence[Model], source: Model | None) -> None:
+    """Foreign models run image prompts on `source`'s vision graph, their missing pieces accepted (and named)."""
+    for m in models:
+        m.accept_missing = m.teaching_decoder.accept_missing = True  # every decoder opened from m (taps too)
+        if not m.has_vision and source is not None and source.has_vision:
+            m.borrow_vision(source)
+
+
+def recipe_advice(ckpt_ref: Model, specs, n_steps: int, progress: bool) -> tuple[str | None, list[str]]:
+    """Rank a few INT4 recipes on our export of the checkpoint: the one that keeps the reference's answers."""
+    recipes = [Int4Recipe(), Int4Recipe(lm_head="int8"), Int4Recipe(accuracy_level=0, lm_head="int8")]
+    result = sweep(ckpt_ref.root, recipes, specs[:1], n_steps=n_steps, progress=progress)
+    best = result.rows[0]
+    lines = [f"{r.name}: top-1 agreement {r.agreement:.0%}, mean KL {r.mean_kl:.4g}" for r in result.rows]
+    return best.name, lines
 
 
 def diagnose(model_dir: Model | str | Path, precision: str = "int4", reference: Model | str | Path | None = "fp32",
              prompts: Sequence[PromptLike] | PromptLike | None = None, *, image=None, image_size: int | None = None,
-             n_steps: int = 16, layers: bool = True, weights: bool = True, progress: bool = False) -> DoctorReport:
-    """Checklist + comparison + per-layer + per-weight diagnosis of `model_dir` (test) against fp32 (reference)."""
+             n_steps: int = 16, layers: bool = True, weights: bool = True, progress: bool = False,
+             hf_dir: str | Path | None = None, recipes: bool | None = None,
+             log: Callable[[str], None] = lambda _: None) -> DoctorReport:
+    """Checklist + comparison + per-layer + per-weight diagnosis of `model_dir` (test) against fp32 (reference).
+
+    Any export `load_model` opens (ours, the guide's, onnxruntime-genai's, ...). hf_dir: the checkpoint, to build
+    our fp32 export of it (cached) for the image probe, the export-vs-checkpoint comparison and the advice; a
+    foreign export that ships its checkpoint (the guide's pytorch/) gets it without asking. recipes: also rank a
+    few INT4 recipes on that export (default: when there is a checkpoint reference)."""
     test, ref = _load_pair(model_dir, precision, reference)
+    ckpt_ref = checkpoint_reference(test, hf_dir, ref, log)
+    _with_vision([test, ref], ckpt_ref)
     specs = as_specs(prompts, image, image_size)
-    notes = []
-    checklist = run_checklist(test, reference=ref)
+    notes = [*test.notices]
+    checklist = run_checklist(test, reference=ref, vision_reference=ckpt_ref)
     comparison = compare(ref, test, specs, n_steps, progress=progress)
+    export_comparison = None
+    if ckpt_ref is not None and ckpt_ref is not ref:
+        export_comparison = compare(ckpt_ref, ref, specs, n_steps, progress=progress)
     layer_report = compare_layers(ref, test, specs[-1]) if layers else None  # the image prompt when there is one
-    has_q = any(n.op_type == "MatMulNBits" for n in load_graph(test.folder).graph.node)
+    has_q = any(n.op_type == "MatMulNBits" for n in test.graph().graph.node)
     weight_report = compare_weights(ref, test) if (weights and has_q) else None
     if weights and not has_q:
         notes.append("the test decoder has no MatMulNBits, so there are no quantized weights to compare")
     if image is None:
         notes.append("text prompts only: pass --image to exercise the vision path, DeepStack and 3-D positions")
     recipe = test.genai.get("qwen3vl_lab", {}).get("recipe")
-    return DoctorReport(str(test.folder), str(ref.folder), recipe, checklist, comparison, layer_report,
-                        weight_report, notes)
+    report = DoctorReport(str(test.folder), str(ref.folder), recipe, checklist, comparison, layer_report,
+                          weight_report, notes, export_comparison=export_comparison)
+    if ckpt_ref is not None and (recipes if recipes is not None else ckpt_ref is not ref):
+        report.best_recipe, report.recipe_lines = recipe_advice(ckpt_ref, specs, min(n_steps, 8), progress)
+    report.advice = advice(report, test, ckpt_ref, hf_dir or (test.layout.hf_dir if test.layout else None))
+    return report
 
 
-__all__ = ["DoctorReport", "diagnose"]
+def advice(report: DoctorReport, test: Model, ckpt_ref: Model | None, hf_dir) -> list[str]:
+    """What to do, in order: the export to make (when this one lacks pieces), and the INT4 recipe to use."""
+    out = []
+    lacks = test.teaching_decoder.io.missing if test.kind != "qwen3vl-lab" else []
+    failed = {i.key for i in report.checklist.failed}
+    if lacks or failed & {"positions", "deepstack", "genai_config", "kv_cache", "image_probe", "tied_embeddings"}:
+        src = hf_dir or "CKPT"
+        out.append(f"make a correct export: qwen3vl-lab export --hf_dir {src} --output_dir OUT --precision fp32 int4"
+                   + (f" (this one lacks {'; '.join(lacks)})" if lacks else ""))
+    if report.best_recipe:
+        out.append(f"the INT4 recipe that keeps the reference's answers best here: {report.best_recipe} "
+                   "(`qwen3vl-lab sweep --model_dir OUT` ranks more)")
+    elif "lm_head" in failed:
+        out.append("quantize with --lm_head int8 and compare again (doctor --model_dir OUT)")
+    return out
+
+
+__all__ = ["DoctorReport", "advice", "checkpoint_reference", "diagnose"]

@@ -22,7 +22,7 @@ import onnx
 
 from ..decoder import OnnxDecoder
 from ..export.quantize import set_accuracy_level
-from ..model import Model, edited_session, load_graph
+from ..model import Model, edited_session
 from ..taps import KINDS, TappedDecoder, hook_points, run_with_cache
 from .inputs import PromptLike, as_model, as_specs, label_of, prepare, same_tokens
 
@@ -35,7 +35,7 @@ def tap_names(model: Model) -> list[str]:
 def accuracy_level_decoder(model: Model, level: int = 0) -> OnnxDecoder:
     """The decoder with every MatMulNBits' accuracy_level rewritten to `level`, same weights, nothing written
     (the oracle for "is it accuracy_level 4's int8 activation quantization that drifts?")."""
-    graph = load_graph(model.folder)
+    graph = model.graph()
     for n in graph.graph.node:
         if n.op_type == "MatMulNBits":
             set_accuracy_level(n, level)
@@ -215,7 +215,7 @@ def matmul_inputs(graph: onnx.ModelProto) -> list[tuple[str, str, str, int, int]
 def activation_stats(model: Model | str, prompt: PromptLike = "Write a haiku about the sea.") -> list[ActivationStats]:
     """Outlier measures of every quantized MatMul's input on one prompt."""
     model = as_model(model)
-    specs = matmul_inputs(load_graph(model.folder))
+    specs = matmul_inputs(model.graph())
     tensors = list(dict.fromkeys(s[1] for s in specs))
     got = capture(model, prompt, tensors)
     return [ActivationStats(node, t, w, acc, bs, channel_ratio(got[t]), int8_zeroed(got[t], bs))

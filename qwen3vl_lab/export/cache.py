@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from ..export.exporter import export
+from .exporter import export
 
 PACKAGE = Path(__file__).resolve().parents[1]
 

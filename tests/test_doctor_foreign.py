@@ -1,0 +1,90 @@
+"""The doctor on exports other tools made, and the checks that measure what an export has.
+
+On the original guide's export (no position_ids, no DeepStack, model.type edited to qwen3) the doctor
+builds our fp32 export of the checkpoint the guide ships in pytorch/ (into the cache, never into the
+user's folder), names every missing piece with evidence, shows that text runs as the checkpoint does
+while an image prompt does not, and ends with what to do. The KV-cache check fails on a decoder whose
+cache is deliberately corrupted, and passes on a correct one.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import onnx
+import pytest
+from helpers import grace_hopper, run_cli
+
+from qwen3vl_lab.debug.doctor import diagnose
+from qwen3vl_lab.debug.export_checks import check_kv_cache
+from qwen3vl_lab.layout import DECODER_FILE
+from qwen3vl_lab.model import load_model
+
+pytest.importorskip("onnxruntime_genai", reason="the guide's export is built with onnxruntime-genai's builder")
+
+
+@pytest.fixture(scope="module")
+def guide_report(guide_export_dir, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QWEN3VL_LAB_CACHE", str(cache))
+        before = sorted(p.relative_to(guide_export_dir) for p in guide_export_dir.rglob("*"))
+        report = diagnose(guide_export_dir, "int4", prompts=["Write a haiku about the sea."], image=grace_hopper(),
+                          image_size=64, n_steps=6)
+        assert sorted(p.relative_to(guide_export_dir) for p in guide_export_dir.rglob("*")) == before
+    return report, cache
+
+
+def test_doctor_names_what_the_guide_export_lacks(guide_report):
+    report, cache = guide_report
+    status = report.checklist.status()
+    assert status["positions"] == "fail" and status["deepstack"] == "fail" and status["image_probe"] == "fail"
+    assert status["genai_config"] == "fail" and "'qwen3'" in report.checklist.item("genai_config").evidence
+    assert status["lm_head"] == "fail"  # the guide quantizes the head too
+    assert status["kv_cache"] == "pass"
+    probe = report.checklist.item("image_probe").evidence
+    assert "1-D positions" in probe and "without DeepStack" in probe
+    assert any((cache / "reference").iterdir())  # our export of pytorch/ was built in the cache
+
+
+def test_doctor_separates_the_exports_error_from_quantization(guide_report):
+    report, _ = guide_report
+    text, image = report.export_comparison.forced  # their fp32 vs our export of the same checkpoint
+    assert text.agreement == 1.0 and text.mean_kl < 1e-6  # text: 1-D RoPE equals MRoPE with t = h = w
+    assert image.mean_kl > 1e-4  # the image prompt: their decoder lacks 3-D positions and DeepStack
+
+
+def test_doctor_ends_with_what_to_do(guide_report, guide_export_dir):
+    report, _ = guide_report
+    assert report.advice[0].startswith(f"make a correct export: qwen3vl-lab export --hf_dir {guide_export_dir / 'pytorch'}")
+    assert report.best_recipe and report.best_recipe in report.advice[1]
+    text = report.render()
+    assert "what to do:" in text and "the reference vs our export of the checkpoint" in text
+
+
+def test_doctor_cli_on_the_guide_export(guide_export_dir, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("QWEN3VL_LAB_CACHE", str(tmp_path / "cache"))
+    code, out, err = run_cli(capsys, "doctor", "--model_dir", guide_export_dir, "--prompt", "Hi", "--n_steps", 3,
+                             "--no_recipes", "--quiet")
+    assert code == 0, err
+    assert "[FAIL] 3-D position ids" in out and "what to do:" in out
+
+
+def _corrupt_cache(src, dst):
+    """A copy of the export whose decoder returns layer 1's keys as layer 0's and the other way round."""
+    shutil.copytree(src, dst)
+    path = dst / "cpu-fp32" / DECODER_FILE
+    graph = onnx.load(str(path), load_external_data=False)
+    swap = {"present.0.key": "present.1.key", "present.1.key": "present.0.key"}
+    for node in graph.graph.node:
+        node.output[:] = [swap.get(o, o) for o in node.output]
+        node.input[:] = [swap.get(i, i) for i in node.input]
+    onnx.save(graph, str(path))
+    return dst
+
+
+def test_kv_cache_check_catches_a_corrupt_cache(tiny_onnx_fp32_dir, tmp_path):
+    assert check_kv_cache(load_model(tiny_onnx_fp32_dir)).status == "pass"
+    broken = load_model(_corrupt_cache(tiny_onnx_fp32_dir, tmp_path / "broken"))
+    item = check_kv_cache(broken)
+    assert item.status == "fail" and "max KL" in item.evidence
