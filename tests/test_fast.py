@@ -27,8 +27,8 @@ from qwen3vl_lab.generate import Prompt, generate_step, generate_tokens, prepare
 from qwen3vl_lab.layout import FAST_DECODER_FILE
 from qwen3vl_lab.model import load_model
 from qwen3vl_lab.pipeline import Qwen3VLPipeline
-from qwen3vl_lab.sampling import greedy
 from qwen3vl_lab.positions import Positions
+from qwen3vl_lab.sampling import greedy
 from qwen3vl_lab.steps import decode_step, prefill
 
 PROMPTS = ["Hello, who are you?", "你好，世界！🌍 naïve café"]

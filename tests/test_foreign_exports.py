@@ -13,7 +13,6 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from foreign import graph_io, op_types
 
 pytest.importorskip("onnxruntime_genai", reason="the foreign exports are built with onnxruntime-genai's builder")
