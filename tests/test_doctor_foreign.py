@@ -88,3 +88,18 @@ def test_kv_cache_check_catches_a_corrupt_cache(tiny_onnx_fp32_dir, tmp_path):
     broken = load_model(_corrupt_cache(tiny_onnx_fp32_dir, tmp_path / "broken"))
     item = check_kv_cache(broken)
     assert item.status == "fail" and "max KL" in item.evidence
+
+
+def test_inspect_says_what_an_export_holds(guide_export_dir, tiny_onnx_dir, capsys):
+    import json
+
+    code, out, err = run_cli(capsys, "inspect", "--model_dir", guide_export_dir, "--text_precision", "int4", "--json")
+    assert code == 0, err
+    a = json.loads(out.strip().splitlines()[-1])
+    assert a["kind"] == "guide" and a["precision"] == "int4" and a["model_type"] == "qwen3"
+    assert a["io"]["positions"] == "none" and a["io"]["deepstack"] is None
+    assert any(m.startswith("3-D positions") for m in a["missing"]) and any(m.startswith("DeepStack") for m in a["missing"])
+    assert a["quantization"] == [f"{len(a['matmuls'])} x int4 block 32 accuracy_level 4 symmetric"]  # lm_head too
+    assert a["lm_head"].startswith("MatMulNBits int4") and a["checkpoint"].endswith("pytorch")
+    code, out, err = run_cli(capsys, "inspect", "--model_dir", tiny_onnx_dir, "--text_precision", "int4")
+    assert code == 0 and "missing: nothing" in out and "positions 3d" in out and "fp32" not in out.split("MatMuls:")[1].splitlines()[0]

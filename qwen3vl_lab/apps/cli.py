@@ -524,6 +524,25 @@ def _add_prompt_options(p) -> None:
     p.add_argument("--report_dir", default=None, help="write the figures (PNG) here")
 
 
+def add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="what an export holds: layout, files, decoder I/O, INT4 recipe per MatMul, "
+                                       "embedding and lm_head precision, what is missing (no weights are loaded)")
+    p.add_argument("--model_dir", required=True,
+                   help="any export: ours, the original guide's, onnxruntime-genai's, onnx-community's, or a decoder .onnx")
+    p.add_argument("--text_precision", default=None, help="which precision folder, where there are several (default: fp32)")
+    p.add_argument("--tokenizer_dir", default=None, metavar="DIR", help="where the tokenizer is, if not in the export")
+    p.add_argument("--json", action="store_true", help="print everything as one JSON object (last line)")
+    p.set_defaults(run=run_inspect)
+
+
+def run_inspect(a) -> int:
+    from ..debug.anatomy import describe_export, to_json_line  # noqa: PLC0415 (start-up: onnx on use)
+
+    anatomy = describe_export(a.model_dir, a.text_precision, tokenizer_dir=a.tokenizer_dir)
+    print(to_json_line(anatomy) if a.json else anatomy.render())
+    return 0
+
+
 def add_doctor(sub) -> None:
     p = sub.add_parser("doctor", help="find why an INT4 folder disagrees with fp32: checklist, per-step, "
                                       "per-layer and per-weight comparison")
@@ -678,6 +697,7 @@ def build_parser() -> Parser:
     add_generate(sub)
     add_eval_shapes(sub)
     add_train_shapes(sub)
+    add_inspect(sub)
     add_doctor(sub)
     add_sweep(sub)
     add_bench(sub)
