@@ -4,7 +4,7 @@ Two `config.json` styles exist in the wild and both are read here:
 - transformers 4.57 (the files published on the Hub): `text_config.rope_scaling` + `rope_theta`,
   vision `model_type "qwen3_vl"`;
 - transformers 5.x (`save_pretrained` today): `text_config.rope_parameters`.
-See QWEN3VL_FACTS.md §2 and transformers' `configuration_qwen3_vl.py`.
+See transformers' `configuration_qwen3_vl.py`.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def _rope(text: dict) -> tuple[float, tuple[int, int, int]]:
 
 
 def _eos_ids(top: dict, text: dict, hf_dir: Path | None) -> tuple[int, ...]:
-    """Stop on <|im_end|> and <|endoftext|> always, plus whatever the checkpoint lists (FACTS §2.5)."""
+    """Stop on <|im_end|> and <|endoftext|> always, plus whatever the checkpoint lists."""
     ids: list[int] = list(DEFAULT_EOS_TOKEN_IDS)
     sources = [text.get("eos_token_id"), top.get("eos_token_id")]
     if hf_dir is not None and (hf_dir / "generation_config.json").is_file():

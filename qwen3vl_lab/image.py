@@ -1,6 +1,6 @@
 """Image preprocessing for Qwen3-VL, identical to transformers' `Qwen2VLImageProcessorPil`.
 
-Pipeline (QWEN3VL_FACTS.md §6.4), one image at a time:
+Pipeline, one image at a time:
 
     load_image      any input -> RGB uint8 (H, W, 3)          (alpha composited on white)
     smart_resize    pick (H', W'): multiples of 32, pixel count within [min_pixels, max_pixels]
@@ -272,7 +272,7 @@ def rescale_and_normalize(rgb: np.ndarray, config: ImageProcessorConfig) -> np.n
 
 # ----------------------------------------------------------------------------- patches
 def patchify(image: np.ndarray, patch_size: int = 16, merge_size: int = 2, temporal_patch_size: int = 2) -> np.ndarray:
-    """(C, H, W) float32 -> (H/P * W/P, C*T*P*P) rows in merge-block order (FACTS §3.1).
+    """(C, H, W) float32 -> (H/P * W/P, C*T*P*P) rows in merge-block order.
 
     Rows: (block_row, block_col, in_row, in_col); the 4 patches of LLM token k are rows 4k..4k+3.
     Columns: (c, t, py, px); a still image fills both temporal slots with the same pixels.

@@ -1,4 +1,4 @@
-"""Qwen3-VL's 3-D (t, h, w) text positions: transformers' `get_rope_index` in numpy (FACTS §5).
+"""Qwen3-VL's 3-D (t, h, w) text positions: transformers' `get_rope_index` in numpy.
 
 Every token gets three position numbers, one per MRoPE axis:
 - a text token at running position p gets (p, p, p);
@@ -180,7 +180,7 @@ def next_positions(
 def mrope_channel_axes(mrope_section, head_dim: int) -> np.ndarray:
     """Which axis ('T', 'H' or 'W') drives each of the head_dim/2 rotary frequency channels.
 
-    Interleaved rule (FACTS §4.2): channel j is H if j % 3 == 1 and j < 3 * section[1], W if
+    Interleaved rule: channel j is H if j % 3 == 1 and j < 3 * section[1], W if
     j % 3 == 2 and j < 3 * section[2], else T. Channel j + head_dim/2 repeats channel j.
     [24, 20, 20], head_dim 128 -> 'THWTHW...THWTTTT'.
     """

@@ -18,7 +18,7 @@ from .config import TextConfig
 def mrope_inv_freq_by_axis(text: TextConfig) -> np.ndarray:
     """(3, hd/2) float32: row a holds inv_freq[j] where channel j rotates with axis a (T, H, W), else 0.
 
-    Interleaved MRoPE (FACTS §4.2): channel j uses H if j % 3 == 1 and j < 3*section[1],
+    Interleaved MRoPE: channel j uses H if j % 3 == 1 and j < 3*section[1],
     W if j % 3 == 2 and j < 3*section[2], T otherwise.
     """
     half = text.head_dim // 2

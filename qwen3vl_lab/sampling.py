@@ -55,7 +55,7 @@ def forced(tokens) -> SamplerFn:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How to pick the next token. Defaults: Qwen3-VL Instruct's generation_config (FACTS §2.5)."""
+    """How to pick the next token. Defaults: Qwen3-VL Instruct's generation_config."""
 
     temperature: float = 0.7  # 0.0 = greedy
     top_k: int = 20  # 0 disables

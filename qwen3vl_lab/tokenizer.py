@@ -11,7 +11,6 @@ The four steps, in the order a prompt goes through them:
     ids = encode_prompt(tok, text, image_grid_thw=[[1, 18, 24]])      # (S,) int64, 108 x <|image_pad|>
     for piece in stream_text(tok, generated_ids): print(piece, end="")  # never a broken character
 
-See QWEN3VL_FACTS.md §6.5 (image placeholders), §6.6 (video), §7 (chat template), §8 (loading).
 """
 
 from __future__ import annotations
@@ -146,7 +145,7 @@ def format_chat(
     add_generation_prompt: bool = True,
     add_vision_id: bool = False,
 ) -> str:
-    """Render a prompt through the tokenizer's chat template (FACTS §7); returns the text, not ids.
+    """Render a prompt through the tokenizer's chat template; returns the text, not ids.
 
     A str becomes one user turn with `images` image slots before the text (images: a count, or a list
     whose length counts). A list of messages passes through unchanged (put `{"type": "image"}` entries
@@ -192,13 +191,13 @@ def _as_grids(grid_thw, what: str, merge_size: int) -> np.ndarray:
 
 
 def image_placeholder(grid_thw: Sequence[int], merge_size: int = 2) -> str:
-    """`<|image_pad|>` repeated t*h*w / merge_size**2 times: the text one image's slot expands to (FACTS §6.5)."""
+    """`<|image_pad|>` repeated t*h*w / merge_size**2 times: the text one image's slot expands to."""
     t, h, w = (int(x) for x in grid_thw)
     return IMAGE_PAD * (t * h * w // merge_size**2)
 
 
 def video_placeholder(grid_thw: Sequence[int], timestamps: Sequence[float], merge_size: int = 2) -> str:
-    """One video: per temporal patch `<{ts:.1f} seconds><|vision_start|><|video_pad|>*n<|vision_end|>` (FACTS §6.6)."""
+    """One video: per temporal patch `<{ts:.1f} seconds><|vision_start|><|video_pad|>*n<|vision_end|>`."""
     t, h, w = (int(x) for x in grid_thw)
     if len(timestamps) != t:
         raise UserError(f"a video with grid_t={t} temporal patches needs {t} timestamps, got {len(timestamps)}")
@@ -263,7 +262,7 @@ def _expand_videos(text: str, grids: np.ndarray, timestamps: list[list[float]], 
     """Replace each video slot, in order, by its timestamped frames.
 
     Like the Qwen reference and transformers 4.57: the whole `<|vision_start|><|video_pad|><|vision_end|>`
-    triple is replaced (no outer pair survives; 5.24 keeps one, FACTS §6.6); a bare `<|video_pad|>`
+    triple is replaced (no outer pair survives; 5.24 keeps one); a bare `<|video_pad|>`
     is replaced on its own.
     """
     found = text.count(VIDEO_PAD)

@@ -1,7 +1,7 @@
 """Video as a list of frames -> `pixel_values_videos`, `video_grid_thw` and per-frame-pair timestamps.
 
 Qwen3-VL sees a video as pairs of consecutive frames (temporal_patch_size 2): each pair becomes one
-block of LLM tokens, announced by its time in text (`<1.2 seconds>`, QWEN3VL_FACTS.md §5.3, §6.6).
+block of LLM tokens, announced by its time in text (`<1.2 seconds>`).
 The steps follow transformers' `Qwen3VLVideoProcessor`:
 
     load_frames          a folder of image files, or a list of paths / PIL images / arrays -> (F, H, W, 3) uint8

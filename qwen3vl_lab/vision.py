@@ -2,8 +2,8 @@
 
 The graph (`qwen3vl_lab/export/vision.py`) encodes ONE image, or one temporal patch of a video,
 per call: attention spans the whole call. transformers attends within one segment per temporal
-patch of each image (`cu_seqlens`, QWEN3VL_FACTS.md §3.5), so running the graph once per image and
-once per temporal patch, then concatenating in order, gives the same features (§9.4):
+patch of each image (`cu_seqlens`), so running the graph once per image and
+once per temporal patch, then concatenating in order, gives the same features:
 
     for each (t, h, w) in image_grid_thw:          rows t*h*w of pixel_values
         for each temporal patch 0..t-1:            rows h*w, grid (1, h, w)

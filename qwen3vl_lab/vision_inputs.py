@@ -1,7 +1,7 @@
 """The grid-dependent inputs of the Qwen3-VL vision encoder, computed on the host in numpy.
 
 Everything here depends only on `grid_thw` (and a few config numbers), never on pixels, so the
-ONNX vision graph takes these arrays as inputs (QWEN3VL_FACTS.md §3.3-3.5, §9.4):
+ONNX vision graph takes these arrays as inputs:
 
     interp_indices, interp_weights  (N, 4)   bilinear resampling of the learned 48x48 position table
     position_ids                    (N, 2)   (row, col) of each patch, for the 2-D rotary

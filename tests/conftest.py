@@ -37,7 +37,7 @@ def hf_model_factory():
     """`load(path)` -> transformers Qwen3VLForConditionalGeneration in float32, eager attention, eval mode.
 
     Cached per folder for the whole session: do not modify the returned model. It keeps
-    `model.model.rope_deltas` between calls (module state, FACTS §5.4); reset it to None before a
+    `model.model.rope_deltas` between calls (module state); reset it to None before a
     manual forward that does not go through `generate()`.
     """
     import torch

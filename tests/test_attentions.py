@@ -62,7 +62,7 @@ def hf_attentions(hf, ids: np.ndarray, forced: list[int]):
         steps.append([a.numpy() for a in out.attentions])
         cache = out.cache
         for k, tok in enumerate(forced):
-            pos = torch.full((3, 1, 1), S + k, dtype=torch.long)  # text only: rope delta 0 (FACTS 5.4)
+            pos = torch.full((3, 1, 1), S + k, dtype=torch.long)  # text only: rope delta 0
             out = hf(input_ids=torch.tensor([[tok]]), cache=cache, position_ids=pos, use_cache=True,
                      output_attentions=True)
             steps.append([a.numpy() for a in out.attentions])

@@ -29,7 +29,7 @@ from qwen3vl_lab.image import (  # noqa: E402
     unpatchify,
 )
 
-# preprocessor_config.json as transformers 5.24 writes it for Qwen3-VL (FACTS §6.2)
+# preprocessor_config.json as transformers 5.24 writes it for Qwen3-VL
 QWEN3VL_PREPROCESSOR = {
     "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
     "image_mean": [0.5, 0.5, 0.5], "image_processor_type": "Qwen2VLImageProcessor", "image_std": [0.5, 0.5, 0.5],

@@ -17,7 +17,7 @@ IM_START, USER_NL = 151644, [872, 198]
 
 
 def tiny_config(layers: int = 4):
-    """The tiny random Qwen3-VL of FACTS §10.1 (real vocab so the real special ids work)."""
+    """The tiny random Qwen3-VL of (real vocab so the real special ids work)."""
     from transformers import Qwen3VLConfig
 
     return Qwen3VLConfig(
@@ -102,7 +102,7 @@ def test_text_only(model):
 
 
 def test_one_image_worked_example(model):
-    """FACTS §5.2: 300x400 -> grid (1,18,24), 108 tokens, s = 4, <|vision_end|> at 16, delta -96."""
+    """: 300x400 -> grid (1,18,24), 108 tokens, s = 4, <|vision_end|> at 16, delta -96."""
     grid = [1, 18, 24]
     ids = prompt(image_tokens(grid))
     ours = check(model, [ids], [grid])
@@ -114,7 +114,7 @@ def test_one_image_worked_example(model):
 @pytest.mark.parametrize(
     "grids",
     [
-        [[1, 16, 16], [1, 16, 20]],  # FACTS §5.3: delta -126
+        [[1, 16, 16], [1, 16, 20]],  #: delta -126
         [[1, 2, 2], [1, 20, 4], [1, 4, 90], [1, 16, 16]],  # smallest grid, tall, very wide
         [[1, 68, 120]],  # 1080x1920
         [[1, 202, 322]],  # the largest grid the default max_pixels allows (5000x8000)
@@ -128,7 +128,7 @@ def test_several_images(model, grids):
 
 
 def test_video_with_timestamps(model):
-    """FACTS §5.3: grid (2,8,8); frames separated by `<x.x seconds>` text; delta -24."""
+    """: grid (2,8,8); frames separated by `<x.x seconds>` text; delta -24."""
     ts = [[27, 15, 13, 17, 6486, 29], [27, 16, 13, 17, 6486, 29]]  # "<0.2 seconds>", "<1.2 seconds>"-like runs
     ids = prompt(video_tokens([2, 8, 8], ts))
     ours = check(model, [ids], video_grid=[[2, 8, 8]])
@@ -136,7 +136,7 @@ def test_video_with_timestamps(model):
 
 
 def test_video_transformers_524_layout(model):
-    """5.24's processor keeps an outer <|vision_start|>...<|vision_end|> around the frames (FACTS §6.6); still text."""
+    """5.24's processor keeps an outer <|vision_start|>...<|vision_end|> around the frames; still text."""
     ts = [[27, 15, 29], [27, 16, 29]]
     ids = prompt([VISION_START_TOKEN_ID], video_tokens([2, 4, 6], ts), [VISION_END_TOKEN_ID])
     check(model, [ids], video_grid=[[2, 4, 6]])
@@ -211,7 +211,7 @@ def test_next_positions_match_model_decode_path(model):
     full_mask = np.concatenate([np.asarray(mask), np.ones((2, 1), np.int64)], axis=1)
     embeds = torch.zeros(2, 1, 64)
     ref_mask = inner.compute_3d_position_ids(None, embeds, attention_mask=torch.tensor(full_mask), cache=cache)
-    # transformers' mask branch numbers the whole mask (the 5.24 bug of FACTS §5.4); its last column is the new token
+    # transformers' mask branch numbers the whole mask (a transformers 5.24 bug); its last column is the new token
     np.testing.assert_array_equal(next_positions(full_mask, ours.rope_deltas), ref_mask.numpy()[..., -1:])
     ref_nomask = inner.compute_3d_position_ids(None, embeds, cache=cache)
     np.testing.assert_array_equal(next_positions(None, ours.rope_deltas, cache_len=len(ids[0])), ref_nomask.numpy())

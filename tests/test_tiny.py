@@ -100,7 +100,7 @@ def test_tiny_config_matches_facts(tiny_dir):
 def test_tiny_weights_are_what_transformers_loads(tiny_dir):
     model, ckpt = _assert_loads_exactly(tiny_dir)
     assert len(ckpt) == 109 and "lm_head.weight" not in ckpt
-    assert sum(p.numel() for p in model.parameters()) == 10_120_512  # FACTS §10.1
+    assert sum(p.numel() for p in model.parameters()) == 10_120_512  #
     # biases and norms are perturbed, so a port that drops a bias or uses 1 + weight is caught
     for name in ("model.visual.blocks.0.attn.qkv.bias", "model.visual.merger.linear_fc2.bias"):
         assert np.abs(ckpt.get(name)).mean() > 0.01
@@ -207,7 +207,7 @@ def test_2b_preset_shapes_without_writing():
     cfg = parse_hf_config(hf_config_dict("2b"))
     assert (cfg.text.hidden_size, cfg.text.num_hidden_layers, cfg.vision.out_hidden_size) == (2048, 28, 2048)
     shapes = expected_parameter_shapes(cfg)
-    assert sum(math.prod(s) for s in shapes.values()) == 2_127_532_032  # FACTS §2.2: 2.1275 B
+    assert sum(math.prod(s) for s in shapes.values()) == 2_127_532_032  #: 2.1275 B
     assert json.loads(json.dumps(hf_config_dict("2b")))["dtype"] == "bfloat16"
 
 

@@ -1,6 +1,6 @@
 """Tokenizer, chat template, placeholder expansion and streaming, checked against transformers' own code.
 
-References: qwen3vl_lab/data/tokenizer/PROVENANCE.md (reference ids), QWEN3VL_FACTS.md §6.5/§6.6/§7/§8.
+References: qwen3vl_lab/data/tokenizer/PROVENANCE.md (reference ids)
 """
 
 import json
@@ -74,7 +74,7 @@ def test_cached_per_folder(tok):
     assert load_tokenizer(shipped_tokenizer_dir()) is tok
 
 
-# --- chat template (FACTS §7, rendered strings verbatim) ----------------------------------------------
+# --- chat template ----------------------------------------------
 
 GEN = "<|im_start|>assistant\n"
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -132,14 +132,14 @@ def test_format_chat_errors(tok):
         format_chat(tok, [])
 
 
-# --- placeholder expansion vs transformers' Qwen3VLProcessor (FACTS §6.1, §6.5, §6.6) -------------------
+# --- placeholder expansion vs transformers' Qwen3VLProcessor -------------------
 
 
 @pytest.fixture(scope="module")
 def processor(tok):
     """transformers' Qwen3VLProcessor with the PIL image processor and the Qwen3-VL preprocessor values.
 
-    It cannot be built without torchvision (the video-processor class check fails), so, as FACTS §6.1
+    It cannot be built without torchvision (the video-processor class check fails), so, as
     describes, only that check is skipped; the image path is the processor's own code.
     """
     pytest.importorskip("PIL")
@@ -168,7 +168,7 @@ def test_image_expansion_matches_processor(tok, processor):
         ids = encode_prompt(tok, text, image_grid_thw=grids)
         assert ids.dtype == np.int64 and ids.ndim == 1
         np.testing.assert_array_equal(ids, np.asarray(ref["input_ids"][0]))
-    assert grids.tolist() == [[1, 18, 24], [1, 16, 16], [1, 48, 86]]  # FACTS §6.3 table
+    assert grids.tolist() == [[1, 18, 24], [1, 16, 16], [1, 48, 86]]  # table
     assert (ids == 151655).sum() == 108 + 64 + 1032
 
 
@@ -186,7 +186,7 @@ def test_video_expansion_matches_reference(tok, processor):
     """Reference: the per-video text from the processor's own `replace_video_token` (5.24), put in place of
     the whole `<|vision_start|><|video_pad|><|vision_end|>` triple as transformers 4.57 and the Qwen
     reference do (4.57 `Qwen3VLProcessor.__call__`: `text.replace(vision_start + video_token + vision_end,
-    video_placeholder, 1)`); 5.24 replaces only `<|video_pad|>` and keeps an outer pair (FACTS §6.6)."""
+    video_placeholder, 1)`); 5.24 replaces only `<|video_pad|>` and keeps an outer pair."""
     from transformers.video_utils import VideoMetadata
 
     processor.video_processor = SimpleNamespace(merge_size=2, temporal_patch_size=2)
@@ -227,7 +227,7 @@ def test_video_errors(tok):
     assert tok.decode(ids).startswith("<|im_start|>user\n<0.2 seconds><|vision_start|><|video_pad|>")
 
 
-# --- a checkpoint's own tokenizer wins (FACTS §8) ----------------------------------------------------
+# --- a checkpoint's own tokenizer wins ----------------------------------------------------
 
 
 def _copy_with_template(dst, template):

@@ -25,7 +25,7 @@ MAX_DIFFS: dict[str, float] = {}  # printed at the end of the module (pytest -s)
 
 # name -> (vision_config overrides, seed)
 TOWERS = {
-    # FACTS §10.1 tiny tower: depth 3, hidden 32, 2 heads (hd 16), deepstack after every block
+    # tiny tower: depth 3, hidden 32, 2 heads (hd 16), deepstack after every block
     "tiny": (dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                   deepstack_visual_indexes=[0, 1, 2]), 0),
     # different depth, head count and DeepStack set: 4 heads of hd 16, deepstack after blocks 1 and 3

@@ -3,7 +3,7 @@
     make_broken("OUT/cpu-fp32", "broken/no-qk-norm", "no_qk_norm")
     run_checklist("broken/no-qk-norm").item("qk_norm").status           # 'fail'
 
-Kinds (each one a bug seen in real Qwen-VL ports, ONNX_ANCHORS.md §3):
+Kinds (each one a bug seen in real Qwen-VL ports):
     no_qk_norm     q_norm / k_norm skipped in every layer (alibaba/MNN#4683)
     no_deepstack   the decoder ignores deepstack_embeds (onnxruntime-genai#1989: "silently drops")
     positions_1d   the rotary embedding reads only the T row of position_ids, as 1-D RoPE would

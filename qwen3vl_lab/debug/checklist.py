@@ -1,4 +1,4 @@
-"""The INT4-gibberish checklist (ONNX_ANCHORS.md §3), run against one model folder.
+"""The INT4-gibberish checklist, run against one model folder.
 
     cl = run_checklist("OUT", "int4")              # or run_checklist(model, reference=fp32_model)
     print(cl.table()); cl.failed                    # [CheckItem(key, title, status, evidence, fix), ...]
@@ -14,8 +14,7 @@ Each line is pass / fail (or skip when it does not apply) with the evidence it w
                      or on embeddings dequantized from a quantized head
     qk_norm          every layer's q_norm and k_norm weights reach the logits (alibaba/MNN#4683)
     genai_config     type qwen3_vl; decoder I/O names in genai_config.json exist in the graph
-    positions        3-D positions and rope_deltas equal transformers' get_rope_index values
-                     (QWEN3VL_FACTS.md §5.2, measured); the decoder reads all three position rows
+    positions        3-D positions and rope_deltas equal transformers' get_rope_index values; the decoder reads all three position rows
     deepstack        decoder input, vision output and genai_config entry present, and every
                      DeepStack slice changes the decoder's output
     eos              <|im_end|> and <|endoftext|> are end-of-sequence ids
@@ -235,7 +234,7 @@ def check_genai_config(model: Model) -> CheckItem:
 
 
 def reference_positions_case() -> tuple[np.ndarray, np.ndarray]:
-    """QWEN3VL_FACTS.md §5.2 measured case: 6-token prefix (incl. <|vision_start|>), one [1, 18, 24] image, 146 tokens."""
+    """get_rope_index's values, measured with transformers 5.24: 6-token prefix (incl. <|vision_start|>), one [1, 18, 24] image, 146 tokens."""
     from ..config import IMAGE_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID  # noqa: PLC0415
 
     ids = [11] * 5 + [VISION_START_TOKEN_ID] + [IMAGE_TOKEN_ID] * 108 + [VISION_END_TOKEN_ID] + [11] * 31
@@ -243,7 +242,7 @@ def reference_positions_case() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _positions_known_answer() -> list[str]:
-    """Differences between build_positions and the values transformers' get_rope_index gave (FACTS §5.2)."""
+    """Differences between build_positions and the values transformers' get_rope_index gave."""
     ids, grid = reference_positions_case()
     pos = build_positions(ids, grid)
     p = pos.position_ids[:, 0]  # (3, 146)
@@ -287,7 +286,7 @@ def check_positions(model: Model) -> CheckItem:
                 ignored.append(axis)
         if ignored:
             problems.append(f"the decoder ignores the {'/'.join(ignored)} row(s) of position_ids (1-D positions)")
-    evidence = ("build_positions matches get_rope_index on the FACTS §5.2 image case (delta -96, decode 50, 51, 52); "
+    evidence = ("build_positions matches get_rope_index on the image case (delta -96, decode 50, 51, 52); "
                 "the decoder reads the T, H and W rows") if not problems else "; ".join(problems)
     return CheckItem("positions", title, "fail" if problems else "pass", evidence,
                      "build (3, B, S) MRoPE positions like get_rope_index and feed all three rows to the rotary "

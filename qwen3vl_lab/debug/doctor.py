@@ -5,7 +5,7 @@
     report.checklist, report.comparison, report.layers, report.weights     # the result objects, for plots
     write_figures(report, "report/")                                        # PNGs (qwen3vl_lab.viz.doctor)
 
-Order follows the debug recipe of ONNX_ANCHORS.md §3: the checklist (config, graph and runtime
+Order follows the usual debug recipe for INT4 gibberish: the checklist (config, graph and runtime
 suspects, with the accuracy_level oracle), then the fp32-vs-test comparison per step, then where
 inside the decoder the error grows (per layer), then which weight matrices carry it (per block).
 """

@@ -13,7 +13,7 @@ Inputs  inputs_embeds (B, S, H) f32, position_ids (3, B, S) i64, attention_mask 
 Outputs logits (B, S', V), present.{i}.key/value (B, kv, T, hd), [attentions.{i} (B, nh, S, T)]
 with T = P + S. Only standard ai.onnx ops: every intermediate tensor can be tapped by name
 (`layers.{i}.attn_out`, `layers.{i}.mlp_out`, `layers.{i}.hidden`, ...), which the INT4 doctor uses.
-This follows transformers' `modeling_qwen3_vl.py` (Qwen3VLTextModel) exactly; see QWEN3VL_FACTS.md §4.
+This follows transformers' `modeling_qwen3_vl.py` (Qwen3VLTextModel) exactly.
 """
 
 from __future__ import annotations

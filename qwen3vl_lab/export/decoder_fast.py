@@ -1,7 +1,7 @@
 """The fast text decoder: the same weights as `model.onnx`, run through onnxruntime's fused CPU kernels.
 
 `export/decoder.py` spells the decoder out op by op so every tensor can be tapped; this variant
-computes the same function with onnxruntime's contrib ops (ONNX_ANCHORS.md §1.3, §8.3):
+computes the same function with onnxruntime's contrib ops:
 
     SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization   RMSNorm (+ the residual add)
     MRotaryEmbedding (mrope_layout 1)                                 interleaved 3-D RoPE on q and k

@@ -1,7 +1,7 @@
 """genai_config.json: onnxruntime-genai's schema for the decoder, plus what our runtime needs.
 
 The `model` section follows onnxruntime-genai (decoder/embedding/vision file names, I/O name
-patterns, head_size, ...; ONNX_ANCHORS.md §1.4). Our own `qwen3vl_lab` section records the full
+patterns, head_size, ...). Our own `qwen3vl_lab` section records the full
 model config, the DeepStack input, the precision and the quantization recipe, so tools can report
 exactly what a folder holds.
 """

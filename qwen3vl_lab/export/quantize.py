@@ -9,7 +9,7 @@ and each MatMul weight is loaded, handed to the quantizer as a one-node model, a
 packed before the next one is read. Only one fp32 matrix is in memory at a time (the lm_head,
 vocab x hidden, is the largest), never the whole decoder.
 
-Defaults follow the onnxruntime-genai builder, not the quantizer (ONNX_ANCHORS.md §2.5): block 32,
+Defaults follow the onnxruntime-genai builder, not the quantizer: block 32,
 symmetric, accuracy_level 4 on CPU, RTN ("default" = onnxruntime's own C++ block quantizer), and an
 INT4 lm_head. The embedding and vision graphs stay fp32 (hard-linked or copied from the fp32
 folder), so the INT4 folder runs on its own. The recipe is recorded in genai_config.json
@@ -202,7 +202,7 @@ def quantize_one_matmul(node: onnx.NodeProto, model: onnx.ModelProto, recipe: In
     """Run MatMulNBitsQuantizer on a one-node model (see `one_matmul_model`); returns its nodes and initializers.
 
     onnxruntime's hqq path does not write accuracy_level, so it is set on the result (a graph-only
-    attribute, ONNX_ANCHORS.md §2.6) to honour the recipe for every algorithm.
+    attribute) to honour the recipe for every algorithm.
     """
     k, n = (int(d) for d in model.graph.initializer[0].dims)
     n_blocks = (k + recipe.block_size - 1) // recipe.block_size

@@ -14,9 +14,9 @@
 The vocabulary is the real one (151936 rows), so the real special-token ids work. Every tensor,
 biases and norm weights included, is random from `np.random.default_rng(seed)`, so a port that drops
 a bias or uses `1 + weight` disagrees with transformers. Weights have std 0.1 ("tiny") or 0.15
-("tiny-deep"): with 0.02 greedy decoding repeats one token forever (QWEN3VL_FACTS.md §10.1).
+("tiny-deep"): with 0.02 greedy decoding repeats one token forever.
 
-Presets: "tiny" (FACTS §10.1, ~39 MB fp32), "tiny-deep" (other head counts, head_dim 32, vision
+Presets: "tiny" (~39 MB fp32), "tiny-deep" (other head counts, head_dim 32, vision
 depth 4 with deepstack [1, 3]) and "2b" (the real Qwen3-VL-2B shapes, 2.1 B parameters, bf16 by default;
 written one tensor at a time so it needs about 1.5 GB of RAM).
 """
@@ -61,7 +61,7 @@ def _rope(theta: float, section: list[int]) -> dict:
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
-        description="QWEN3VL_FACTS.md §10.1: 10.1 M params (9.7 M of them the embedding)",
+        description="10.1 M params (9.7 M of them the embedding)",
         text=dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=32768,
                   rope_parameters=_rope(5_000_000.0, [4, 2, 2])),
@@ -89,7 +89,7 @@ PRESETS: dict[str, Preset] = {
                     num_position_embeddings=2304, deepstack_visual_indexes=[0, 1]),
     ),
     "2b": Preset(
-        description="the real Qwen3-VL-2B-Instruct shapes (FACTS §2.2), random weights: 2.13 B params",
+        description="the real Qwen3-VL-2B-Instruct shapes, random weights: 2.13 B params",
         init_std=0.02,
         dtype="bfloat16",
         text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
@@ -100,7 +100,7 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
-# What the Qwen3-VL Hub repos ship, as transformers 5.24 writes it (FACTS §6.2).
+# What the Qwen3-VL Hub repos ship, as transformers 5.24 writes it.
 PREPROCESSOR_CONFIG = {
     "do_convert_rgb": True,
     "do_normalize": True,
@@ -128,7 +128,7 @@ VIDEO_PREPROCESSOR_CONFIG = {
     "temporal_patch_size": 2,
     "video_processor_type": "Qwen3VLVideoProcessor",
 }
-# Qwen3-VL-*-Instruct generation_config.json (FACTS §2.5). Sampling is on: pass do_sample=False for greedy.
+# Qwen3-VL-*-Instruct generation_config.json. Sampling is on: pass do_sample=False for greedy.
 GENERATION_CONFIG = {
     "bos_token_id": ENDOFTEXT_TOKEN_ID,
     "do_sample": True,
@@ -169,7 +169,7 @@ def hf_config_dict(preset: str = "tiny", dtype: str | None = None, tie_word_embe
 
 
 def to_legacy_config(d: dict) -> dict:
-    """Rewrite a 5.x config.json dict into the form on the Hub (transformers 4.57, FACTS §2.3).
+    """Rewrite a 5.x config.json dict into the form on the Hub (transformers 4.57).
 
     text_config: rope_parameters -> rope_scaling (without rope_theta) + rope_theta, tie_word_embeddings
     repeated; vision_config: model_type "qwen3_vl", no rope_parameters; dtype -> torch_dtype.
@@ -203,7 +203,7 @@ def _write_json(path: Path, d: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def expected_parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor transformers' `save_pretrained` writes for this config, name -> shape (FACTS §2.4).
+    """Every tensor transformers' `save_pretrained` writes for this config, name -> shape.
 
     Linear weights are [out, in]. `lm_head.weight` only when the embeddings are not tied.
     """

@@ -18,8 +18,7 @@ The grid-dependent inputs come from the numpy functions of `qwen3vl_lab/vision_i
 merge-block order, so the 4 patches of one LLM token are 4 consecutive rows and the 2x2 merge is
 a plain Reshape. Only standard ai.onnx ops; every intermediate can be tapped by name
 (`vision.patch_embed`, `vision.blocks.{i}.attn_out`, `vision.blocks.{i}.output`,
-`vision.deepstack.{j}`, ...). This follows transformers' `Qwen3VLVisionModel` exactly;
-see QWEN3VL_FACTS.md §3 and §9.4.
+`vision.deepstack.{j}`, ...). This follows transformers' `Qwen3VLVisionModel` exactly.
 """
 
 from __future__ import annotations
@@ -75,7 +74,7 @@ def gelu_tanh(g: GraphBuilder, x: str) -> str:
 
 
 def gelu_erf(g: GraphBuilder, x: str) -> str:
-    """0.5 x (1 + erf(x / sqrt 2)): exact `nn.GELU()`, the mergers' activation (FACTS §11.4)."""
+    """0.5 x (1 + erf(x / sqrt 2)): exact `nn.GELU()`, the mergers' activation."""
     e = g.op("Erf", [g.op("Mul", [x, g.const(np.float32(1.0 / math.sqrt(2.0)))])])
     return g.op("Mul", [g.op("Mul", [x, g.const(np.float32(0.5))]), g.op("Add", [e, g.const(np.float32(1.0))])])
 
@@ -134,7 +133,7 @@ def patch_merger(g: GraphBuilder, x: str, vis: VisionConfig, weights: Weights, n
     """Concatenate each token's 4 consecutive patch rows to 4D, then fc2(gelu_erf(fc1(.))).
 
     The final `merger` normalizes each patch over D BEFORE the concat; the DeepStack mergers
-    normalize over 4D AFTER it (FACTS §3.6, §11.5).
+    normalize over 4D AFTER it.
     """
     merged = g.const([-1, vis.hidden_size * vis.spatial_merge_size**2], np.int64)
     if postshuffle_norm:
