@@ -339,7 +339,9 @@ def test_notebook_model_folder_choices(monkeypatch, tmp_path, tiny_dir):
 
 def test_notebook_shapes_default(monkeypatch, tmp_path):
     """default="shapes": the trained shapes model, exported once with attentions, unless MODEL_DIR is set."""
-    from qwen3vl_lab import notebook, shapes, shapes_eval
+    from qwen3vl_lab.apps import notebook
+    from qwen3vl_lab.shapes import evaluate as shapes_eval
+    from qwen3vl_lab.shapes import task as shapes
 
     monkeypatch.setenv("QWEN3VL_LAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("MODEL_DIR", raising=False)

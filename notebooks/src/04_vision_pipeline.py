@@ -21,10 +21,11 @@
 # %matplotlib inline
 import numpy as np
 
-from qwen3vl_lab import notebook, shapes
+from qwen3vl_lab.apps import notebook
 from qwen3vl_lab.generate import generate_tokens, prepare_multimodal_prompt, preprocess_visuals
 from qwen3vl_lab.image import load_image, resize_image
 from qwen3vl_lab.pipeline import greedy
+from qwen3vl_lab.shapes import task as shapes
 from qwen3vl_lab.shapes.evaluate import answer
 from qwen3vl_lab.steps import build_positions, deepstack_embeds, embed, encode_image, merge_vision, prefill, tokenize
 from qwen3vl_lab.viz import plot_token_on_image, seen_image

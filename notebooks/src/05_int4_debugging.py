@@ -30,7 +30,7 @@
 import tempfile
 from pathlib import Path
 
-from qwen3vl_lab import notebook, shapes
+from qwen3vl_lab.apps import notebook
 from qwen3vl_lab.debug import (
     PromptSpec,
     SimRecipe,
@@ -44,6 +44,7 @@ from qwen3vl_lab.debug import (
 )
 from qwen3vl_lab.export.quantize import Int4Recipe
 from qwen3vl_lab.model import load_model
+from qwen3vl_lab.shapes import task as shapes
 from qwen3vl_lab.shapes.evaluate import answer
 from qwen3vl_lab.viz import plot_int4_summary
 from qwen3vl_lab.viz.int4 import plot_recipe_accuracy

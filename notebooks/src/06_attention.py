@@ -15,7 +15,8 @@
 # %matplotlib inline
 import numpy as np
 
-from qwen3vl_lab import notebook, shapes
+from qwen3vl_lab.apps import notebook
+from qwen3vl_lab.shapes import task as shapes
 from qwen3vl_lab.shapes.evaluate import keyword_attention
 from qwen3vl_lab.steps import build_positions, embed, prefill
 from qwen3vl_lab.viz import (
