@@ -226,6 +226,8 @@ def run_generate(a) -> int:
                            tokenizer_dir=a.tokenizer_dir, accept_missing=a.accept_missing)
     say_notices(pipe.notices)
     if items is not None:
+        if any(it["images"] or it["videos"] for it in items):
+            borrow_reference_vision(pipe.model, a.accept_missing)
         return run_prompts_file(pipe, items, a)
     if a.image or a.video:
         borrow_reference_vision(pipe.model, a.accept_missing)
@@ -367,6 +369,7 @@ def interactive(pipe, a) -> int:
             continue
         if line.strip().startswith("/image"):
             try:
+                borrow_reference_vision(pipe.model, a.accept_missing)
                 _image_command(line, pending, a.image_size)
             except UserError as e:
                 print(f"{PROG}: error: {e}", file=sys.stderr)
