@@ -88,3 +88,16 @@ def shapes_onnx_fp32_dir(tmp_path_factory) -> Path:
     out = base / "onnx"
     export(base / "hf", out, progress=False, log=lambda _: None)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Foreign exports (tests/foreign.py): what users arrive with, built from `tiny_dir`. Shared read-only.
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def guide_export_dir(tiny_dir, tmp_path_factory) -> Path:
+    """The original guide's layout: cpu-fp32/ (+ qwen3vl-embedding.onnx), cpu-int4/, pytorch/ (the HF folder)."""
+    from foreign import make_guide_export
+
+    return make_guide_export(tiny_dir, tmp_path_factory.mktemp("foreign") / "guide")
