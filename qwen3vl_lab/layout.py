@@ -1,6 +1,8 @@
 """What an exported folder holds: its file names and the vision graph's input/output names.
 
-    OUT/cpu-<precision>/genai_config.json        GENAI_CONFIG
+    OUT/cpu-<precision>/genai_config.json        GENAI_CONFIG     onnxruntime-genai's schema only (og.Model loads it)
+    OUT/cpu-<precision>/qwen3vl_lab.json         OWN_CONFIG       our settings: model config, precision, recipe, ...
+    OUT/cpu-<precision>/tokenizer.json           TOKENIZER_FILE   (+ tokenizer_config.json) where onnxruntime-genai looks
     OUT/cpu-<precision>/qwen3vl-embedding.onnx   EMBEDDING_FILE   input_ids -> inputs_embeds
     OUT/cpu-<precision>/qwen3vl-vision.onnx      VISION_FILE      PIXEL_VALUES, ... -> IMAGE_FEATURES, DEEPSTACK_FEATURES
     OUT/cpu-<precision>/model.onnx               DECODER_FILE     the teaching decoder (steps.py)
@@ -13,6 +15,9 @@ them, so they live here, on the runtime side: the runtime never imports the buil
 from __future__ import annotations
 
 GENAI_CONFIG = "genai_config.json"
+OWN_CONFIG = "qwen3vl_lab.json"  # older exports kept the same settings in genai_config.json's "qwen3vl_lab" section
+OWN_SECTION = "qwen3vl_lab"
+TOKENIZER_FILE = "tokenizer.json"
 DECODER_FILE = "model.onnx"
 FAST_DECODER_FILE = "model-fast.onnx"  # written by export/decoder_fast.py beside every model.onnx
 EMBEDDING_FILE = "qwen3vl-embedding.onnx"

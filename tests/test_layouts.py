@@ -1,0 +1,229 @@
+"""find_layout / read_genai_config on every kind of export people arrive with, and on bad paths.
+
+The expected numbers come from the tiny checkpoint's config.json (4 layers, 2 kv heads, head_dim 16,
+hidden 64, vocab 151936, context 32768) and the expected files from each export's published layout.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from qwen3vl_lab.errors import UserError
+from qwen3vl_lab.layouts import find_layout, read_genai_config
+
+TINY = dict(num_layers=4, num_attention_heads=4, kv_heads=2, head_size=16, hidden_size=64, vocab_size=151936,
+            context_length=32768)
+
+
+def assert_numbers(info, **expected):
+    for key, value in {**TINY, **expected}.items():
+        assert getattr(info, key) == value, key
+
+
+def write_graph(path: Path, inputs=("inputs_embeds",), outputs=("logits",)) -> Path:
+    """A minimal valid ONNX graph (Identity chains) with the given I/O names."""
+    nodes = [helper.make_node("Identity", [inputs[0]], [o]) for o in outputs]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(i, TensorProto.FLOAT, [1]) for i in inputs],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, [1]) for o in outputs])
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg
+    return msg
+
+
+# ---------------------------------------------------------------------------------------------------
+# Our own export
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_ours_root(tiny_onnx_dir):
+    layout = find_layout(tiny_onnx_dir, "int4")
+    folder = tiny_onnx_dir / "cpu-int4"
+    assert layout.kind == "qwen3vl-lab" and layout.precision == "int4" and layout.folder == folder
+    assert layout.decoder == folder / "model.onnx"
+    assert layout.embedding == folder / "qwen3vl-embedding.onnx"
+    assert layout.vision == folder / "qwen3vl-vision.onnx"
+    assert layout.genai_config == folder / "genai_config.json"
+    assert layout.precisions == ("fp32", "int4")
+    assert layout.hf_dir is None  # our pytorch/ holds config and tokenizer files, no weights
+    assert layout.tokenizer_dir is not None and layout.notices == ()
+
+
+def test_ours_default_precision_and_precision_folder(tiny_onnx_dir):
+    assert find_layout(tiny_onnx_dir).precision == "fp32"
+    layout = find_layout(tiny_onnx_dir / "cpu-int4", "fp32")  # a precision folder is used as it is
+    assert (layout.precision, layout.root, layout.precisions) == ("int4", tiny_onnx_dir, ("fp32", "int4"))
+
+
+def test_ours_genai_config_numbers(tiny_onnx_fp32_dir):
+    info = read_genai_config(tiny_onnx_fp32_dir / "cpu-fp32")
+    assert_numbers(info)
+    assert info.type == "qwen3_vl" and set(info.eos_token_ids) == {151645, 151643}
+    assert info.embedding_file == "qwen3vl-embedding.onnx" and info.decoder_file == "model.onnx"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The guide's export
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_guide_root(guide_export_dir):
+    layout = find_layout(guide_export_dir)
+    fp32 = guide_export_dir / "cpu-fp32"
+    assert layout.kind == "guide" and layout.precision == "fp32" and layout.precisions == ("fp32", "int4")
+    assert layout.decoder == fp32 / "model.onnx" and layout.embedding == fp32 / "qwen3vl-embedding.onnx"
+    assert layout.vision is None and layout.genai_config == fp32 / "genai_config.json"
+    assert layout.tokenizer_dir == fp32
+    assert layout.hf_dir == guide_export_dir / "pytorch"
+
+
+def test_guide_int4_takes_the_fp32_embedding(guide_export_dir):
+    for path in (guide_export_dir, guide_export_dir / "cpu-int4"):
+        layout = find_layout(path, "int4")
+        assert layout.kind == "guide" and layout.precision == "int4"
+        assert layout.decoder == guide_export_dir / "cpu-int4" / "model.onnx"
+        assert layout.embedding == guide_export_dir / "cpu-fp32" / "qwen3vl-embedding.onnx"
+        assert layout.tokenizer_dir == guide_export_dir / "cpu-int4"
+
+
+def test_guide_genai_config_numbers(guide_export_dir):
+    info = read_genai_config(guide_export_dir / "cpu-int4" / "genai_config.json")
+    assert_numbers(info)
+    assert info.type == "qwen3" and info.is_qwen3 and set(info.eos_token_ids) == {151645, 151643}
+    assert "position_ids" not in info.decoder_inputs
+    assert info.decoder_outputs["present_key_names"] == "present.%d.key"
+    assert info.embedding_file is None and info.vision_file is None
+
+
+def test_guide_without_tokenizer_falls_back_to_pytorch(guide_export_dir, tmp_path):
+    shutil.copytree(guide_export_dir, tmp_path / "guide")
+    for f in (tmp_path / "guide").glob("cpu-*/tokenizer.json"):
+        f.unlink()
+    assert find_layout(tmp_path / "guide").tokenizer_dir == tmp_path / "guide" / "pytorch"
+    shutil.rmtree(tmp_path / "guide" / "pytorch")
+    layout = find_layout(tmp_path / "guide")
+    assert layout.tokenizer_dir is None and layout.hf_dir is None
+    assert any("package's copy" in n for n in layout.notices)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A lone decoder file, a folder of graphs
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_single_decoder_file(guide_export_dir, tmp_path):
+    decoder = guide_export_dir / "cpu-fp32" / "model.onnx"
+    layout = find_layout(decoder, tokenizer_dir=guide_export_dir / "pytorch")
+    assert layout.kind == "single-decoder" and layout.decoder == decoder and layout.genai_config is None
+    assert layout.tokenizer_dir == guide_export_dir / "pytorch" and layout.precision == "fp32"
+    int4 = find_layout(guide_export_dir / "cpu-int4" / "model.onnx")
+    assert int4.precision == "int4" and int4.tokenizer_dir == guide_export_dir / "cpu-int4"  # tokenizer.json beside it
+
+
+def test_folder_with_one_decoder_graph(tmp_path):
+    write_graph(tmp_path / "decoder.onnx")
+    write_graph(tmp_path / "embed_tokens.onnx", ("input_ids",), ("inputs_embeds",))
+    layout = find_layout(tmp_path)
+    assert layout.kind == "single-decoder" and layout.decoder == tmp_path / "decoder.onnx"
+    assert layout.embedding == tmp_path / "embed_tokens.onnx"
+    assert layout.tokenizer_dir is None and layout.notices  # said, not hidden
+
+
+# ---------------------------------------------------------------------------------------------------
+# read_genai_config on a hand-written foreign file
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_read_genai_config_tolerates_missing_keys(tmp_path):
+    (tmp_path / "genai_config.json").write_text(json.dumps(
+        {"model": {"type": "qwen3_vl_text", "eos_token_id": 151645, "decoder": {"num_hidden_layers": 2}},
+         "search": {"max_length": 64}, "something_else": 1}))
+    info = read_genai_config(tmp_path)
+    assert info.type == "qwen3_vl_text" and info.num_layers == 2 and info.eos_token_ids == (151645,)
+    assert info.kv_heads is None and info.vocab_size is None and info.decoder_file is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: one line naming what was found and what is expected
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(UserError) as e:
+        find_layout(tmp_path / "nope")
+    assert "does not exist" in one_line(e)
+
+
+def test_file_where_a_folder_is_expected(tmp_path):
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(UserError) as e:
+        find_layout(tmp_path / "notes.txt")
+    assert "is a file" in one_line(e)
+    with pytest.raises(UserError) as e:
+        find_layout(tmp_path, tokenizer_dir=tmp_path / "notes.txt")
+    assert "--tokenizer_dir" in one_line(e) and "is a file" in str(e.value)
+
+
+def test_no_known_layout(tmp_path):
+    (tmp_path / "README.md").write_text("weights elsewhere")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError) as e:
+        find_layout(tmp_path)
+    msg = one_line(e)
+    assert "none of the known export layouts" in msg and "README.md" in msg and "genai_config.json" in msg
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError) as e:
+        find_layout(tmp_path / "empty")
+    assert "it is empty" in one_line(e)
+
+
+def test_two_candidate_decoders(tmp_path):
+    write_graph(tmp_path / "model.onnx")
+    write_graph(tmp_path / "decoder_model_merged.onnx")
+    with pytest.raises(UserError) as e:
+        find_layout(tmp_path)
+    msg = one_line(e)
+    assert "2 candidate decoders" in msg and "model.onnx" in msg and "decoder_model_merged.onnx" in msg
+
+
+def test_two_community_decoder_kinds(tmp_path):
+    (tmp_path / "onnx").mkdir()
+    write_graph(tmp_path / "onnx" / "model.onnx")
+    write_graph(tmp_path / "onnx" / "decoder_model_merged_q4.onnx")
+    with pytest.raises(UserError) as e:
+        find_layout(tmp_path)
+    assert "two candidate decoders" in one_line(e)
+
+
+def test_precision_not_in_export(guide_export_dir, tmp_path):
+    shutil.copytree(guide_export_dir / "cpu-fp32", tmp_path / "cpu-fp32")
+    with pytest.raises(UserError) as e:
+        find_layout(tmp_path, "int4")
+    msg = one_line(e)
+    assert "no int4 decoder" in msg and "found fp32" in msg
+
+
+def test_genai_config_naming_a_missing_decoder(guide_export_dir, tmp_path):
+    (tmp_path / "genai_config.json").write_bytes((guide_export_dir / "cpu-fp32" / "genai_config.json").read_bytes())
+    with pytest.raises(UserError) as e:
+        find_layout(tmp_path)
+    assert "names the decoder model.onnx, which is missing" in one_line(e)
+
+
+@pytest.mark.parametrize("text,needle", [("{not json", "not valid JSON"), ("[1, 2]", "not an object"),
+                                         ('{"search": {}}', 'no "model" section')])
+def test_bad_genai_config(tmp_path, text, needle):
+    (tmp_path / "genai_config.json").write_text(text)
+    with pytest.raises(UserError) as e:
+        find_layout(tmp_path)
+    assert needle in one_line(e)
