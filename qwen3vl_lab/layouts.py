@@ -4,6 +4,7 @@
     layout.kind            "qwen3vl-lab" | "guide" | "genai" | "onnx-community" | "single-decoder"
     layout.decoder         the text decoder graph; layout.embedding / layout.vision (or None)
     layout.genai_config    genai_config.json (or None); read_genai_config(path) -> GenaiInfo
+    read_export_config(folder)  one of our folders' genai_config.json + qwen3vl_lab.json, as one dict
     layout.tokenizer_dir   where the tokenizer is (None: the package's copy; layout.notices says so)
 
 The kinds, as they are found on disk:
@@ -322,13 +323,24 @@ def own_settings(folder: str | Path) -> dict | None:
     """Our settings for a qwen3vl-lab precision folder: qwen3vl_lab.json, else (older exports) the
     "qwen3vl_lab" section of genai_config.json; None for a folder that has neither."""
     folder = Path(folder)
-    own = folder / OWN_CONFIG
-    if own.is_file():
-        return _load_json(own)
+    if (folder / OWN_CONFIG).is_file():
+        return _load_json(folder / OWN_CONFIG)
     if (folder / GENAI_CONFIG).is_file():
         section = _load_json(folder / GENAI_CONFIG).get(OWN_SECTION)
         return section if isinstance(section, dict) else None
     return None
+
+
+def read_export_config(folder: str | Path) -> dict:
+    """genai_config.json of one of our precision folders, with our settings under "qwen3vl_lab".
+
+    They come from qwen3vl_lab.json beside it; exports older than that file kept them inside
+    genai_config.json, which is read as it is. A folder with neither has no "qwen3vl_lab" entry."""
+    folder = Path(folder)
+    config = _load_json(folder / GENAI_CONFIG)
+    if (folder / OWN_CONFIG).is_file():
+        config[OWN_SECTION] = _load_json(folder / OWN_CONFIG)
+    return config
 
 
 def _own_precision(folder: Path) -> str | None:

@@ -3,7 +3,8 @@
     model = load_model("models/tiny-onnx", text_precision="fp32")
     model.embedding, model.decoder, model.vision      # onnxruntime.InferenceSession (vision loads on first use)
     model.fast_decoder                                # model-fast.onnx (fast.py), opened on first use
-    model.config                                      # ModelConfig (from genai_config.json)
+    model.config                                      # ModelConfig (from qwen3vl_lab.json)
+    model.genai                                       # genai_config.json + {"qwen3vl_lab": qwen3vl_lab.json}
     model.tokenizer                                   # transformers tokenizer
 
 Sessions load once per `Model`; everything that runs them lives in `steps.py`.
@@ -11,7 +12,6 @@ Sessions load once per `Model`; everything that runs them lives in `steps.py`.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -21,7 +21,8 @@ import onnxruntime as ort
 
 from .config import ModelConfig
 from .errors import UserError
-from .layout import DECODER_FILE, EMBEDDING_FILE, FAST_DECODER_FILE, GENAI_CONFIG, VISION_FILE
+from .layout import DECODER_FILE, EMBEDDING_FILE, FAST_DECODER_FILE, GENAI_CONFIG, OWN_CONFIG, OWN_SECTION, VISION_FILE
+from .layouts import read_export_config
 
 
 @dataclass(frozen=True)
@@ -172,12 +173,12 @@ def load_model(model_dir: str | Path, text_precision: str = "fp32", options: Run
     """open_decoder=False defers model.onnx until `.decoder` is used (the fast path needs only model-fast.onnx)."""
     options = options or RuntimeOptions()
     folder = resolve_folder(model_dir, text_precision)
+    genai = read_export_config(folder)  # our settings: qwen3vl_lab.json, or genai_config.json's section (older exports)
     try:
-        genai = json.loads((folder / GENAI_CONFIG).read_text(encoding="utf-8"))
-        config = ModelConfig.from_dict(genai["qwen3vl_lab"]["config"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{folder / GENAI_CONFIG} is not a qwen3vl-lab config ({type(e).__name__}: {e}); "
-                        "re-run `qwen3vl-lab export`") from None
+        config = ModelConfig.from_dict(genai[OWN_SECTION]["config"])
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{folder} has no qwen3vl-lab settings ({OWN_CONFIG}, or a {OWN_SECTION!r} section in "
+                        f"{GENAI_CONFIG}; {type(e).__name__}: {e}); re-run `qwen3vl-lab export`") from None
     embedding = open_session(folder / EMBEDDING_FILE, options)
     decoder = open_session(folder / DECODER_FILE, options) if open_decoder else None
     return Model(folder=folder, genai=genai, config=config, embedding=embedding, decoder_session=decoder,

@@ -69,7 +69,7 @@ def test_ours_genai_config_numbers(tiny_onnx_fp32_dir):
     info = read_genai_config(tiny_onnx_fp32_dir / "cpu-fp32")
     assert_numbers(info)
     assert info.type == "qwen3_vl" and set(info.eos_token_ids) == {151645, 151643}
-    assert info.embedding_file == "qwen3vl-embedding.onnx" and info.decoder_file == "model.onnx"
+    assert info.embedding_file == "qwen3vl-embedding-genai.onnx" and info.decoder_file == "model.onnx"  # genai's view
 
 
 # ---------------------------------------------------------------------------------------------------

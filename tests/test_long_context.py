@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 
 from qwen3vl_lab.cache import bytes_per_token  # noqa: E402
 from qwen3vl_lab.errors import UserError  # noqa: E402
-from qwen3vl_lab.layout import GENAI_CONFIG  # noqa: E402
+from qwen3vl_lab.layout import OWN_CONFIG  # noqa: E402
 from qwen3vl_lab.generate import (ContextOverflow, generate_batch, generate_tokens, pad_prompts,  # noqa: E402
                                   prepare_ids, prepare_multimodal_prompt, prepare_prompt, run_prefill)
 from qwen3vl_lab.model import load_model  # noqa: E402
@@ -182,9 +182,9 @@ def linked_copy(src, dst, limit: int):
             continue
         target = dst / f.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if f.name == GENAI_CONFIG:
+        if f.name == OWN_CONFIG:  # our settings (genai_config.json is onnxruntime-genai's schema)
             config = json.loads(f.read_text())
-            config["qwen3vl_lab"]["config"]["text"]["max_position_embeddings"] = limit
+            config["config"]["text"]["max_position_embeddings"] = limit
             target.write_text(json.dumps(config))
         else:
             os.symlink(f, target)

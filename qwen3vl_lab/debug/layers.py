@@ -98,7 +98,8 @@ def decoder_feeds(model: Model, session: ort.InferenceSession, embeds: np.ndarra
                   deepstack: np.ndarray | None) -> dict[str, np.ndarray]:
     """Inputs of one full-sequence prefill with an empty cache (all positions' logits kept)."""
     B, S, _ = embeds.shape
-    inputs = {i.name for i in session.get_inputs()}
+    # optional inputs (deepstack_embeds, logits_to_keep) are overridable initializers, not in get_inputs()
+    inputs = {i.name for i in [*session.get_inputs(), *session.get_overridable_initializers()]}
     feeds = {"inputs_embeds": embeds.astype(np.float32, copy=False), "position_ids": position_ids.astype(np.int64),
              "attention_mask": np.ones((B, S), np.int64), **KVCache.empty(model.config.text, B).feeds()}
     if "deepstack_embeds" in inputs:
