@@ -32,7 +32,7 @@ import onnx
 
 from ..config import ModelConfig
 from ..layout import (DECODER_FILE, EMBEDDING_FILE, GENAI_CONFIG, GENAI_EMBEDDING_FILE, IMAGE_FEATURES, OWN_CONFIG,
-                      OWN_SECTION, PIXEL_VALUES, VISION_FILE)
+                      OWN_SECTION, PIXEL_VALUES)
 from .decoder import PREFIX
 from .onnx_graph import FLOAT, INT64, GraphBuilder
 
