@@ -175,9 +175,9 @@ def find_layout(path: str | Path, precision: str | None = None, *, tokenizer_dir
     tokenizer is, overriding the search (needed for a lone decoder file without tokenizer.json beside it).
     Raises UserError (one line: what was found, what is expected) for anything else."""
     path = Path(path).expanduser()
-    explicit_tok = _explicit_tokenizer_dir(tokenizer_dir)
     if not path.exists():
         raise UserError(f"{path} does not exist; pass an export folder or a decoder .onnx file")
+    explicit_tok = _explicit_tokenizer_dir(tokenizer_dir)
     if path.is_file():
         if path.suffix != ".onnx":
             raise UserError(f"{path} is a file, not an export folder; pass the folder that holds it "

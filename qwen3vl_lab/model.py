@@ -4,7 +4,8 @@
     model.embedding, model.decoder, model.vision      # onnxruntime.InferenceSession (vision loads on first use)
     model.teaching_decoder                            # decoder.OnnxDecoder over model.decoder: prefill / decode
     model.fast_decoder                                # model-fast.onnx's session (fast.py), opened on first use
-    model.config                                      # ModelConfig (from genai_config.json)
+    model.config                                      # ModelConfig (from qwen3vl_lab.json, or a foreign export's checkpoint/graph)
+    model.genai                                       # genai_config.json + {"qwen3vl_lab": qwen3vl_lab.json}
     model.tokenizer                                   # transformers tokenizer
 
 Sessions load once per `Model`; the decoders (decoder.py, fast.py) and the step functions (steps.py) run them.

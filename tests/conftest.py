@@ -37,7 +37,7 @@ def hf_model_factory():
     """`load(path)` -> transformers Qwen3VLForConditionalGeneration in float32, eager attention, eval mode.
 
     Cached per folder for the whole session: do not modify the returned model. It keeps
-    `model.model.rope_deltas` between calls (module state); reset it to None before a
+    `model.model.rope_deltas` between calls (module state, FACTS §5.4); reset it to None before a
     manual forward that does not go through `generate()`.
     """
     import torch
@@ -101,3 +101,51 @@ def guide_export_dir(tiny_dir, tmp_path_factory) -> Path:
     from foreign import make_guide_export
 
     return make_guide_export(tiny_dir, tmp_path_factory.mktemp("foreign") / "guide")
+
+
+@pytest.fixture(scope="session")
+def genai_fp32_dir(tiny_dir, tmp_path_factory) -> Path:
+    """onnxruntime-genai 0.18's builder on `tiny_dir` itself, fp32: one folder, decoder with input_ids, position_ids (3, B, S)."""
+    from foreign import make_genai_export
+
+    return make_genai_export(tiny_dir, tmp_path_factory.mktemp("foreign") / "genai-fp32", "fp32")
+
+
+@pytest.fixture(scope="session")
+def genai_int4_dir(tiny_dir, tmp_path_factory) -> Path:
+    """The same, int4 (the builder's defaults): the tied embedding read from the int4 lm_head (GatherBlockQuantized)."""
+    from foreign import make_genai_export
+
+    return make_genai_export(tiny_dir, tmp_path_factory.mktemp("foreign") / "genai-int4", "int4")
+
+
+@pytest.fixture(scope="session")
+def community_export_dir(tiny_onnx_dir, tmp_path_factory) -> Path:
+    """The onnx-community split emulated from `tiny_onnx_dir`: onnx/{embed_tokens,vision_encoder,decoder_model_merged}{,_q4}.onnx."""
+    from foreign import make_community_export
+
+    return make_community_export(tiny_onnx_dir, tmp_path_factory.mktemp("foreign") / "community")
+
+
+@pytest.fixture(scope="session")
+def renamed_export_dir(tiny_onnx_fp32_dir, tmp_path_factory) -> Path:
+    """`tiny_onnx_fp32_dir` with decoder outputs present_key_values.%d.key/value."""
+    from foreign import make_renamed_export
+
+    return make_renamed_export(tiny_onnx_fp32_dir, tmp_path_factory.mktemp("foreign") / "renamed")
+
+
+@pytest.fixture(scope="session")
+def no_deepstack_export_dir(tiny_onnx_fp32_dir, tmp_path_factory) -> Path:
+    """`tiny_onnx_fp32_dir` whose decoder has no deepstack_embeds input."""
+    from foreign import make_no_deepstack_export
+
+    return make_no_deepstack_export(tiny_onnx_fp32_dir, tmp_path_factory.mktemp("foreign") / "no-deepstack")
+
+
+@pytest.fixture(scope="session")
+def broken_kv_export_dir(tiny_onnx_fp32_dir, tmp_path_factory) -> Path:
+    """`tiny_onnx_fp32_dir` with layer 0's present key/value swapped: decoding with the cache != recomputing."""
+    from foreign import make_broken_kv_export
+
+    return make_broken_kv_export(tiny_onnx_fp32_dir, tmp_path_factory.mktemp("foreign") / "broken-kv")

@@ -138,7 +138,7 @@ def test_simulated_int4_folder_generates_like_the_real_matmulnbits_folder(tiny_o
     assert same.agreement == 1.0 and same.kl.max() < 1e-4, same.kl.max()  # same weights, two kernels
     far = teacher_forced(real, broken, "Write a haiku about the sea.", n_steps=8)
     assert far.mean_kl > 100 * max(same.mean_kl, 1e-9)
-    genai = json.loads((sim_folder / "genai_config.json").read_text())["qwen3vl_lab"]
+    genai = json.loads((sim_folder / "qwen3vl_lab.json").read_text())
     assert genai["precision"] == "fp32" and genai["simulation"]["name"] == "sim-int4-b32"
     record = json.loads((sim_folder / SIMULATION_FILE).read_text())
     assert "SIMULATION" in record["what"] and len(record["matrices"]) == len(

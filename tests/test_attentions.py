@@ -48,8 +48,8 @@ def test_cli_export_adds_attention_outputs(case):
     outputs = {o.name: o.shape for o in model.decoder.get_outputs()}
     for i in range(n):
         assert outputs[f"attentions.{i}"][1] == heads
-    genai = json.loads((out / "cpu-fp32" / "genai_config.json").read_text())
-    assert genai["qwen3vl_lab"]["with_attentions"] is True
+    own = json.loads((out / "cpu-fp32" / "qwen3vl_lab.json").read_text())
+    assert own["with_attentions"] is True
 
 
 def hf_attentions(hf, ids: np.ndarray, forced: list[int]):

@@ -146,9 +146,9 @@ def test_corrupt_onnx_file(onnx_dir, tmp_path, capsys):
 def test_prompt_longer_than_the_context(onnx_dir, tmp_path, capsys):
     small = tmp_path / "small-context"
     shutil.copytree(onnx_dir, small)
-    cfg_path = small / "cpu-fp32" / "genai_config.json"
+    cfg_path = small / "cpu-fp32" / "qwen3vl_lab.json"  # our settings (genai_config.json is onnxruntime-genai's)
     cfg = json.loads(cfg_path.read_text())
-    cfg["qwen3vl_lab"]["config"]["text"]["max_position_embeddings"] = 16
+    cfg["config"]["text"]["max_position_embeddings"] = 16
     cfg_path.write_text(json.dumps(cfg))
     code, _, err = run(capsys, "generate", "--model_dir", str(small), "--prompt", "word " * 40)
     assert_one_line_error(code, err, "context", "shorten")

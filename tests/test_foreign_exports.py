@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from foreign import graph_io, op_types
@@ -76,8 +77,6 @@ def test_guide_decoder_io(guide_export_dir, precision):
 
 
 def test_guide_int4_recipe(guide_export_dir):
-    import onnx
-
     model = onnx.load(str(guide_export_dir / "cpu-int4" / "model.onnx"), load_external_data=False)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nbits]
@@ -89,8 +88,6 @@ def test_guide_int4_recipe(guide_export_dir):
 
 
 def test_guide_embedding_graph(guide_export_dir):
-    import onnx
-
     path = guide_export_dir / "cpu-fp32" / "qwen3vl-embedding.onnx"
     model = onnx.load(str(path))
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
@@ -116,3 +113,117 @@ def test_guide_tokenizer_is_the_real_one(guide_export_dir):
     assert tok.token_to_id("<|im_end|>") == 151645 and tok.token_to_id("<|image_pad|>") == 151655
     eos = json.loads((guide_export_dir / "cpu-fp32" / "genai_config.json").read_text())["model"]["eos_token_id"]
     assert set(eos) == {151645, 151643}
+
+
+# ---------------------------------------------------------------------------------------------------
+# onnxruntime-genai's builder on the Qwen3-VL checkpoint
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_genai_builder_decoder_io(genai_fp32_dir, genai_int4_dir, precision):
+    folder = {"fp32": genai_fp32_dir, "int4": genai_int4_dir}[precision]
+    ins, outs = graph_io(folder / "model.onnx")
+    assert sorted(names(ins)) == sorted(["input_ids", "attention_mask", "position_ids", *layer_names("past_key_values", 4)])
+    assert dict((n, s) for n, _, s in ins)["position_ids"] == [3, "batch_size", "sequence_length"]
+    assert sorted(names(outs)) == sorted(["logits", *layer_names("present", 4)])
+    ops = op_types(folder / "model.onnx")
+    assert "MRotaryEmbedding" in ops and "GroupQueryAttention" in ops
+    assert ("GatherBlockQuantized" in ops) == (precision == "int4")  # tied embedding read from the int4 head
+    assert json.loads((folder / "genai_config.json").read_text())["model"]["type"] == "qwen3_vl_text"
+    assert (folder / "tokenizer.json").is_file()
+
+
+def test_genai_builder_fp32_text_logits_match_transformers(genai_fp32_dir, tiny_dir, hf_model_factory):
+    S = PROMPT_IDS.shape[1]
+    feeds = {"input_ids": PROMPT_IDS, "attention_mask": np.ones_like(PROMPT_IDS),
+             "position_ids": np.broadcast_to(np.arange(S), (3, 1, S)).astype(np.int64), **empty_past(4, 2, 16)}
+    logits = run_decoder(genai_fp32_dir / "model.onnx", feeds)["logits"][0]
+    assert np.abs(logits - hf_logits(hf_model_factory, tiny_dir, PROMPT_IDS)).max() < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------
+# Emulated from ours: the community split, renamed outputs, no DeepStack, a broken KV cache
+# ---------------------------------------------------------------------------------------------------
+
+
+def ours_feeds(S: int, embeds: np.ndarray) -> dict:
+    return {"inputs_embeds": embeds, "attention_mask": np.ones((1, S), np.int64),
+            "position_ids": np.broadcast_to(np.arange(S), (3, 1, S)).astype(np.int64), **empty_past(4, 2, 16)}
+
+
+def test_community_layout(community_export_dir):
+    onnx_dir = community_export_dir / "onnx"
+    for stem in ("embed_tokens", "vision_encoder", "decoder_model_merged"):
+        for suffix in ("", "_q4"):
+            assert (onnx_dir / f"{stem}{suffix}.onnx").is_file() and (onnx_dir / f"{stem}{suffix}.onnx_data").is_file()
+    assert not list(onnx_dir.glob("*.data"))
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        assert (community_export_dir / name).is_file(), name
+    for suffix in ("", "_q4"):
+        ins, outs = graph_io(onnx_dir / f"decoder_model_merged{suffix}.onnx")
+        assert sorted(names(ins)) == sorted(["inputs_embeds", "attention_mask", "position_ids",
+                                             *layer_names("past_key_values", 4)])
+        assert sorted(names(outs)) == sorted(["logits", *layer_names("present", 4)])
+        sess = ort.InferenceSession(str(onnx_dir / f"decoder_model_merged{suffix}.onnx"), providers=["CPUExecutionProvider"])
+        assert [i.name for i in sess.get_overridable_initializers()] == ["num_logits_to_keep"]
+        assert names(graph_io(onnx_dir / f"vision_encoder{suffix}.onnx")[1]) == ["image_features"]  # no DeepStack
+    assert ("MatMulNBits" in op_types(onnx_dir / "decoder_model_merged_q4.onnx"))
+
+
+def test_community_fp32_text_logits_match_transformers(community_export_dir, tiny_dir, hf_model_factory):
+    onnx_dir = community_export_dir / "onnx"
+    embeds = run_decoder(onnx_dir / "embed_tokens.onnx", {"input_ids": PROMPT_IDS})["inputs_embeds"]
+    logits = run_decoder(onnx_dir / "decoder_model_merged.onnx", ours_feeds(PROMPT_IDS.shape[1], embeds))["logits"][0]
+    assert np.abs(logits - hf_logits(hf_model_factory, tiny_dir, PROMPT_IDS)).max() < 1e-4
+
+
+def test_no_deepstack_decoder_has_no_input_and_keeps_text_logits(no_deepstack_export_dir, tiny_onnx_fp32_dir):
+    folder, ours = no_deepstack_export_dir / "cpu-fp32", tiny_onnx_fp32_dir / "cpu-fp32"
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert "deepstack_embeds" not in {i.name for i in [*sess.get_inputs(), *sess.get_overridable_initializers()]}
+    assert not [n for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node
+                if "deepstack_embeds" in n.input]
+    embeds = np.random.default_rng(0).standard_normal((1, 6, 64)).astype(np.float32)
+    mine = run_decoder(folder / "model.onnx", ours_feeds(6, embeds))["logits"]
+    theirs = run_decoder(ours / "model.onnx", ours_feeds(6, embeds))["logits"]  # deepstack not fed: zeros
+    assert np.array_equal(mine, theirs)
+    assert not (folder / "model-fast.onnx").exists()
+    assert "deepstack_embeds" not in json.loads((folder / "qwen3vl_lab.json").read_text())["decoder"]["inputs"]
+
+
+def test_renamed_outputs(renamed_export_dir, tiny_onnx_fp32_dir):
+    folder = renamed_export_dir / "cpu-fp32"
+    outs = names(graph_io(folder / "model.onnx")[1])
+    assert sorted(outs) == sorted(["logits", *layer_names("present_key_values", 4)])
+    cfg = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["outputs"]
+    assert cfg["present_key_names"] == "present_key_values.%d.key"
+    embeds = np.random.default_rng(0).standard_normal((1, 6, 64)).astype(np.float32)
+    mine = run_decoder(folder / "model.onnx", ours_feeds(6, embeds))
+    theirs = run_decoder(tiny_onnx_fp32_dir / "cpu-fp32" / "model.onnx", ours_feeds(6, embeds))
+    assert np.array_equal(mine["logits"], theirs["logits"])
+    assert np.array_equal(mine["present_key_values.3.value"], theirs["present.3.value"])
+
+
+def cached_vs_recomputed(folder, embeds: np.ndarray) -> float:
+    """max |logits| difference at the last position: prefill S-1 then one decode step with the returned
+    cache, versus one prefill of all S positions."""
+    S = embeds.shape[1]
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    out_names = [o.name for o in sess.get_outputs()]
+    first = dict(zip(out_names, sess.run(None, ours_feeds(S - 1, embeds[:, :-1]))))
+    past = {f"past_key_values.{i}.{k}": first[f"present.{i}.{k}"] for i in range(4) for k in ("key", "value")}
+    step = {"inputs_embeds": embeds[:, -1:], "attention_mask": np.ones((1, S), np.int64),
+            "position_ids": np.full((3, 1, 1), S - 1, np.int64), **past}
+    cached = sess.run(["logits"], step)[0][0, -1]
+    full = sess.run(["logits"], ours_feeds(S, embeds))[0][0, -1]
+    return float(np.abs(cached - full).max())
+
+
+def test_broken_kv_cache_differs_from_recomputing(broken_kv_export_dir, tiny_onnx_fp32_dir):
+    embeds = np.random.default_rng(0).standard_normal((1, 8, 64)).astype(np.float32)
+    assert cached_vs_recomputed(tiny_onnx_fp32_dir / "cpu-fp32", embeds) < 1e-4  # ours: the cache is consistent
+    assert cached_vs_recomputed(broken_kv_export_dir / "cpu-fp32", embeds) > 1e-2
+    prefill = run_decoder(broken_kv_export_dir / "cpu-fp32" / "model.onnx", ours_feeds(8, embeds))["logits"]
+    ref = run_decoder(tiny_onnx_fp32_dir / "cpu-fp32" / "model.onnx", ours_feeds(8, embeds))["logits"]
+    assert np.array_equal(prefill, ref)  # only what goes through the cache is wrong

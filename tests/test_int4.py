@@ -37,10 +37,11 @@ def attrs(node):
 # -- the folder ----------------------------------------------------------------------------------
 def test_int4_folder_is_complete_and_records_its_recipe(root):
     f = root / "cpu-int4"
-    for name in ("model.onnx", "model.onnx.data", "genai_config.json", QUANTIZATION_FILE,
-                 "qwen3vl-embedding.onnx", "qwen3vl-embedding.onnx.data", "qwen3vl-vision.onnx"):
+    for name in ("model.onnx", "model.onnx.data", "genai_config.json", "qwen3vl_lab.json", QUANTIZATION_FILE,
+                 "qwen3vl-embedding.onnx", "qwen3vl-embedding.onnx.data", "qwen3vl-embedding-genai.onnx",
+                 "qwen3vl-vision.onnx", "tokenizer.json", "tokenizer_config.json"):
         assert (f / name).is_file(), name
-    genai = json.loads((f / "genai_config.json").read_text())
+    genai = {"qwen3vl_lab": json.loads((f / "qwen3vl_lab.json").read_text())}
     assert genai["qwen3vl_lab"]["precision"] == "int4"
     builder = {"block_size": 32, "symmetric": True, "accuracy_level": 4, "lm_head": "int4", "algorithm": "default",
                "bits": 4}
@@ -90,7 +91,7 @@ def test_cli_options_reach_the_graph(tiny_dir, tmp_path, capsys):
                        "--algorithm", "rtn", "--quiet")
     assert code == 0, err
     f = out / "cpu-int4"
-    recipe = json.loads((f / "genai_config.json").read_text())["qwen3vl_lab"]["recipe"]
+    recipe = json.loads((f / "qwen3vl_lab.json").read_text())["recipe"]
     assert recipe["name"] == "rtn-b32-asym-acc0-head_int8"
     g = graph(f)
     head = next(n for n in g.node if "logits" in n.output)

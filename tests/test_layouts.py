@@ -56,7 +56,7 @@ def test_ours_root(tiny_onnx_dir):
     assert layout.genai_config == folder / "genai_config.json"
     assert layout.precisions == ("fp32", "int4")
     assert layout.hf_dir is None  # our pytorch/ holds config and tokenizer files, no weights
-    assert layout.tokenizer_dir is not None and layout.notices == ()
+    assert layout.tokenizer_dir == folder and layout.notices == ()  # tokenizer.json where onnxruntime-genai reads it
 
 
 def test_ours_default_precision_and_precision_folder(tiny_onnx_dir):
@@ -69,7 +69,7 @@ def test_ours_genai_config_numbers(tiny_onnx_fp32_dir):
     info = read_genai_config(tiny_onnx_fp32_dir / "cpu-fp32")
     assert_numbers(info)
     assert info.type == "qwen3_vl" and set(info.eos_token_ids) == {151645, 151643}
-    assert info.embedding_file == "qwen3vl-embedding.onnx" and info.decoder_file == "model.onnx"
+    assert info.embedding_file == "qwen3vl-embedding-genai.onnx" and info.decoder_file == "model.onnx"  # genai's view
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -114,6 +114,69 @@ def test_guide_without_tokenizer_falls_back_to_pytorch(guide_export_dir, tmp_pat
     layout = find_layout(tmp_path / "guide")
     assert layout.tokenizer_dir is None and layout.hf_dir is None
     assert any("package's copy" in n for n in layout.notices)
+
+
+# ---------------------------------------------------------------------------------------------------
+# onnxruntime-genai's builder, the onnx-community split, our variants
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_genai_builder_folder(genai_fp32_dir, genai_int4_dir, precision):
+    folder = {"fp32": genai_fp32_dir, "int4": genai_int4_dir}[precision]
+    layout = find_layout(folder)
+    assert layout.kind == "genai" and layout.precision == precision and layout.precisions == (precision,)
+    assert layout.decoder == folder / "model.onnx" and layout.embedding is None and layout.vision is None
+    assert layout.genai_config == folder / "genai_config.json" and layout.tokenizer_dir == folder
+    assert layout.hf_dir is None and layout.root == folder and layout.notices == ()
+    info = read_genai_config(folder)
+    assert_numbers(info)
+    assert info.type == "qwen3_vl_text" and info.decoder_inputs["position_ids"] == "position_ids"
+    assert "input_ids" in info.decoder_inputs
+
+
+def test_genai_config_naming_a_missing_embedding_is_said(genai_fp32_dir, tmp_path):
+    folder = tmp_path / "g"
+    shutil.copytree(genai_fp32_dir, folder)
+    config = json.loads((folder / "genai_config.json").read_text())
+    config["model"]["embedding"] = {"filename": "embedding.onnx"}
+    (folder / "genai_config.json").write_text(json.dumps(config))
+    layout = find_layout(folder)
+    assert layout.embedding is None and any("embedding.onnx" in n and "missing" in n for n in layout.notices)
+
+
+@pytest.mark.parametrize("given", ["root", "onnx"])
+def test_community_split(community_export_dir, given):
+    onnx_dir = community_export_dir / "onnx"
+    path = community_export_dir if given == "root" else onnx_dir
+    fp32 = find_layout(path)
+    assert fp32.kind == "onnx-community" and fp32.precision == "fp32" and fp32.precisions == ("fp32", "int4")
+    assert fp32.decoder == onnx_dir / "decoder_model_merged.onnx"
+    assert fp32.embedding == onnx_dir / "embed_tokens.onnx" and fp32.vision == onnx_dir / "vision_encoder.onnx"
+    assert fp32.genai_config is None and fp32.tokenizer_dir == community_export_dir and fp32.root == community_export_dir
+    q4 = find_layout(path, "int4")
+    assert q4.decoder == onnx_dir / "decoder_model_merged_q4.onnx" and q4.embedding == onnx_dir / "embed_tokens_q4.onnx"
+    assert q4.notices == ()
+
+
+def test_community_missing_suffix_variant_falls_back_to_fp32_and_says_so(community_export_dir, tmp_path):
+    root = tmp_path / "c"
+    shutil.copytree(community_export_dir, root)
+    (root / "onnx" / "embed_tokens_q4.onnx").unlink()
+    layout = find_layout(root, "int4")
+    assert layout.embedding == root / "onnx" / "embed_tokens.onnx"
+    assert any("embed_tokens_q4.onnx is missing" in n for n in layout.notices)
+    with pytest.raises(UserError) as e:
+        find_layout(root, "fp16")
+    assert "no fp16 decoder" in one_line(e) and "int4 (_q4)" in str(e.value)
+
+
+@pytest.mark.parametrize("fixture", ["renamed_export_dir", "no_deepstack_export_dir", "broken_kv_export_dir"])
+def test_variants_of_ours_are_ours(request, fixture):
+    root = request.getfixturevalue(fixture)
+    layout = find_layout(root)
+    assert layout.kind == "qwen3vl-lab" and layout.decoder == root / "cpu-fp32" / "model.onnx"
+    assert layout.precisions == ("fp32",) and layout.embedding == root / "cpu-fp32" / "qwen3vl-embedding.onnx"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from qwen3vl_lab.generate import (  # noqa: E402
     prepare_prompt,
     run_prefill,
 )
-from qwen3vl_lab.layout import GENAI_CONFIG  # noqa: E402
+from qwen3vl_lab.layout import OWN_CONFIG  # noqa: E402
 from qwen3vl_lab.model import load_model  # noqa: E402
 from qwen3vl_lab.pipeline import Qwen3VLPipeline, greedy  # noqa: E402
 from qwen3vl_lab.steps import decode_step, prefill, prefill_chunked  # noqa: E402
@@ -192,9 +192,9 @@ def linked_copy(src, dst, limit: int):
             continue
         target = dst / f.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if f.name == GENAI_CONFIG:
+        if f.name == OWN_CONFIG:  # our settings (genai_config.json is onnxruntime-genai's schema)
             config = json.loads(f.read_text())
-            config["qwen3vl_lab"]["config"]["text"]["max_position_embeddings"] = limit
+            config["config"]["text"]["max_position_embeddings"] = limit
             target.write_text(json.dumps(config))
         else:
             os.symlink(f, target)

@@ -20,7 +20,9 @@ from helpers import run_cli as run
 from PIL import Image
 
 from qwen3vl_lab.errors import UserError
-from qwen3vl_lab.layout import GENAI_CONFIG, VISION_FILE
+from qwen3vl_lab.export.genai_config import write_genai_config
+from qwen3vl_lab.layout import GENAI_CONFIG, OWN_CONFIG, VISION_FILE
+from qwen3vl_lab.layouts import read_export_config
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +31,20 @@ def onnx_dir(tiny_onnx_fp32_dir):
 
 
 def linked_copy(src: Path, dst: Path, skip=(), edit_config=None) -> Path:
-    """A cheap copy of an export: symlinks to every file, minus `skip`, genai_config optionally edited."""
+    """A cheap copy of an export: symlinks to every file, minus `skip`; edit_config(config) edits
+    genai_config.json + qwen3vl_lab.json as one dict (our settings under "qwen3vl_lab")."""
+    configs = (GENAI_CONFIG, OWN_CONFIG)
     for f in src.rglob("*"):
         if f.is_dir() or f.name in skip:
             continue
         target = dst / f.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if f.name == GENAI_CONFIG and edit_config:
-            config = json.loads(f.read_text())
-            edit_config(config)
-            target.write_text(json.dumps(config))
-        else:
+        if not (f.name in configs and edit_config):
             os.symlink(f, target)
+    for f in src.rglob(GENAI_CONFIG) if edit_config else ():
+        config = read_export_config(f.parent)
+        edit_config(config)
+        write_genai_config(dst / f.parent.relative_to(src), config)
     return dst
 
 

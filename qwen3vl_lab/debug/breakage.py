@@ -15,7 +15,6 @@ Graph edits are made on the weight-less graph; the weight files are copied uncha
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -26,7 +25,9 @@ from onnx import helper, numpy_helper
 
 from ..config import ENDOFTEXT_TOKEN_ID
 from ..errors import UserError
+from ..export.genai_config import write_genai_config
 from ..layout import DECODER_FILE, DEEPSTACK_EMBEDS, GENAI_CONFIG, POSITION_IDS
+from ..layouts import read_export_config
 
 KINDS = ("no_qk_norm", "no_deepstack", "positions_1d", "eos_missing", "wrong_type")
 
@@ -146,16 +147,14 @@ def make_broken(src_folder: str | Path, dst_folder: str | Path, kind: str, *, li
         prune_dead(model.graph)
         onnx.save_model(model, str(dst / DECODER_FILE))
     else:
-        genai = json.loads((src / GENAI_CONFIG).read_text(encoding="utf-8"))
+        genai = read_export_config(src)  # genai_config.json + qwen3vl_lab.json
         if kind == "eos_missing":
             genai["model"]["eos_token_id"] = [ENDOFTEXT_TOKEN_ID]
             genai["qwen3vl_lab"]["config"]["eos_token_ids"] = [ENDOFTEXT_TOKEN_ID]
         else:
             genai["model"]["type"] = "qwen3vl"
-        (dst / GENAI_CONFIG).unlink()
-        (dst / GENAI_CONFIG).write_text(json.dumps(genai, indent=2) + "\n", encoding="utf-8")
-    genai = json.loads((dst / GENAI_CONFIG).read_text(encoding="utf-8"))
+        write_genai_config(dst, genai)  # a temporary file renamed over the (maybe hard-linked) copy
+    genai = read_export_config(dst)
     genai["qwen3vl_lab"].setdefault("source", {})["broken"] = kind
-    (dst / GENAI_CONFIG).unlink()
-    (dst / GENAI_CONFIG).write_text(json.dumps(genai, indent=2) + "\n", encoding="utf-8")
+    write_genai_config(dst, genai)
     return dst

@@ -15,7 +15,7 @@ Each line is pass / fail (or skip when it does not apply) with the evidence it w
     qk_norm          every layer's q_norm and k_norm weights reach the logits (alibaba/MNN#4683)
     genai_config     type qwen3_vl; decoder I/O names in genai_config.json exist in the graph
     positions        3-D positions and rope_deltas equal transformers' get_rope_index values; the decoder reads all three position rows
-    deepstack        decoder input, vision output and genai_config entry present, and every
+    deepstack        decoder input, vision output and qwen3vl_lab.json entry present, and every
                      DeepStack slice changes the decoder's output
     eos              <|im_end|> and <|endoftext|> are end-of-sequence ids
 """
@@ -299,8 +299,10 @@ def check_deepstack(model: Model) -> CheckItem:
     if d == 0:
         return CheckItem("deepstack", title, "skip", "the checkpoint has no DeepStack layers")
     problems = []
-    if model.genai["model"]["decoder"].get("inputs", {}).get(DEEPSTACK_EMBEDS) is None:
-        problems.append("genai_config has no decoder.inputs.deepstack_embeds")
+    # qwen3vl_lab.json names it (onnxruntime-genai's schema has no such input); older exports: genai_config.json
+    own = model.genai.get("qwen3vl_lab", {}).get("decoder", {}).get("inputs", {})
+    if own.get(DEEPSTACK_EMBEDS) is None and model.genai.get("model", {}).get("decoder", {}).get("inputs", {}).get(DEEPSTACK_EMBEDS) is None:
+        problems.append("neither qwen3vl_lab.json nor genai_config.json names the decoder input deepstack_embeds")
     dec = model.teaching_decoder
     if dec.io.deepstack is None:
         problems.append("the decoder has no deepstack_embeds input")

@@ -61,6 +61,7 @@ from ..export.quantize import (
     read_array,
 )
 from ..layout import DECODER_FILE, GENAI_CONFIG
+from ..layouts import read_export_config
 
 SIM_BITS = (2, 3, 4, 5, 6, 8)
 SIM_BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -240,7 +241,7 @@ def simulate_folder(fp32_folder: str | Path, out_folder: str | Path, recipe: Sim
                     assets: str | Path | None = None) -> Path:
     """An fp32 precision folder -> a runnable folder whose decoder holds `recipe`-rounded fp32 weights.
 
-    genai_config.json keeps precision "fp32" (the graph is fp32) and gains `qwen3vl_lab.simulation`;
+    qwen3vl_lab.json keeps precision "fp32" (the graph is fp32) and gains `simulation`;
     simulation.json records the recipe and each matrix's relative squared error. Written into a
     staging folder and moved into place when complete; embedding/vision come from `assets` (default:
     the fp32 folder), hard-linked with link=True, as `quantize_folder` does.
@@ -250,7 +251,7 @@ def simulate_folder(fp32_folder: str | Path, out_folder: str | Path, recipe: Sim
     if not (src / DECODER_FILE).is_file() or not (src / GENAI_CONFIG).is_file():
         raise UserError(f"{src} is not an exported fp32 folder (no {DECODER_FILE} / {GENAI_CONFIG}); "
                         "run `qwen3vl-lab export --precision fp32` first")
-    genai = json.loads((src / GENAI_CONFIG).read_text(encoding="utf-8"))
+    genai = read_export_config(src)  # genai_config.json + qwen3vl_lab.json
     if genai.get("qwen3vl_lab", {}).get("precision") != "fp32" or "simulation" in genai.get("qwen3vl_lab", {}):
         raise UserError(f"{src} is not a plain fp32 folder; simulate from the export's cpu-fp32 folder")
     out.parent.mkdir(parents=True, exist_ok=True)

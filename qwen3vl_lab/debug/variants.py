@@ -24,7 +24,8 @@ from typing import Union
 
 from ..errors import UserError
 from ..export.quantize import COPIED_FILES, Int4Recipe, link_or_copy, quantize_folder
-from ..layout import DECODER_FILE, GENAI_CONFIG
+from ..layout import DECODER_FILE
+from ..layouts import read_export_config
 from ..model import resolve_folder
 from .simulate import SimRecipe, simulate_folder
 
@@ -202,7 +203,7 @@ def build_variant(fp32_folder: Path, root: Path, recipe: Int4Recipe | SimRecipe,
 def fp32_source(model_dir: str | Path) -> Path:
     """The export's cpu-fp32 folder (or model_dir itself when it is one); refuses quantized and simulated folders."""
     folder = resolve_folder(model_dir, "fp32")
-    genai = json.loads((folder / GENAI_CONFIG).read_text(encoding="utf-8")).get("qwen3vl_lab", {})
+    genai = read_export_config(folder).get("qwen3vl_lab", {})
     if genai.get("precision") != "fp32" or "simulation" in genai:
         raise UserError(f"{folder} is not the fp32 export (precision {genai.get('precision')!r}"
                         f"{', simulated' if 'simulation' in genai else ''}); pass the export folder with cpu-fp32/")

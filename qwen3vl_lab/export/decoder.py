@@ -8,7 +8,8 @@ Read this file top to bottom to follow one token from `inputs_embeds` to `logits
     head          rms(x) -> lm_head                                     (B, S, V)
 
 Inputs  inputs_embeds (B, S, H) f32, position_ids (3, B, S) i64, attention_mask (B, T) i64,
-        past_key_values.{i}.key/value (B, kv, P, hd) f32, deepstack_embeds (D, B, S, H) f32,
+        past_key_values.{i}.key/value (B, kv, P, hd) f32,
+        deepstack_embeds (D, B, S, H) f32 [optional, default zeros: no visual tokens],
         logits_to_keep () i64 [optional, default 0 = all positions]
 Outputs logits (B, S', V), present.{i}.key/value (B, kv, T, hd), [attentions.{i} (B, nh, S, T)]
 with T = P + S. Only standard ai.onnx ops: every intermediate tensor can be tapped by name
@@ -160,7 +161,9 @@ def build_decoder(cfg: ModelConfig, weights: Weights, data_path, *, with_attenti
             g.input(name, FLOAT, [B, text.num_key_value_heads, P, text.head_dim])
     deepstack = None
     if cfg.num_deepstack:
-        deepstack = g.input(DEEPSTACK_EMBEDS, FLOAT, [cfg.num_deepstack, B, S, text.hidden_size])
+        # optional: a runtime that never feeds it (onnxruntime-genai) gets zeros, i.e. a text-only prompt's value
+        zeros = np.zeros((cfg.num_deepstack, 1, 1, text.hidden_size), np.float32)  # broadcasts over (B, S)
+        deepstack = g.optional_input(DEEPSTACK_EMBEDS, zeros, [cfg.num_deepstack, B, S, text.hidden_size])
     keep = g.optional_input(LOGITS_TO_KEEP[0], np.array(0, np.int64), [])  # default 0: all positions
 
     with g.scope("model"):

@@ -43,7 +43,6 @@ from ..layout import (
     DECODER_FILE,
     DEEPSTACK_EMBEDS,
     FAST_DECODER_FILE,
-    GENAI_CONFIG,
     INPUTS_EMBEDS,
     LOGITS,
     LOGITS_TO_KEEP,
@@ -54,6 +53,7 @@ from ..layout import (
     past_names,
     present_names,
 )
+from ..layouts import read_export_config
 from .decoder import PREFIX
 from .onnx_graph import FLOAT, INT64, MS_DOMAIN, GraphBuilder
 
@@ -276,7 +276,6 @@ def write_fast_decoder(folder: str | Path, cfg: ModelConfig | None = None, fuse:
     `model-fast.onnx.data` with the concatenated q/k/v and gate/up weights. Everything is written in
     a staging folder and moved into place, the graph last.
     """
-    import json  # noqa: PLC0415
     import shutil  # noqa: PLC0415
     import tempfile  # noqa: PLC0415
 
@@ -285,8 +284,7 @@ def write_fast_decoder(folder: str | Path, cfg: ModelConfig | None = None, fuse:
     if not source_path.is_file():
         raise UserError(f"{source_path} is missing; run `qwen3vl-lab export` first")
     if cfg is None:
-        genai = json.loads((folder / GENAI_CONFIG).read_text(encoding="utf-8"))
-        cfg = ModelConfig.from_dict(genai["qwen3vl_lab"]["config"])
+        cfg = ModelConfig.from_dict(read_export_config(folder)["qwen3vl_lab"]["config"])
     source = onnx.load(str(source_path), load_external_data=False)
     out, data = folder / FAST_DECODER_FILE, folder / (FAST_DECODER_FILE + ".data")
     try:

@@ -5,7 +5,10 @@
     OUT/cpu-fp32/model.onnx              (+ .data)   the text decoder with KV cache and 3-D positions
     OUT/cpu-fp32/model-fast.onnx                     the same decoder with fused onnxruntime ops, reading
                                                      model.onnx.data (decoder_fast.py; every precision)
-    OUT/cpu-fp32/genai_config.json
+    OUT/cpu-fp32/genai_config.json                   onnxruntime-genai's schema only: og.Model(OUT/cpu-fp32) loads it
+    OUT/cpu-fp32/qwen3vl_lab.json                    our settings (model config, precision, recipe; genai_config.py)
+    OUT/cpu-fp32/qwen3vl-embedding-genai.onnx        the embedding onnxruntime-genai runs (same weights)
+    OUT/cpu-fp32/tokenizer.json, tokenizer_config.json, chat_template.jinja   where onnxruntime-genai looks
     OUT/cpu-int4/...                                 with --precision int4: the decoder's MatMuls as MatMulNBits
                                                      (quantize.py), fp32 embedding/vision, quantization.json
     OUT/pytorch/                                     config, tokenizer and preprocessor files
@@ -27,8 +30,8 @@ from tqdm.auto import tqdm
 
 from ..config import ModelConfig, load_hf_config
 from ..errors import UserError
-from ..layout import DECODER_FILE, EMBEDDING_FILE, VISION_FILE
-from ..tokenizer import shipped_tokenizer_dir
+from ..layout import DECODER_FILE, EMBEDDING_FILE, GENAI_TOKENIZER_FILES, VISION_FILE
+from ..tokenizer import load_tokenizer, shipped_tokenizer_dir
 from . import genai_config as gc
 from .checkpoint import Checkpoint
 from .decoder import PREFIX, build_decoder, build_embedding, lm_head_weight
@@ -73,6 +76,18 @@ def copy_pytorch_files(hf_dir: Path, dst: Path) -> None:
                 shutil.copy2(f, dst / f.name)
 
 
+def write_tokenizer_files(hf_dir: Path, folder: Path) -> None:
+    """tokenizer.json, tokenizer_config.json and chat_template.jinja into a precision folder, where
+    onnxruntime-genai reads them: transformers' `save_pretrained` of the checkpoint's tokenizer (the
+    shipped one when the checkpoint has none), which writes tokenizer.json from vocab.json + merges.txt."""
+    tok = load_tokenizer(hf_dir)
+    with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=folder) as tmp:
+        tok.save_pretrained(tmp)
+        for name in GENAI_TOKENIZER_FILES:
+            if (Path(tmp) / name).is_file():
+                shutil.move(str(Path(tmp) / name), folder / name)
+
+
 def export_precision(cfg: ModelConfig, ckpt: Checkpoint, folder: Path, precision: str, *,
                      with_attentions: bool = False, source: dict | None = None, progress: bool = True) -> None:
     """Write embedding, vision (when the checkpoint has one) and decoder graphs for one precision."""
@@ -81,6 +96,7 @@ def export_precision(cfg: ModelConfig, ckpt: Checkpoint, folder: Path, precision
     steps = cfg.text.num_hidden_layers + 2
     with tqdm(total=steps, desc=f"export {precision}", unit="part", disable=not progress) as bar:
         build_embedding(cfg, weights, folder / (EMBEDDING_FILE + ".data")).save(folder / EMBEDDING_FILE)
+        gc.write_genai_embedding(folder, cfg)  # onnxruntime-genai's view of the same table
         bar.update(1)
         vision = None
         if has_vision(ckpt):
@@ -133,6 +149,7 @@ def export(hf_dir: str | Path, output_dir: str | Path, precisions: Sequence[str]
         fp32_dir = staging / (precision_dir("fp32") if "fp32" in precisions else INT4_SOURCE)
         export_precision(cfg, ckpt, fp32_dir, "fp32", with_attentions=with_attentions, source=source,
                          progress=progress)
+        write_tokenizer_files(hf_dir, fp32_dir)  # quantize_folder copies them into cpu-int4
         if "int4" in precisions:
             quantize_folder(fp32_dir, staging / precision_dir("int4"), recipe, progress=progress)
             write_fast_decoder(staging / precision_dir("int4"), cfg)  # over the quantized weights

@@ -12,7 +12,7 @@ vocab x hidden, is the largest), never the whole decoder.
 Defaults follow the onnxruntime-genai builder, not the quantizer: block 32,
 symmetric, accuracy_level 4 on CPU, RTN ("default" = onnxruntime's own C++ block quantizer), and an
 INT4 lm_head. The embedding and vision graphs stay fp32 (hard-linked or copied from the fp32
-folder), so the INT4 folder runs on its own. The recipe is recorded in genai_config.json
+folder), so the INT4 folder runs on its own. The recipe is recorded in qwen3vl_lab.json
 (`qwen3vl_lab.recipe`) and in `quantization.json` next to the model.
 """
 
@@ -37,7 +37,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import UserError
-from ..layout import DECODER_FILE, EMBEDDING_FILE, GENAI_CONFIG, VISION_FILE
+from ..layout import DECODER_FILE, EMBEDDING_FILE, GENAI_CONFIG, GENAI_EMBEDDING_FILE, GENAI_TOKENIZER_FILES, VISION_FILE
+from ..layouts import read_export_config
 from . import genai_config as gc
 from .files import replace_folder
 from .onnx_graph import ALIGN, INLINE_LIMIT, MS_DOMAIN
@@ -49,7 +50,8 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 BITS = (2, 4, 8)
 QUANTIZATION_FILE = "quantization.json"
 LM_HEAD_OUTPUT = "logits"  # the decoder's last MatMul writes the logits (export/decoder.py)
-COPIED_FILES = (EMBEDDING_FILE, EMBEDDING_FILE + ".data", VISION_FILE, VISION_FILE + ".data")
+COPIED_FILES = (EMBEDDING_FILE, EMBEDDING_FILE + ".data", GENAI_EMBEDDING_FILE, VISION_FILE, VISION_FILE + ".data",
+                *GENAI_TOKENIZER_FILES)
 
 
 # -- the recipe --------------------------------------------------------------------------------
@@ -425,7 +427,7 @@ def _folder_bytes(folder: Path, names) -> int:
 def quantize_folder(fp32_folder: str | Path, out_folder: str | Path, recipe: Int4Recipe | None = None, *,
                     progress: bool = True, link: bool = False, assets: str | Path | None = None) -> Path:
     """An fp32 precision folder (OUT/cpu-fp32) -> a runnable INT4 folder: decoder, fp32 embedding/vision,
-    genai_config.json (precision int4, `qwen3vl_lab.recipe`) and quantization.json.
+    genai_config.json, qwen3vl_lab.json (precision int4, the recipe) and quantization.json.
 
     Written into a temporary sibling folder and moved into place when complete. The embedding/vision
     files are copied from `assets` (default: the fp32 folder); link=True hard-links them instead (a
@@ -437,7 +439,7 @@ def quantize_folder(fp32_folder: str | Path, out_folder: str | Path, recipe: Int
     if not (src / DECODER_FILE).is_file() or not (src / GENAI_CONFIG).is_file():
         raise UserError(f"{src} is not an exported fp32 folder (no {DECODER_FILE} / {GENAI_CONFIG}); "
                         "run `qwen3vl-lab export --precision fp32` first")
-    genai = json.loads((src / GENAI_CONFIG).read_text(encoding="utf-8"))
+    genai = read_export_config(src)  # genai_config.json + qwen3vl_lab.json
     if genai.get("qwen3vl_lab", {}).get("precision") != "fp32":
         raise UserError(f"{src} holds precision {genai.get('qwen3vl_lab', {}).get('precision')!r}; quantize the fp32 folder")
     if recipe.algorithm == "hqq":
@@ -486,9 +488,8 @@ def quantization_record(recipe: Int4Recipe, nodes: dict, seconds: float, fp32_by
 
 
 def read_recipe(folder: str | Path) -> Int4Recipe | None:
-    """The recipe a folder was quantized with (from genai_config.json), or None for an fp32 folder."""
-    path = Path(folder) / GENAI_CONFIG
-    if not path.is_file():
+    """The recipe a folder was quantized with (from qwen3vl_lab.json), or None for an fp32 folder."""
+    if not (Path(folder) / GENAI_CONFIG).is_file():
         return None
-    recipe = json.loads(path.read_text(encoding="utf-8")).get("qwen3vl_lab", {}).get("recipe")
+    recipe = read_export_config(folder).get("qwen3vl_lab", {}).get("recipe")
     return Int4Recipe.from_dict(recipe) if recipe else None
