@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .layout import DECODER_FILE, EMBEDDING_FILE, GENAI_CONFIG, OWN_CONFIG, OWN_SECTION, TOKENIZER_FILE, VISION_FILE
+from .layout import DECODER_FILE, EMBEDDING_FILE, GENAI_CONFIG, LOGITS, OWN_CONFIG, OWN_SECTION, TOKENIZER_FILE, VISION_FILE
 
 KINDS = ("qwen3vl-lab", "guide", "genai", "onnx-community", "single-decoder")
 PYTORCH_DIR = "pytorch"  # the Hugging Face folder beside the precision folders (ours: config + tokenizer only)
@@ -360,7 +360,7 @@ def graph_precision(decoder: Path) -> str:
         if node.op_type == "MatMulNBits":
             bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
             return f"int{bits}"
-    logits = next((o for o in model.graph.output if o.name == "logits"), None)
+    logits = next((o for o in model.graph.output if o.name == LOGITS), None)
     if logits is not None and logits.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
         return "fp16"
     return "fp32"

@@ -32,19 +32,27 @@ import onnx
 
 from ..config import ModelConfig
 from ..layout import (
+    ATTENTION_MASK,
     DECODER_FILE,
+    DEEPSTACK_EMBEDS,
     EMBEDDING_FILE,
     GENAI_CONFIG,
     GENAI_EMBEDDING_FILE,
     IMAGE_FEATURES,
+    INPUT_IDS,
+    INPUTS_EMBEDS,
+    LOGITS,
     OWN_CONFIG,
     OWN_SECTION,
     PIXEL_VALUES,
+    POSITION_IDS,
+    past_names,
+    present_names,
 )
 from .decoder import PREFIX
 from .onnx_graph import FLOAT, INT64, GraphBuilder
 
-DEEPSTACK_INPUT = "deepstack_embeds"
+DEEPSTACK_INPUT = DEEPSTACK_EMBEDS
 GENAI_VISION_KEYS = ("filename", "spatial_merge_size", "patch_size")  # of ours, what 0.18's parser accepts
 
 
@@ -63,16 +71,16 @@ def make_genai_config(cfg: ModelConfig, precision: str, *, vision: dict | None =
         "num_hidden_layers": t.num_hidden_layers,
         "num_key_value_heads": t.num_key_value_heads,
         "inputs": {
-            "inputs_embeds": "inputs_embeds",
-            "attention_mask": "attention_mask",
-            "position_ids": "position_ids",
-            "past_key_names": "past_key_values.%d.key",
-            "past_value_names": "past_key_values.%d.value",
+            "inputs_embeds": INPUTS_EMBEDS,
+            "attention_mask": ATTENTION_MASK,
+            "position_ids": POSITION_IDS,
+            "past_key_names": past_names("%d")[0],
+            "past_value_names": past_names("%d")[1],
         },
         "outputs": {
-            "logits": "logits",
-            "present_key_names": "present.%d.key",
-            "present_value_names": "present.%d.value",
+            "logits": LOGITS,
+            "present_key_names": present_names("%d")[0],
+            "present_value_names": present_names("%d")[1],
         },
     }
     model = {
@@ -88,8 +96,8 @@ def make_genai_config(cfg: ModelConfig, precision: str, *, vision: dict | None =
         "decoder": decoder,
         "embedding": {  # onnxruntime-genai feeds image_features (empty for text) to its embedding model
             "filename": GENAI_EMBEDDING_FILE,
-            "inputs": {"input_ids": "input_ids", "image_features": IMAGE_FEATURES},
-            "outputs": {"inputs_embeds": "inputs_embeds"},
+            "inputs": {"input_ids": INPUT_IDS, "image_features": IMAGE_FEATURES},
+            "outputs": {"inputs_embeds": INPUTS_EMBEDS},
         },
     }
     if vision is not None:  # type qwen3_vl needs a vision section to load at all
@@ -112,8 +120,8 @@ def make_genai_config(cfg: ModelConfig, precision: str, *, vision: dict | None =
             "recipe": recipe,
             "source": source or {},
             "decoder": {"inputs": {DEEPSTACK_INPUT: DEEPSTACK_INPUT} if cfg.num_deepstack else {}},
-            "embedding": {"filename": EMBEDDING_FILE, "inputs": {"input_ids": "input_ids"},
-                          "outputs": {"inputs_embeds": "inputs_embeds"}},
+            "embedding": {"filename": EMBEDDING_FILE, "inputs": {"input_ids": INPUT_IDS},
+                          "outputs": {"inputs_embeds": INPUTS_EMBEDS}},
             "vision": vision,
         },
     }
@@ -152,7 +160,7 @@ def write_genai_embedding(folder: Path, cfg: ModelConfig) -> Path:
     table = next(t for t in src.graph.initializer if t.name == f"{PREFIX}.embed_tokens.weight")  # (V, H)
     H = cfg.text.hidden_size
     g = GraphBuilder("qwen3vl_embedding_genai")
-    ids = g.input("input_ids", INT64, ["batch_size", "sequence_length"])
+    ids = g.input(INPUT_IDS, INT64, ["batch_size", "sequence_length"])
     feats = g.input(IMAGE_FEATURES, FLOAT, ["num_image_tokens", H])
     g.initializers.append(table)  # its external-data entry still names qwen3vl-embedding.onnx.data
     with g.scope("model/embed_tokens"):
@@ -165,7 +173,7 @@ def write_genai_embedding(folder: Path, cfg: ModelConfig) -> Path:
         padded = g.op("Concat", [feats, g.const(np.zeros((1, H), np.float32))], axis=0)  # (N + 1, H)
         picked = g.op("Reshape", [g.op("Gather", [padded, row], axis=0), g.op("Shape", [text])])  # (B, S, H)
         mask = g.op("Unsqueeze", [is_image, g.const([-1], np.int64)])  # (B, S, 1)
-        out = g.op("Where", [mask, picked, text], out="inputs_embeds")
+        out = g.op("Where", [mask, picked, text], out=INPUTS_EMBEDS)
     g.output(out, FLOAT, ["batch_size", "sequence_length", H])
     g.save(folder / GENAI_EMBEDDING_FILE, doc="the embedding onnxruntime-genai runs: image_features into image-token rows")
     return folder / GENAI_EMBEDDING_FILE

@@ -37,7 +37,15 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import UserError
-from ..layout import DECODER_FILE, EMBEDDING_FILE, GENAI_CONFIG, GENAI_EMBEDDING_FILE, GENAI_TOKENIZER_FILES, VISION_FILE
+from ..layout import (
+    DECODER_FILE,
+    EMBEDDING_FILE,
+    GENAI_CONFIG,
+    GENAI_EMBEDDING_FILE,
+    GENAI_TOKENIZER_FILES,
+    LOGITS,
+    VISION_FILE,
+)
 from ..layouts import read_export_config
 from . import genai_config as gc
 from .files import replace_folder
@@ -49,7 +57,7 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 BITS = (2, 4, 8)
 QUANTIZATION_FILE = "quantization.json"
-LM_HEAD_OUTPUT = "logits"  # the decoder's last MatMul writes the logits (export/decoder.py)
+LM_HEAD_OUTPUT = LOGITS  # the decoder's last MatMul writes the logits (export/decoder.py)
 COPIED_FILES = (EMBEDDING_FILE, EMBEDDING_FILE + ".data", GENAI_EMBEDDING_FILE, VISION_FILE, VISION_FILE + ".data",
                 *GENAI_TOKENIZER_FILES)
 
