@@ -285,6 +285,18 @@ def model_config(layout: Layout, genai: dict, decoder: ort.InferenceSession | No
     return ModelConfig(text=text, vision=VisionConfig(deepstack_visual_indexes=()), eos_token_ids=tuple(eos))
 
 
+def check_embedding(embedding: ort.InferenceSession | None, layout: Layout, config: ModelConfig) -> None:
+    """The embedding graph's rows are as wide as the decoder's hidden state (a one-line error otherwise)."""
+    if embedding is None:
+        return
+    out = next((o for o in embedding.get_outputs() if o.name == EMBEDDING_OUTPUT), embedding.get_outputs()[0])
+    width = out.shape[-1] if out.shape and isinstance(out.shape[-1], int) else None
+    if width is not None and width != config.text.hidden_size:
+        raise UserError(f"{layout.embedding} gives {width}-wide embeddings but the decoder takes "
+                        f"{config.text.hidden_size}; the two graphs come from different models: pass the export's own "
+                        "embedding (or re-export)")
+
+
 def load_model(model_dir: str | Path, text_precision: str = "fp32", options: RuntimeOptions | None = None,
                *, open_decoder: bool = True, tokenizer_dir: str | Path | None = None,
                accept_missing: bool = False) -> Model:
@@ -300,6 +312,7 @@ def load_model(model_dir: str | Path, text_precision: str = "fp32", options: Run
     decoder = open_session(layout.decoder, options) if open_decoder or layout.kind != "qwen3vl-lab" else None
     config = model_config(layout, genai, decoder)
     embedding = open_session(layout.embedding, options) if layout.embedding else None
+    check_embedding(embedding, layout, config)
     return Model(folder=layout.folder, genai=genai, config=config, embedding=embedding, decoder_session=decoder,
                  options=options, accept_missing=accept_missing, layout=layout)
 

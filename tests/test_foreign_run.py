@@ -95,3 +95,41 @@ def test_bad_export_folders_are_one_line_errors(tmp_path, capsys):
         (two / name).write_bytes(b"")
     code, _, err = run_cli(capsys, "generate", "--model_dir", two, "--prompt", "Hi")
     assert_one_line_error(code, err, "2 candidate decoders")
+
+
+def test_a_decoder_whose_kv_shapes_disagree_with_its_config(tiny_onnx_fp32_dir, tmp_path, capsys):
+    """A config that says another layer count than the graph: one line naming both numbers."""
+    import shutil
+
+    from qwen3vl_lab.layout import OWN_CONFIG
+
+    folder = tmp_path / "mismatch"
+    shutil.copytree(tiny_onnx_fp32_dir, folder)
+    own = folder / "cpu-fp32" / OWN_CONFIG
+    settings = json.loads(own.read_text())
+    settings["config"]["text"]["num_key_value_heads"] *= 2
+    own.write_text(json.dumps(settings))
+    code, _, err = run_cli(capsys, "generate", "--model_dir", folder, "--prompt", "Hi", "--max_new_tokens", 1)
+    assert_one_line_error(code, err, "KV heads", "its config says")
+
+
+def test_an_embedding_from_another_model(tiny_onnx_fp32_dir, tmp_path, capsys):
+    """The guide layout with an embedding graph of another width: one line naming both widths."""
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    folder = tmp_path / "other-embedding"
+    shutil.copytree(tiny_onnx_fp32_dir, folder)
+    table = np.zeros((151936, 8), np.float32)
+    graph = helper.make_graph([helper.make_node("Gather", ["t", "input_ids"], ["inputs_embeds"])], "e",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, ["b", "s", 8])],
+                              [numpy_helper.from_array(table, "t")])
+    path = folder / "cpu-fp32" / "qwen3vl-embedding.onnx"
+    for f in folder.joinpath("cpu-fp32").glob("qwen3vl-embedding.onnx*"):
+        f.unlink()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    code, _, err = run_cli(capsys, "generate", "--model_dir", folder, "--prompt", "Hi", "--max_new_tokens", 1)
+    assert_one_line_error(code, err, "8-wide embeddings", "the decoder takes 64")
