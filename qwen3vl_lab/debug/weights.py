@@ -29,6 +29,7 @@ from ..errors import UserError
 from ..export.quantize import read_array
 from ..layout import DECODER_FILE
 from ..model import Model
+from .checkpoint_weights import CheckpointWeights, find_checkpoint
 
 PREFIX = "model.language_model."
 
@@ -266,17 +267,32 @@ def fp32_weights_by_output(folder: Path) -> dict[str, tuple[onnx.TensorProto, Pa
             if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits}
 
 
-def compare_weights(ref: Model | str | Path, test: Model | str | Path, names=None, top: int = 5) -> WeightReport:
-    """Every MatMulNBits of `test` against the fp32 MatMul of `ref` that writes the same output tensor."""
-    ref_folder = ref.folder if isinstance(ref, Model) else _fp32_folder(ref)
-    weights = fp32_weights_by_output(ref_folder)
+def compare_weights(ref: Model | str | Path | None, test: Model | str | Path, names=None, top: int = 5,
+                    hf_dir: str | Path | None = None) -> WeightReport:
+    """Every MatMulNBits of `test` against the fp32 MatMul of `ref` that writes the same output tensor; where
+    there is none (ref None, or an export made by another tool), or with `hf_dir`, against the checkpoint's
+    tensors (checkpoint_weights.py: hf_dir, else the checkpoint shipped with test or ref)."""
+    ref_folder = None if ref is None or hf_dir is not None else ref.folder if isinstance(ref, Model) else _fp32_folder(ref)
+    weights = fp32_weights_by_output(ref_folder) if ref_folder else {}
+    ckpt = None
     rows = []
     for qm in iter_quantized(test, names):
-        if qm.output not in weights:
-            raise UserError(f"{ref_folder} has no fp32 MatMul writing {qm.output}; pass the fp32 folder of the same export")
-        w = read_array(weights[qm.output], ref_folder)  # (K, N): one fp32 matrix at a time
+        if qm.output in weights:
+            w = read_array(weights[qm.output], ref_folder)  # (K, N): one fp32 matrix at a time
+        else:
+            ckpt = ckpt or _checkpoint(ref_folder, qm.output, test, ref, hf_dir=hf_dir)
+            w = ckpt.weight_of(qm)  # (K, N) from the checkpoint's tensors, one at a time
         rows.append(matrix_error(w, qm, top))
     return WeightReport(rows)
+
+
+def _checkpoint(ref_folder, output: str, *exports, hf_dir=None) -> CheckpointWeights:
+    root = find_checkpoint(*exports, hf_dir=hf_dir)
+    if root is None:
+        why = f"{ref_folder} has no fp32 MatMul writing {output}" if ref_folder else "no fp32 reference was given"
+        raise UserError(f"{why} and no Hugging Face checkpoint was found with the exports; pass the fp32 folder of the "
+                        "same export, or hf_dir=CHECKPOINT (the safetensors it was made from)")
+    return CheckpointWeights(root)
 
 
 def _fp32_folder(x) -> Path:
