@@ -154,7 +154,7 @@ def diagnose(model_dir: Model | str | Path, precision: str = "int4", reference: 
         export_comparison = compare(ckpt_ref, ref, specs, n_steps, progress=progress)
     layer_report = compare_layers(ref, test, specs[-1]) if layers else None  # the image prompt when there is one
     has_q = any(n.op_type == "MatMulNBits" for n in test.graph().graph.node)
-    weight_report = compare_weights(ref, test) if (weights and has_q) else None
+    weight_report = compare_weights(ref, test, hf_dir=hf_dir) if (weights and has_q) else None
     if weights and not has_q:
         notes.append("the test decoder has no MatMulNBits, so there are no quantized weights to compare")
     if image is None:
