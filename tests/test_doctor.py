@@ -111,9 +111,12 @@ def test_layer_capture_writes_nothing(root, int4):
 
 # -- checklist -----------------------------------------------------------------------------------
 def test_checklist_passes_fp32_and_flags_the_int4_head(fp32, int4, root, tmp_path):
-    assert run_checklist(fp32).status() == {k: "pass" for k in CHECKS}
+    # fp32: nothing quantized (recipe: skip) and no reference for the image probe (skip); the cache is consistent
+    assert run_checklist(fp32).status() == {**{k: "pass" for k in CHECKS}, "kv_cache": "pass", "algorithm": "skip",
+                                            "image_probe": "skip"}
     cl = run_checklist(int4, reference=fp32)
     assert [i.key for i in cl.failed] == ["lm_head"]
+    assert cl.item("image_probe").status == "pass" and "without DeepStack" in cl.item("image_probe").evidence
     assert "bits 4" in cl.item("lm_head").evidence and "oracle KL vs fp32" in cl.item("accuracy_level").evidence
     int8_head = quantize_folder(root / "cpu-fp32", tmp_path / "int8-head", Int4Recipe(lm_head="int8"), progress=False)
     assert run_checklist(int8_head, reference=fp32).passed
