@@ -21,7 +21,10 @@ import onnxruntime as ort
 
 from .config import ModelConfig
 from .errors import UserError
+from .graph_check import check_graph
 from .layout import DECODER_FILE, EMBEDDING_FILE, FAST_DECODER_FILE, GENAI_CONFIG, VISION_FILE
+from .limits import check_threads
+from .paths import existing_dir, readable_file
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,9 @@ class RuntimeOptions:
     allow_spinning: bool = False
     log_severity: int = 3  # errors only: onnxruntime's warnings are noise for users
 
+    def __post_init__(self):
+        check_threads(self.threads, "threads")  # more threads than cores: refused here (limits.py)
+
     def session_options(self) -> ort.SessionOptions:
         so = ort.SessionOptions()
         levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -58,13 +64,25 @@ class RuntimeOptions:
         return so
 
 
-def open_session(path: Path, options: RuntimeOptions) -> ort.InferenceSession:
-    """An InferenceSession, or a one-line UserError when the file is missing or not a valid model."""
+def open_session(path: Path, options: RuntimeOptions, config: ModelConfig | None = None,
+                 kind: str | None = None) -> ort.InferenceSession:
+    """An InferenceSession, or a one-line UserError when the file is missing, unreadable or not a valid model;
+    with `config` and `kind`, the graph's dimensions are checked against the config (graph_check.py)."""
     if not path.is_file():
         raise UserError(f"{path} is missing; re-run `qwen3vl-lab export` for this folder")
+    for file in (path, path.with_name(path.name + ".data")):  # onnxruntime reports these as "SystemError: 13"
+        if file.exists():
+            readable_file(file)
+    session = _open_session(path, options)
+    if config is not None and kind is not None:
+        check_graph(session, path, config, kind)
+    return session
+
+
+def _open_session(path: Path, options: RuntimeOptions) -> ort.InferenceSession:
+    session_options = options.session_options()
     try:
-        return ort.InferenceSession(str(path), sess_options=options.session_options(),
-                                    providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), sess_options=session_options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises several types for corrupt files
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} could not be loaded by onnxruntime ({reason}); re-export it with `qwen3vl-lab export`") from None
@@ -72,9 +90,7 @@ def open_session(path: Path, options: RuntimeOptions) -> ort.InferenceSession:
 
 def resolve_folder(model_dir: str | Path, precision: str) -> Path:
     """model_dir is an export root (with cpu-<precision>/ inside) or one precision folder itself."""
-    root = Path(model_dir)
-    if not root.is_dir():
-        raise UserError(f"--model_dir {root} does not exist; export a checkpoint with `qwen3vl-lab export` first")
+    root = existing_dir(model_dir, "--model_dir", fix="export a checkpoint with `qwen3vl-lab export` first")
     if (root / GENAI_CONFIG).is_file():
         return root
     folder = root / f"cpu-{precision}"
@@ -85,6 +101,7 @@ def resolve_folder(model_dir: str | Path, precision: str) -> Path:
         else:
             hint = "export a checkpoint into it with `qwen3vl-lab export --hf_dir DIR --output_dir " f"{root}`"
         raise UserError(f"{root} has no cpu-{precision} folder ({hint})")
+    existing_dir(folder, "the precision folder", fix="re-run `qwen3vl-lab export`")
     if not (folder / GENAI_CONFIG).is_file():
         raise UserError(f"{folder} has no {GENAI_CONFIG}; re-run `qwen3vl-lab export`")
     return folder
@@ -105,7 +122,7 @@ class Model:
     def decoder(self) -> ort.InferenceSession:
         """The teaching decoder (model.onnx): every step inspectable, the cache a plain array."""
         if self.decoder_session is None:
-            self.decoder_session = open_session(self.folder / DECODER_FILE, self.options)
+            self.decoder_session = open_session(self.folder / DECODER_FILE, self.options, self.config, "decoder")
         return self.decoder_session
 
     def fast_decoder_file(self) -> Path:
@@ -113,18 +130,17 @@ class Model:
 
         `qwen3vl-lab export` writes it beside every model.onnx; the runtime only reads it (it never
         imports the builder). A folder without it (an export older than the fast path, or a
-        `quantize_folder` / sweep variant) gets a one-line error naming the two ways to write it."""
+        `quantize_folder` / sweep variant) gets a one-line error."""
         path = self.folder / FAST_DECODER_FILE
         if not path.is_file():
-            raise UserError(f"{path} is missing (the fused decoder that fast=True / --fast runs); re-run "
-                            "`qwen3vl-lab export` for this folder, or write it beside model.onnx with "
-                            "qwen3vl_lab.export.decoder_fast.write_fast_decoder(folder)")
+            raise UserError(f"{path} is missing (the fused decoder that --fast runs); re-run `qwen3vl-lab export` "
+                            "for this folder, or run without --fast")
         return path
 
     @cached_property
     def fast_decoder(self) -> ort.InferenceSession:
         """The fused decoder's session (`fast_decoder_file`), opened on first use."""
-        return open_session(self.fast_decoder_file(), self.options)
+        return open_session(self.fast_decoder_file(), self.options, self.config, "decoder")
 
     @property
     def precision(self) -> str:
@@ -147,7 +163,7 @@ class Model:
         if not self.has_vision:
             raise UserError(f"{self.folder} has no vision model ({VISION_FILE}); re-export the checkpoint "
                             "with `qwen3vl-lab export` to use images")
-        return open_session(self.folder / VISION_FILE, self.options)
+        return open_session(self.folder / VISION_FILE, self.options, self.config, "vision")
 
     @cached_property
     def tokenizer(self):
@@ -172,14 +188,15 @@ def load_model(model_dir: str | Path, text_precision: str = "fp32", options: Run
     """open_decoder=False defers model.onnx until `.decoder` is used (the fast path needs only model-fast.onnx)."""
     options = options or RuntimeOptions()
     folder = resolve_folder(model_dir, text_precision)
+    readable_file(folder / GENAI_CONFIG)
     try:
         genai = json.loads((folder / GENAI_CONFIG).read_text(encoding="utf-8"))
         config = ModelConfig.from_dict(genai["qwen3vl_lab"]["config"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"{folder / GENAI_CONFIG} is not a qwen3vl-lab config ({type(e).__name__}: {e}); "
                         "re-run `qwen3vl-lab export`") from None
-    embedding = open_session(folder / EMBEDDING_FILE, options)
-    decoder = open_session(folder / DECODER_FILE, options) if open_decoder else None
+    embedding = open_session(folder / EMBEDDING_FILE, options, config, "embedding")
+    decoder = open_session(folder / DECODER_FILE, options, config, "decoder") if open_decoder else None
     return Model(folder=folder, genai=genai, config=config, embedding=embedding, decoder_session=decoder,
                  options=options)
 
