@@ -18,6 +18,7 @@ from typing import Sequence
 
 from ..errors import UserError
 from ..model import Model, load_model
+from ..paths import existing_dir
 from .checklist import Checklist, run_checklist
 from .compare import Comparison, compare
 from .inputs import PromptLike, as_specs
@@ -85,7 +86,9 @@ def _load_pair(model_dir, precision: str, reference) -> tuple[Model, Model]:
                 raise UserError(f"no fp32 reference next to {test.folder}; pass --reference with an fp32 folder")
             return test, load_model(root, "fp32")
         return test, load_model(model_dir, "fp32")
-    return test, load_model(reference, "fp32")
+    folder = existing_dir(reference, "--reference", fix="pass an fp32 export folder, or leave out --reference to "
+                          "compare with the cpu-fp32 folder of the same export")
+    return test, load_model(folder, "fp32")
 
 
 def diagnose(model_dir: Model | str | Path, precision: str = "int4", reference: Model | str | Path | None = "fp32",
