@@ -164,6 +164,13 @@ def make_tiny_overwrite_a_users_folder(w):
     return ["make-tiny", "--output_dir", folder, "--overwrite"], [folder]
 
 
+@case("mine.txt", "did not write")
+def train_shapes_into_a_users_folder(w):
+    """Refused before training starts (it used to delete the folder after 20 minutes of training)."""
+    folder = w.user_folder("run")
+    return ["train-shapes", "--output_dir", folder, "--steps", "1"], [folder]
+
+
 # -- 3. unbounded resources ----------------------------------------------------------------------
 @case("--threads", f"1 to {max_threads()}")
 def threads_beyond_the_cores(w):

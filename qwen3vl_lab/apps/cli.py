@@ -537,8 +537,6 @@ def add_train_shapes(sub) -> None:
 def run_train_shapes(a) -> int:
     from ..shapes.train import run  # noqa: PLC0415
 
-    if getattr(a, "output_dir", None) is not None:
-        output_dir(a.output_dir, "--output_dir")
     return run(a)
 
 
