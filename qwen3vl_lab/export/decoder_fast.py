@@ -40,7 +40,7 @@ from ..config import ModelConfig, TextConfig
 from ..errors import UserError
 from ..layout import DECODER_FILE, FAST_DECODER_FILE, GENAI_CONFIG
 from .decoder import PREFIX
-from .files import write_error
+from .files import add_to_stamp, write_error
 from .onnx_graph import FLOAT, INT64, MS_DOMAIN, GraphBuilder
 
 INT32 = TensorProto.INT32
@@ -288,6 +288,7 @@ def write_fast_decoder(folder: str | Path, cfg: ModelConfig | None = None, fuse:
         else:
             data.unlink(missing_ok=True)
         (staging / FAST_DECODER_FILE).replace(out)
+        add_to_stamp(folder, [out.name, data.name])  # ours, should the folder be replaced later
     except OSError as e:
         raise write_error(e, folder, "the folder") or UserError(f"cannot write {out} ({e.strerror})") from None
     finally:

@@ -50,6 +50,16 @@ def stamp_folder(folder: str | Path, what: str, extra: Sequence[str] = ()) -> No
     (folder / STAMP).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
 
 
+def add_to_stamp(folder: str | Path, names: Sequence[str]) -> None:
+    """Files our tools add later to a folder they wrote (e.g. write_fast_decoder): listed as ours, if it is stamped."""
+    folder = Path(folder)
+    listed = _stamped_files(folder)
+    if listed is not None:
+        record = json.loads((folder / STAMP).read_text(encoding="utf-8"))
+        record["files"] = sorted(listed | {n for n in names if (folder / n).exists()})
+        (folder / STAMP).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+
+
 def _stamped_files(folder: Path) -> set[str] | None:
     try:
         record = json.loads((folder / STAMP).read_text(encoding="utf-8"))
