@@ -30,13 +30,9 @@ def as_path(value, name: str) -> Path:
         raise UserError(f"{name} must be a path (a str or pathlib.Path), got {type(value).__name__} {shown}")
     text = os.fspath(value)
     if not isinstance(text, str) or not text.strip():
-        raise UserError(f"{name} is empty; pass a folder or file path")
+        raise UserError(f"{name} is empty; pass a path")
     if "\0" in text:
         raise UserError(f"{name} {text!r} contains a NUL character; pass a real path")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UserError(f"{name} {text!r} is not valid UTF-8; rename the file or pass a path in UTF-8") from None
     return Path(text)
 
 
