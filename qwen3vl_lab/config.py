@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .paths import existing_dir, readable_file
 
 IMAGE_TOKEN_ID = 151655
 VIDEO_TOKEN_ID = 151656
@@ -136,6 +137,25 @@ def _eos_ids(top: dict, text: dict, hf_dir: Path | None) -> tuple[int, ...]:
     return tuple(ids)
 
 
+TEXT_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+VISION_SIZES = ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+                "temporal_patch_size", "spatial_merge_size", "out_hidden_size", "num_position_embeddings")
+
+
+def _count(section: dict, key: str, where: str, default: int | None = None) -> int:
+    """A positive whole number from a config section; missing (without a default) or invalid: one line."""
+    value = section.get(key)
+    if value is None:
+        if default is None or default < 1:
+            raise UserError(f"config.json {where} has no {key}; restore the checkpoint's config.json "
+                            "(it must describe the weights)")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"config.json {where}.{key} is {value!r}; it must be a whole number >= 1: restore the "
+                        "checkpoint's config.json")
+    return value
+
+
 def parse_hf_config(cfg: dict, hf_dir: Path | None = None) -> ModelConfig:
     """Turn a Hugging Face Qwen3-VL `config.json` dict (either style) into a ModelConfig."""
     if cfg.get("model_type") != "qwen3_vl" or "text_config" not in cfg:
@@ -144,17 +164,28 @@ def parse_hf_config(cfg: dict, hf_dir: Path | None = None) -> ModelConfig:
             f"config.json describes model_type {kind!r}, not a Qwen3-VL checkpoint (model_type 'qwen3_vl'); "
             "pass the folder of a Qwen3VLForConditionalGeneration checkpoint"
         )
-    t, v = cfg["text_config"], cfg.get("vision_config", {})
+    t, v = cfg["text_config"], cfg.get("vision_config") or {}
+    if not isinstance(t, dict) or not isinstance(v, dict):
+        raise UserError("config.json: text_config / vision_config must be JSON objects; restore the checkpoint's "
+                        "config.json")
     theta, section = _rope(t)
-    heads = t["num_attention_heads"]
+    size = {k: _count(t, k, "text_config") for k in TEXT_SIZES}
+    heads, hidden = size["num_attention_heads"], size["hidden_size"]
+    kv_heads = _count(t, "num_key_value_heads", "text_config", heads)
+    if heads % kv_heads:
+        raise UserError(f"config.json text_config: num_attention_heads {heads} is not a multiple of "
+                        f"num_key_value_heads {kv_heads}; restore the checkpoint's config.json")
+    for k in VISION_SIZES:
+        if k in v:
+            _count(v, k, "vision_config")
     text = TextConfig(
-        vocab_size=t["vocab_size"],
-        hidden_size=t["hidden_size"],
-        intermediate_size=t["intermediate_size"],
-        num_hidden_layers=t["num_hidden_layers"],
+        vocab_size=size["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=size["intermediate_size"],
+        num_hidden_layers=size["num_hidden_layers"],
         num_attention_heads=heads,
-        num_key_value_heads=t.get("num_key_value_heads") or heads,
-        head_dim=t.get("head_dim") or t["hidden_size"] // heads,
+        num_key_value_heads=kv_heads,
+        head_dim=_count(t, "head_dim", "text_config", hidden // heads),
         rms_norm_eps=t.get("rms_norm_eps", 1e-6),
         rope_theta=theta,
         mrope_section=section,
@@ -195,15 +226,17 @@ def parse_hf_config(cfg: dict, hf_dir: Path | None = None) -> ModelConfig:
 
 
 def load_hf_config(hf_dir: str | Path) -> ModelConfig:
-    """Read `<hf_dir>/config.json`; a one-line UserError when it is missing or not Qwen3-VL."""
-    hf_dir = Path(hf_dir)
+    """Read `<hf_dir>/config.json`; a one-line UserError when it is missing, unreadable or not Qwen3-VL."""
+    fix = "pass --hf_dir the folder of a Hugging Face Qwen3-VL checkpoint"
+    hf_dir = existing_dir(hf_dir, "--hf_dir", fix=fix)
     path = hf_dir / "config.json"
-    if not hf_dir.is_dir():
-        raise UserError(f"{hf_dir} is not a folder; pass --hf_dir the folder of a Hugging Face Qwen3-VL checkpoint")
     if not path.is_file():
-        raise UserError(f"{hf_dir} has no config.json; pass --hf_dir the folder of a Hugging Face Qwen3-VL checkpoint")
+        raise UserError(f"{hf_dir} has no config.json; {fix}")
+    readable_file(path)
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e}); restore the checkpoint's config.json") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path} holds a JSON {type(cfg).__name__}, not an object; restore the checkpoint's config.json")
     return parse_hf_config(cfg, hf_dir)

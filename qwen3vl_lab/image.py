@@ -23,6 +23,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
+from .limits import check_pixels
+from .paths import existing_file
 
 MAX_ASPECT_RATIO = 200  # transformers refuses images longer than 200:1
 
@@ -135,12 +137,27 @@ def load_image(x) -> np.ndarray:
     raise UserError(f"cannot use a {type(x).__name__} as an image; pass a file path, a PIL image or a numpy array")
 
 
+def native_size(x) -> tuple[int, int] | None:
+    """(height, width) of an image as `load_image` will see it, without decoding its pixels (a file's
+    header only, EXIF rotation applied); None when it cannot be told (the loader then names the problem)."""
+    try:
+        if isinstance(x, (str, Path)):
+            with Image.open(x) as img:
+                width, height = img.size
+                rotated = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientation: a quarter turn
+            return (width, height) if rotated else (height, width)
+        if isinstance(x, Image.Image):
+            return x.height, x.width
+        if isinstance(x, np.ndarray) and x.ndim >= 2:
+            return int(x.shape[0]), int(x.shape[1])
+    except (OSError, ValueError, SyntaxError, UnidentifiedImageError):
+        return None
+    return None
+
+
 def _open_image_file(path: Path) -> Image.Image:
     """Open and decode an image file (one-line UserError when missing or unreadable)."""
-    if not path.exists():
-        raise UserError(f"image file {path} does not exist; check the path")
-    if not path.is_file():
-        raise UserError(f"{path} is a folder, not an image file; pass the path of a PNG/JPEG/... file")
+    existing_file(path, "image file", fix="pass the path of a PNG/JPEG/... file (check the path)")
     try:
         img = Image.open(path)
         img.load()  # decode now, so truncated files fail here
@@ -253,6 +270,7 @@ def target_size(height: int, width: int, config: ImageProcessorConfig, image_siz
     h, w = hw
     if h <= 0 or w <= 0 or h % config.factor or w % config.factor:
         raise UserError(f"image_size {image_size} must be positive multiples of {config.factor} (patch * merge); e.g. 384")
+    check_pixels(int(h), int(w), what=f"image_size {image_size}: an image")  # before resizing, not in the OOM
     return int(h), int(w)
 
 

@@ -25,6 +25,7 @@ import onnxruntime as ort
 from .config import ModelConfig, TextConfig, VisionConfig, load_hf_config
 from .decoder import DecoderIO, MissingPiece, OnnxDecoder
 from .errors import UserError
+from .graph_check import check_graph
 from .layout import (
     DECODER_FILE,
     EMBEDDING_INPUT,
@@ -37,6 +38,8 @@ from .layout import (
     VISION_FILE,
 )
 from .layouts import Layout, find_layout, read_export_config, read_genai_config
+from .limits import check_threads
+from .paths import as_path, existing_dir, readable_file
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,9 @@ class RuntimeOptions:
     allow_spinning: bool = False
     log_severity: int = 3  # errors only: onnxruntime's warnings are noise for users
 
+    def __post_init__(self):
+        check_threads(self.threads, "threads")  # more threads than cores: refused here (limits.py)
+
     def session_options(self) -> ort.SessionOptions:
         so = ort.SessionOptions()
         levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -73,13 +79,25 @@ class RuntimeOptions:
         return so
 
 
-def open_session(path: Path, options: RuntimeOptions) -> ort.InferenceSession:
-    """An InferenceSession, or a one-line UserError when the file is missing or not a valid model."""
+def open_session(path: Path, options: RuntimeOptions, config: ModelConfig | None = None,
+                 kind: str | None = None) -> ort.InferenceSession:
+    """An InferenceSession, or a one-line UserError when the file is missing, unreadable or not a valid model;
+    with `config` and `kind`, the graph's dimensions are checked against the config (graph_check.py)."""
     if not path.is_file():
         raise UserError(f"{path} is missing; re-run `qwen3vl-lab export` for this folder")
+    for file in (path, path.with_name(path.name + ".data")):  # onnxruntime reports these as "SystemError: 13"
+        if file.exists():
+            readable_file(file)
+    session = _open_session(path, options)
+    if config is not None and kind is not None:
+        check_graph(session, path, config, kind)
+    return session
+
+
+def _open_session(path: Path, options: RuntimeOptions) -> ort.InferenceSession:
+    session_options = options.session_options()
     try:
-        return ort.InferenceSession(str(path), sess_options=options.session_options(),
-                                    providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), sess_options=session_options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises several types for corrupt files
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} could not be loaded by onnxruntime ({reason}); re-export it with `qwen3vl-lab export`") from None
@@ -87,9 +105,7 @@ def open_session(path: Path, options: RuntimeOptions) -> ort.InferenceSession:
 
 def resolve_folder(model_dir: str | Path, precision: str) -> Path:
     """model_dir is an export root (with cpu-<precision>/ inside) or one precision folder itself."""
-    root = Path(model_dir)
-    if not root.is_dir():
-        raise UserError(f"--model_dir {root} does not exist; export a checkpoint with `qwen3vl-lab export` first")
+    root = existing_dir(model_dir, "--model_dir", fix="export a checkpoint with `qwen3vl-lab export` first")
     if (root / GENAI_CONFIG).is_file():
         return root
     folder = root / f"cpu-{precision}"
@@ -100,6 +116,7 @@ def resolve_folder(model_dir: str | Path, precision: str) -> Path:
         else:
             hint = "export a checkpoint into it with `qwen3vl-lab export --hf_dir DIR --output_dir " f"{root}`"
         raise UserError(f"{root} has no cpu-{precision} folder ({hint})")
+    existing_dir(folder, "the precision folder", fix="re-run `qwen3vl-lab export`")
     if not (folder / GENAI_CONFIG).is_file():
         raise UserError(f"{folder} has no {GENAI_CONFIG}; re-run `qwen3vl-lab export`")
     return folder
@@ -122,8 +139,14 @@ class Model:
     def decoder(self) -> ort.InferenceSession:
         """The teaching decoder (model.onnx): every step inspectable, the cache a plain array."""
         if self.decoder_session is None:
-            self.decoder_session = open_session(self.decoder_file, self.options)
+            self.decoder_session = open_session(self.decoder_file, self.options, self._checked_config, "decoder")
         return self.decoder_session
+
+    @property
+    def _checked_config(self) -> ModelConfig | None:
+        """The config our graphs are checked against when a session opens (graph_check.py); None for foreign
+        exports, whose config was read from the graph itself."""
+        return self.config if self.kind == "qwen3vl-lab" else None
 
     @property
     def decoder_file(self) -> Path:
@@ -158,18 +181,17 @@ class Model:
 
         `qwen3vl-lab export` writes it beside every model.onnx; the runtime only reads it (it never
         imports the builder). A folder without it (an export older than the fast path, or a
-        `quantize_folder` / sweep variant) gets a one-line error naming the two ways to write it."""
+        `quantize_folder` / sweep variant) gets a one-line error."""
         path = self.folder / FAST_DECODER_FILE
         if not path.is_file():
-            raise UserError(f"{path} is missing (the fused decoder that fast=True / --fast runs); re-run "
-                            "`qwen3vl-lab export` for this folder, or write it beside model.onnx with "
-                            "qwen3vl_lab.export.decoder_fast.write_fast_decoder(folder)")
+            raise UserError(f"{path} is missing (the fused decoder that --fast runs); re-run `qwen3vl-lab export` "
+                            "for this folder, or run without --fast")
         return path
 
     @cached_property
     def fast_decoder(self) -> ort.InferenceSession:
         """The fused decoder's session (`fast_decoder_file`), opened on first use."""
-        return open_session(self.fast_decoder_file(), self.options)
+        return open_session(self.fast_decoder_file(), self.options, self.config, "decoder")
 
     @property
     def precision(self) -> str:
@@ -207,7 +229,7 @@ class Model:
         if not self.has_vision:
             raise UserError(f"{self.folder} has no vision model ({VISION_FILE}); re-export the checkpoint "
                             "with `qwen3vl-lab export` to use images")
-        return open_session(self.folder / VISION_FILE, self.options)
+        return open_session(self.folder / VISION_FILE, self.options, self.config, "vision")
 
     @cached_property
     def tokenizer(self):
@@ -285,18 +307,6 @@ def model_config(layout: Layout, genai: dict, decoder: ort.InferenceSession | No
     return ModelConfig(text=text, vision=VisionConfig(deepstack_visual_indexes=()), eos_token_ids=tuple(eos))
 
 
-def check_embedding(embedding: ort.InferenceSession | None, layout: Layout, config: ModelConfig) -> None:
-    """The embedding graph's rows are as wide as the decoder's hidden state (a one-line error otherwise)."""
-    if embedding is None:
-        return
-    out = next((o for o in embedding.get_outputs() if o.name == EMBEDDING_OUTPUT), embedding.get_outputs()[0])
-    width = out.shape[-1] if out.shape and isinstance(out.shape[-1], int) else None
-    if width is not None and width != config.text.hidden_size:
-        raise UserError(f"{layout.embedding} gives {width}-wide embeddings but the decoder takes "
-                        f"{config.text.hidden_size}; the two graphs come from different models: pass the export's own "
-                        "embedding (or re-export)")
-
-
 def load_model(model_dir: str | Path, text_precision: str = "fp32", options: RuntimeOptions | None = None,
                *, open_decoder: bool = True, tokenizer_dir: str | Path | None = None,
                accept_missing: bool = False) -> Model:
@@ -307,12 +317,19 @@ def load_model(model_dir: str | Path, text_precision: str = "fp32", options: Run
     tokenizer_dir: where the tokenizer is when the export has none. accept_missing: run prompts that need
     a piece the decoder lacks (3-D positions, DeepStack), saying so (`model.notices`, `decoder.missing_used`)."""
     options = options or RuntimeOptions()
-    layout = find_layout(model_dir, text_precision, tokenizer_dir=tokenizer_dir)
+    path = as_path(model_dir, "--model_dir")
+    if path.is_dir():
+        existing_dir(path, "--model_dir", fix="pass an export folder")
+    layout = find_layout(path, text_precision, tokenizer_dir=tokenizer_dir)
+    if layout.genai_config:
+        readable_file(layout.genai_config)
     genai = read_export_config(layout.folder) if layout.genai_config else {}
-    decoder = open_session(layout.decoder, options) if open_decoder or layout.kind != "qwen3vl-lab" else None
+    ours = layout.kind == "qwen3vl-lab"
+    decoder = open_session(layout.decoder, options) if open_decoder or not ours else None
     config = model_config(layout, genai, decoder)
-    embedding = open_session(layout.embedding, options) if layout.embedding else None
-    check_embedding(embedding, layout, config)
+    if decoder is not None and ours:
+        check_graph(decoder, layout.decoder, config, "decoder")
+    embedding = open_session(layout.embedding, options, config, "embedding") if layout.embedding else None
     return Model(folder=layout.folder, genai=genai, config=config, embedding=embedding, decoder_session=decoder,
                  options=options, accept_missing=accept_missing, layout=layout)
 

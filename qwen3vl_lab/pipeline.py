@@ -30,7 +30,10 @@ import numpy as np
 
 from .errors import UserError
 from .generate import Prompt, generate_batch, generate_tokens, prepare_multimodal_prompt, prepare_prompt
+from .image import ImageProcessorConfig, native_size, target_size
+from .limits import check_image_memory, check_image_size
 from .model import Model, RuntimeOptions, load_model
+from .paths import as_path
 from .sampling import SamplingConfig, greedy, make_sampler  # noqa: F401 (greedy: pipeline.greedy stays importable)
 from .steps import encode_image
 from .tokenizer import stream_text
@@ -63,6 +66,11 @@ class Qwen3VLPipeline:
         a decoder .onnx). tokenizer_dir: where the tokenizer is if the export has none. accept_missing: run an image
         prompt on a decoder that lacks 3-D positions or DeepStack (`self.notices` and each result say so)."""
         self.fast = fast
+        as_path(model_dir, "model_dir")
+        if text_precision not in ("fp32", "int4"):
+            raise UserError(f"text_precision must be 'fp32' or 'int4', got {text_precision!r}")
+        if options is not None and not isinstance(options, RuntimeOptions):
+            raise UserError(f"options must be a RuntimeOptions (e.g. RuntimeOptions(threads=2)), got {type(options).__name__}")
         self.model: Model = load_model(model_dir, text_precision, options, open_decoder=not fast,
                                        tokenizer_dir=tokenizer_dir, accept_missing=accept_missing)
         if fast:
@@ -88,8 +96,29 @@ class Qwen3VLPipeline:
 
     def _prepare(self, prompt: str, raw: bool, images=None, videos=None, image_size=None,
                  video_fps: float = 2.0) -> Prompt:
+        _check_prompt(prompt)
+        if images is not None or videos is not None:
+            self._check_memory(images, image_size)
         return prepare_multimodal_prompt(self.model, prompt, images, videos, image_size, raw,
                                          video_fps=video_fps, encoder=self.encode_cached)
+
+    def _check_memory(self, images, image_size) -> None:
+        """Refuse, before any pixel is decoded, an image whose vision call would not fit in memory (limits.py):
+        a fixed image_size, or each image file's size after the processor's resize (read from its header)."""
+        vis = self.model.config.vision
+        check_image_size(image_size, vis.num_heads, vis.patch_size)
+        folder = self.model.root / "pytorch"
+        config = ImageProcessorConfig.from_dir(folder) if (folder / "preprocessor_config.json").is_file() \
+            else ImageProcessorConfig()
+        for image in images if isinstance(images, (list, tuple)) else [images]:
+            size = native_size(image) if image is not None else None
+            if size is not None and min(size) > 0:
+                try:
+                    height, width = target_size(*size, config, image_size)
+                except UserError:
+                    continue  # e.g. an extreme aspect ratio: preprocessing names it, with the image's name
+                label = f"{image} resized to" if isinstance(image, (str, Path)) else "an image resized to"
+                check_image_memory(height, width, vis.num_heads, vis.patch_size, what=label)
 
     def _sampler(self, sampler, temperature, top_k, top_p, no_sample, seed, repetition_penalty):
         if sampler is not None:
@@ -112,8 +141,7 @@ class Qwen3VLPipeline:
         list of folders of frames or lists of frames taken at `video_fps`; image_size: fixed N x N resize.
         prefill_chunk: run the prompt through the decoder N tokens at a time (same result, less memory).
         """
-        if max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        _check_count(max_new_tokens, "max_new_tokens")
         _check_chunk(prefill_chunk)
         sample = self._sampler(sampler, temperature, top_k, top_p, no_sample, seed, repetition_penalty)
         p = self._prepare(prompt, raw, images=images, videos=videos, image_size=image_size, video_fps=video_fps)
@@ -159,11 +187,13 @@ class Qwen3VLPipeline:
         images / videos: one entry per prompt (None, one image, or a list of images). With sampling, one
         random stream serves the whole batch, so sampled texts depend on batch_size; greedy ones do not.
         """
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise UserError(f"prompts must be a list of strings, got {type(prompts).__name__}")
         prompts = list(prompts)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise UserError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        for p in prompts:
+            _check_prompt(p)
+        _check_count(batch_size, "batch_size")
+        _check_count(max_new_tokens, "max_new_tokens")
         _check_chunk(prefill_chunk)
         images, videos = _per_prompt(images, len(prompts), "images"), _per_prompt(videos, len(prompts), "videos")
         sample = self._sampler(sampler, temperature, top_k, top_p, no_sample, seed, repetition_penalty)
@@ -199,6 +229,7 @@ class Qwen3VLTextOnlyPipeline(Qwen3VLPipeline):
                  video_fps: float = 2.0) -> Prompt:
         if any(x is not None and not (isinstance(x, (list, tuple)) and not x) for x in (images, videos)):
             raise UserError("Qwen3VLTextOnlyPipeline takes text only; use Qwen3VLPipeline for images and videos")
+        _check_prompt(prompt)
         return prepare_prompt(self.model, prompt, raw=raw)
 
 
@@ -211,6 +242,23 @@ def _per_prompt(items, n: int, name: str) -> list:
         raise UserError(f"{name} for a list of {n} prompts must be a list with one entry per prompt (None, one "
                         f"item, or a list of items), got {got}; e.g. {name}=[['a.png'], None]")
     return list(items)
+
+
+def _check_count(value, name: str) -> None:
+    """A whole number >= 1 (numpy integers too; not bool, not float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise UserError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _check_prompt(prompt) -> None:
+    """A str that is valid Unicode text (no lone surrogates: bytes that were not UTF-8)."""
+    if not isinstance(prompt, str):
+        raise UserError(f"prompt must be a str (or a list of str for a batch), got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"the prompt is not valid UTF-8 text (undecodable byte at character {e.start}); "
+                        "type or save it as UTF-8") from None
 
 
 def _check_chunk(prefill_chunk) -> None:

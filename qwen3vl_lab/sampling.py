@@ -230,6 +230,11 @@ def _checked(fn: Callable) -> SamplerFn:
             raise UserError(
                 f"the custom sampler returned {ids.dtype} of shape {ids.shape}; it must return {batch} integer ids"
             )
+        vocab = np.shape(logits)[-1]
+        outside = ids[(ids < 0) | (ids >= vocab)]
+        if outside.size:
+            raise UserError(f"the custom sampler returned id {int(outside[0])}, outside the vocabulary [0, {vocab}); "
+                            "it must return indices into the last axis of logits")
         return ids.astype(np.int64)
 
     custom_sampler.__wrapped__ = fn

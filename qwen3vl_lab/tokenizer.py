@@ -249,7 +249,8 @@ def _expand_images(text: str, grids: np.ndarray, merge_size: int) -> str:
     if found != len(grids):
         raise UserError(
             f"the prompt has {found} {IMAGE_PAD} placeholders but {len(grids)} images were given; "
-            "use format_chat(..., images=N) with N equal to the number of images"
+            "give one image per placeholder (leave <|image_pad|> out of the prompt text; the chat template adds one "
+            "per image)"
         )
     pieces = text.split(IMAGE_PAD)
     return pieces[0] + "".join(image_placeholder(g, merge_size) + p for g, p in zip(grids, pieces[1:]))

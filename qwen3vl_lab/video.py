@@ -28,6 +28,7 @@ import numpy as np
 
 from .errors import UserError
 from .image import MAX_ASPECT_RATIO, load_image, rescale_and_normalize, resize_image
+from .limits import check_pixels
 from .tokenizer import frame_pair_timestamps
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -161,6 +162,7 @@ def _fixed_size(image_size, factor: int) -> tuple[int, int]:
     hw = (image_size, image_size) if isinstance(image_size, (int, np.integer)) else tuple(image_size)
     if len(hw) != 2 or min(hw) <= 0 or hw[0] % factor or hw[1] % factor:
         raise UserError(f"image_size {image_size} must be positive multiples of {factor} (patch * merge); e.g. 384")
+    check_pixels(int(hw[0]), int(hw[1]), what=f"image_size {image_size}: a video frame")
     return int(hw[0]), int(hw[1])
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from .config import ModelConfig, VisionConfig
 from .errors import UserError
 from .layout import DEEPSTACK_FEATURES, IMAGE_FEATURES, PIXEL_VALUES, POS_INDICES, POS_WEIGHTS, ROTARY_COS, ROTARY_SIN
+from .limits import check_image_memory
 from .vision_inputs import interpolation_indices_and_weights, rotary_cos_sin, rotary_position_ids
 
 
@@ -96,6 +97,7 @@ def encode_image(session, pixel_values: np.ndarray, image_grid_thw, cfg: ModelCo
     feats, stacks = [], []
     start = 0
     for t, h, w in grids.tolist():
+        check_image_memory(h * vis.patch_size, w * vis.patch_size, vis.num_heads, vis.patch_size)  # refuse, not OOM
         for _ in range(t):  # one call per temporal patch: exactly transformers' per-segment attention
             rows = pixel_values[start:start + h * w]
             start += h * w

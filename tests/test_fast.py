@@ -225,14 +225,15 @@ def test_fast_graph_uses_fused_ops_and_reads_the_same_weights(onnx_dir, precisio
 def test_missing_fast_graph_is_a_one_line_error_and_the_builder_writes_it(onnx_dir, tmp_path, capsys):
     """The runtime only reads model-fast.onnx (it never imports the builder): a folder without it
     (an older export, a quantize_folder / sweep variant) is refused before any prompt runs, naming
-    the file and both fixes; `write_fast_decoder` then makes the same folder run with the same tokens."""
+    the file and both fixes (re-export, or run without --fast; no Python call advised on the command line);
+    `write_fast_decoder` then makes the same folder run with the same tokens."""
     import shutil
 
     copy = tmp_path / "copy"
     shutil.copytree(onnx_dir / "cpu-int4", copy)
     (copy / FAST_DECODER_FILE).unlink()
     (copy / (FAST_DECODER_FILE + ".data")).unlink(missing_ok=True)
-    with pytest.raises(UserError, match="model-fast.onnx is missing.*qwen3vl-lab export.*write_fast_decoder"):
+    with pytest.raises(UserError, match="model-fast.onnx is missing.*qwen3vl-lab export.*without --fast"):
         Qwen3VLPipeline(copy, "int4", fast=True)
     model = load_model(copy, "int4", open_decoder=False)
     p = prepare_prompt(model, PROMPTS[0])

@@ -12,6 +12,7 @@ import pytest
 from qwen3vl_lab.config import load_hf_config, parse_hf_config
 from qwen3vl_lab.errors import UserError
 from qwen3vl_lab.export.checkpoint import INDEX_NAME, SAFETENSORS_NAME, Checkpoint
+from qwen3vl_lab.export.files import STAMP
 from qwen3vl_lab.export.tiny import (
     PREPROCESSOR_CONFIG,
     TOKENIZER_FILES,
@@ -73,7 +74,7 @@ def _greedy(model, path, n: int = 20) -> list[int]:
 def test_tiny_folder_layout_and_size(tiny_dir):
     names = {p.name for p in tiny_dir.iterdir()}
     expected = {"config.json", "generation_config.json", SAFETENSORS_NAME, "preprocessor_config.json",
-                "video_preprocessor_config.json", *TOKENIZER_FILES}
+                "video_preprocessor_config.json", *TOKENIZER_FILES, STAMP}
     assert names == expected
     assert _folder_mb(tiny_dir) < 60
     assert not list(tiny_dir.parent.glob(".*")), "temporary folder left behind"
@@ -216,14 +217,21 @@ def test_2b_preset_shapes_without_writing():
 # ------------------------------------------------------------------------------------------
 
 def test_refuses_to_overwrite_unless_asked(tmp_path):
+    """A non-empty folder needs overwrite=True, which replaces only a checkpoint make_tiny wrote: a folder
+    holding the user's own file is refused even then, the file kept."""
     target = tmp_path / "out"
     target.mkdir()
     (target / "notes.txt").write_text("keep me")
     with pytest.raises(UserError) as e:
         make_tiny(target)
-    assert "overwrite=True" in str(e.value) and (target / "notes.txt").exists()
-    make_tiny(target, overwrite=True)
-    assert not (target / "notes.txt").exists() and (target / SAFETENSORS_NAME).exists()
+    assert "--overwrite" in str(e.value) and (target / "notes.txt").read_text() == "keep me"
+    with pytest.raises(UserError) as e:
+        make_tiny(target, overwrite=True)
+    assert "notes.txt" in str(e.value) and (target / "notes.txt").read_text() == "keep me"
+    (target / "notes.txt").unlink()
+    make_tiny(target)  # empty: allowed
+    make_tiny(target, seed=1, overwrite=True)  # ours: replaced
+    assert (target / SAFETENSORS_NAME).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

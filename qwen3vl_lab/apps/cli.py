@@ -7,12 +7,18 @@ code 2 — no traceback.
 from __future__ import annotations
 
 import argparse
+import errno
+import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from ..errors import PROG, ArgumentParser, UserError
+from ..limits import max_threads
+from ..paths import existing_dir, existing_file, os_error_message, output_dir
+from ..signals import Terminated, deferred_interrupt, terminate_as_interrupt
 
 Parser = ArgumentParser  # argparse whose errors are one line, exit code 2 (errors.py)
 
@@ -37,7 +43,18 @@ top_k_t = _number(int, "--top_k", lambda v: v >= 0, "an integer >= 0 (0 disables
 max_new_t = _number(int, "--max_new_tokens", lambda v: v >= 1, "an integer >= 1")
 penalty_t = _number(float, "--repetition_penalty", lambda v: v > 0, "a number > 0 (1 disables)")
 seed_t = _number(int, "--seed", lambda v: v >= 0, "an integer >= 0")
-threads_t = _number(int, "--threads", lambda v: v >= 1, "an integer >= 1")
+threads_t = _number(int, "--threads", lambda v: 1 <= v <= max_threads(),
+                    f"an integer from 1 to {max_threads()} (the cores of this machine)")
+
+
+def text_t(text: str) -> str:
+    """A command-line text (--prompt) that is valid UTF-8: undecodable bytes arrive as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise argparse.ArgumentTypeError(f"--prompt is not valid UTF-8 text (undecodable byte at character "
+                                         f"{e.start}); type it in UTF-8 or set your terminal to UTF-8") from None
+    return text
 image_size_t = _number(int, "--image_size", lambda v: v >= 32 and v % 32 == 0, "a positive multiple of 32 (e.g. 384)")
 video_fps_t = _number(float, "--video_fps", lambda v: v > 0, "a number > 0 (frames per second of the given frames)")
 batch_size_t = _number(int, "--batch_size", lambda v: v >= 1, "an integer >= 1")
@@ -135,7 +152,7 @@ def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text with an exported model")
     p.add_argument("--model_dir", required=True, help="an export folder (with cpu-fp32/ or cpu-int4/)")
     p.add_argument("--text_precision", default="fp32", choices=["fp32", "int4"])
-    p.add_argument("--prompt", help="one user turn (through the chat template unless --raw)")
+    p.add_argument("--prompt", type=text_t, help="one user turn (through the chat template unless --raw)")
     p.add_argument("--max_new_tokens", type=max_new_t, default=100)
     p.add_argument("--temperature", type=temperature_t, default=0.7, help="0 = greedy (default 0.7)")
     p.add_argument("--top_k", type=top_k_t, default=20, help="0 disables (default 20)")
@@ -159,7 +176,7 @@ def add_generate(sub) -> None:
     p.add_argument("--image_size", type=image_size_t, default=None, metavar="N",
                    help="resize every image/frame to N x N (multiple of 32, e.g. 384) instead of the native size")
     p.add_argument("--prompts_file", default=None, metavar="FILE",
-                   help="many prompts: one per line, or JSONL lines {\"prompt\": ..., \"images\": [paths]} (image "
+                   help="many prompts (- reads standard input): one per line, or JSONL lines {\"prompt\": ..., \"images\": [paths]} (image "
                         "paths relative to the current folder or the file's); answers come out in input order")
     p.add_argument("--batch_size", type=batch_size_t, default=8,
                    help="prompts of --prompts_file run together as one left-padded batch (default 8)")
@@ -209,11 +226,29 @@ def _video_arg(frames: list[str]):
     return frames[0] if len(frames) == 1 else list(frames)
 
 
+MODEL_DIR_FIX = "export a checkpoint with `qwen3vl-lab export` first"
+IMAGE_FIX = "check the path, or pass an image file (jpg, png, ...)"
+
+
+def _check_media_paths(images: list[str], videos: list[list[str]]) -> None:
+    """--image files and --video folders / frame files: there and readable, before the model loads."""
+    for path in images:
+        existing_file(path, "--image", fix=IMAGE_FIX)
+    for frames in videos:
+        if len(frames) == 1 and Path(frames[0]).is_dir():
+            existing_dir(frames[0], "--video", fix="pass a folder of frames or a list of frame files")
+            continue
+        for path in frames:
+            existing_file(path, "--video", fix="pass a folder of frames or a list of frame files")
+
+
 def run_generate(a) -> int:
     from ..generate import check_has_vision  # noqa: PLC0415
     from ..model import RuntimeOptions  # noqa: PLC0415
     from ..pipeline import Qwen3VLPipeline  # noqa: PLC0415
 
+    existing_dir(a.model_dir, "--model_dir", fix=MODEL_DIR_FIX)
+    _check_media_paths(a.image, a.video)
     items = None
     if a.prompts_file is not None:
         if a.prompt is not None or a.interactive or a.image or a.video:
@@ -239,10 +274,14 @@ def run_generate(a) -> int:
     t0 = time.perf_counter()
     stream = pipe.stream(a.prompt, raw=a.raw, result=box, images=a.image, videos=a.videos,
                          image_size=a.image_size, video_fps=a.video_fps, **_sampling_kwargs(a))
-    for piece in stream:
-        if not a.json:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+    with deferred_interrupt() as stop:  # Ctrl-C ends the answer between steps, never inside onnxruntime
+        for piece in stream:
+            if not a.json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            if stop:
+                stream.close()
+                raise KeyboardInterrupt
     result = box["result"]
     for missing in result.extra.get("missing", []):
         print(f"{PROG}: note: this answer ran without {missing}", file=sys.stderr)
@@ -264,13 +303,17 @@ def read_prompts_file(path: str) -> list[dict]:
     A file ending in .jsonl, or whose first prompt line starts with "{", is JSONL; otherwise each
     non-empty line is one prompt. Image/video paths: as given, else relative to the file's folder.
     """
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"--prompts_file {path} does not exist; pass a text file with one prompt per line, or JSONL")
+    if path == "-":  # standard input; image paths relative to the current folder
+        file, data = Path("<stdin>"), sys.stdin.buffer.read()
+    else:
+        file = existing_file(path, "--prompts_file", fix="pass a text file with one prompt per line, or JSONL "
+                                                        "(- reads standard input)")
+        data = file.read_bytes()
     try:
-        lines = [(n, line) for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
-    except UnicodeDecodeError:
-        raise UserError(f"--prompts_file {path} is not UTF-8 text; save it as UTF-8") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompts_file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
         raise UserError(f"--prompts_file {path} holds no prompts; write one prompt per line")
     if file.suffix.lower() != ".jsonl" and not lines[0][1].lstrip().startswith("{"):
@@ -301,7 +344,7 @@ def _jsonl_prompt(file: Path, n: int, line: str) -> dict:
 
 
 def _existing_path(where: str, file: Path, path: str, key: str) -> str:
-    for candidate in (Path(path), file.parent / path):
+    for candidate in (Path(path), file.parent / path) if file.name != "<stdin>" else (Path(path),):
         if candidate.exists():
             return str(candidate)
     raise UserError(f"{where}: {key[:-1]} {path} does not exist (looked in the current folder and in {file.parent}); "
@@ -352,6 +395,7 @@ def interactive(pipe, a) -> int:
     messages: list[dict] = []
     images, videos = [], []  # every image / video of the chat so far, in order
     pending, pending_videos = list(a.image), list(a.videos)
+    pipe.tokenizer  # noqa: B018 (load it now: a Ctrl-C must not land in the middle of its import)
     print("Type a message; /image PATH attaches an image; quit, exit or Ctrl-D to leave; Ctrl-C stops an answer.",
           file=sys.stderr)
     while True:
@@ -362,6 +406,10 @@ def interactive(pipe, a) -> int:
             return 0
         except KeyboardInterrupt:
             print(file=sys.stderr)
+            continue
+        except UnicodeDecodeError as e:
+            print(f"{PROG}: error: that message is not valid UTF-8 text (byte {e.start}); type it in UTF-8",
+                  file=sys.stderr)
             continue
         if line.strip().lower() in ("quit", "exit"):
             return 0
@@ -381,12 +429,8 @@ def interactive(pipe, a) -> int:
         try:
             while True:
                 try:
-                    for piece in pipe.stream(format_chat(pipe.tokenizer, messages), raw=True, images=images + pending,
-                                             videos=videos + pending_videos, image_size=a.image_size,
-                                             video_fps=a.video_fps, **_sampling_kwargs(a)):
-                        pieces.append(piece)
-                        sys.stdout.write(piece)
-                        sys.stdout.flush()
+                    _answer(pipe, format_chat(pipe.tokenizer, messages), images + pending, videos + pending_videos,
+                            a, pieces)
                     break
                 except ContextOverflow as e:
                     if len(messages) < 3:  # only this message left: it alone is too long
@@ -405,6 +449,23 @@ def interactive(pipe, a) -> int:
         images, videos = images + pending, videos + pending_videos
         pending, pending_videos = [], []
         messages.append({"role": "assistant", "content": [{"type": "text", "text": "".join(pieces)}]})
+
+
+def _answer(pipe, prompt: str, images: list, videos: list, a, pieces: list) -> None:
+    """Stream one answer into `pieces` and stdout. Ctrl-C sets a flag that stops it between decode steps
+    (KeyboardInterrupt from here), so onnxruntime is never interrupted mid-run and the chat goes on."""
+    with deferred_interrupt() as stop:
+        stream = pipe.stream(prompt, raw=True, images=images, videos=videos, image_size=a.image_size,
+                             video_fps=a.video_fps, **_sampling_kwargs(a))
+        for piece in stream:
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            if stop:
+                break
+        stream.close()
+        if stop:
+            raise KeyboardInterrupt
 
 
 def _drop_oldest_turn(messages: list[dict], images: list, videos: list) -> tuple[list, list]:
@@ -473,6 +534,9 @@ def run_eval_shapes(a) -> int:
     from ..shapes.evaluate import evaluate_shapes  # noqa: PLC0415
     from ..shapes.task import format_table  # noqa: PLC0415
 
+    existing_dir(a.model_dir, "--model_dir", fix=MODEL_DIR_FIX)
+    if a.out_dir is not None:
+        output_dir(a.out_dir, "--out_dir")
     if a.recipes:
         if a.text_precision is not None:
             raise UserError("--recipes builds its variants from the fp32 export; leave out --text_precision")
@@ -519,7 +583,7 @@ n_steps_t = _number(int, "--n_steps", lambda v: v >= 1, "an integer >= 1")
 
 
 def _add_prompt_options(p) -> None:
-    p.add_argument("--prompt", action="append", default=None,
+    p.add_argument("--prompt", action="append", default=None, type=text_t,
                    help="a user turn to compare on (repeat for several; default: three built-in prompts)")
     p.add_argument("--image", default=None, help="an image file: every prompt is also compared with this image")
     p.add_argument("--image_size", type=image_size_t, default=None, help="resize the image to N x N (default: smart_resize)")
@@ -566,9 +630,20 @@ def add_doctor(sub) -> None:
     p.set_defaults(run=run_doctor)
 
 
+def _check_debug_paths(a) -> None:
+    """doctor / sweep: every path flag checked before any model loads."""
+    existing_dir(a.model_dir, "--model_dir", fix=MODEL_DIR_FIX)
+    if a.image is not None:
+        existing_file(a.image, "--image", fix=IMAGE_FIX)
+    if getattr(a, "reference", "fp32") != "fp32":
+        existing_dir(a.reference, "--reference", fix="pass an fp32 export folder, or leave out --reference to "
+                                                     "compare with the cpu-fp32 folder of the same export")
+    for flag in ("report_dir", "out_dir"):
+        if getattr(a, flag, None) is not None:
+            output_dir(getattr(a, flag), f"--{flag}")
+
+
 def _image_arg(a):
-    if a.image is not None and not Path(a.image).is_file():
-        raise UserError(f"--image {a.image} does not exist; pass an image file (jpg, png, ...)")
     return a.image
 
 
@@ -576,6 +651,7 @@ def run_doctor(a) -> int:
     from ..debug.doctor import diagnose  # noqa: PLC0415
     from ..viz.doctor import write_figures  # noqa: PLC0415
 
+    _check_debug_paths(a)
     image = _image_arg(a)
     report = diagnose(a.model_dir, a.text_precision, a.reference, a.prompt, image=image, image_size=a.image_size,
                       n_steps=a.n_steps or 16, progress=not a.quiet, hf_dir=a.hf_dir,
@@ -628,6 +704,7 @@ def run_sweep(a) -> int:
     from ..debug.sweep import default_recipes  # noqa: PLC0415
     from ..viz.doctor import write_figures  # noqa: PLC0415
 
+    _check_debug_paths(a)
     image = _image_arg(a)
     if a.shapes is None:
         result = _run_sweep(a.model_dir, a.prompt, image, a.image_size, a.n_steps or 12, a.out_dir,
@@ -682,6 +759,11 @@ def add_bench(sub) -> None:
 def run_bench(a) -> int:
     from .bench import BenchConfig, bench  # noqa: PLC0415
 
+    existing_dir(a.model_dir, "--model_dir", fix=MODEL_DIR_FIX)
+    if a.hf_dir is not None:
+        existing_dir(a.hf_dir, "--hf_dir", fix="pass the Hugging Face checkpoint the export was made from")
+    if a.genai_dir is not None:
+        output_dir(a.genai_dir, "--genai_dir")
     cfg = BenchConfig(model_dir=a.model_dir, precision=a.text_precision, prompt_tokens=a.prompt_tokens,
                       new_tokens=a.new_tokens, runs=a.runs, batch_size=a.batch_size, vs=a.vs, hf_dir=a.hf_dir,
                       genai_dir=a.genai_dir, threads=a.threads, image_size=a.image_size, spinning=a.spinning)
@@ -707,16 +789,86 @@ def build_parser() -> Parser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+class _Stdout(io.TextIOBase):
+    """sys.stdout, but a failed write or flush raises `StdoutError` (so it is told apart from file errors)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError as e:
+            raise StdoutError(e.errno, e.strerror) from None
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as e:
+            raise StdoutError(e.errno, e.strerror) from None
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    @property
+    def encoding(self):
+        return getattr(self.stream, "encoding", "utf-8")
+
+
+class StdoutError(OSError):
+    """Writing to standard output failed: a closed pipe (`| head`) or a full disk (`> /dev/full`)."""
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe: point stdout at /dev/null so the interpreter's exit flush is silent."""
     try:
-        return args.run(args)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass
+
+
+def _error(message: str, code: int = 2) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input, unreadable or unwritable paths, a full disk: one line, exit code 2.
+    Ctrl-C: exit 130; SIGTERM / SIGHUP: staging folders removed, exit 128 + signal; stdout closed early
+    (`| head`): quiet exit 141, as a process killed by SIGPIPE."""
+    args = build_parser().parse_args(argv)
+    real_stdout = sys.stdout
+    sys.stdout = _Stdout(real_stdout)
+    try:
+        with terminate_as_interrupt():
+            code = args.run(args)
+            sys.stdout.flush()
+            return code
     except UserError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return _error(str(e), e.exit_code)
+    except StdoutError as e:
+        if e.errno == errno.EPIPE:
+            _quiet_stdout()
+            return 141
+        return _error(f"cannot write to standard output ({e.strerror}); free some space where the output goes, "
+                      "or send it elsewhere")
+    except Terminated as e:
+        print(file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except OSError as e:
+        message = os_error_message(e)
+        if message is None:
+            raise
+        return _error(message)
+    finally:
+        sys.stdout = real_stdout
 
 
 if __name__ == "__main__":

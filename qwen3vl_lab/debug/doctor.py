@@ -20,6 +20,7 @@ from ..errors import UserError
 from ..export.cache import reference_export
 from ..export.quantize import Int4Recipe
 from ..model import Model, load_model
+from ..paths import existing_dir
 from .checklist import Checklist, run_checklist
 from .compare import Comparison, compare
 from .inputs import PromptLike, as_specs
@@ -101,7 +102,9 @@ def _load_pair(model_dir, precision: str, reference) -> tuple[Model, Model]:
             raise UserError(f"no fp32 reference next to {test.folder}; pass --reference with an fp32 folder, or "
                             "--hf_dir with the checkpoint to build one")
         return test, load_model(layout.root, "fp32")
-    return test, load_model(reference, "fp32")
+    folder = existing_dir(reference, "--reference", fix="pass an fp32 export folder, or leave out --reference to "
+                          "compare with the cpu-fp32 folder of the same export")
+    return test, load_model(folder, "fp32")
 
 
 def checkpoint_reference(test: Model, hf_dir: str | Path | None, ref: Model,

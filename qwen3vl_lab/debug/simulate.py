@@ -49,7 +49,7 @@ import onnx
 from onnx import TensorProto
 
 from ..errors import UserError
-from ..export.files import replace_folder
+from ..export.files import legacy_precision_patterns, replace_folder
 from ..export.genai_config import write_genai_config
 from ..export.quantize import (
     COPIED_FILES,
@@ -271,7 +271,7 @@ def simulate_folder(fp32_folder: str | Path, out_folder: str | Path, recipe: Sim
             "recipe": recipe.to_dict(),
             "what": "SIMULATION: fp32 MatMul weights replaced by dequant(quant(W)); not an onnxruntime quantized model",
             "source": f"cpu-fp32/{DECODER_FILE}", "matrices": records}, indent=2) + "\n", encoding="utf-8")
-        replace_folder(staging, out)
+        replace_folder(staging, out, what="simulated folder", legacy=legacy_precision_patterns(out))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Union
 
 from ..errors import UserError
+from ..export.files import stamp_folder
 from ..export.quantize import COPIED_FILES, Int4Recipe, link_or_copy, quantize_folder
 from ..layout import DECODER_FILE
 from ..layouts import read_export_config
@@ -196,6 +197,7 @@ def build_variant(fp32_folder: Path, root: Path, recipe: Int4Recipe | SimRecipe,
     _link_processor_files(assets, folder)
     seconds = time.perf_counter() - t0
     stamp["build_seconds"] = round(seconds, 3)
+    stamp_folder(folder, "sweep variant", extra=[VARIANT_STAMP])  # pytorch/ is ours too: a rebuild may replace it
     (folder / VARIANT_STAMP).write_text(json.dumps(stamp, indent=2) + "\n", encoding="utf-8")  # last: marks it complete
     return folder, seconds, False
 

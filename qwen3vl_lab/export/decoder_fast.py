@@ -55,6 +55,7 @@ from ..layout import (
 )
 from ..layouts import read_export_config
 from .decoder import PREFIX
+from .files import add_to_stamp, write_error
 from .onnx_graph import FLOAT, INT64, MS_DOMAIN, GraphBuilder
 
 INT32 = TensorProto.INT32
@@ -290,7 +291,7 @@ def write_fast_decoder(folder: str | Path, cfg: ModelConfig | None = None, fuse:
     try:
         staging = Path(tempfile.mkdtemp(prefix=".fast-", dir=folder))
     except OSError as e:
-        raise UserError(f"cannot write into {folder} ({e.strerror}); make it writable or re-export it") from None
+        raise write_error(e, folder, "the folder") or UserError(f"cannot write into {folder} ({e.strerror})") from None
     try:
         model = build_fast_decoder(cfg, source, folder, fuse=fuse, data_dir=staging)
         onnx.save_model(model, str(staging / FAST_DECODER_FILE))
@@ -299,8 +300,9 @@ def write_fast_decoder(folder: str | Path, cfg: ModelConfig | None = None, fuse:
         else:
             data.unlink(missing_ok=True)
         (staging / FAST_DECODER_FILE).replace(out)
+        add_to_stamp(folder, [out.name, data.name])  # ours, should the folder be replaced later
     except OSError as e:
-        raise UserError(f"cannot write {out} ({e.strerror}); make {folder} writable or re-export it") from None
+        raise write_error(e, folder, "the folder") or UserError(f"cannot write {out} ({e.strerror})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

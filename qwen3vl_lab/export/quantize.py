@@ -48,7 +48,7 @@ from ..layout import (
 )
 from ..layouts import read_export_config
 from . import genai_config as gc
-from .files import replace_folder
+from .files import legacy_precision_patterns, replace_folder
 from .onnx_graph import ALIGN, INLINE_LIMIT, MS_DOMAIN
 
 ALGORITHMS = ("default", "rtn", "hqq", "k_quant")
@@ -472,7 +472,7 @@ def quantize_folder(fp32_folder: str | Path, out_folder: str | Path, recipe: Int
         (staging / QUANTIZATION_FILE).write_text(json.dumps(quantization_record(
             recipe, nodes, seconds, _folder_bytes(src, decoder_files), _folder_bytes(staging, decoder_files)),
             indent=2) + "\n", encoding="utf-8")
-        replace_folder(staging, out)
+        replace_folder(staging, out, what="int4 folder", legacy=legacy_precision_patterns(out))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -24,8 +24,6 @@ written one tensor at a time so it needs about 1.5 GB of RAM).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -34,8 +32,9 @@ import numpy as np
 
 from ..config import ENDOFTEXT_TOKEN_ID, IM_END_TOKEN_ID, ModelConfig, parse_hf_config
 from ..errors import UserError
+from ..paths import output_dir as checked_output_dir
 from .checkpoint import SAVE_DTYPES, Checkpoint, LazyTensor, save_checkpoint_weights
-from .files import replace_folder
+from .files import check_replaceable, replace_folder, staging_folder
 
 CONFIG_STYLES = ("v5", "legacy")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "chat_template.json", "PROVENANCE.md")
@@ -317,10 +316,18 @@ def _check_args(preset: str, dtype: str | None, config_style: str, seed: int) ->
 
 
 def _check_target(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"{output_dir} is a file; pass a folder path for the tiny checkpoint")
+    """A new or empty folder; with overwrite, also a folder make_tiny wrote (never one holding the user's files)."""
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise UserError(f"{output_dir} already exists and is not empty; pick a new folder or pass overwrite=True")
+        raise UserError(f"--output_dir {output_dir} already exists and is not empty; pick a new folder, or pass "
+                        "--overwrite to replace a checkpoint make-tiny wrote")
+    check_replaceable(output_dir)
+
+
+def _checkpoint_bytes(preset: str, dtype: str, tie: bool) -> int:
+    """Bytes of the weights make_tiny writes (the tokenizer and configs add about 12 MB)."""
+    cfg = parse_hf_config(hf_config_dict(preset, dtype, tie, "v5"))
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 4)
+    return sum(int(np.prod(shape)) for shape in expected_parameter_shapes(cfg).values()) * itemsize + 12 * 2**20
 
 
 def copy_tokenizer_files(dest: Path) -> None:
@@ -417,20 +424,16 @@ def make_tiny(
     _check_args(preset, dtype, config_style, seed)
     if trained and preset != TRAINED_PRESET:
         raise UserError(f"trained weights exist only for preset {TRAINED_PRESET!r}, not {preset!r}; "
-                        f"pass preset={TRAINED_PRESET!r} (CLI: --trained without --preset)")
-    output_dir = Path(output_dir)
+                        "leave out --preset")
+    output_dir = checked_output_dir(output_dir, "--output_dir")
     _check_target(output_dir, overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    weights_dtype = dtype or _preset(preset).dtype
+    estimate = _checkpoint_bytes(preset, weights_dtype, tie_word_embeddings)
+    with staging_folder(output_dir.parent, f".{output_dir.name}.tmp-", shown=output_dir, estimate=estimate) as tmp:
         if trained:
             _write_trained_folder(tmp, dtype, config_style, tie_word_embeddings, max_shard_bytes)
         else:
-            _write_folder(tmp, preset, int(seed), dtype or _preset(preset).dtype, config_style,
-                          tie_word_embeddings, max_shard_bytes)
-        replace_folder(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            _write_folder(tmp, preset, int(seed), weights_dtype, config_style, tie_word_embeddings, max_shard_bytes)
+        replace_folder(tmp, output_dir, what="make-tiny checkpoint")
     return output_dir

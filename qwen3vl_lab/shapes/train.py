@@ -50,8 +50,10 @@ from tqdm.auto import tqdm
 from ..config import ENDOFTEXT_TOKEN_ID, IM_END_TOKEN_ID, parse_hf_config
 from ..errors import ArgumentParser, UserError
 from ..export.checkpoint import save_checkpoint_weights
+from ..export.files import check_replaceable, replace_folder, staging_folder
 from ..export.tiny import (
     GENERATION_CONFIG,
+    TOKENIZER_FILES,
     TRAINED_FILES,
     VIDEO_PREPROCESSOR_CONFIG,
     _write_json,
@@ -62,9 +64,13 @@ from ..export.tiny import (
     trained_model_dir,
 )
 from ..image import ImageProcessorConfig, preprocess
+from ..paths import output_dir as checked_output_dir
 from ..positions import mm_token_type_ids
 from ..tokenizer import encode_prompt, format_chat, load_tokenizer
 from . import task as shapes
+
+# what a --output_dir written by train-shapes before folders were stamped holds (export/files.py)
+TRAINED_OUTPUT = (*TRAINED_FILES, *TOKENIZER_FILES)
 
 PRESET = "shapes"
 
@@ -630,17 +636,15 @@ def train(cfg: TrainConfig, output_dir: Path, ship: bool = False, progress: bool
         import json  # noqa: PLC0415
 
         record["previous"] = json.loads((Path(cfg.init_from) / "training.json").read_text(encoding="utf-8"))
-    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    record["eval"]["saved"], record["eval"]["saved_label"] = fp32_table, f"{cfg.dtype} (as saved)"
-    write_checkpoint(model, tmp, cfg, record)
-    saved_table, _ = evaluate(load_saved(tmp), encoder, cfg.eval_n, cfg.eval_seed)
-    print(f"held-out accuracy, the saved {cfg.dtype} checkpoint:\n" + shapes.format_table(saved_table), flush=True)
-    record["eval"]["saved"] = saved_table
-    write_checkpoint(model, tmp, cfg, record)  # again, with the saved model's accuracy in the record
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    os.replace(tmp, output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    with staging_folder(output_dir.parent, f".{output_dir.name}.tmp-", shown=output_dir) as tmp:
+        record["eval"]["saved"], record["eval"]["saved_label"] = fp32_table, f"{cfg.dtype} (as saved)"
+        write_checkpoint(model, tmp, cfg, record)
+        saved_table, _ = evaluate(load_saved(tmp), encoder, cfg.eval_n, cfg.eval_seed)
+        print(f"held-out accuracy, the saved {cfg.dtype} checkpoint:\n" + shapes.format_table(saved_table), flush=True)
+        record["eval"]["saved"] = saved_table
+        write_checkpoint(model, tmp, cfg, record)  # again, with the saved model's accuracy in the record
+        replace_folder(tmp, output_dir, what="train-shapes checkpoint", legacy=TRAINED_OUTPUT)
     print(f"wrote {output_dir}", flush=True)
     if ship:
         ship_checkpoint(output_dir)
@@ -696,6 +700,8 @@ def run(a) -> int:
         value = getattr(a, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name} must be > 0, got {value}")
+    output_dir = checked_output_dir(a.output_dir, "--output_dir")
+    check_replaceable(output_dir, legacy=TRAINED_OUTPUT)  # before training, not after it
     # Sleeping, not spinning, OpenMP threads: on a shared machine spinning threads make a step ~7x slower.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
@@ -708,7 +714,7 @@ def run(a) -> int:
                       pos_embed_std=a.pos_embed_std, pos_embed_init=a.pos_embed_init, task_rows=not a.all_rows)
     if a.init_from is not None and not (Path(a.init_from) / "config.json").is_file():
         raise UserError(f"--init_from {a.init_from} is not a checkpoint folder; pass a previous --output_dir")
-    train(cfg, Path(a.output_dir), ship=a.ship, progress=not a.quiet)
+    train(cfg, output_dir, ship=a.ship, progress=not a.quiet)
     return 0
 
 

@@ -1,0 +1,125 @@
+"""The machine's bounds, in one place: cores for --threads, memory for images and the vision tower.
+
+Refusing up front, with the number that fits, beats a hang (100000 threads exhaust the process ids)
+or the OOM killer (an image whose vision attention needs 34 GB).
+
+Memory model of one vision call (`vision.encode_image` runs one image, or one frame pair, per call):
+the tower's full attention materialises scores and probabilities of shape (heads, N, N) float32 for
+N = (H/16) * (W/16) patches; measured on the tiny model (2 heads), peak memory grows by 1.5 such
+buffers at N = 9216, so 2 buffers are counted. Preprocessing holds the resized image (uint8), its
+float32 copy and the patch rows (float32, two temporal copies): about 40 bytes per pixel.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import os
+
+from .errors import UserError
+
+PREPROCESS_BYTES_PER_PIXEL = 40  # uint8 RGB + float32 CHW + (N, 1536) float32 patch rows
+ATTENTION_BUFFERS = 2  # scores and probabilities, (heads, N, N) float32 each
+MEMORY_SHARE = 0.9  # of the available memory, the rest for everything else the process holds
+PATCH = 16  # pixels per patch side (Qwen3-VL)
+FACTOR = 32  # image sides are multiples of patch * merge
+
+
+# -- cores -------------------------------------------------------------------------------------
+def max_threads() -> int:
+    """The cores this process may run on (its CPU affinity), else os.cpu_count()."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_threads(threads, name: str = "threads") -> int | None:
+    """None (onnxruntime's default) or an int in [1, cores]; more threads than cores only slow onnxruntime
+    down, and a huge number hangs the machine creating them."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UserError(f"{name} must be an integer >= 1 (or None for one per core), got {threads!r}")
+    cores = max_threads()
+    if threads > cores:
+        raise UserError(f"{name} {threads} is more than this machine's {cores} cores; pass {cores} or fewer")
+    return threads
+
+
+# -- memory ------------------------------------------------------------------------------------
+def available_memory() -> int | None:
+    """Bytes the kernel can give this process now (MemAvailable), or free physical pages; None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def vision_call_bytes(height: int, width: int, num_heads: int, patch: int = PATCH) -> int:
+    """Peak bytes of preprocessing plus one vision call on an image of height x width pixels."""
+    n = (height // patch) * (width // patch)
+    return PREPROCESS_BYTES_PER_PIXEL * height * width + ATTENTION_BUFFERS * num_heads * n * n * 4
+
+
+def largest_side(num_heads: int, budget: int, patch: int = PATCH) -> int:
+    """The largest N (a multiple of 32) whose N x N image fits `budget` bytes; 0 when even 32 does not."""
+    n_max = math.isqrt(max(budget, 0) // (ATTENTION_BUFFERS * num_heads * 4 + 1))  # patches, attention only
+    side = (math.isqrt(n_max) * patch) // FACTOR * FACTOR + FACTOR
+    while side > 0 and vision_call_bytes(side, side, num_heads, patch) > budget:
+        side -= FACTOR
+    return side
+
+
+def _gb(n: int) -> str:
+    if n >= 2**40:
+        return f"{n / 2**40:,.0f} TB"
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+
+def check_image_memory(height: int, width: int, num_heads: int, patch: int = PATCH,
+                       what: str = "an image resized to") -> None:
+    """Refuse an image (or video frame) whose vision call needs more memory than the machine has now,
+    naming the --image_size that fits."""
+    need = vision_call_bytes(height, width, num_heads, patch)
+    available = available_memory()
+    if available is None:
+        return
+    budget = int(available * MEMORY_SHARE)
+    if need <= budget:
+        return
+    side = largest_side(num_heads, budget, patch)
+    fix = f"pass --image_size {side} or smaller (or resize the image)" if side else "free some memory"
+    raise UserError(f"{what} {height}x{width} pixels needs about {_gb(need)} of memory in the vision tower "
+                    f"but {_gb(available)} are available; {fix}")
+
+
+def check_image_size(image_size, num_heads: int, patch: int = PATCH, name: str = "--image_size") -> None:
+    """A fixed resize (an int N or (height, width)), checked before any image is read."""
+    if image_size is None:
+        return
+    try:
+        hw = [operator.index(v) for v in (image_size if isinstance(image_size, (tuple, list)) else (image_size,) * 2)]
+    except TypeError:
+        return  # the image preprocessor names the bad value
+    if len(hw) != 2 or min(hw) <= 0:
+        return
+    check_image_memory(hw[0], hw[1], num_heads, patch, what=f"{name} {image_size}: an image resized to")
+
+
+def check_pixels(height: int, width: int, frames: int = 1, what: str = "an image") -> None:
+    """Preprocessing alone (before the model is known): refuse a size whose pixels cannot fit in memory."""
+    need = PREPROCESS_BYTES_PER_PIXEL * height * width * frames
+    available = available_memory()
+    if available is None or need <= available * MEMORY_SHARE:
+        return
+    side = math.isqrt(int(available * MEMORY_SHARE) // (PREPROCESS_BYTES_PER_PIXEL * frames)) // FACTOR * FACTOR
+    raise UserError(f"{what} resized to {height}x{width} pixels needs about {_gb(need)} of memory to preprocess "
+                    f"but {_gb(available)} are available; pass --image_size {side} or smaller")
