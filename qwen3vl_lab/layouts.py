@@ -31,6 +31,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import onnx
+
 from .errors import UserError
 from .layout import DECODER_FILE, EMBEDDING_FILE, GENAI_CONFIG, LOGITS, OWN_CONFIG, OWN_SECTION, TOKENIZER_FILE, VISION_FILE
 
@@ -350,8 +352,6 @@ def _own_precision(folder: Path) -> str | None:
 
 def graph_precision(decoder: Path) -> str:
     """'int4' / 'int8' (MatMulNBits bits), 'fp16' (float16 logits) or 'fp32', read from the graph (no weights)."""
-    import onnx  # noqa: PLC0415 (only for folders whose name does not say their precision; onnx takes ~0.3 s)
-
     try:
         model = onnx.load(str(decoder), load_external_data=False)
     except Exception as e:  # onnx raises DecodeError, OSError, ... for a file that is not a model

@@ -40,6 +40,7 @@ from .layout import (
 from .layouts import Layout, find_layout, read_export_config, read_genai_config
 from .limits import check_threads
 from .paths import as_path, existing_dir, readable_file
+from .tokenizer import load_tokenizer  # cheap: transformers itself is imported when a tokenizer loads
 
 
 @dataclass(frozen=True)
@@ -233,8 +234,6 @@ class Model:
 
     @cached_property
     def tokenizer(self):
-        from .tokenizer import load_tokenizer  # noqa: PLC0415 (transformers import is slow; load on use)
-
         if self.layout:
             return load_tokenizer(self.layout.tokenizer_dir)
         pytorch = self.root / "pytorch"
