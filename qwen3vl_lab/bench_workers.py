@@ -162,9 +162,9 @@ def _write_gemv(path, k: int, n: int) -> None:
     from onnx import TensorProto, helper  # noqa: PLC0415
 
     rng = np.random.default_rng(1)
-    with open(path.with_suffix(".data"), "wb") as f:
-        for rows in np.array_split(np.arange(k), 16):
-            f.write(rng.standard_normal((len(rows), n), dtype=np.float32).tobytes())
+    with open(path.with_suffix(".data"), "wb") as f:  # 16 slices: never the whole weight twice in memory
+        f.writelines(rng.standard_normal((len(rows), n), dtype=np.float32).tobytes()
+                     for rows in np.array_split(np.arange(k), 16))
     w = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[k, n], data_location=TensorProto.EXTERNAL)
     for key, value in (("location", path.with_suffix(".data").name), ("offset", "0"), ("length", str(4 * k * n))):
         entry = w.external_data.add()

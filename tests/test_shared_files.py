@@ -17,8 +17,19 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
-from qwen3vl_lab.export.decoder_fast import SourceDecoder, contiguous_span, fusion_groups, write_fast_decoder
-from qwen3vl_lab.export.quantize import COPIED_FILES, ExternalData, carry_initializer, quantize_folder, read_raw
+from qwen3vl_lab.export.decoder_fast import (
+    SourceDecoder,
+    contiguous_span,
+    fusion_groups,
+    write_fast_decoder,
+)
+from qwen3vl_lab.export.quantize import (
+    COPIED_FILES,
+    ExternalData,
+    carry_initializer,
+    quantize_folder,
+    read_raw,
+)
 from qwen3vl_lab.fast import fast_generate_tokens
 from qwen3vl_lab.generate import prepare_prompt
 from qwen3vl_lab.layout import DECODER_FILE, FAST_DECODER_FILE

@@ -18,10 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import assert_one_line_error
+from helpers import run_cli as run
 
 from qwen3vl_lab.errors import UserError
-from qwen3vl_lab.video import VideoProcessorConfig, open_video, preprocess_video_one, sample_frame_indices
-from helpers import assert_one_line_error, run_cli as run
+from qwen3vl_lab.video import (
+    VideoProcessorConfig,
+    open_video,
+    preprocess_video_one,
+    sample_frame_indices,
+)
 
 av = pytest.importorskip("av")
 torch = pytest.importorskip("torch")
@@ -68,7 +74,9 @@ def clips(tmp_path_factory) -> dict[str, Path]:
 
 
 def video_processor():
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import (
+        Qwen3VLVideoProcessor,
+    )
 
     # Qwen3-VL's video_preprocessor_config.json values (FACTS §6.2)
     return Qwen3VLVideoProcessor(size={"shortest_edge": 4096, "longest_edge": 25165824}, image_mean=[0.5] * 3,
