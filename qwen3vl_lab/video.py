@@ -190,9 +190,7 @@ def open_video_file(path: Path, fps: float, config: VideoProcessorConfig) -> Vid
             stream = container.streams.video[0]
             rate, total, height, width = stream.average_rate, stream.frames, stream.height, stream.width
         total = total or _count_frames(path)
-    except av.error.FFmpegError as e:
-        raise _video_file_error(path, e) from None
-    except OSError as e:
+    except (av.error.FFmpegError, OSError) as e:  # not a video, unreadable, ...
         raise _video_file_error(path, e) from None
     if not rate or rate <= 0:
         raise UserError(f"{path} does not say its frame rate; re-encode it (e.g. `ffmpeg -i {path.name} -r 30 "
@@ -216,7 +214,7 @@ def open_video_file(path: Path, fps: float, config: VideoProcessorConfig) -> Vid
                                             f"was {width}x{height}); re-encode it to one size")
                         got += 1
                         yield rgb
-        except av.error.FFmpegError as e:
+        except (av.error.FFmpegError, OSError) as e:
             raise _video_file_error(path, e) from None
         if got < len(indices):
             raise UserError(f"{path} ended after {got} of the {len(indices)} frames to read (it says it has {total}); "

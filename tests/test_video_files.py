@@ -208,6 +208,16 @@ def test_an_unreadable_video_file(clips, tmp_path):
         preprocess_video_one(locked)
 
 
+def test_a_permission_error_names_the_fix(clips, monkeypatch):
+    """As PyAV reports an unreadable file (av.error.PermissionError is a PermissionError), even when run as root."""
+    def denied(*args, **kwargs):
+        raise av.error.PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(av, "open", denied)
+    with pytest.raises(UserError, match="cannot read video file .*clip.mp4 .permission denied.; make it readable"):
+        preprocess_video_one(clips["clip.mp4"])
+
+
 @pytest.fixture(scope="module")
 def onnx_dir(tiny_onnx_fp32_dir):
     return tiny_onnx_fp32_dir
