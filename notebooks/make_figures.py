@@ -26,17 +26,31 @@ def notebooks() -> list[Path]:
     return sorted(HERE.glob("[0-9][0-9]_*.ipynb"))
 
 
-def run_notebook(path: Path, timeout: int = 300, env: dict | None = None) -> tuple[nbformat.NotebookNode, float]:
+def run_notebook(path: Path, timeout: int | None = None, env: dict | None = None,
+                 cell_seconds: list | None = None) -> tuple[nbformat.NotebookNode, float]:
     """Execute a copy of the notebook top to bottom in a fresh python3 kernel; (executed notebook, seconds).
 
-    Cells run with the notebook's folder as working directory. env: extra environment variables for
-    the kernel (e.g. QWEN3VL_LAB_CACHE; a None value removes the variable). Raises nbclient's CellExecutionError on the first failing cell.
+    Cells run with the notebook's folder as working directory. timeout: seconds per cell (None = no
+    limit, as `jupyter execute`). env: extra environment variables for the kernel (e.g.
+    QWEN3VL_LAB_CACHE; a None value removes the variable). cell_seconds: when given, filled with
+    (cell index, seconds the runner waited for that cell) per code cell. Raises nbclient's
+    CellExecutionError on the first failing cell.
     """
     from nbclient import NotebookClient  # noqa: PLC0415
 
     nb = nbformat.read(path, as_version=4)
     kernel_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}  # None removes a variable
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+    started: dict[int, float] = {}
+
+    def on_cell_execute(cell, cell_index):
+        started[cell_index] = time.perf_counter()
+
+    def on_cell_executed(cell, cell_index, execute_reply):
+        if cell_seconds is not None:
+            cell_seconds.append((cell_index, time.perf_counter() - started[cell_index]))
+
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}},
+                            on_cell_execute=on_cell_execute, on_cell_executed=on_cell_executed)
     t0 = time.perf_counter()
     client.execute(env=kernel_env)  # passed to jupyter_client's start_kernel
     return nb, time.perf_counter() - t0

@@ -130,7 +130,7 @@ def check_has_vision(model: Model) -> None:
 
 
 def preprocess_visuals(model: Model, images=None, videos=None, image_size=None, video_fps: float = 2.0) -> VisualInputs:
-    """Images (paths, PIL images, numpy arrays) and videos (folders / lists of frames) -> pixel patches + grids.
+    """Images (paths, PIL images, numpy arrays) and videos (files, folders, lists of frames) -> pixel patches + grids.
 
     Uses the checkpoint's preprocessor_config.json / video_preprocessor_config.json when the export has them.
     image_size: None = transformers' smart_resize; an int N (or (h, w)) resizes everything to N x N.

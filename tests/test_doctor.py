@@ -213,6 +213,7 @@ def test_doctor_cli_prints_and_writes_figures(root, tmp_path, capsys):
 
 def test_sweep_cli(root, tmp_path, capsys):
     names = ["default-2bit-b32-sym-acc4-head_int4", "default-b32-sym-acc4-head_fp32", "rtn-b32-asym-acc0-head_int8"]
+    links = (root / "cpu-fp32" / "qwen3vl-embedding.onnx.data").stat().st_nlink  # 2: cpu-int4 shares it
     code = main(["sweep", "--model_dir", str(root), "--prompt", "Hello", "--n_steps", "3", "--recipes", *names,
                  "--out_dir", str(tmp_path / "v"), "--report_dir", str(tmp_path / "r"), "--quiet"])
     out, err = capsys.readouterr()
@@ -221,8 +222,8 @@ def test_sweep_cli(root, tmp_path, capsys):
     assert len(lines) == 3 and names[0] in lines[-1]  # the 2-bit control ranks last
     assert (tmp_path / "r" / "sweep.png").is_file()
     assert sorted(p.name for p in (tmp_path / "v").iterdir() if not p.name.startswith(".")) == sorted(names + ["sweep.json"])
-    # the fp32 folder's files keep one link (onnx's loader refuses hard-linked data); the variants share a copy
-    assert (root / "cpu-fp32" / "qwen3vl-embedding.onnx.data").stat().st_nlink == 1
+    # the variants share a private copy: the export's files get no more links
+    assert (root / "cpu-fp32" / "qwen3vl-embedding.onnx.data").stat().st_nlink == links
     code = main(["sweep", "--model_dir", str(root), "--recipes", "int4-b32"])
     assert code == 2 and "recipe name" in capsys.readouterr().err
 

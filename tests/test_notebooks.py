@@ -3,13 +3,22 @@
 The notebooks are executed as users run them (a fresh python3 kernel, nbclient, cells in order);
 their own `assert`s are the checks, and each ends by printing "<name>: all checks passed". They run
 with a fresh cache folder (QWEN3VL_LAB_CACHE) and without MODEL_DIR / HF_DIR, so a developer's real
-model is never picked up. `pytest --nbmake notebooks/` runs them the same way.
+model is never picked up. `pytest --nbmake notebooks/` and `jupyter execute` run them the same way.
+
+A runner must not wait for anything but the cells: each cell's wait is checked against the time the
+kernel spent on it (an explorer widget once made nbclient wait out its whole timeout after each
+cell that showed one, and `jupyter execute`, which has no timeout, for ever).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import subprocess
+import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -66,15 +75,60 @@ def test_notebook_is_clean(name):
     assert nb.metadata.kernelspec.name == "python3"
 
 
+CELL_TIMEOUT = 600  # seconds: generous; a cell is never expected near it (see _idle_waits)
+IDLE_WAIT = 10.0  # seconds a runner may wait for a cell beyond the kernel's own time for it (kernel start, I/O)
+
+
+def _kernel_seconds(cell) -> float:
+    """Seconds the kernel was busy with a cell: its own timestamps (nbclient's record_timing)."""
+    t = cell.metadata.get("execution", {})
+    busy, idle = t.get("iopub.status.busy"), t.get("iopub.status.idle")
+    if not busy or not idle:
+        return 0.0
+    return (datetime.fromisoformat(idle.replace("Z", "+00:00")) -
+            datetime.fromisoformat(busy.replace("Z", "+00:00"))).total_seconds()
+
+
+def _idle_waits(nb, cell_seconds) -> list[str]:
+    """Cells the runner waited for much longer than the kernel worked on them."""
+    return [f"cell {i}: waited {waited:.1f} s, kernel busy {_kernel_seconds(nb.cells[i]):.1f} s: "
+            f"{nb.cells[i].source.splitlines()[0]!r}"
+            for i, waited in cell_seconds if waited - _kernel_seconds(nb.cells[i]) > IDLE_WAIT]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_top_to_bottom(name, notebook_env):
     t0 = time.perf_counter()
-    nb, seconds = make_figures.run_notebook(NOTEBOOKS / f"{name}.ipynb", timeout=120, env=notebook_env)
+    cell_seconds: list = []
+    nb, seconds = make_figures.run_notebook(NOTEBOOKS / f"{name}.ipynb", timeout=CELL_TIMEOUT, env=notebook_env,
+                                            cell_seconds=cell_seconds)
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     last = nb.cells[-1].outputs
     assert any(f"{name}: all checks passed" in o.get("text", "") for o in last), last
+    assert not _idle_waits(nb, cell_seconds), "the runner waited for nothing"
     png = make_figures.main_figure(nb)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     print(f"{name}: {seconds:.1f} s (kernel start included; {time.perf_counter() - t0:.1f} s in the test)")
+
+
+@pytest.mark.slow
+def test_jupyter_execute_runs_a_notebook_with_default_settings(notebook_env, tmp_path):
+    """`jupyter execute NOTEBOOK` as a user types it: no --timeout (nbclient then waits without a limit), so a
+    cell the runner cannot see finish hangs it; the subprocess timeout only bounds that failure."""
+    name = "02_mrope_positions"  # shows a PositionExplorer and moves its slider
+    copy = tmp_path / f"{name}.ipynb"
+    shutil.copy(NOTEBOOKS / copy.name, copy)
+    env = {k: v for k, v in {**os.environ, **notebook_env}.items() if v is not None}
+    jupyter = [sys.executable, "-m", "jupyter", "execute", "--inplace", copy.name]  # --inplace: to read the outputs
+    try:
+        done = subprocess.run(jupyter, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=CELL_TIMEOUT,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`jupyter execute {name}.ipynb` did not finish in {CELL_TIMEOUT} s (its cells take about 15 s)")
+    assert done.returncode == 0, done.stderr[-2000:]
+    import nbformat
+
+    nb = nbformat.read(copy, as_version=4)
+    assert any(f"{name}: all checks passed" in o.get("text", "") for o in nb.cells[-1].outputs)

@@ -251,11 +251,11 @@ def test_image_with_a_text_only_model_folder(text_only_dir, capsys):
 
 
 @pytest.mark.parametrize("args,needles", [
-    (["--video", "@clip.mp4"], ["video file", "ffmpeg"]),
+    (["--video", "@clip.mp4"], ["clip.mp4 is not a readable video file"]),
     (["--video", "@empty"], ["no image files"]),
     (["--video", "@mixed"], ["different sizes"]),
     (["--video", "@oneframe"], ["at least 2 frames", "as an image"]),
-    (["--video", "@small.png"], ["not a folder of frames"]),
+    (["--video", "@small.png"], ["not a video file or a folder of frames"]),
     (["--video", "@small.png", "@corrupt.png"], ["corrupt.png is not a readable image"]),
     (["--video", "@nowhere"], ["does not exist"]),
     (["--raw", "--image", "@small.png"], ["raw prompt holds 0 <|image_pad|>", "drop --raw"]),

@@ -295,6 +295,29 @@ def test_position_and_attention_explorers(image_trace):
     assert np.allclose(_image_data(att.figure.axes[0]), image_trace.full_attention(2).mean(0))
 
 
+def test_explorers_set_their_output_without_capturing(trace, monkeypatch):
+    """The figure goes into the Output widget's `outputs` from the kernel, never through `with out:` capture:
+    capture makes nbclient (`jupyter execute`, nbmake) reply on the shell channel while it waits there for
+    the cell's reply, and it then misses the reply until its timeout (for ever without one)."""
+    import base64
+    import io
+
+    import ipywidgets
+    from PIL import Image
+
+    def no_capture(self):
+        raise AssertionError("an explorer displayed through `with out:`")
+
+    monkeypatch.setattr(ipywidgets.Output, "__enter__", no_capture)
+    ex = widgets.GenerationExplorer(trace)
+    ex.step.value = 2
+    (shown,) = ex.out.outputs
+    assert shown["output_type"] == "display_data"
+    png = Image.open(io.BytesIO(base64.b64decode(shown["data"]["image/png"])))
+    assert png.format == "PNG" and png.size[0] > 500
+    assert ex.figure.get_suptitle().startswith("generation step 2")
+
+
 def test_plots_work_in_a_plain_python_session(tmp_path):
     code = ("import sys, numpy as np; from qwen3vl_lab.viz import plot_attention; "
             "fig = plot_attention(np.eye(3), ['a', 'b', 'c']); fig.savefig(sys.argv[1]); "

@@ -5,18 +5,23 @@
     qwen3vl-lab bench --model_dir OUT --text_precision fp32 --vs torch --hf_dir CKPT
 
 Decoding a token reads every decoder weight once (lm_head included), so a decode step cannot be
-faster than weight bytes / memory bandwidth. The bandwidth is measured here the way the decoder
-reads its weights: every thread streaming a slice of one large buffer with vectorised reads
-(numpy `add.reduce`, which releases the GIL), sampled before every run; the best sample counts, as
-other load on a shared machine only ever lowers it. `floor_fraction` is the median decode rate over
-that floor (`best_run_floor_fraction`: the fastest run's).
+faster than weight bytes / memory bandwidth. The bandwidth is measured the way decode reads its
+weights: onnxruntime's own fp32 MatMul, a GEMV (1 x K @ K x N) over a prepacked weight larger than
+the caches (`bandwidth_buffer_bytes`: >= 256 MiB, 8x the largest CPU cache), with the decoder's
+thread count and spinning setting, in a worker process (`bench_workers.py gemv`, so its memory is not
+counted as ours), sampled before every run; the bandwidth is the median of all samples.
+`floor_ms_per_token` = weight bytes / bandwidth; `floor_fraction` = floor_ms_per_token /
+ms_per_token (the median decode step), i.e. the share of the bandwidth floor achieved
+(`best_run_floor_fraction`: over the fastest run's mean step).
 
 `--vs genai` builds onnxruntime-genai's own export of the same checkpoint (its model builder, same
-precision, same INT4 recipe: block 32, symmetric, accuracy_level 4), `--vs torch` loads transformers'
-PyTorch model (fp32); either runs in a worker process (`bench_workers.py`) and the runs alternate
-A/B (ABBA order) in the same command, so both sides see the same machine load. Every figure is a
-median over `--runs`; prefill = prompt in -> first token out; decode = the following steps (forced
-length, greedy). Nothing here asserts a speed: the command prints figures.
+precision, same INT4 recipe: block 32, symmetric, accuracy_level 4) and runs it twice: at its session
+defaults (onnxruntime's: threads spin between ops) and with our spinning setting (`genai_matched_*`,
+`matched_ratio`). `--vs torch` loads transformers' PyTorch model (fp32). Each runs in a worker process
+(`bench_workers.py`) and the runs alternate (ABBA order) in the same command, so every side sees the
+same machine load. Every figure is a median over `--runs`; prefill = prompt in -> first token out;
+decode = the following steps (forced length, greedy). Nothing here asserts a speed: the command
+prints figures.
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -43,7 +47,7 @@ from ..layout import FAST_DECODER_FILE
 from ..model import RuntimeOptions, load_model
 from ..sampling import greedy
 from ..steps import build_positions, embed
-from .bench_workers import peak_rss_bytes, reset_peak_rss
+from .bench_workers import GEMV_K, peak_rss_bytes, reset_peak_rss
 
 GB = 1e9
 
@@ -66,17 +70,24 @@ class BenchConfig:
 
 
 # -- the machine ------------------------------------------------------------------------------------
-def measure_bandwidth(threads: int, nbytes: int = 512 * 2**20, passes: int = 6) -> float:
-    """Bytes/s for `threads` threads each reducing its slice of one `nbytes` float32 buffer (best pass)."""
-    buf = np.ones(nbytes // 4, np.float32)  # written once, so every page is resident
-    parts = np.array_split(buf, threads)
-    best = 0.0
-    with ThreadPoolExecutor(threads) as pool:
-        for _ in range(passes):
-            t0 = time.perf_counter()
-            list(pool.map(np.add.reduce, parts))
-            best = max(best, buf.nbytes / (time.perf_counter() - t0))
-    return best
+def largest_cache_bytes() -> int:
+    """The largest CPU cache (Linux sysfs; 0 when unknown)."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = f.read_text().strip().upper()
+        except OSError:
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes, default=0)
+
+
+def bandwidth_buffer_bytes() -> int:
+    """The bandwidth probe's weight size: 256 MiB, or 8x the largest cache when that is more."""
+    return max(256 * 2**20, 8 * largest_cache_bytes())
 
 
 def graph_weight_bytes(path: Path) -> int:
@@ -129,11 +140,15 @@ def vision_encode_seconds(model, size: int, seed: int) -> float | None:
 class Worker:
     """A `bench_workers` process: one JSON request per line in, one JSON result per line out."""
 
-    def __init__(self, engine: str, folder: Path, threads: int | None):
-        cmd = [sys.executable, "-m", "qwen3vl_lab.apps.bench_workers", engine, str(folder)]
+    def __init__(self, engine: str, folder: Path | None, threads: int | None, spinning: bool | None = None,
+                 extra: tuple[str, ...] = (), name: str | None = None):
+        cmd = [sys.executable, "-m", "qwen3vl_lab.apps.bench_workers", engine, *([str(folder)] if folder else [])]
         if threads:
             cmd += ["--threads", str(threads)]
-        self.engine = engine
+        if spinning is not None:
+            cmd += ["--spinning", str(int(spinning))]
+        cmd += list(extra)
+        self.engine = name or engine
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
                                      text=True)
@@ -149,10 +164,13 @@ class Worker:
                             f"(`pip install 'qwen3vl-lab[bench]'`) and that the model folder is complete")
         return json.loads(line)
 
-    def run(self, ids: np.ndarray, new_tokens: int) -> dict:
-        self.proc.stdin.write(json.dumps({"ids": ids.tolist(), "new_tokens": new_tokens}) + "\n")
+    def request(self, request: dict) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         return self._read()
+
+    def run(self, ids: np.ndarray, new_tokens: int) -> dict:
+        return self.request({"ids": ids.tolist(), "new_tokens": new_tokens})
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -228,7 +246,6 @@ def check_config(cfg: BenchConfig) -> None:
 
 def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     """Run the benchmark, log a readable report, return the figures (the JSON object)."""
-
     check_config(cfg)
     threads = cfg.threads or default_threads()
     options = RuntimeOptions(threads=threads, allow_spinning=cfg.spinning)
@@ -241,39 +258,49 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     load_s = time.perf_counter() - t0
     load_peak = peak_rss_bytes()
     weight_bytes = graph_weight_bytes(model.folder / FAST_DECODER_FILE)
-    bandwidths = [measure_bandwidth(threads)]  # sampled again before every run: the best is the machine's
     ids = prompt_ids(cfg)
-    other = None
-    if cfg.vs == "genai":
-        other = Worker("genai", genai_folder(cfg, threads, log), threads)
-    elif cfg.vs == "torch":
-        other = Worker("torch", Path(cfg.hf_dir), threads)
+    others: dict[str, Worker] = {}  # name -> worker, run in this order (reversed every other run)
+    probe = None
     try:
+        probe = Worker("gemv", None, threads, cfg.spinning, ("--bytes", str(bandwidth_buffer_bytes())),
+                       name="bandwidth probe")
+        gemv_s = probe.request({"runs": 5})["seconds"]
+        if cfg.vs == "genai":
+            folder = genai_folder(cfg, threads, log)
+            others["genai"] = Worker("genai", folder, threads)  # its defaults: onnxruntime's thread spinning
+            others["genai_matched"] = Worker("genai", folder, threads, cfg.spinning, name="genai (matched)")
+        elif cfg.vs == "torch":
+            others["torch"] = Worker("torch", Path(cfg.hf_dir), threads)
         warm = min(4, cfg.new_tokens)
         run_ours(model, ids, warm)
-        if other:
-            other.run(ids, warm)
-        ours, theirs, peaks = [], [], []
-        for r in range(cfg.runs):  # ABBA: the first engine of each pair alternates
-            bandwidths.append(measure_bandwidth(threads, passes=2))
-            order = ["ours", "theirs"] if r % 2 == 0 else ["theirs", "ours"]
+        for w in others.values():
+            w.run(ids, warm)
+        ours, peaks = [], []
+        theirs: dict[str, list] = {name: [] for name in others}
+        for r in range(cfg.runs):  # ABBA: the order of the engines reverses every other run
+            gemv_s += probe.request({"runs": 3})["seconds"]
+            order = ["ours", *others] if r % 2 == 0 else [*reversed(others), "ours"]
             for side in order:
                 if side == "ours":
-                    reset_peak_rss()  # the bandwidth buffer is not ours to count
+                    reset_peak_rss()
                     ours.append(run_ours(model, ids, cfg.new_tokens))
                     peaks.append(peak_rss_bytes())
-                elif other:
-                    theirs.append(other.run(ids, cfg.new_tokens))
+                else:
+                    theirs[side].append(others[side].run(ids, cfg.new_tokens))
         run_peak = max(peaks)
+        probe_bytes = probe.ready["bytes"]
     finally:
-        if other:
-            other.close()
+        for w in [probe, *others.values()]:
+            if w is not None:
+                w.close()
     vision_s = vision_encode_seconds(model, cfg.image_size, cfg.seed)
 
     B, S = ids.shape
     decode = _median(_decode_rate(o, B) for o in ours)
-    bandwidth = max(bandwidths)  # a shared machine only ever lowers it: the best sample is the closest
-    floor = B * bandwidth / weight_bytes  # tok/s if every step only streamed the weights once
+    bandwidth = _median(probe_bytes / t for t in gemv_s)  # bytes/s: median over every GEMV run
+    step_s = _median(x for o in ours for x in o["decode_s"])  # the median decode step
+    floor_s = weight_bytes / bandwidth  # a step that only streamed the weights once
+    fastest_run_step_s = min(sum(o["decode_s"]) / len(o["decode_s"]) for o in ours)
     result = {
         "precision": cfg.precision, "batch_size": B, "prompt_tokens": S, "new_tokens": cfg.new_tokens,
         "runs": cfg.runs, "threads": threads, "spinning": cfg.spinning,
@@ -282,13 +309,16 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         "prefill_tok_s": _median(B * S / o["prefill_s"] for o in ours),
         "prefill_s": _median(o["prefill_s"] for o in ours),
         "overhead_ms_per_token": 1e3 * _median(x for o in ours for x in o["overhead_s"]),
-        "ms_per_token": 1e3 * _median(x for o in ours for x in o["decode_s"]),
+        "ms_per_token": 1e3 * step_s,
         "weight_bytes": weight_bytes,
         "bandwidth_gb_s": bandwidth / GB,
-        "bandwidth_gb_s_samples": [b / GB for b in bandwidths],
-        "floor_tok_s": floor,
-        "floor_fraction": decode / floor,
-        "best_run_floor_fraction": max(_decode_rate(o, B) for o in ours) / floor,
+        "bandwidth_gb_s_samples": [probe_bytes / t / GB for t in gemv_s],
+        "bandwidth_probe": f"onnxruntime fp32 MatMul 1x{GEMV_K} @ {GEMV_K}x{probe_bytes // (4 * GEMV_K)} "
+                           f"({probe_bytes / 2**20:.0f} MiB), {threads} threads, spinning {'on' if cfg.spinning else 'off'}",
+        "floor_ms_per_token": 1e3 * floor_s,
+        "floor_tok_s": B / floor_s,
+        "floor_fraction": floor_s / step_s,
+        "best_run_floor_fraction": floor_s / fastest_run_step_s,
         "load_s": load_s,
         "load_peak_rss_bytes": load_peak,
         "peak_rss_bytes": run_peak,
@@ -296,15 +326,20 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         "vision_encode_s": vision_s,
         "vision_image_size": cfg.image_size if vision_s is not None else None,
     }
-    if other:
-        name = cfg.vs
-        result[f"{name}_decode_tok_s"] = _median(_decode_rate(t, B) for t in theirs)
-        result[f"{name}_decode_tok_s_runs"] = [_decode_rate(t, B) for t in theirs]
-        result[f"{name}_prefill_tok_s"] = _median(B * S / t["prefill_s"] for t in theirs if t["prefill_s"] > 0)
-        result[f"{name}_peak_rss_bytes"] = max(t["peak_rss_bytes"] for t in theirs) if theirs else None
-        result[f"{name}_load_peak_rss_bytes"] = other.ready.get("load_peak_rss_bytes")
-        result["ratio"] = decode / result[f"{name}_decode_tok_s"]
-        result["prefill_ratio"] = result["prefill_tok_s"] / result[f"{name}_prefill_tok_s"]
+    for name, runs in theirs.items():
+        result[f"{name}_decode_tok_s"] = _median(_decode_rate(t, B) for t in runs)
+        result[f"{name}_decode_tok_s_runs"] = [_decode_rate(t, B) for t in runs]
+        result[f"{name}_prefill_tok_s"] = _median(B * S / t["prefill_s"] for t in runs if t["prefill_s"] > 0)
+        result[f"{name}_peak_rss_bytes"] = max(t["peak_rss_bytes"] for t in runs) if runs else None
+        result[f"{name}_load_peak_rss_bytes"] = others[name].ready.get("load_peak_rss_bytes")
+    if cfg.vs:
+        result["ratio"] = decode / result[f"{cfg.vs}_decode_tok_s"]
+        result["prefill_ratio"] = result["prefill_tok_s"] / result[f"{cfg.vs}_prefill_tok_s"]
+    if cfg.vs == "genai":
+        result["genai_spinning"] = "onnxruntime's default (on)"
+        result["genai_matched_spinning"] = "on" if cfg.spinning else "off"
+        result["matched_ratio"] = decode / result["genai_matched_decode_tok_s"]
+        result["matched_prefill_ratio"] = result["prefill_tok_s"] / result["genai_matched_prefill_tok_s"]
     log_report(result, cfg, log)
     return result
 
@@ -312,22 +347,32 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
 def log_report(r: dict, cfg: BenchConfig, log: Callable[[str], None]) -> None:
     gb = lambda n: f"{n / GB:.2f} GB" if n else "n/a"  # noqa: E731
     log(f"qwen3vl-lab bench: {cfg.model_dir} {r['precision']}, batch {r['batch_size']}, {r['prompt_tokens']} prompt "
-        f"+ {r['new_tokens']} new tokens, {r['runs']} runs, {r['threads']} threads")
+        f"+ {r['new_tokens']} new tokens, {r['runs']} runs, {r['threads']} threads, spinning "
+        f"{'on' if r['spinning'] else 'off'}")
     log(f"  prefill     {r['prefill_tok_s']:10.1f} tok/s   ({r['prefill_s'] * 1e3:.1f} ms to the first token)")
     log(f"  decode      {r['decode_tok_s']:10.2f} tok/s   ({r['ms_per_token']:.2f} ms per step, runs "
         + ", ".join(f"{x:.2f}" for x in r["decode_tok_s_runs"]) + ")")
     log(f"  overhead    {r['overhead_ms_per_token']:10.3f} ms/token outside onnxruntime (sampling, bookkeeping)")
-    log(f"  weights     {gb(r['weight_bytes'])} read per decode step; bandwidth {r['bandwidth_gb_s']:.1f} GB/s "
-        f"(best of {len(r['bandwidth_gb_s_samples'])} samples, {r['threads']} threads) -> floor {r['floor_tok_s']:.2f} "
-        f"tok/s, achieved {100 * r['floor_fraction']:.0f}% (best run {100 * r['best_run_floor_fraction']:.0f}%)")
+    log(f"  bandwidth   {r['bandwidth_gb_s']:.1f} GB/s (median of {len(r['bandwidth_gb_s_samples'])} runs of "
+        f"{r['bandwidth_probe']})")
+    log(f"  floor       {gb(r['weight_bytes'])} read per decode step / {r['bandwidth_gb_s']:.1f} GB/s = "
+        f"{r['floor_ms_per_token']:.2f} ms per step; measured {r['ms_per_token']:.2f} ms -> "
+        f"{100 * r['floor_fraction']:.0f}% of the floor (fastest run {100 * r['best_run_floor_fraction']:.0f}%)")
     log(f"  memory      peak RSS {gb(r['peak_rss_bytes'])} while generating ({r['rss_over_weights']:.2f}x the "
         f"weights), {gb(r['load_peak_rss_bytes'])} at load ({r['load_s']:.1f} s)")
     if r["vision_encode_s"] is not None:
         log(f"  vision      {r['vision_encode_s']:.3f} s per {r['vision_image_size']}x{r['vision_image_size']} image "
             "(preprocess + vision tower)")
-    if "ratio" in r:
-        name = cfg.vs
-        log(f"  vs {name:6s}  decode {r[f'{name}_decode_tok_s']:.2f} tok/s (runs "
-            + ", ".join(f"{x:.2f}" for x in r[f"{name}_decode_tok_s_runs"])
-            + f") -> ours/{name} {r['ratio']:.2f}x; prefill {r[f'{name}_prefill_tok_s']:.1f} tok/s -> "
-            f"{r['prefill_ratio']:.2f}x; its peak RSS {gb(r[f'{name}_peak_rss_bytes'])}")
+    if "ratio" not in r:
+        return
+    sides = [(cfg.vs, cfg.vs, "ratio", "prefill_ratio")]
+    if cfg.vs == "genai":
+        sides = [("genai", f"genai ({r['genai_spinning']} spinning)", "ratio", "prefill_ratio"),
+                 ("genai_matched", f"genai (spinning {r['genai_matched_spinning']}, as ours)", "matched_ratio",
+                  "matched_prefill_ratio")]
+    for key, label, ratio, prefill_ratio in sides:
+        log(f"  vs {label}: decode {r[f'{key}_decode_tok_s']:.2f} tok/s (runs "
+            + ", ".join(f"{x:.2f}" for x in r[f"{key}_decode_tok_s_runs"])
+            + f") -> ours/{cfg.vs} {r[ratio]:.2f}x; prefill "
+            f"{r[f'{key}_prefill_tok_s']:.1f} tok/s -> {r[prefill_ratio]:.2f}x; its peak RSS "
+            f"{gb(r[f'{key}_peak_rss_bytes'])}")

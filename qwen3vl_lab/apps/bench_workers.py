@@ -1,13 +1,18 @@
 """The engines `qwen3vl-lab bench --vs` compares against, each in its own process.
 
-    python -m qwen3vl_lab.apps.bench_workers genai GENAI_DIR --threads 2
+    python -m qwen3vl_lab.apps.bench_workers genai GENAI_DIR --threads 2 [--spinning 0]
     python -m qwen3vl_lab.apps.bench_workers torch HF_DIR --threads 2
+    python -m qwen3vl_lab.apps.bench_workers gemv --threads 2 --spinning 0 --bytes 268435456
 
 A worker loads its model once, prints `{"ready": ...}`, then answers one JSON line per request
 `{"ids": [[...]], "new_tokens": M}` with `{"prefill_s": t, "decode_s": [t, ...], "peak_rss_bytes": n}`:
 prefill = prompt in -> first new token out; decode_s = one entry per further token (forced length,
 greedy). A separate process keeps each engine's memory and thread pool apart, so the bench can
 alternate A/B runs in one command and report each side's own peak RSS.
+
+`gemv` is the bench's memory-bandwidth probe: an onnxruntime fp32 MatMul (1 x K @ K x N) over a
+weight larger than the caches, with the session options our decoder uses; it answers `{"runs": n}`
+with `{"seconds": [t, ...], "bytes": weight bytes}`.
 
 onnxruntime-genai is the optional `bench` extra (`pip install onnxruntime-genai onnx_ir`); torch
 (transformers' PyTorch model) is only imported by `--vs torch`, like the training extra.
@@ -44,11 +49,18 @@ def reset_peak_rss() -> bool:
 
 # -- onnxruntime-genai ---------------------------------------------------------------------------
 class GenaiEngine:
-    def __init__(self, folder: str, threads: int | None):
+    """onnxruntime-genai on its builder's export. spinning None keeps its session defaults (onnxruntime's:
+    threads spin between ops); True / False sets `session.intra_op.allow_spinning` on its decoder session."""
+
+    def __init__(self, folder: str, threads: int | None, spinning: bool | None = None):
         import onnxruntime_genai as og  # noqa: PLC0415
 
         self.og = og  # threads: the bench writes intra_op_num_threads into the folder's genai_config.json
-        self.model = og.Model(folder)
+        config = og.Config(folder)
+        if spinning is not None:  # genai passes unknown session_options keys to onnxruntime as config entries
+            options = {"session.intra_op.allow_spinning": "1" if spinning else "0"}
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+        self.model = og.Model(config)
 
     def run(self, ids: list[list[int]], new_tokens: int) -> dict:
         import numpy as np  # noqa: PLC0415
@@ -73,7 +85,7 @@ class GenaiEngine:
 
 # -- transformers' PyTorch model ------------------------------------------------------------------------
 class TorchEngine:
-    def __init__(self, folder: str, threads: int | None):
+    def __init__(self, folder: str, threads: int | None, spinning: bool | None = None):
         import torch  # noqa: PLC0415
         from transformers import Qwen3VLForConditionalGeneration  # noqa: PLC0415
 
@@ -106,7 +118,66 @@ class TorchEngine:
         return {"prefill_s": tokens[0] - t0, "decode_s": [b - a for a, b in zip(tokens, tokens[1:])]}
 
 
-ENGINES = {"genai": GenaiEngine, "torch": TorchEngine}
+# -- the bandwidth probe ------------------------------------------------------------------------------
+GEMV_K = 4096  # rows of the probe's weight (the input width); its columns make up the size
+
+
+class GemvEngine:
+    """y (1, N) = x (1, K) @ W (K, N) in onnxruntime, fp32, W an initializer (prepacked like the decoder's
+    MatMul weights) of `nbytes` (>= the caches), with the decoder's session options (RuntimeOptions)."""
+
+    def __init__(self, folder: str | None, threads: int | None, spinning: bool | None = None,
+                 nbytes: int = 256 * 2**20):
+        import tempfile  # noqa: PLC0415
+        from pathlib import Path  # noqa: PLC0415
+
+        import numpy as np  # noqa: PLC0415
+        import onnxruntime as ort  # noqa: PLC0415
+
+        from ..model import RuntimeOptions  # noqa: PLC0415
+
+        k, n = GEMV_K, max(1, nbytes // (4 * GEMV_K))
+        options = RuntimeOptions(threads=threads, allow_spinning=bool(spinning)).session_options()
+        with tempfile.TemporaryDirectory(prefix="qwen3vl-gemv-", dir=folder) as tmp:
+            path = Path(tmp) / "gemv.onnx"
+            _write_gemv(path, k, n)
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.bytes = 4 * k * n
+        self.x = np.random.default_rng(0).standard_normal((1, k), dtype=np.float32)
+        self.run(2)  # warm: first runs allocate
+
+    def run(self, runs: int) -> dict:
+        seconds = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            self.session.run(None, {"x": self.x})
+            seconds.append(time.perf_counter() - t0)
+        return {"seconds": seconds, "bytes": self.bytes}
+
+
+def _write_gemv(path, k: int, n: int) -> None:
+    """The probe's graph, its (k, n) float32 weight in an external-data file beside it (written in slices)."""
+    import numpy as np  # noqa: PLC0415
+    import onnx  # noqa: PLC0415
+    from onnx import TensorProto, helper  # noqa: PLC0415
+
+    rng = np.random.default_rng(1)
+    with open(path.with_suffix(".data"), "wb") as f:  # 16 slices: never the whole weight twice in memory
+        f.writelines(rng.standard_normal((len(rows), n), dtype=np.float32).tobytes()
+                     for rows in np.array_split(np.arange(k), 16))
+    w = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[k, n], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", path.with_suffix(".data").name), ("offset", "0"), ("length", str(4 * k * n))):
+        entry = w.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "gemv",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save_model(model, str(path))
+
+
+ENGINES = {"genai": GenaiEngine, "torch": TorchEngine, "gemv": GemvEngine}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,17 +185,23 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="qwen3vl_lab.apps.bench_workers")
     p.add_argument("engine", choices=sorted(ENGINES))
-    p.add_argument("folder")
+    p.add_argument("folder", nargs="?", default=None, help="the model folder (gemv: where its temp files go)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--spinning", type=int, choices=[0, 1], default=None, help="onnxruntime thread spinning")
+    p.add_argument("--bytes", type=int, default=None, help="gemv: the weight's size")
     a = p.parse_args(argv)
-    engine = ENGINES[a.engine](a.folder, a.threads)
-    print(json.dumps({"ready": a.engine, "load_peak_rss_bytes": peak_rss_bytes()}), flush=True)
+    spinning = None if a.spinning is None else bool(a.spinning)
+    extra = {"nbytes": a.bytes} if a.engine == "gemv" and a.bytes else {}
+    engine = ENGINES[a.engine](a.folder, a.threads, spinning, **extra)
+    ready = {"ready": a.engine, "load_peak_rss_bytes": peak_rss_bytes()}
+    if a.engine == "gemv":
+        ready["bytes"] = engine.bytes
+    print(json.dumps(ready), flush=True)
     reset_peak_rss()
     for line in sys.stdin:
         if not line.strip():
             continue
-        request = json.loads(line)
-        result = engine.run(request["ids"], request["new_tokens"])
+        result = engine.run(**json.loads(line))  # {"ids", "new_tokens"}, or {"runs"} for gemv
         result["peak_rss_bytes"] = peak_rss_bytes()
         print(json.dumps(result), flush=True)
     return 0

@@ -56,7 +56,7 @@ def text_t(text: str) -> str:
                                          f"{e.start}); type it in UTF-8 or set your terminal to UTF-8") from None
     return text
 image_size_t = _number(int, "--image_size", lambda v: v >= 32 and v % 32 == 0, "a positive multiple of 32 (e.g. 384)")
-video_fps_t = _number(float, "--video_fps", lambda v: v > 0, "a number > 0 (frames per second of the given frames)")
+video_fps_t = _number(float, "--video_fps", lambda v: v > 0, "a number > 0 (frames per second, e.g. 2)")
 batch_size_t = _number(int, "--batch_size", lambda v: v >= 1, "an integer >= 1")
 prefill_chunk_t = _number(int, "--prefill_chunk", lambda v: v >= 1, "an integer >= 1 (e.g. 1024)")
 
@@ -168,11 +168,12 @@ def add_generate(sub) -> None:
                    help="decode with the fused decoder and preallocated KV buffers (same tokens, faster)")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image for the user turn (repeatable; images come before the text, in the order given)")
-    p.add_argument("--video", action="append", nargs="+", default=[], metavar="FRAMES",
-                   help="one video as a folder of frames or a list of frame files (repeatable; video files "
-                        "must be split into frames first, e.g. with ffmpeg)")
+    p.add_argument("--video", action="append", nargs="+", default=[], metavar="VIDEO",
+                   help="one video: a video file (mp4, mkv, webm, ...), a folder of frames or a list of frame files "
+                        "(repeatable)")
     p.add_argument("--video_fps", type=video_fps_t, default=2.0,
-                   help="frames per second the --video frames were taken at, for their timestamps (default 2)")
+                   help="frames per second to sample from a video file, as transformers does; for a folder or list "
+                        "of frames, the rate they were taken at, for their timestamps (default 2)")
     p.add_argument("--image_size", type=image_size_t, default=None, metavar="N",
                    help="resize every image/frame to N x N (multiple of 32, e.g. 384) instead of the native size")
     p.add_argument("--prompts_file", default=None, metavar="FILE",
@@ -222,7 +223,7 @@ def _sampling_kwargs(a) -> dict:
 
 
 def _video_arg(frames: list[str]):
-    """`--video DIR` -> the folder; `--video f1.png f2.png ...` -> the list of frames."""
+    """`--video clip.mp4` / `--video DIR` -> the file / folder; `--video f1.png f2.png ...` -> the list of frames."""
     return frames[0] if len(frames) == 1 else list(frames)
 
 

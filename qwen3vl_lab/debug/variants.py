@@ -151,7 +151,8 @@ def shared_assets(fp32_folder: Path, root: Path) -> Path:
     folder (tokenizer, chat template, image preprocessor), hard-linked into every variant; refreshed when
     the export changed.
 
-    Private, because onnx's loader refuses hard-linked external data: the export's own files keep one link.
+    Private, so the variants add no links to the export's own files (onnx's loader refuses external data
+    with several links; an fp32 + INT4 export's embedding/vision files already have two, one per folder).
     """
     fp32_folder, assets = Path(fp32_folder), Path(root) / ".fp32-assets"
     (assets / PROCESSOR_FOLDER).mkdir(parents=True, exist_ok=True)

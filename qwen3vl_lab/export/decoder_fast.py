@@ -12,10 +12,12 @@ computes the same function with onnxruntime's contrib ops:
 It is written from an exported decoder, not from the checkpoint: every linear layer is the node
 the source `model.onnx` uses for that weight (MatMul in fp32, MatMulNBits after INT4
 quantization), and every initializer is a reference into the source's `model.onnx.data`. So
-`model-fast.onnx` sits beside `model.onnx` of any precision, the quantizer never has to see it,
-and both graphs compute with the very same (quantized) bytes. In INT4 the q/k/v and gate/up
-layers are also fused into one MatMulNBits each (their packed bytes concatenated, written to
-`model-fast.onnx.data`, ~0.6 GB for 2B); fp32 shares every weight with model.onnx (graph only).
+`model-fast.onnx` sits beside `model.onnx` of any precision, and both graphs compute with the very
+same (quantized) bytes. In INT4 the q/k/v and gate/up layers are also fused into one MatMulNBits
+each, over their packed bytes concatenated: the quantizer writes those tensors side by side in
+`model.onnx.data` (`quantize.write_side_by_side`), so each fused tensor is one more reference into
+that file and `model-fast.onnx` is the graph only, in fp32 and INT4 alike. A source laid out
+otherwise (an older export) gets the concatenated bytes in `model-fast.onnx.data` (~0.6 GB for 2B).
 
 Inputs  inputs_embeds (B, S, H) f32, position_ids (3, B, S) i64, seqlens_k (B,) i32 (= total
         length - 1 per row), total_sequence_length () i32, cos_cache / sin_cache (C, hd/2) f32
@@ -141,7 +143,7 @@ class FastGraph(GraphBuilder):
         """x @ W for several weights: one fused node + Split when `fuse` and their nodes agree, else one each."""
         nodes = [self.source.node_for(w) for w in weights]
         fuse = self.fuse if self.fuse is not None else nodes[0].op_type == "MatMulNBits"
-        if not fuse or self.data_path is None or not _fusable(nodes):
+        if not fuse or self.data_path is None or not fusable(nodes):
             return [self.linear(x, w) for w in weights]
         first, attrs = nodes[0], _attrs(nodes[0])
         if first.op_type == "MatMul":
@@ -151,14 +153,64 @@ class FastGraph(GraphBuilder):
         else:  # MatMulNBits: every quantized input is N-major
             sizes = [_attrs(n)["N"] for n in nodes]
             attrs["N"] = sum(sizes)
-            inputs = [self.weight(f"{first.input[j]}+fused", np.concatenate([self.source.array(n.input[j])
-                                                                             for n in nodes], axis=0))
+            inputs = [self.fused_rows(f"{first.input[j]}+fused", [n.input[j] for n in nodes])
                       for j in range(1, len(first.input))]
         out = self.op(first.op_type, [x, *inputs], domain=first.domain, **attrs)
         return self.op("Split", [out, self.const(sizes, np.int64)], n_out=len(nodes), axis=-1)
 
 
-def _fusable(nodes: list[onnx.NodeProto]) -> bool:
+    def fused_rows(self, name: str, parts: list[str]) -> str:
+        """The source tensors `parts` concatenated along axis 0: a reference into the source's data file when
+        they lie there side by side (no bytes written), else the concatenation in this graph's data file."""
+        tensors = [self.source.tensor(p) for p in parts]
+        span = contiguous_span(tensors)
+        if span is None:
+            return self.weight(name, np.concatenate([self.source.array(p) for p in parts], axis=0))
+        location, offset, length = span
+        t = TensorProto(name=name, data_type=tensors[0].data_type,
+                        dims=[sum(int(x.dims[0]) for x in tensors), *tensors[0].dims[1:]])
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+            entry = t.external_data.add()
+            entry.key, entry.value = k, v
+        self.initializers.append(t)
+        return name
+
+
+def contiguous_span(tensors: list[TensorProto]) -> tuple[str, int, int] | None:
+    """(file, offset, length) when the tensors are external, in one file, one right after the other, of one
+    dtype and the same shape but for axis 0 (so their bytes in a row are their concatenation); else None."""
+    first = tensors[0]
+    if any(t.data_location != TensorProto.EXTERNAL or t.data_type != first.data_type or not t.dims
+           or list(t.dims[1:]) != list(first.dims[1:]) for t in tensors):
+        return None
+    infos = [{e.key: e.value for e in t.external_data} for t in tensors]
+    if any("length" not in i or i["location"] != infos[0]["location"] for i in infos):
+        return None
+    offset = end = int(infos[0].get("offset", 0))
+    for i in infos:
+        if int(i.get("offset", 0)) != end:
+            return None
+        end += int(i["length"])
+    return infos[0]["location"], offset, end - offset
+
+
+def fusion_groups(weights) -> list[tuple[str, ...]]:
+    """The weights the fast decoder fuses into one node: each layer's (q, k, v) and (gate, up) projections,
+    in that order, among `weights` (complete groups only)."""
+    names = set(weights)
+    groups = []
+    for w in sorted(names):
+        m = re.fullmatch(r"(.*\.layers\.\d+)\.self_attn\.q_proj\.weight", w)
+        if m:
+            groups.append(tuple(f"{m[1]}.self_attn.{x}_proj.weight" for x in "qkv"))
+        m = re.fullmatch(r"(.*\.layers\.\d+)\.mlp\.gate_proj\.weight", w)
+        if m:
+            groups.append((w, f"{m[1]}.mlp.up_proj.weight"))
+    return [g for g in groups if set(g) <= names]
+
+
+def fusable(nodes: list[onnx.NodeProto]) -> bool:
     """Same op, same inputs count, same attributes except N, and a plain layout we know how to concatenate."""
     first = nodes[0]
     if first.op_type not in ("MatMul", "MatMulNBits") or any(n.op_type != first.op_type for n in nodes):

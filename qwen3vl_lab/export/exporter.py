@@ -10,7 +10,9 @@
     OUT/cpu-fp32/qwen3vl-embedding-genai.onnx        the embedding onnxruntime-genai runs (same weights)
     OUT/cpu-fp32/tokenizer.json, tokenizer_config.json, chat_template.jinja   where onnxruntime-genai looks
     OUT/cpu-int4/...                                 with --precision int4: the decoder's MatMuls as MatMulNBits
-                                                     (quantize.py), fp32 embedding/vision, quantization.json
+                                                     (quantize.py), quantization.json, and the fp32
+                                                     embedding/vision files (hard links to cpu-fp32's where
+                                                     the filesystem allows, else copies)
     OUT/pytorch/                                     config, tokenizer and preprocessor files
 
 Weights are read one tensor at a time and streamed into the external-data files, and everything
@@ -220,7 +222,8 @@ def export(hf_dir: str | Path, output_dir: str | Path, precisions: Sequence[str]
                          progress=progress, weights=weights)
         write_tokenizer_files(hf_dir, fp32_dir)  # quantize_folder copies them into cpu-int4
         if "int4" in precisions:
-            quantize_folder(fp32_dir, staging / precision_dir("int4"), recipe, progress=progress)
+            # embedding/vision: hard links to the fp32 files where the filesystem allows (no second copy)
+            quantize_folder(fp32_dir, staging / precision_dir("int4"), recipe, progress=progress, link=True)
             write_fast_decoder(staging / precision_dir("int4"), cfg)  # over the quantized weights
             if "fp32" not in precisions:
                 shutil.rmtree(fp32_dir)

@@ -48,6 +48,7 @@ from ..layout import (
 )
 from ..layouts import read_export_config
 from . import genai_config as gc
+from .decoder_fast import fusable, fusion_groups
 from .files import legacy_precision_patterns, replace_folder
 from .onnx_graph import ALIGN, INLINE_LIMIT, MS_DOMAIN
 
@@ -260,18 +261,20 @@ class ExternalData:
         self._file: BinaryIO | None = None
 
     def tensor(self, name: str, array: np.ndarray | None = None, raw: bytes | None = None,
-               data_type: int | None = None, dims=None) -> TensorProto:
+               data_type: int | None = None, dims=None, *, align: bool = True, inline: bool = True) -> TensorProto:
+        """One tensor: inline when small (unless inline=False), else appended to the file, on a page boundary
+        unless align=False (then right after the previous tensor: tensors written so form one byte span)."""
         if array is not None:
             array = np.ascontiguousarray(array)
             raw, data_type, dims = array.tobytes(), helper.np_dtype_to_tensor_dtype(array.dtype), array.shape
-        if len(raw) < INLINE_LIMIT:
+        if inline and len(raw) < INLINE_LIMIT:
             t = TensorProto(name=name, data_type=data_type, dims=list(dims))
             t.raw_data = raw
             return t
         if self._file is None:
             self._file = open(self.path, "wb")
         offset = self._file.tell()
-        pad = (-offset) % ALIGN
+        pad = (-offset) % ALIGN if align else 0
         if pad:
             self._file.write(b"\0" * pad)
             offset += pad
@@ -355,6 +358,8 @@ def quantize_decoder(src_folder: Path, dst_folder: Path, recipe: Int4Recipe, pro
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     targets = matmul_weights(graph, inits)
+    groups = {w: group for group in fusion_groups(targets.values()) for w in group}  # weight -> its q/k/v or gate/up
+    pending: dict[tuple[str, ...], dict[str, tuple]] = {}  # quantized group members waiting for the rest
     data = ExternalData(dst_folder / (DECODER_FILE + ".data"))
     new_nodes, new_inits, records, excluded, replaced = [], [], [], [], set()
     try:
@@ -376,10 +381,20 @@ def quantize_decoder(src_folder: Path, dst_folder: Path, recipe: Int4Recipe, pro
                 del one
                 records.append(_node_record(q_nodes, targets[node.name], q_inits))
                 new_nodes.extend(q_nodes)
-                for t in q_inits:  # packed weights, scales, zero points: straight to disk
-                    new_inits.append(data.tensor(t.name, numpy_helper.to_array(t)))
+                group = groups.get(targets[node.name])
+                if group is None:
+                    for t in q_inits:  # packed weights, scales, zero points: straight to disk
+                        new_inits.append(data.tensor(t.name, numpy_helper.to_array(t)))
+                else:  # written once the whole group is quantized (a few MB), side by side
+                    done = pending.setdefault(group, {})
+                    done[targets[node.name]] = (q_nodes, q_inits)
+                    if len(done) == len(group):
+                        new_inits.extend(write_side_by_side([done.pop(w) for w in group], data))
                 replaced.add(targets[node.name])
                 bar.update(1)
+        for done in pending.values():  # groups with a member left unquantized: each member on its own
+            for _, q_inits in done.values():
+                new_inits.extend(data.tensor(t.name, numpy_helper.to_array(t)) for t in q_inits)
         for t in graph.initializer:  # everything else (norm weights, fp32 head when excluded, ...) is copied
             if t.name not in replaced:
                 new_inits.append(carry_initializer(t, src_folder, data))
@@ -394,6 +409,29 @@ def quantize_decoder(src_folder: Path, dst_folder: Path, recipe: Int4Recipe, pro
     model.doc_string = f"qwen3vl-lab INT4 decoder ({recipe.name}), quantized by onnxruntime MatMulNBitsQuantizer"
     onnx.save_model(model, str(dst_folder / DECODER_FILE))
     return {"nodes": records, "excluded": excluded}
+
+
+def write_side_by_side(members: list[tuple[list[onnx.NodeProto], list[TensorProto]]],
+                       data: ExternalData) -> list[TensorProto]:
+    """The quantized tensors of layers the fast decoder fuses (q/k/v, gate/up), input by input: all packed
+    weights one after the other, then all scales, then all zero points.
+
+    MatMulNBits tensors are N-major, so each such run is byte for byte the fused layer's tensor:
+    `model-fast.onnx` points into `model.onnx.data` instead of keeping a second copy (decoder_fast.py).
+    """
+    nbits = [next((n for n in nodes if n.op_type == "MatMulNBits"), None) for nodes, _ in members]
+    by_name = [{t.name: t for t in inits} for _, inits in members]
+    out, written = [], set()
+    if all(n is not None for n in nbits) and fusable(nbits):
+        for j in range(1, len(nbits[0].input)):
+            names = [n.input[j] for n in nbits]
+            if all(name in tensors for name, tensors in zip(names, by_name)):
+                for k, (name, tensors) in enumerate(zip(names, by_name)):
+                    out.append(data.tensor(name, numpy_helper.to_array(tensors[name]), align=k == 0, inline=False))
+                    written.add(name)
+    for tensors in by_name:
+        out.extend(data.tensor(t.name, numpy_helper.to_array(t)) for t in tensors.values() if t.name not in written)
+    return out
 
 
 def carry_initializer(t: onnx.TensorProto, src_folder: Path, data: ExternalData) -> onnx.TensorProto:
@@ -415,9 +453,12 @@ def copy_assets(fp32_folder: str | Path, dst: str | Path) -> Path:
 
 
 def link_or_copy(src: Path, dst: Path, link: bool) -> None:
-    """Hard-link (no extra disk; onnxruntime refuses symlinks that leave the folder) or copy.
+    """Hard-link (no extra disk; onnxruntime refuses symlinks that leave the folder), else copy: link=False,
+    or a filesystem that cannot link (another device, no hard links, too many links).
 
-    Exports copy: onnx's own loader (`onnx.load` with external data) rejects hard-linked data files.
+    onnxruntime reads hard-linked files like any other; onnx's own loader (`onnx.load` with external
+    data, `onnx.checker` on a path) refuses external data with several links (a guard against link
+    attacks): load such a graph with `load_external_data=False`, or copy the file to unlink it.
     """
     if link:
         try:
@@ -438,9 +479,9 @@ def quantize_folder(fp32_folder: str | Path, out_folder: str | Path, recipe: Int
     genai_config.json, qwen3vl_lab.json (precision int4, the recipe) and quantization.json.
 
     Written into a temporary sibling folder and moved into place when complete. The embedding/vision
-    files are copied from `assets` (default: the fp32 folder); link=True hard-links them instead (a
-    recipe sweep links all its variants to one private copy, so the fp32 folder's files keep a single
-    link: onnx's loader refuses hard-linked external data).
+    files come from `assets` (default: the fp32 folder): copied, or with link=True hard-linked where
+    the filesystem allows (`link_or_copy`; `qwen3vl-lab export` links, so cpu-int4/ adds no second copy
+    of them; a recipe sweep links its variants to one private copy instead of the export's files).
     """
     recipe = (recipe or Int4Recipe()).validate()
     src, out = Path(fp32_folder), Path(out_folder)

@@ -12,6 +12,8 @@ model runs.
 
 from __future__ import annotations
 
+import base64
+
 import numpy as np
 
 from ..errors import UserError
@@ -130,8 +132,25 @@ def attention_figure(trace: GenerationTrace, layer: int = 0, head: int | None = 
 
 
 # -- widgets -----------------------------------------------------------------------------------
+def figure_output(fig) -> dict:
+    """fig as one entry of an ipywidgets Output's `outputs`: a display_data bundle (PNG, as the inline backend draws it)."""
+    from IPython.core.pylabtools import print_figure  # noqa: PLC0415 - IPython only where widgets are used
+
+    png = print_figure(fig, "png", bbox_inches="tight")
+    return {"output_type": "display_data", "metadata": {},
+            "data": {"image/png": base64.b64encode(png).decode("ascii"), "text/plain": repr(fig)}}
+
+
 class _Explorer:
-    """Controls + an Output that shows `self.draw()`'s figure; `self.figure` is the one last drawn."""
+    """Controls + an Output that shows `self.draw()`'s figure; `self.figure` is the one last drawn.
+
+    The figure is put into the Output by setting its `outputs` from the kernel, not by displaying inside
+    `with self.out:`. Capturing with `with out:` makes a headless runner (nbclient: `jupyter execute`,
+    nbmake, papermill) answer with a comm message on the shell channel while it waits for the cell's
+    reply there, and the reply is then seen only when the runner's timeout ends (jupyter/nbclient#312):
+    each explorer cell waited out the whole timeout. Setting `outputs` sends only kernel -> front-end
+    state, which JupyterLab renders the same way.
+    """
 
     def _build(self, controls) -> None:
         import ipywidgets as w  # noqa: PLC0415
@@ -144,12 +163,8 @@ class _Explorer:
         self._redraw()
 
     def _redraw(self, change=None) -> None:
-        from IPython.display import display  # noqa: PLC0415
-
         self.figure = self.draw()
-        with self.out:
-            self.out.clear_output(wait=True)
-            display(self.figure)
+        self.out.outputs = (figure_output(self.figure),)
 
     def draw(self):  # pragma: no cover - each explorer defines it
         raise NotImplementedError
