@@ -20,9 +20,14 @@ onnxruntime-genai is the optional `bench` extra (`pip install onnxruntime-genai 
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+import numpy as np
 
 
 def peak_rss_bytes() -> int:
@@ -53,7 +58,7 @@ class GenaiEngine:
     threads spin between ops); True / False sets `session.intra_op.allow_spinning` on its decoder session."""
 
     def __init__(self, folder: str, threads: int | None, spinning: bool | None = None):
-        import onnxruntime_genai as og  # noqa: PLC0415
+        import onnxruntime_genai as og  # noqa: PLC0415 (the optional [bench] extra, in its own worker process)
 
         self.og = og  # threads: the bench writes intra_op_num_threads into the folder's genai_config.json
         config = og.Config(folder)
@@ -63,8 +68,6 @@ class GenaiEngine:
         self.model = og.Model(config)
 
     def run(self, ids: list[list[int]], new_tokens: int) -> dict:
-        import numpy as np  # noqa: PLC0415
-
         og = self.og
         tokens = np.asarray(ids, np.int32)  # (B, S)
         params = og.GeneratorParams(self.model)
@@ -86,8 +89,8 @@ class GenaiEngine:
 # -- transformers' PyTorch model ------------------------------------------------------------------------
 class TorchEngine:
     def __init__(self, folder: str, threads: int | None, spinning: bool | None = None):
-        import torch  # noqa: PLC0415
-        from transformers import Qwen3VLForConditionalGeneration  # noqa: PLC0415
+        import torch  # noqa: PLC0415 (the reference engine's worker process only)
+        from transformers import Qwen3VLForConditionalGeneration  # noqa: PLC0415 (its worker only)
 
         if threads:
             torch.set_num_threads(threads)
@@ -128,14 +131,10 @@ class GemvEngine:
 
     def __init__(self, folder: str | None, threads: int | None, spinning: bool | None = None,
                  nbytes: int = 256 * 2**20):
-        import tempfile  # noqa: PLC0415
-        from pathlib import Path  # noqa: PLC0415
-
-        import numpy as np  # noqa: PLC0415
+        # onnx / onnxruntime only in the gemv worker: the torch and genai workers' peak RSS stays their engine's
         import onnxruntime as ort  # noqa: PLC0415
 
         from ..model import RuntimeOptions  # noqa: PLC0415
-
         k, n = GEMV_K, max(1, nbytes // (4 * GEMV_K))
         options = RuntimeOptions(threads=threads, allow_spinning=bool(spinning)).session_options()
         with tempfile.TemporaryDirectory(prefix="qwen3vl-gemv-", dir=folder) as tmp:
@@ -157,10 +156,8 @@ class GemvEngine:
 
 def _write_gemv(path, k: int, n: int) -> None:
     """The probe's graph, its (k, n) float32 weight in an external-data file beside it (written in slices)."""
-    import numpy as np  # noqa: PLC0415
-    import onnx  # noqa: PLC0415
+    import onnx  # noqa: PLC0415 (the gemv worker only: see GemvEngine)
     from onnx import TensorProto, helper  # noqa: PLC0415
-
     rng = np.random.default_rng(1)
     with open(path.with_suffix(".data"), "wb") as f:  # 16 slices: never the whole weight twice in memory
         f.writelines(rng.standard_normal((len(rows), n), dtype=np.float32).tobytes()
@@ -181,8 +178,6 @@ ENGINES = {"genai": GenaiEngine, "torch": TorchEngine, "gemv": GemvEngine}
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse  # noqa: PLC0415
-
     p = argparse.ArgumentParser(prog="qwen3vl_lab.apps.bench_workers")
     p.add_argument("engine", choices=sorted(ENGINES))
     p.add_argument("folder", nargs="?", default=None, help="the model folder (gemv: where its temp files go)")

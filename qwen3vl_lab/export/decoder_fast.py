@@ -32,6 +32,8 @@ its buffer); `qwen3vl_lab/fast.py` runs this graph.
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -329,9 +331,6 @@ def write_fast_decoder(folder: str | Path, cfg: ModelConfig | None = None, fuse:
     `model-fast.onnx.data` with the concatenated q/k/v and gate/up weights. Everything is written in
     a staging folder and moved into place, the graph last.
     """
-    import shutil  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
-
     folder = Path(folder)
     source_path = folder / DECODER_FILE
     if not source_path.is_file():

@@ -48,6 +48,7 @@ from .decoder_fast import write_fast_decoder
 from .files import check_replaceable, has_genai_marker, legacy_precision_patterns, replace_folder, staging_folder
 from .quantize import Int4Recipe, quantize_folder
 from .tiny import expected_parameter_shapes
+from .vision import build_vision, vision_genai_section
 
 PYTORCH_FILES = (
     "config.json", "generation_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
@@ -162,8 +163,6 @@ def export_precision(cfg: ModelConfig, ckpt: Checkpoint, folder: Path, precision
         bar.update(1)
         vision = None
         if has_vision(ckpt):
-            from .vision import build_vision, vision_genai_section  # noqa: PLC0415 (optional part)
-
             build_vision(cfg, weights, folder / (VISION_FILE + ".data")).save(folder / VISION_FILE)
             vision = vision_genai_section(cfg)
         bar.update(1)

@@ -19,6 +19,7 @@ folder), so the INT4 folder runs on its own. The recipe is recorded in qwen3vl_l
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import logging
@@ -34,7 +35,9 @@ from typing import BinaryIO
 
 import numpy as np
 import onnx
+import onnxruntime
 from onnx import TensorProto, helper, numpy_helper
+from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..layout import (
@@ -131,7 +134,7 @@ def _import_quantizer():
     """Import onnxruntime's quantizer module without letting its `logging.basicConfig(INFO)` flood the root logger."""
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
-    from onnxruntime.quantization import matmul_nbits_quantizer as mq  # noqa: PLC0415
+    from onnxruntime.quantization import matmul_nbits_quantizer as mq  # noqa: PLC0415 (its calibration stack loads on use)
 
     root.setLevel(level)
     for h in list(root.handlers):
@@ -144,8 +147,6 @@ def _import_quantizer():
 
 def _check_hqq_available() -> None:
     try:
-        import importlib.util  # noqa: PLC0415
-
         ok = importlib.util.find_spec("torch") is not None
     except ValueError:
         ok = False
@@ -351,8 +352,6 @@ def _node_record(nodes: list[onnx.NodeProto], weight: str, inits: list[TensorPro
 
 def quantize_decoder(src_folder: Path, dst_folder: Path, recipe: Int4Recipe, progress: bool = True) -> dict:
     """src/model.onnx (fp32, external data) -> dst/model.onnx with MatMulNBits; returns the per-node record."""
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
     src_folder, dst_folder = Path(src_folder), Path(dst_folder)
     model = onnx.load(str(src_folder / DECODER_FILE), load_external_data=False)
     graph = model.graph
@@ -521,8 +520,6 @@ def quantize_folder(fp32_folder: str | Path, out_folder: str | Path, recipe: Int
 
 
 def quantization_record(recipe: Int4Recipe, nodes: dict, seconds: float, fp32_bytes: int, int4_bytes: int) -> dict:
-    import onnxruntime  # noqa: PLC0415
-
     return {
         "recipe": recipe.to_dict(),
         "quantizer": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",

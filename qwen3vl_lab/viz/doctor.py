@@ -15,15 +15,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from ..debug.compare import Comparison
 from ..debug.layers import KINDS, LayerReport
 from ..debug.weights import WeightReport
+from .int4 import plot_layer_divergence, plot_step_divergence
 
 
 def _figure(figsize=(7.0, 3.6)):
-    from matplotlib.figure import Figure  # noqa: PLC0415
-
     fig = Figure(figsize=figsize)
     return fig, fig.subplots()
 
@@ -88,15 +88,11 @@ def plot_sweep(result):
 
 
 def _viz_steps(cmp: Comparison):
-    from .int4 import plot_step_divergence  # noqa: PLC0415  (the notebooks' plot, when present)
-
     f = cmp.forced[0]
     return plot_step_divergence(f.kl, top1_agree=f.top1_agree, title=f"KL per step: {f.label[:40]}")
 
 
 def _viz_layers(report: LayerReport):
-    from .int4 import plot_layer_divergence  # noqa: PLC0415
-
     rows = [r for r in report.rows if np.isfinite(r.sqnr_db)]
     return plot_layer_divergence(np.array([r.sqnr_db for r in rows]), names=[r.name for r in rows])
 

@@ -19,7 +19,7 @@ COLORS = {"prefill": "#4c72b0", "decode": "#dd8452", "text": "#8c8c8c", "image":
 
 def new_figure(*, nrows: int = 1, ncols: int = 1, figsize=(6.4, 4.0), **kwargs):
     """(fig, axes) like plt.subplots, with the figure already detached from pyplot."""
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (pyplot picks a backend when imported: only when drawing)
 
     fig, axes = plt.subplots(nrows, ncols, figsize=figsize, **kwargs)
     plt.close(fig)
@@ -28,7 +28,7 @@ def new_figure(*, nrows: int = 1, ncols: int = 1, figsize=(6.4, 4.0), **kwargs):
 
 def empty_figure(figsize=(6.4, 4.0)):
     """A figure with no axes yet (for gridspec layouts), detached from pyplot."""
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (pyplot picks a backend when imported: only when drawing)
 
     fig = plt.figure(figsize=figsize)
     plt.close(fig)

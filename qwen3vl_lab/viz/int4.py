@@ -15,6 +15,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import PercentFormatter
 
 from ..errors import UserError
 from .figure import COLORS, figure_of, new_figure
@@ -158,10 +161,6 @@ def plot_recipe_accuracy(data, *, labels: Sequence[str] | None = None, simulated
     if reference is None and hasattr(data, "rows"):
         ref = [a for r, a in zip(data.rows, acc) if r.kind == "fp32"]
         reference = ref[0] if ref else None
-    from matplotlib.lines import Line2D  # noqa: PLC0415
-    from matplotlib.patches import Patch  # noqa: PLC0415
-    from matplotlib.ticker import PercentFormatter  # noqa: PLC0415
-
     fig, ax = figure_of(ax, figsize=(9.5, 0.36 * len(acc) + 1.5))
     y = np.arange(len(acc))[::-1]  # first recipe at the top
     colors = [BITS_COLORS.get(int(b), COLORS["prefill"]) if nbits is not None else COLORS["prefill"]

@@ -153,7 +153,7 @@ class _Explorer:
     """
 
     def _build(self, controls) -> None:
-        import ipywidgets as w  # noqa: PLC0415
+        import ipywidgets as w  # noqa: PLC0415 (ipywidgets only where a widget is shown)
 
         self.out = w.Output()
         self.figure = None
@@ -177,7 +177,7 @@ class GenerationExplorer(_Explorer):
     """A slider over decode steps; a layer picker. `explorer.step.value = 3` redraws, as in the browser."""
 
     def __init__(self, trace: GenerationTrace, layer: int = -1, k: int = 8):
-        import ipywidgets as w  # noqa: PLC0415
+        import ipywidgets as w  # noqa: PLC0415 (ipywidgets only where a widget is shown)
 
         self.trace, self.k = trace, k
         n_layers = trace.config.text.num_hidden_layers
@@ -193,7 +193,7 @@ class PositionExplorer(_Explorer):
     """A slider over the prompt's tokens: its (t, h, w) and, for an image token, its cell on the image."""
 
     def __init__(self, layout: PromptLayout | GenerationTrace, token: int = 0):
-        import ipywidgets as w  # noqa: PLC0415
+        import ipywidgets as w  # noqa: PLC0415 (ipywidgets only where a widget is shown)
 
         self.layout = layout.layout() if isinstance(layout, GenerationTrace) else layout
         self.token = w.IntSlider(value=token, min=0, max=self.layout.position_ids.shape[1] - 1, description="token",
@@ -208,7 +208,7 @@ class AttentionExplorer(_Explorer):
     """Layer and head pickers ("mean" = average over heads) over the whole sequence's attention."""
 
     def __init__(self, trace: GenerationTrace, layer: int = 0, head: int | None = None):
-        import ipywidgets as w  # noqa: PLC0415
+        import ipywidgets as w  # noqa: PLC0415 (ipywidgets only where a widget is shown)
 
         self.trace = trace
         n_layers, n_heads = trace.config.text.num_hidden_layers, trace.config.text.num_attention_heads
