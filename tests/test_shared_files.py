@@ -30,11 +30,10 @@ from qwen3vl_lab.export.quantize import (
     quantize_folder,
     read_raw,
 )
-from qwen3vl_lab.fast import fast_generate_tokens
-from qwen3vl_lab.generate import prepare_prompt
+from qwen3vl_lab.generate import generate_tokens, prepare_prompt
 from qwen3vl_lab.layout import DECODER_FILE, FAST_DECODER_FILE
 from qwen3vl_lab.model import load_model
-from qwen3vl_lab.pipeline import greedy
+from qwen3vl_lab.sampling import greedy
 
 
 @pytest.fixture(scope="module")
@@ -127,5 +126,5 @@ def test_a_decoder_laid_out_otherwise_gets_its_own_fused_bytes(root, tmp_path):
     assert (folder / (FAST_DECODER_FILE + ".data")).stat().st_size > 0
     rebuilt, exported = load_model(folder, "int4", open_decoder=False), load_model(root, "int4", open_decoder=False)
     prompt = prepare_prompt(exported, "Hello there")
-    tokens = [list(fast_generate_tokens(m, prompt, greedy, 4, eos_token_ids=[])) for m in (rebuilt, exported)]
+    tokens = [list(generate_tokens(m, prompt, greedy, 4, eos_token_ids=[], fast=True)) for m in (rebuilt, exported)]
     assert len(tokens[0]) == 4 and tokens[0] == tokens[1]
