@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import ModelConfig
 from .errors import UserError
-from .layout import DEEPSTACK_FEATURES, GENAI_CONFIG, IMAGE_FEATURES, PIXEL_VALUES, ROTARY_COS
+from .layout import DEEPSTACK_FEATURES, IMAGE_FEATURES, OWN_CONFIG, PIXEL_VALUES, ROTARY_COS
 
 
 def _dims(session) -> dict[str, list]:
@@ -27,7 +27,7 @@ def _expect(dims: dict[str, list], name: str, axis: int, value: int, what: str, 
     if shape is None or not -len(shape) <= axis < len(shape) or not isinstance(shape[axis], int):
         return  # symbolic or absent: nothing to compare
     if shape[axis] != value:
-        raise UserError(f"{path.parent / GENAI_CONFIG} says {what} = {value} but {path.name} was built with "
+        raise UserError(f"{path.parent / OWN_CONFIG} says {what} = {value} but {path.name} was built with "
                         f"{shape[axis]} ({name} {shape}); the config was edited or comes from another export: "
                         "re-run `qwen3vl-lab export` for this folder")
 
@@ -42,7 +42,7 @@ def check_graph(session, path: Path, config: ModelConfig, kind: str) -> None:
         _expect(dims, "logits", -1, text.vocab_size, "vocab_size", path)
         layers = sum(1 for n in dims if n.startswith("present.") and n.endswith(".key"))
         if layers and layers != text.num_hidden_layers:
-            raise UserError(f"{path.parent / GENAI_CONFIG} says num_hidden_layers = {text.num_hidden_layers} but "
+            raise UserError(f"{path.parent / OWN_CONFIG} says num_hidden_layers = {text.num_hidden_layers} but "
                             f"{path.name} has {layers} layers; the config was edited or comes from another export: "
                             "re-run `qwen3vl-lab export` for this folder")
         _expect(dims, "present.0.key", 1, text.num_key_value_heads, "num_key_value_heads", path)

@@ -324,11 +324,11 @@ def load_model(model_dir: str | Path, text_precision: str = "fp32", options: Run
         readable_file(layout.genai_config)
     genai = read_export_config(layout.folder) if layout.genai_config else {}
     ours = layout.kind == "qwen3vl-lab"
-    decoder = open_session(layout.decoder, options) if open_decoder or not ours else None
+    decoder = None if ours else open_session(layout.decoder, options)  # a foreign config is read from its graph
     config = model_config(layout, genai, decoder)
-    if decoder is not None and ours:
-        check_graph(decoder, layout.decoder, config, "decoder")
     embedding = open_session(layout.embedding, options, config, "embedding") if layout.embedding else None
+    if ours and open_decoder:
+        decoder = open_session(layout.decoder, options, config, "decoder")
     return Model(folder=layout.folder, genai=genai, config=config, embedding=embedding, decoder_session=decoder,
                  options=options, accept_missing=accept_missing, layout=layout)
 

@@ -71,10 +71,10 @@ class World:
         return dst
 
     def edit_genai(self, edit: Callable[[dict], None]) -> Path:
-        model = self.clone_onnx(copy=("cpu-fp32/genai_config.json",))
-        path = model / "cpu-fp32" / "genai_config.json"
+        model = self.clone_onnx(copy=("cpu-fp32/qwen3vl_lab.json",))  # our settings, beside genai_config.json
+        path = model / "cpu-fp32" / "qwen3vl_lab.json"
         cfg = json.loads(path.read_text())
-        edit(cfg["qwen3vl_lab"]["config"])
+        edit(cfg["config"])
         path.write_text(json.dumps(cfg))
         return model
 
@@ -297,8 +297,8 @@ def an_unreadable_genai_config(w):
 
 @case("tokenizer_config.json", "Permission denied", as_user=True)
 def an_unreadable_tokenizer_file(w):
-    model = w.clone_onnx(copy=("pytorch/tokenizer_config.json",))
-    (model / "pytorch" / "tokenizer_config.json").chmod(0)
+    model = w.clone_onnx(copy=("cpu-fp32/tokenizer_config.json",))  # the tokenizer a precision folder carries
+    (model / "cpu-fp32" / "tokenizer_config.json").chmod(0)
     return gen(model), []
 
 
@@ -673,7 +673,7 @@ def test_export_to_a_disk_without_room_is_refused_up_front(tiny_dir, small_disk,
 
 def test_a_disk_that_fills_up_during_the_export(tiny_dir, small_disk, capsys):
     """fp32 fits (checked up front), the INT4 folder does not: one line, the staging folder removed."""
-    disk = small_disk("100m")
+    disk = small_disk("84m")
     code, _, err = run_cli(capsys, "export", "--hf_dir", tiny_dir, "--output_dir", disk / "out",
                            "--precision", "fp32", "int4", "--quiet")
     assert_one_line_error(code, err, "--output_dir", "is full", "free", "needed", "free some space")

@@ -25,6 +25,7 @@ are exported with a warning naming the first such tensor.
 
 from __future__ import annotations
 
+import errno
 import math
 import shutil
 import sys
@@ -144,7 +145,12 @@ def write_tokenizer_files(hf_dir: Path, folder: Path) -> None:
     shipped one when the checkpoint has none), which writes tokenizer.json from vocab.json + merges.txt."""
     tok = load_tokenizer(hf_dir)
     with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=folder) as tmp:
-        tok.save_pretrained(tmp)
+        try:
+            tok.save_pretrained(tmp)
+        except Exception as e:  # the Rust tokenizers library reports a full disk as a plain Exception
+            if "os error 28" in str(e) or "No space left" in str(e):
+                raise OSError(errno.ENOSPC, "No space left on device", tmp) from None
+            raise
         for name in GENAI_TOKENIZER_FILES:
             if (Path(tmp) / name).is_file():
                 shutil.move(str(Path(tmp) / name), folder / name)
