@@ -231,7 +231,7 @@ class Decoder:
         positions (3, B, S), the mask and DeepStack (D, B, S, H) are sliced along S; rope_deltas stay.
         Attention probabilities are not returned (their widths differ per chunk)."""
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-            raise UserError(f"prefill chunk size must be an integer >= 1, got {chunk_size!r}")
+            raise UserError(f"prefill chunk size must be at least 1 (a whole number), got {chunk_size!r}")
         B, S = np.shape(position_ids)[-2:]
         mask = np.ones((B, S), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
         wanted = S if logits_to_keep == 0 else min(logits_to_keep, S)  # logits of the last `wanted` positions

@@ -244,8 +244,12 @@ def open_decoder(model: Model, fast: bool = False) -> Decoder:
     return FastDecoder(model) if fast else model.teaching_decoder
 
 
-def run_prefill(decoder: Decoder, cache, prompt: Prompt, prefill_chunk: int | None = None) -> Step:
-    """The prompt through the decoder: whole, or `prefill_chunk` tokens at a time (same logits and cache)."""
+def run_prefill(model: Model, prompt: Prompt, prefill_chunk: int | None = None, *, decoder: Decoder | None = None,
+                cache=None) -> Step:
+    """The prompt through the decoder (default: the teaching one, a new cache): whole, or `prefill_chunk` tokens
+    at a time (same logits and cache)."""
+    decoder = decoder or model.teaching_decoder
+    cache = cache if cache is not None else decoder.new_cache(prompt.input_ids.shape[0], prompt.length)
     kwargs = dict(input_ids=prompt.input_ids, attention_mask=prompt.attention_mask, deepstack=prompt.deepstack)
     if prefill_chunk is None or prefill_chunk >= prompt.length:
         return decoder.prefill(cache, prompt.inputs_embeds, prompt.positions.position_ids, **kwargs)
@@ -295,8 +299,8 @@ def generate_step(model: Model, prompt: Prompt, sampler: SamplerFn, max_new_toke
     histories = [row[keep] for row, keep in zip(prompt.input_ids, mask)]
     finished = np.zeros(len(lengths), bool)  # (B,)
     t0 = time.perf_counter()
-    step = run_prefill(decoder, decoder.new_cache(len(lengths), prompt.length + int(budget.max())), prompt,
-                       prefill_chunk)
+    step = run_prefill(model, prompt, prefill_chunk, decoder=decoder,
+                       cache=decoder.new_cache(len(lengths), prompt.length + int(budget.max())))
     decoder_seconds = time.perf_counter() - t0
     for n in range(int(budget.max())):
         previous = histories if padded else np.stack(histories)  # (B, T) or one (T_b,) per row

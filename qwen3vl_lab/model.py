@@ -39,7 +39,7 @@ from .layout import (
 )
 from .layouts import Layout, find_layout, read_export_config, read_genai_config
 from .limits import check_threads
-from .paths import as_path, existing_dir, readable_file
+from .paths import existing_dir, export_path, readable_file
 from .tokenizer import load_tokenizer  # cheap: transformers itself is imported when a tokenizer loads
 
 
@@ -316,9 +316,7 @@ def load_model(model_dir: str | Path, text_precision: str = "fp32", options: Run
     tokenizer_dir: where the tokenizer is when the export has none. accept_missing: run prompts that need
     a piece the decoder lacks (3-D positions, DeepStack), saying so (`model.notices`, `decoder.missing_used`)."""
     options = options or RuntimeOptions()
-    path = as_path(model_dir, "--model_dir")
-    if path.is_dir():
-        existing_dir(path, "--model_dir", fix="pass an export folder")
+    path = export_path(model_dir, "--model_dir", fix="pass an export folder or a decoder .onnx file")
     layout = find_layout(path, text_precision, tokenizer_dir=tokenizer_dir)
     if layout.genai_config:
         readable_file(layout.genai_config)

@@ -71,6 +71,14 @@ def existing_dir(value, name: str, *, fix: str = "pass an existing folder") -> P
     return path
 
 
+def export_path(value, name: str, *, fix: str = "pass an export folder") -> Path:
+    """An export: a folder (checked as `existing_dir`), or one decoder .onnx file (checked as `existing_file`)."""
+    path = as_path(value, name)
+    if path.suffix == ".onnx" and _kind(path) == "file":
+        return existing_file(path, name, fix=fix)
+    return existing_dir(path, name, fix=fix)
+
+
 def existing_file(value, name: str, *, fix: str = "pass an existing file") -> Path:
     """A regular file that exists and can be opened for reading."""
     path = as_path(value, name)

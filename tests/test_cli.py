@@ -125,9 +125,9 @@ def test_model_dir_problems(onnx_dir, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     code, _, err = run(capsys, "generate", "--model_dir", str(empty), "--prompt", "x")
-    assert_one_line_error(code, err, "cpu-fp32")
+    assert_one_line_error(code, err, "none of the known export layouts", "cpu-<precision>")
     code, _, err = run(capsys, *gen(onnx_dir, "--text_precision", "int4"))
-    assert_one_line_error(code, err, "cpu-int4", "--precision int4")
+    assert_one_line_error(code, err, "no int4 decoder", "--precision int4")
     missing = tmp_path / "missing"
     shutil.copytree(onnx_dir, missing)
     (missing / "cpu-fp32" / "model.onnx").unlink()

@@ -352,8 +352,8 @@ def test_bandwidth_probe_is_an_onnxruntime_gemv_over_its_whole_weight(tmp_path):
     """What `bench` times for the bandwidth: x (1, K) @ W (K, N), W a prepacked initializer read whole each run."""
     import onnxruntime as ort
 
-    from qwen3vl_lab.bench import bandwidth_buffer_bytes, largest_cache_bytes
-    from qwen3vl_lab.bench_workers import GEMV_K, GemvEngine, _write_gemv
+    from qwen3vl_lab.apps.bench import bandwidth_buffer_bytes, largest_cache_bytes
+    from qwen3vl_lab.apps.bench_workers import GEMV_K, GemvEngine, _write_gemv
 
     assert bandwidth_buffer_bytes() >= max(256 * 2**20, 8 * largest_cache_bytes())
     _write_gemv(tmp_path / "g.onnx", GEMV_K, 64)

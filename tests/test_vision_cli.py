@@ -190,7 +190,7 @@ def test_interactive_image_command_encodes_each_image_once(onnx_dir, files, monk
         turns.append(len(images or []))
         return real_prepare(model, prompt, images, *args, **kwargs)
 
-    monkeypatch.setattr(steps, "encode_image", count_encode)
+    monkeypatch.setattr(pipeline, "encode_image", count_encode)  # what the pipeline calls
     monkeypatch.setattr(pipeline, "prepare_multimodal_prompt", record_turn)
     lines = iter([f"/image {grace_hopper()}", "What is this?", f"/image {files['notes.txt']}", "/image",
                   f"/image {files['small.png']}", "And now?", "Thanks", "quit"])

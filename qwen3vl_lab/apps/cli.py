@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import PROG, ArgumentParser, UserError
 from ..limits import max_threads
-from ..paths import existing_dir, existing_file, os_error_message, output_dir
+from ..paths import existing_dir, existing_file, export_path, os_error_message, output_dir
 from ..signals import Terminated, deferred_interrupt, terminate_as_interrupt
 
 Parser = ArgumentParser  # argparse whose errors are one line, exit code 2 (errors.py)
@@ -248,7 +248,7 @@ def run_generate(a) -> int:
     from ..model import RuntimeOptions  # noqa: PLC0415
     from ..pipeline import Qwen3VLPipeline  # noqa: PLC0415
 
-    existing_dir(a.model_dir, "--model_dir", fix=MODEL_DIR_FIX)
+    export_path(a.model_dir, "--model_dir", fix=MODEL_DIR_FIX)
     _check_media_paths(a.image, a.video)
     items = None
     if a.prompts_file is not None:
@@ -633,7 +633,7 @@ def add_doctor(sub) -> None:
 
 def _check_debug_paths(a) -> None:
     """doctor / sweep: every path flag checked before any model loads."""
-    existing_dir(a.model_dir, "--model_dir", fix=MODEL_DIR_FIX)
+    export_path(a.model_dir, "--model_dir", fix=MODEL_DIR_FIX)
     if a.image is not None:
         existing_file(a.image, "--image", fix=IMAGE_FIX)
     if getattr(a, "reference", "fp32") != "fp32":

@@ -130,7 +130,7 @@ BITS_COLORS = {32: "#8c8c8c", 8: "#55a868", 4: "#4c72b0", 3: "#dd8452", 2: "#c44
 
 def _accuracy_rows(data, labels, simulated, well_formed, bits):
     """-> (labels, accuracy (R,), simulated (R,) bool, well_formed (R,) or None, bits (R,) or None)."""
-    if hasattr(data, "rows") and hasattr(data, "accuracy"):  # debug.accuracy.AccuracyResult
+    if hasattr(data, "rows") and hasattr(data, "accuracy"):  # shapes.accuracy.AccuracyResult
         rows = data.rows
         return ([r.label for r in rows], data.accuracy("all"), np.array([r.simulated for r in rows]),
                 np.asarray(data.well_formed, np.float64), np.array([r.bits for r in rows]))
