@@ -36,15 +36,14 @@ from qwen3vl_lab.debug import (
     SimRecipe,
     compare_layers,
     free_greedy,
-    load_variant,
     make_broken,
-    recipe_accuracy,
     run_checklist,
     teacher_forced,
 )
 from qwen3vl_lab.export.quantize import Int4Recipe
 from qwen3vl_lab.model import load_model
 from qwen3vl_lab.shapes import task as shapes
+from qwen3vl_lab.shapes.accuracy import load_variant, recipe_accuracy
 from qwen3vl_lab.shapes.evaluate import answer
 from qwen3vl_lab.viz import plot_int4_summary
 from qwen3vl_lab.viz.int4 import plot_recipe_accuracy
