@@ -50,11 +50,11 @@ def add_make_tiny(sub) -> None:
     p.add_argument("--output_dir", required=True, help="folder to create")
     p.add_argument("--seed", type=seed_t, default=0)
     p.add_argument("--preset", default=None,
-                   help="tiny (default), tiny-deep, shapes or 2b (real 2B dimensions, random weights)")
+                   help="tiny (default), tiny-deep, shapes, 2b or 4b (real 2B / 4B dimensions, random weights)")
     p.add_argument("--trained", action="store_true",
                    help="the shipped model trained on the shapes task (preset shapes, bf16): it answers correctly")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weight dtype on disk (default: float32; bfloat16 for the 2b preset)")
+                   help="weight dtype on disk (default: float32; bfloat16 for the 2b and 4b presets)")
     p.add_argument("--config_style", default="v5", choices=["v5", "legacy"],
                    help="config.json as transformers 5.x writes it, or the Hub's 4.57 style")
     p.add_argument("--untied", action="store_true", help="write a separate lm_head.weight")
