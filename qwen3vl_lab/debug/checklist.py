@@ -29,13 +29,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..generate import prepare_prompt
+from ..generate import Prompt, prepare_prompt
 from ..layout import DECODER_FILE, EMBEDDING_FILE, VISION_FILE
 from ..model import Model
 from ..positions import Positions, build_positions, next_positions
 from ..steps import embed, prefill
 from .compare import kl_divergence
+from .inputs import as_model
 from .layers import accuracy_level_session, activation_stats, decoder_feeds, load_graph
+from .record import release
 from .weights import QuantizedMatrix, iter_quantized, short_name
 
 OUTLIER_RATIO = 20.0  # an input channel 20x the median channel: Qwen3-style massive activations
@@ -118,8 +120,25 @@ def _logits(model: Model, embeds, position_ids, deepstack=None) -> np.ndarray:
 
 
 # -- the checks ----------------------------------------------------------------------------------
-def check_accuracy_level(model: Model, graph: onnx.ModelProto, reference: Model | None = None,
+def needs_oracle(graph: onnx.ModelProto) -> bool:
+    """Whether `check_accuracy_level` wants fp32 logits: some MatMulNBits runs at accuracy_level 4."""
+    return any(n.op_type == "MatMulNBits" and int(_attrs(n).get("accuracy_level", 0)) == 4 for n in graph.graph.node)
+
+
+def oracle_logits(reference: Model | str | Path, probe: Prompt) -> np.ndarray:
+    """(S, V) the fp32 reference's logits on a prompt embedded by the model under test (`prepare_prompt(model,
+    prompt)`): the accuracy_level oracle's yardstick. A reference folder is loaded, run and released here."""
+    ref = as_model(reference, "fp32")
+    try:
+        return _logits(ref, probe.inputs_embeds, probe.positions.position_ids)
+    finally:
+        if not isinstance(reference, Model):
+            release(ref)
+
+
+def check_accuracy_level(model: Model, graph: onnx.ModelProto, reference: Model | np.ndarray | None = None,
                          prompt: str = "Write a haiku about the sea.") -> CheckItem:
+    """reference: the fp32 Model, or its logits on this prompt (`oracle_logits`), or None (judged on outliers)."""
     title = "accuracy_level 4 on activation outliers"
     nodes = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
     if not nodes:
@@ -140,7 +159,8 @@ def check_accuracy_level(model: Model, graph: onnx.ModelProto, reference: Model 
     logits0 = session.run(["logits"], feeds)[0][0]  # (S, V) same weights, accuracy_level 0
     logits4 = _logits(model, p.inputs_embeds, p.positions.position_ids)
     if reference is not None:  # measured: does level 4 add divergence from fp32 over level 0?
-        ref = _logits(reference, p.inputs_embeds, p.positions.position_ids)
+        ref = reference if isinstance(reference, np.ndarray) else _logits(reference, p.inputs_embeds,
+                                                                          p.positions.position_ids)
         kl4, kl0 = float(kl_divergence(ref, logits4).mean()), float(kl_divergence(ref, logits0).mean())
         evidence += f"; oracle KL vs fp32 over {len(ref)} positions: level 4 {kl4:.4g}, level 0 {kl0:.4g}"
         bad = kl4 > ACC4_KL_FACTOR * kl0 + 1e-6
@@ -383,16 +403,18 @@ def check_eos(model: Model) -> CheckItem:
                      "list both <|im_end|> (151645) and <|endoftext|> (151643) as eos_token_id")
 
 
-def run_checklist(model: Model | str | Path, precision: str = "int4", reference: Model | str | Path | None = None,
+def run_checklist(model: Model | str | Path, precision: str = "int4",
+                  reference: Model | str | Path | np.ndarray | None = None,
                   prompt: str = "Write a haiku about the sea.") -> Checklist:
-    """Every check against `model` (a folder or a loaded Model). `reference` (fp32) feeds the accuracy_level oracle."""
-    from .inputs import as_model  # noqa: PLC0415
-
-    model = as_model(model, precision)
-    ref = as_model(reference, "fp32") if reference is not None else None
+    """Every check against `model` (a folder or a loaded Model). `reference` (fp32: a Model, a folder, or its
+    logits on `prompt` from `oracle_logits`) feeds the accuracy_level oracle. A reference folder is run and
+    released before the model's decoder is opened."""
+    model = as_model(model, precision, open_decoder=False)
     graph = load_graph(model)
+    if reference is not None and not isinstance(reference, (Model, np.ndarray)):
+        reference = oracle_logits(reference, prepare_prompt(model, prompt)) if needs_oracle(graph) else None
     items = [
-        check_accuracy_level(model, graph, ref, prompt),
+        check_accuracy_level(model, graph, reference, prompt),
         check_lm_head(graph),
         check_tied_embeddings(model, graph),
         check_qk_norm(model, graph),
@@ -404,6 +426,6 @@ def run_checklist(model: Model | str | Path, precision: str = "int4", reference:
     return Checklist(str(model.folder), items)
 
 
-__all__ = ["CheckItem", "Checklist", "run_checklist", "live_nodes", "check_accuracy_level", "check_deepstack",
+__all__ = ["CheckItem", "Checklist", "run_checklist", "live_nodes", "check_accuracy_level", "needs_oracle", "oracle_logits", "check_deepstack",
            "check_eos", "check_genai_config", "check_lm_head", "check_positions", "check_qk_norm",
            "check_tied_embeddings", "reference_positions_case"]
