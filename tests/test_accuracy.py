@@ -261,7 +261,7 @@ def test_sweep_shapes_refuses_another_model_before_building_anything(tiny_onnx_f
 
 
 def test_shared_assets_follow_the_export(tmp_path):
-    from qwen3vl_lab.shapes.accuracy import _sync_file
+    from qwen3vl_lab.debug.variants import _sync_file
 
     src, dst = tmp_path / "a.onnx.data", tmp_path / "assets" / "a.onnx.data"
     dst.parent.mkdir()
