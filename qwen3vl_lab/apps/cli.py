@@ -397,7 +397,7 @@ def add_backend_options(p) -> None:
 
 
 def backend_of(a):
-    from ..debug.cluster import Backend  # noqa: PLC0415
+    from ..debug.cluster import Backend  # noqa: PLC0415 (commands import their modules when they run)
 
     if a.ray is not None and a.workers > 1:
         raise UserError("--ray and --workers both choose where the variants run; pass one of them")

@@ -79,7 +79,8 @@ def open_model(source: Model | str | Path, precision: str = "fp32", options: Run
         try:
             model.decoder_session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises several types for corrupt files
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            reason = reason if len(reason) <= 240 else "..." + reason[-240:]  # onnxruntime's own sentence comes last
             raise UserError(f"{path} could not be loaded by onnxruntime ({reason}); re-export it with "
                             "`qwen3vl-lab export`") from None
     return model

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..generate import Prompt, generate_tokens
@@ -82,8 +83,6 @@ def record_prompt(ref: Model, prompt: PromptLike | Prompt, n_steps: int = 16, *,
 def record_reference(ref: Model | str | Path, prompts: Sequence[PromptLike] | PromptLike | None, n_steps: int = 16,
                      *, stop_at_eos: bool = True, progress: bool = False) -> list[RecordedPrompt]:
     """`record_prompt` for every prompt. A folder is loaded, recorded and released before this returns."""
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
     owned = not isinstance(ref, Model)
     model = as_model(ref)
     specs = as_specs(prompts)
@@ -129,6 +128,9 @@ def save_records(records: Sequence[RecordedPrompt], folder: str | Path, meta: di
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700: workers running as another user read it too
     try:
         logits = np.concatenate([r.logits for r in records]) if records else np.zeros((0, 0), np.float32)
         np.save(staging / LOGITS_FILE, logits.astype(np.float32, copy=False))

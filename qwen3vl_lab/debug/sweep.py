@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import socket
 import tempfile
@@ -44,7 +45,7 @@ from ..errors import UserError
 from ..export.quantize import QUANTIZATION_FILE, Int4Recipe
 from ..layout import DECODER_FILE
 from ..model import Model, RuntimeOptions
-from .cluster import Backend, error_record, run_jobs
+from .cluster import Backend, connect_ray, error_record, run_jobs
 from .compare import Comparison, compare_recorded
 from .inputs import PromptLike, as_specs, open_model
 from .record import RecordedPrompt, RecordFolder, prompt_digest, read_meta, record_reference, release, save_records
@@ -55,12 +56,12 @@ from .variants import (
     FP32,
     build_variant,
     builder_version,
+    cached_fingerprint,
     check_export,
     export_sizes,
     fp32_source,
     remove_variant,
     shared_assets,
-    source_fingerprint,
     variant_memory,
 )
 
@@ -106,6 +107,7 @@ class SweepRow:
     error: str | None = None  # the variant failed (build, load or run): the row holds no figures
     host: str = ""  # where it was computed
     score_seconds: float = 0.0
+    pid: int | None = None  # the process that computed it
 
     @property
     def name(self) -> str:
@@ -133,12 +135,12 @@ class SweepRow:
         if "error" in record:
             nan = float("nan")
             return cls(recipe, record.get("folder", ""), nan, nan, nan, nan, nan, nan, 0.0, None, cached, False,
-                       record["error"], record.get("host", ""))
+                       record["error"], record.get("host", ""), pid=record.get("pid"))
         cmp = Comparison.from_dict(record["comparison"]) if record.get("comparison") else None
         return cls(recipe, record["folder"], record["mean_kl"], record["max_kl"], record["top1_agreement"],
                    record["mean_ref_rank"], record["first_divergence"], record["decoder_mb"],
                    record["quantize_seconds"], cmp, cached, bool(record.get("variant_reused")), None,
-                   record.get("host", ""), record.get("score_seconds", 0.0))
+                   record.get("host", ""), record.get("score_seconds", 0.0), record.get("pid"))
 
 
 @dataclass
@@ -261,7 +263,7 @@ def run_reference_job(job: ReferenceJob) -> dict:
         save_records(records, job.folder, job.meta)
     except Exception as e:  # nothing can be scored without the reference: the sweep stops with this line
         return {"error": str(e) if isinstance(e, UserError) else error_record(e)["error"], "fatal": True}
-    return {"folder": job.folder, "seconds": time.perf_counter() - t0, "host": socket.gethostname()}
+    return {"folder": job.folder, "seconds": time.perf_counter() - t0, "host": socket.gethostname(), "pid": os.getpid()}
 
 
 @dataclass(frozen=True)
@@ -283,7 +285,7 @@ class VariantJob:
 def run_variant_job(job: VariantJob) -> dict:
     """-> the row's record (small JSON: figures and per-step arrays), or {"error": ...} ("fatal" when this
     worker cannot read the export or the record: no other variant could be scored there either)."""
-    base = {"recipe": job.recipe.name, "host": socket.gethostname()}
+    base = {"recipe": job.recipe.name, "host": socket.gethostname(), "pid": os.getpid()}
     try:
         check_export(Path(job.fp32), job.sizes)
         records = RecordFolder(job.reference)
@@ -338,6 +340,8 @@ def sweep(model_dir: str | Path, recipes: Sequence[Int4Recipe | SimRecipe] | Non
     backend = (backend or Backend()).validate()
     fp32 = fp32_source(model_dir).resolve()
     recipes = [r.validate() for r in (recipes if recipes is not None else default_recipes())]
+    if backend.ray:
+        connect_ray(backend.address)  # an unreachable cluster or a missing ray: one line now, before any work
     names = [r.name for r in recipes]
     if len(set(names)) != len(names):
         raise UserError("the recipe list has duplicates (after normalisation); pass each recipe once")
@@ -349,7 +353,7 @@ def sweep(model_dir: str | Path, recipes: Sequence[Int4Recipe | SimRecipe] | Non
     reference_cached = True
     try:
         root.mkdir(parents=True, exist_ok=True)
-        fingerprint, digest = source_fingerprint(fp32), prompt_digest(specs, n_steps)
+        fingerprint, digest = cached_fingerprint(fp32, root), prompt_digest(specs, n_steps)
         cache = ResultCache(root)
         keys = {r.name: result_key(kind="sweep", source=fingerprint, recipe=r.to_dict(),
                                    builder=builder_version(r), prompts=digest) for r in recipes}

@@ -111,6 +111,32 @@ def source_fingerprint(fp32_folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
+FINGERPRINT_FILE = ".fp32-fingerprint.json"  # root/: the last `source_fingerprint`, with the files' stat it was made from
+
+
+def _stats(fp32_folder: Path) -> dict[str, list[int]]:
+    return {str(p): [p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ino] for p in _export_files(fp32_folder)}
+
+
+def cached_fingerprint(fp32_folder: Path, root: Path) -> str:
+    """`source_fingerprint`, remembered in root/.fp32-fingerprint.json next to the files' size, mtime and inode:
+    while none of them changed the hash is not computed again (hashing a 4B export reads 19 GB), so a
+    finished sweep prints its table at once."""
+    path = Path(root) / FINGERPRINT_FILE
+    stats = _stats(fp32_folder)
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved["files"] == stats:
+            return saved["fingerprint"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        pass
+    fingerprint = source_fingerprint(fp32_folder)
+    tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, "files": stats}) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return fingerprint
+
+
 def builder_version(recipe: Int4Recipe | SimRecipe) -> str:
     """The code that builds a variant: simulate.py, or onnxruntime's quantizer driven by export/quantize.py."""
     import onnxruntime  # noqa: PLC0415
@@ -293,5 +319,5 @@ def fp32_source(model_dir: str | Path) -> Path:
     return folder
 
 
-__all__ = ["ASSETS_FOLDER", "FP32", "Recipe", "build_variant", "builder_version", "check_export", "contrast_recipes", "export_sizes", "fp32_source",
+__all__ = ["ASSETS_FOLDER", "FP32", "Recipe", "build_variant", "builder_version", "cached_fingerprint", "check_export", "contrast_recipes", "export_sizes", "fp32_source",
            "parse_recipe", "recipe_name", "remove_variant", "shared_assets", "source_fingerprint", "variant_memory"]

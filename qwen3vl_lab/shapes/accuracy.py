@@ -25,6 +25,7 @@ mixes up a colour is wrong and well formed; word salad is neither.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import tempfile
@@ -35,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..debug.cluster import Backend, error_record, run_jobs
+from ..debug.cluster import Backend, connect_ray, error_record, run_jobs
 from ..debug.inputs import open_model
 from ..debug.record import release
 from ..debug.results import ResultCache, result_key
@@ -46,6 +47,7 @@ from ..debug.variants import (
     Recipe,
     build_variant,
     builder_version,
+    cached_fingerprint,
     check_export,
     contrast_recipes,
     export_sizes,
@@ -90,7 +92,7 @@ class AccuracyRow:
         """Plain JSON, what the result cache keeps and a worker sends back."""
         return {"recipe": self.name, "folder": self.folder, "table": self.table, "predictions": self.predictions,
                 "well_formed": self.well_formed, "build_seconds": self.build_seconds,
-                "eval_seconds": self.eval_seconds, "variant_reused": self.reused, "host": self.host}
+                "eval_seconds": self.eval_seconds, "variant_reused": self.reused, "host": self.host, "pid": os.getpid()}
 
     @classmethod
     def from_record(cls, recipe, record: dict, *, cached: bool) -> "AccuracyRow":
@@ -315,7 +317,7 @@ class AccuracyJob:
 def run_accuracy_job(job: AccuracyJob) -> dict:
     """-> the row's record (answers and accuracy table: small JSON), or {"error": ...} ("fatal" when this worker
     cannot read the export: no recipe could be scored there)."""
-    base = {"recipe": recipe_name(job.recipe), "host": socket.gethostname()}
+    base = {"recipe": recipe_name(job.recipe), "host": socket.gethostname(), "pid": os.getpid()}
     try:
         check_export(Path(job.fp32), job.sizes)
     except UserError as e:
@@ -379,6 +381,8 @@ def recipe_accuracy(model_dir: str | Path, recipes: Sequence[Recipe] | None = No
     if FP32 not in parsed:
         parsed.insert(0, FP32)
     fp32 = fp32_source(model_dir).resolve()
+    if backend.ray:
+        connect_ray(backend.address)  # an unreachable cluster or a missing ray: one line now, before any work
     keep = backend.local if keep_variants is None else keep_variants
     if backend.threads is not None:
         options = replace(options or RuntimeOptions(), threads=backend.threads)
@@ -388,7 +392,7 @@ def recipe_accuracy(model_dir: str | Path, recipes: Sequence[Recipe] | None = No
     bar = tqdm(total=len(parsed), desc="recipe accuracy", unit="recipe", disable=not progress)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        fingerprint, sizes = source_fingerprint(fp32), export_sizes(fp32)
+        fingerprint, sizes = cached_fingerprint(fp32, root), export_sizes(fp32)
         cache = ResultCache(root)
         keys = {recipe_name(r): result_key(kind="shapes-accuracy", source=fingerprint, n=n, seed=seed,
                                            recipe=r if r == FP32 else r.to_dict(),
