@@ -157,3 +157,19 @@ def test_backend_flags_are_checked(tiny_onnx_fp32_dir, argv, needle, capsys):
         code = e.code
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and needle in err[0]
+
+
+def test_eval_shapes_recipes_on_ray_gives_the_local_answers(cluster, shapes_onnx_fp32_dir, tmp_path, capsys):
+    from qwen3vl_lab.apps.cli import main
+    from qwen3vl_lab.shapes.accuracy import recipe_accuracy
+
+    recipes = ["fp32", "sim-int2-per-tensor-asym"]
+    local = recipe_accuracy(shapes_onnx_fp32_dir, recipes, n=1, out_dir=tmp_path / "local", progress=False)
+    code = main(["eval-shapes", "--model_dir", str(shapes_onnx_fp32_dir), "--recipes", *recipes, "--n", "1",
+                 "--out_dir", str(tmp_path / "ray"), "--ray", "--quiet", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    saved = json.loads(out.strip().splitlines()[-1])
+    assert [r["accuracy"] for r in saved["rows"]] == [r.table for r in local.rows]
+    assert [r["well_formed"] for r in saved["rows"]] == [r.well_formed for r in local.rows]
+    assert not (tmp_path / "ray" / recipes[1]).exists()  # the task removed its variant once scored

@@ -7,10 +7,12 @@ variant jobs that actually run are counted by wrapping the job function.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from qwen3vl_lab.debug import sweep as sweep_module
+from qwen3vl_lab.debug.cluster import Backend
 from qwen3vl_lab.debug.results import RESULTS_FOLDER
 from qwen3vl_lab.debug.simulate import SimRecipe
 from qwen3vl_lab.debug.sweep import sweep
@@ -141,3 +143,12 @@ def test_an_unreadable_export_on_a_worker_is_one_line(tiny_onnx_fp32_dir, tmp_pa
     assert record["fatal"] and "cannot read" in record["error"] and "\n" not in record["error"]
     with pytest.raises(UserError, match="cannot read"):
         sweep_module._stop_on_error(0, record)
+
+
+def test_a_local_process_pool_gives_the_same_figures(tiny_onnx_fp32_dir, tmp_path):
+    here = sweep(tiny_onnx_fp32_dir, RECIPES, [TEXT], out_dir=tmp_path / "here", n_steps=N, progress=False)
+    pool = sweep(tiny_onnx_fp32_dir, RECIPES, [TEXT], out_dir=tmp_path / "pool", n_steps=N, progress=False,
+                 backend=Backend(workers=2))
+    assert figures(pool) == figures(here)
+    assert all(r.pid is not None and r.pid != os.getpid() for r in pool.rows)  # ran in the pool's processes
+    assert not any((tmp_path / "pool" / r.name).exists() for r in RECIPES)  # removed once scored
