@@ -77,7 +77,7 @@ def test_a_recipe_onnxruntime_refuses_is_a_failed_row(runs, tiny_onnx_fp32_dir):
     assert bad.name == REFUSED.name and bad.failed and not bad.cached
     assert "could not be loaded by onnxruntime" in bad.error and "8-bit" in bad.error
     assert f"{REFUSED.name[:42]:42s} FAILED: " in result.table()
-    assert not list((base / "ray").glob(".*.building-*"))  # its temporary folder went with it
+    assert not list((base / "ray").glob(".*.building-*")) and not (base / "ray" / REFUSED.name).exists()  # cleaned up
 
 
 def test_interrupting_cancels_the_remote_tasks_and_leaves_no_half_written_variant(

@@ -291,8 +291,9 @@ def run_variant_job(job: VariantJob) -> dict:
         records = RecordFolder(job.reference)
     except UserError as e:
         return {**base, "error": str(e), "fatal": True}
+    root = Path(job.root)
+    folder = root / job.recipe.name
     try:
-        root = Path(job.root)
         folder, build_seconds, reused = build_variant(Path(job.fp32), root, job.recipe, fingerprint=job.fingerprint,
                                                       assets=root / ASSETS_FOLDER)
         t0 = time.perf_counter()
@@ -302,16 +303,15 @@ def run_variant_job(job: VariantJob) -> dict:
         finally:
             release(variant)
             del variant
-        record = {**base, **score_record(cmp, job.n_steps), "folder": str(folder), "decoder_mb": _decoder_mb(folder),
-                  "quantize_seconds": build_seconds, "variant_reused": reused,
-                  "score_seconds": time.perf_counter() - t0}
-        if not job.keep_variant:
-            remove_variant(folder)
-        return record
+        return {**base, **score_record(cmp, job.n_steps), "folder": str(folder), "decoder_mb": _decoder_mb(folder),
+                "quantize_seconds": build_seconds, "variant_reused": reused, "score_seconds": time.perf_counter() - t0}
     except UserError as e:
         return {**base, "error": str(e)}
     except Exception as e:  # a recipe onnxruntime refuses, a graph that does not load: this row fails, not the sweep
         return {**base, **error_record(e)}
+    finally:
+        if not job.keep_variant:
+            remove_variant(folder)  # only a stamped variant folder: never one the user made
 
 
 def _reference_folder(root: Path, fingerprint: str, digest: str) -> Path:

@@ -292,10 +292,11 @@ def _file_bytes(folder: Path, *names: str) -> int:
 
 
 def variant_memory(fp32_folder: Path, recipe: Int4Recipe | SimRecipe | str, *, vision: bool = False) -> int:
-    """Bytes one variant job may need at its peak (what a Ray task declares): the larger of building it
-    (one fp32 matrix at a time, the lm_head the largest) and running it (its decoder: the fp32 size for
-    fp32 and SIMULATED recipes, about bits/32 of it plus scales for MatMulNBits), plus the fp32 embedding
-    (and vision tower with image prompts), plus 20 % and 512 MiB for onnxruntime and Python."""
+    """Bytes one variant job may need at its peak (what a Ray task declares): 1.2 x the larger of building
+    it (one fp32 matrix at a time: 3 x the lm_head, the largest) and running it (its decoder: the fp32 size
+    for fp32 and SIMULATED recipes, about bits/32 of it plus scales for MatMulNBits), plus the fp32
+    embedding (and vision tower with image prompts) and 512 MiB for onnxruntime and Python. At 4B dims:
+    7.2 GiB for an INT4 variant, 19.9 GiB for the fp32 reference or a SIMULATED one."""
     fp32_folder = Path(fp32_folder)
     decoder = _file_bytes(fp32_folder, DECODER_FILE, DECODER_FILE + ".data")
     cfg = json.loads((fp32_folder / GENAI_CONFIG).read_text(encoding="utf-8"))["qwen3vl_lab"]["config"]["text"]
@@ -304,7 +305,7 @@ def variant_memory(fp32_folder: Path, recipe: Int4Recipe | SimRecipe | str, *, v
         running = int(decoder * recipe.bits / 32 * 1.2) + (head if recipe.lm_head == "fp32" else 0)
     else:
         running = decoder
-    building = 4 * head
+    building = 3 * head  # the quantizer's copies of the largest matrix (the 4B-dims export peaked at 3.0 x its lm_head)
     extra = _file_bytes(fp32_folder, *COPIED_FILES[:2]) + (_file_bytes(fp32_folder, *COPIED_FILES[2:]) if vision else 0)
     return int(1.2 * max(running, building)) + extra + 512 * 2**20
 

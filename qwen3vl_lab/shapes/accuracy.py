@@ -322,21 +322,25 @@ def run_accuracy_job(job: AccuracyJob) -> dict:
         check_export(Path(job.fp32), job.sizes)
     except UserError as e:
         return {**base, "error": str(e), "fatal": True}
-    try:
-        if job.recipe == FP32:
+    if job.recipe == FP32:
+        try:
             return _evaluate(Path(job.fp32), FP32, job.n, job.seed, job.options)[0].to_record()
-        root = Path(job.root)
+        except Exception as e:
+            return {**base, "error": str(e) if isinstance(e, UserError) else error_record(e)["error"]}
+    root = Path(job.root)
+    folder = root / recipe_name(job.recipe)
+    try:
         folder, seconds, reused = build_variant(Path(job.fp32), root, job.recipe, fingerprint=job.fingerprint,
                                                 assets=root / ASSETS_FOLDER)
-        record = _evaluate(folder, job.recipe, job.n, job.seed, job.options, build_seconds=seconds,
-                           reused=reused)[0].to_record()
-        if not job.keep_variant:
-            remove_variant(folder)
-        return record
+        return _evaluate(folder, job.recipe, job.n, job.seed, job.options, build_seconds=seconds,
+                         reused=reused)[0].to_record()
     except UserError as e:
         return {**base, "error": str(e)}
     except Exception as e:  # a recipe onnxruntime refuses: this row fails, not the evaluation
         return {**base, **error_record(e)}
+    finally:
+        if not job.keep_variant:
+            remove_variant(folder)  # only a stamped variant folder: never one the user made
 
 
 def load_variant(model_dir: str | Path, recipe: Recipe, out_dir: str | Path,
