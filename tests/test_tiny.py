@@ -212,6 +212,31 @@ def test_2b_preset_shapes_without_writing():
     assert json.loads(json.dumps(hf_config_dict("2b")))["dtype"] == "bfloat16"
 
 
+def test_4b_preset_is_qwen3_vl_4b_without_writing():
+    """transformers' own Qwen3VLConfig and model (on the meta device: no memory) are the oracle."""
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    d = hf_config_dict("4b")
+    config = Qwen3VLConfig.from_dict(d)
+    t, v = config.text_config, config.vision_config
+    # FACTS §2.2, Qwen3-VL-4B-Instruct
+    assert (t.hidden_size, t.num_hidden_layers, t.intermediate_size) == (2560, 36, 9728)
+    assert (t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.vocab_size) == (32, 8, 128, 151936)
+    assert config.tie_word_embeddings and d["dtype"] == "bfloat16"
+    assert (v.depth, v.hidden_size, v.intermediate_size, v.num_heads) == (24, 1024, 4096, 16)
+    assert (v.out_hidden_size, list(v.deepstack_visual_indexes)) == (2560, [5, 11, 17])
+    with torch.device("meta"):
+        model = Qwen3VLForConditionalGeneration(config)
+    theirs = {name: tuple(p.shape) for name, p in model.state_dict().items() if name != "lm_head.weight"}  # tied
+    ours = expected_parameter_shapes(parse_hf_config(d))
+    assert ours == theirs
+    n = sum(math.prod(s) for s in ours.values())
+    assert n == sum(p.numel() for p in model.parameters())
+    assert round(n / 1e9, 4) == 4.4378  # FACTS §2.2: 4.4378 B (vision 415.3 M)
+    assert round(sum(math.prod(s) for k, s in ours.items() if k.startswith("model.visual.")) / 1e6, 1) == 415.3
+
+
 # ------------------------------------------------------------------------------------------
 # refusals
 # ------------------------------------------------------------------------------------------

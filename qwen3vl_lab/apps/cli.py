@@ -67,11 +67,11 @@ def add_make_tiny(sub) -> None:
     p.add_argument("--output_dir", required=True, help="folder to create")
     p.add_argument("--seed", type=seed_t, default=0)
     p.add_argument("--preset", default=None,
-                   help="tiny (default), tiny-deep, shapes or 2b (real 2B dimensions, random weights)")
+                   help="tiny (default), tiny-deep, shapes, 2b or 4b (real 2B / 4B dimensions, random weights)")
     p.add_argument("--trained", action="store_true",
                    help="the shipped model trained on the shapes task (preset shapes, bf16): it answers correctly")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weight dtype on disk (default: float32; bfloat16 for the 2b preset)")
+                   help="weight dtype on disk (default: float32; bfloat16 for the 2b and 4b presets)")
     p.add_argument("--config_style", default="v5", choices=["v5", "legacy"],
                    help="config.json as transformers 5.x writes it, or the Hub's 4.57 style")
     p.add_argument("--untied", action="store_true", help="write a separate lm_head.weight")
@@ -478,6 +478,37 @@ def _drop_oldest_turn(messages: list[dict], images: list, videos: list) -> tuple
 
 # -- shapes task -------------------------------------------------------------------------------
 n_scenes_t = _number(int, "--n", lambda v: v >= 1, "an integer >= 1")
+workers_t = _number(int, "--workers", lambda v: v >= 1, "an integer >= 1")
+task_cpus_t = _number(int, "--task_cpus", lambda v: v >= 1, "an integer >= 1")
+
+
+def add_backend_options(p) -> None:
+    """Where a sweep's variant jobs run (debug/cluster.py)."""
+    g = p.add_argument_group("where the variants run (default: here, one after another)")
+    g.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run each variant (build, score, clean up) as a Ray task: on the cluster at ADDRESS "
+                        "(HOST:PORT or ray://HOST:10001), or RAY_ADDRESS's, or a new local one (needs the ray extra); "
+                        "the export and --out_dir must be on a filesystem every node mounts")
+    g.add_argument("--workers", type=workers_t, default=1, help="run the variants in N local processes (default 1)")
+    g.add_argument("--task_cpus", type=task_cpus_t, default=1,
+                   help="CPUs each Ray task declares and its onnxruntime threads (default 1)")
+    g.add_argument("--keep_variants", action="store_true",
+                   help="with --ray or --workers: keep each built variant in --out_dir (default: removed once scored)")
+
+
+def backend_of(a):
+    from ..debug.cluster import Backend  # noqa: PLC0415 (commands import their modules when they run)
+
+    if a.ray is not None and a.workers > 1:
+        raise UserError("--ray and --workers both choose where the variants run; pass one of them")
+    if a.ray is None and a.task_cpus != 1:
+        raise UserError("--task_cpus is what each Ray task declares; pass --ray too, or leave it out")
+    return Backend(workers=a.workers, ray=a.ray is not None, address=a.ray or None, task_cpus=a.task_cpus).validate()
+
+
+def keep_variants_of(a) -> bool | None:
+    return True if a.keep_variants else None
+
 
 
 RECIPES_HELP = ("fp32, onnxruntime recipes (e.g. default-b32-sym-acc4-head_int4, "
@@ -499,6 +530,7 @@ def add_eval_shapes(sub) -> None:
     p.add_argument("--threads", type=threads_t, default=None, help="onnxruntime intra-op threads")
     p.add_argument("--json", action="store_true", help="print the accuracy table as one JSON object (last line)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_backend_options(p)
     p.set_defaults(run=run_eval_shapes)
 
 
@@ -516,12 +548,13 @@ def _parse_recipes(names, *, fp32: bool = True):
     return recipes
 
 
-def _recipe_accuracy(model_dir, recipes, n: int, seed: int, out_dir, threads, *, quiet: bool):
+def _recipe_accuracy(model_dir, recipes, n: int, seed: int, out_dir, threads, *, quiet: bool, backend=None,
+                     keep_variants=None):
     from ..model import RuntimeOptions  # noqa: PLC0415
     from ..shapes.accuracy import recipe_accuracy  # noqa: PLC0415
 
     return recipe_accuracy(model_dir, recipes, n=n, seed=seed, out_dir=out_dir, options=RuntimeOptions(threads=threads),
-                           progress=not quiet)
+                           progress=not quiet, backend=backend, keep_variants=keep_variants)
 
 
 def _print_recipe_accuracy(result, seconds: float) -> None:
@@ -538,18 +571,22 @@ def run_eval_shapes(a) -> int:
     existing_dir(a.model_dir, "--model_dir", fix=MODEL_DIR_FIX)
     if a.out_dir is not None:
         output_dir(a.out_dir, "--out_dir")
+    backend = backend_of(a)
     if a.recipes:
         if a.text_precision is not None:
             raise UserError("--recipes builds its variants from the fp32 export; leave out --text_precision")
         t0 = time.perf_counter()
         result = _recipe_accuracy(a.model_dir, _parse_recipes(a.recipes), a.n, a.seed, a.out_dir, a.threads,
-                                  quiet=a.quiet)
+                                  quiet=a.quiet, backend=backend, keep_variants=keep_variants_of(a))
         _print_recipe_accuracy(result, time.perf_counter() - t0)
         if a.json:
             print(json.dumps(result.to_json()))
+        _refuse_failed(result.rows, "computes")
         return 0
     if a.out_dir is not None:
         raise UserError("--out_dir keeps the variants of --recipes; pass --recipes too, or leave out --out_dir")
+    if not backend.local or a.keep_variants:
+        raise UserError("--ray, --workers and --keep_variants run the variants of --recipes; pass --recipes too")
     a.text_precision = a.text_precision or "fp32"
     model = load_model(a.model_dir, a.text_precision, RuntimeOptions(threads=a.threads))
     t0 = time.perf_counter()
@@ -685,18 +722,28 @@ def add_sweep(sub) -> None:
                    help="also score fp32 and every recipe on N held-out scenes of the shapes task (the trained "
                         "shapes model only: make-tiny --trained, then export)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_backend_options(p)
     p.set_defaults(run=run_sweep)
 
 
-def _run_sweep(model_dir, prompts, image, image_size, n_steps, out_dir, *, fast: bool, quiet: bool, names=None):
+def _run_sweep(model_dir, prompts, image, image_size, n_steps, out_dir, *, fast: bool, quiet: bool, names=None,
+               backend=None, keep_variants=None):
     from ..debug.sweep import default_recipes, sweep  # noqa: PLC0415
 
     recipes = _parse_recipes(names, fp32=False) if names else default_recipes(include_slow=not fast)
-    result = sweep(model_dir, recipes, prompts, out_dir=out_dir, n_steps=n_steps,
-                   image=image, image_size=image_size, progress=not quiet)
+    result = sweep(model_dir, recipes, prompts, out_dir=out_dir, n_steps=n_steps, image=image, image_size=image_size,
+                   progress=not quiet, backend=backend, keep_variants=keep_variants)
     print()
     print(result.table())
     return result
+
+
+def _refuse_failed(rows, what: str) -> None:
+    """After the table: failed rows end the command with one line, exit 2 (the finished rows stay cached)."""
+    failed = [r for r in rows if r.failed]
+    if failed:
+        raise UserError(f"{len(failed)} of {len(rows)} recipe(s) failed ({failed[0].name}: {failed[0].error}); "
+                        f"the table above keeps the others, and a rerun with the same --out_dir {what} only the failed ones")
 
 
 def run_sweep(a) -> int:
@@ -707,23 +754,27 @@ def run_sweep(a) -> int:
 
     _check_debug_paths(a)
     image = _image_arg(a)
+    backend, keep = backend_of(a), keep_variants_of(a)
     if a.shapes is None:
         result = _run_sweep(a.model_dir, a.prompt, image, a.image_size, a.n_steps or 12, a.out_dir,
-                            fast=a.fast, quiet=a.quiet, names=a.recipes)
+                            fast=a.fast, quiet=a.quiet, names=a.recipes, backend=backend, keep_variants=keep)
     else:  # accuracy first (a model that is not the shapes model stops here), then the sweep reuses its variants
         recipes = _parse_recipes(a.recipes, fp32=False) if a.recipes else default_recipes(include_slow=not a.fast)
         with tempfile.TemporaryDirectory(prefix="qwen3vl-sweep-") as tmp:
             out_dir = a.out_dir or tmp
             t0 = time.perf_counter()
-            accuracy = _recipe_accuracy(a.model_dir, recipes, a.shapes, 0, out_dir, None, quiet=a.quiet)
+            accuracy = _recipe_accuracy(a.model_dir, recipes, a.shapes, 0, out_dir, None, quiet=a.quiet,
+                                        backend=backend, keep_variants=keep)
             seconds = time.perf_counter() - t0
             result = _run_sweep(a.model_dir, a.prompt, image, a.image_size, a.n_steps or 12, out_dir,
-                                fast=a.fast, quiet=a.quiet, names=[r.name for r in recipes])
+                                fast=a.fast, quiet=a.quiet, names=[r.name for r in recipes], backend=backend,
+                                keep_variants=keep)
             print()
             _print_recipe_accuracy(accuracy, seconds)
     if a.report_dir:
         paths = write_figures(None, a.report_dir, sweep=result)
         print(f"wrote {', '.join(str(p) for p in paths)}")
+    _refuse_failed(result.rows, "computes")
     return 0
 
 

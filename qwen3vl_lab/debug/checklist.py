@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..generate import prepare_prompt
+from ..generate import Prompt, prepare_prompt
 from ..layout import DECODER_FILE, DEEPSTACK_EMBEDS, DEEPSTACK_FEATURES, EMBEDDING_FILE, VISION_FILE
 from ..model import Model
 from ..positions import Positions, build_positions, next_positions
@@ -35,7 +35,9 @@ from ..steps import embed, prefill
 from .checkitem import CheckItem, Checklist, attrs
 from .compare import kl_divergence
 from .export_checks import check_algorithm, check_image_probe, check_kv_cache
+from .inputs import as_model
 from .layers import accuracy_level_decoder, activation_stats
+from .record import release
 from .weights import QuantizedMatrix, iter_quantized, short_name
 
 OUTLIER_RATIO = 20.0  # an input channel 20x the median channel: Qwen3-style massive activations
@@ -71,8 +73,25 @@ def _logits(model: Model, embeds, position_ids, deepstack=None) -> np.ndarray:
 
 
 # -- the checks ----------------------------------------------------------------------------------
-def check_accuracy_level(model: Model, graph: onnx.ModelProto, reference: Model | None = None,
+def needs_oracle(graph: onnx.ModelProto) -> bool:
+    """Whether `check_accuracy_level` wants fp32 logits: some MatMulNBits runs at accuracy_level 4."""
+    return any(n.op_type == "MatMulNBits" and int(attrs(n).get("accuracy_level", 0)) == 4 for n in graph.graph.node)
+
+
+def oracle_logits(reference: Model | str | Path, probe: Prompt) -> np.ndarray:
+    """(S, V) the fp32 reference's logits on a prompt embedded by the model under test (`prepare_prompt(model,
+    prompt)`): the accuracy_level oracle's yardstick. A reference folder is loaded, run and released here."""
+    ref = as_model(reference, "fp32")
+    try:
+        return _logits(ref, probe.inputs_embeds, probe.positions.position_ids)
+    finally:
+        if not isinstance(reference, Model):
+            release(ref)
+
+
+def check_accuracy_level(model: Model, graph: onnx.ModelProto, reference: Model | np.ndarray | None = None,
                          prompt: str = "Write a haiku about the sea.") -> CheckItem:
+    """reference: the fp32 Model, or its logits on this prompt (`oracle_logits`), or None (judged on outliers)."""
     title = "accuracy_level 4 on activation outliers"
     nodes = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
     if not nodes:
@@ -93,7 +112,8 @@ def check_accuracy_level(model: Model, graph: onnx.ModelProto, reference: Model 
                              logits_to_keep=0).logits[0]  # (S, V) same weights, accuracy_level 0
     logits4 = _logits(model, p.inputs_embeds, p.positions.position_ids)
     if reference is not None:  # measured: does level 4 add divergence from fp32 over level 0?
-        ref = _logits(reference, p.inputs_embeds, p.positions.position_ids)
+        ref = reference if isinstance(reference, np.ndarray) else _logits(reference, p.inputs_embeds,
+                                                                          p.positions.position_ids)
         kl4, kl0 = float(kl_divergence(ref, logits4).mean()), float(kl_divergence(ref, logits0).mean())
         evidence += f"; oracle KL vs fp32 over {len(ref)} positions: level 4 {kl4:.4g}, level 0 {kl0:.4g}"
         bad = kl4 > ACC4_KL_FACTOR * kl0 + 1e-6
@@ -354,8 +374,6 @@ def run_checklist(model: Model | str | Path, precision: str = "int4", reference:
                   prompt: str = "Write a haiku about the sea.", vision_reference: Model | None = None) -> Checklist:
     """Every check against `model` (a folder or a loaded Model). `reference` (fp32) feeds the accuracy_level oracle;
     `vision_reference` (our export of the checkpoint; default: the reference) the image probe."""
-    from .inputs import as_model  # noqa: PLC0415
-
     model = as_model(model, precision)
     ref = as_model(reference, "fp32") if reference is not None else None
     graph = model.graph()
@@ -375,6 +393,6 @@ def run_checklist(model: Model | str | Path, precision: str = "int4", reference:
     return Checklist(str(model.folder), items)
 
 
-__all__ = ["CheckItem", "Checklist", "run_checklist", "live_nodes", "check_accuracy_level", "check_deepstack",
+__all__ = ["CheckItem", "Checklist", "run_checklist", "live_nodes", "check_accuracy_level", "needs_oracle", "oracle_logits", "check_deepstack",
            "check_eos", "check_genai_config", "check_lm_head", "check_positions", "check_qk_norm",
            "check_tied_embeddings", "reference_positions_case"]

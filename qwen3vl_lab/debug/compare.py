@@ -14,6 +14,11 @@ reference's greedy token, so step t of both sees exactly the same context. The m
 - `entropy_ref` / `entropy_test`: nats (flat logits, the "garbled" symptom, approach ln V);
 - `max_abs_diff`: largest |logit difference|; `top5_overlap`: shared top-5 tokens / 5.
 Free greedy: each model generates on its own; `first_divergence` is the first step where they differ.
+
+The reference runs first and alone: one greedy run records its tokens and its logits at every step
+(record.py), which are all teacher forcing and free greedy need from it; then the test model runs
+against that record. Given folders, the reference is released before the test model is loaded, so
+two large decoders are never in memory at once (`compare_recorded` takes a saved record).
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ from typing import Sequence
 
 import numpy as np
 
-from ..generate import generate_tokens
-from ..model import Model
-from ..sampling import greedy
+from ..errors import UserError
+from ..generate import Prompt, generate_tokens
+from ..model import Model, resolve_folder
 from ..steps import decode_step, prefill
-from .inputs import PromptLike, as_model, as_specs, label_of, prepare, same_tokens
+from .inputs import PromptLike, as_model, as_specs, prepare
+from .record import RecordedPrompt, RecordFolder, record_reference
 
 
 # -- metrics on logits (pure numpy) --------------------------------------------------------------
@@ -153,6 +159,20 @@ class Comparison:
                 "top1_agreement": self.agreement, "mean_ref_rank": self.mean_ref_rank,
                 "first_divergence": self.first_divergences}
 
+    def to_dict(self) -> dict:
+        """Plain JSON (lists and numbers): what a sweep caches and a worker sends back."""
+        return {"reference": self.reference, "test": self.test,
+                "forced": [{k: _plain(v) for k, v in vars(f).items()} for f in self.forced],
+                "free": [{k: _plain(v) for k, v in vars(r).items()} for r in self.free]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Comparison":
+        forced = [TeacherForced(**{k: np.asarray(v, _FORCED_DTYPES[k]) if k in _FORCED_DTYPES else v
+                                   for k, v in f.items()}) for f in d["forced"]]
+        free = [FreeRun(**{k: np.asarray(v, np.int64) if k in ("ref_tokens", "test_tokens") else v
+                           for k, v in r.items()}) for r in d["free"]]
+        return cls(d["reference"], d["test"], forced, free)
+
     def table(self) -> str:
         """A plain-text table, one row per prompt."""
         head = f"{'prompt':36s} {'steps':>5s} {'mean KL':>9s} {'max KL':>9s} {'top-1':>6s} {'rank':>6s} " \
@@ -171,6 +191,15 @@ class Comparison:
         return "\n".join(lines)
 
 
+_FORCED_DTYPES = {"tokens": np.int64, "test_tokens": np.int64, "kl": np.float64, "top1_agree": bool,
+                  "ref_rank": np.int64, "entropy_ref": np.float64, "entropy_test": np.float64,
+                  "max_abs_diff": np.float64, "top5_overlap": np.float64}
+
+
+def _plain(v):
+    return v.tolist() if isinstance(v, np.ndarray) else v
+
+
 # -- running -------------------------------------------------------------------------------------
 def _step_metrics(ref_logits: np.ndarray, test_logits: np.ndarray) -> dict:
     token = int(np.argmax(ref_logits))
@@ -181,73 +210,106 @@ def _step_metrics(ref_logits: np.ndarray, test_logits: np.ndarray) -> dict:
             "top5": topk_overlap(ref_logits, test_logits, 5)}
 
 
-def teacher_forced(ref: Model | str, test: Model | str, prompt: PromptLike, n_steps: int = 16, *,
-                   stop_at_eos: bool = True) -> TeacherForced:
-    """Prefill both models on `prompt`, then feed both the reference's greedy token for `n_steps` steps."""
-    ref, test = as_model(ref), as_model(test)
+def _same_prompt(rec: RecordedPrompt, p: Prompt) -> None:
+    if rec.input_ids.shape != p.input_ids.shape or not np.array_equal(rec.input_ids, p.input_ids):
+        raise UserError("the two models turn the prompt into different token ids (different tokenizers or image "
+                        "settings); compare folders exported from the same checkpoint")
+
+
+def forced_against(rec: RecordedPrompt, test: Model, prompt: PromptLike) -> TeacherForced:
+    """The test model fed the recorded reference tokens, step by step, scored against the recorded logits."""
     spec = as_specs(prompt)[0]
-    p_ref, p_test = prepare(ref, spec), prepare(test, spec)
-    same_tokens(p_ref, p_test)
-    eos = set(ref.config.eos_token_ids) if stop_at_eos else set()
-    s_ref = prefill(ref, p_ref.inputs_embeds, p_ref.positions, attention_mask=p_ref.attention_mask,
-                    deepstack=p_ref.deepstack)
-    s_test = prefill(test, p_test.inputs_embeds, p_test.positions, attention_mask=p_test.attention_mask,
-                     deepstack=p_test.deepstack)
+    p = prepare(test, spec)
+    _same_prompt(rec, p)
     rows = []
-    budget = min(n_steps, ref.context_length - p_ref.length)
-    for t in range(budget):
-        m = _step_metrics(s_ref.logits[0], s_test.logits[0])  # (V,) each
-        rows.append(m)
-        if m["token"] in eos or t + 1 == budget:
-            break
-        token = np.array([[m["token"]]], np.int64)  # (1, 1): the same token for both
-        s_ref = decode_step(ref, token, s_ref.cache, p_ref.positions.rope_deltas)
-        s_test = decode_step(test, token, s_test.cache, p_test.positions.rope_deltas)
+    step = prefill(test, p.inputs_embeds, p.positions, attention_mask=p.attention_mask, deepstack=p.deepstack)
+    for t, token in enumerate(rec.tokens):
+        rows.append(_step_metrics(rec.logits[t], step.logits[0]))  # (V,) each
+        if t + 1 < len(rec.tokens):
+            step = decode_step(test, np.array([[token]], np.int64), step.cache, p.positions.rope_deltas)
 
     def col(key, dtype):
         return np.array([r[key] for r in rows], dtype)
 
-    return TeacherForced(label_of(spec), p_ref.length, col("token", np.int64), col("test_token", np.int64),
+    return TeacherForced(rec.label, rec.prompt_length, col("token", np.int64), col("test_token", np.int64),
                          col("kl", np.float64), col("token", np.int64) == col("test_token", np.int64),
                          col("rank", np.int64), col("h_ref", np.float64), col("h_test", np.float64),
                          col("max_abs", np.float64), col("top5", np.float64))
 
 
-def free_greedy(ref: Model | str, test: Model | str, prompt: PromptLike, n_steps: int = 16, *,
-                stop_at_eos: bool = True, decode_text: bool = True) -> FreeRun:
-    """Both models generate greedily on their own; where do their token streams part?"""
-    ref, test = as_model(ref), as_model(test)
+def _argmax(logits: np.ndarray, history: np.ndarray) -> np.ndarray:
+    return np.argmax(logits, axis=-1)
+
+
+def free_against(rec: RecordedPrompt, test: Model, prompt: PromptLike, n_steps: int = 16, *,
+                 stop_at_eos: bool = True, decode_text: bool = True) -> FreeRun:
+    """The test model generating greedily on its own, against the reference's recorded greedy run."""
     spec = as_specs(prompt)[0]
-    p_ref, p_test = prepare(ref, spec), prepare(test, spec)
-    same_tokens(p_ref, p_test)
+    p = prepare(test, spec)
+    _same_prompt(rec, p)
     eos = None if stop_at_eos else []
-    a = np.array(list(generate_tokens(ref, p_ref, greedy, n_steps, eos_token_ids=eos)), np.int64)
-    b = np.array(list(generate_tokens(test, p_test, greedy, n_steps, eos_token_ids=eos)), np.int64)
+    a = rec.tokens
+    b = np.array(list(generate_tokens(test, p, _argmax, n_steps, eos_token_ids=eos)), np.int64)
     n = min(len(a), len(b))
     differ = np.flatnonzero(a[:n] != b[:n])
     first = int(differ[0]) if len(differ) else (None if len(a) == len(b) else n)
-    texts = ("", "")
-    if decode_text:
-        tok = ref.tokenizer
-        texts = (tok.decode(a.tolist(), skip_special_tokens=True), tok.decode(b.tolist(), skip_special_tokens=True))
-    return FreeRun(label_of(spec), a, b, first, *texts)
+    test_text = test.tokenizer.decode(b.tolist(), skip_special_tokens=True) if decode_text else ""
+    return FreeRun(rec.label, a, b, first, rec.text if decode_text else "", test_text)
+
+
+def teacher_forced(ref: Model | str, test: Model | str, prompt: PromptLike, n_steps: int = 16, *,
+                   stop_at_eos: bool = True) -> TeacherForced:
+    """Prefill both models on `prompt`, then feed both the reference's greedy token for `n_steps` steps.
+
+    The reference runs first (its greedy tokens and logits are recorded, record.py), then the test model
+    runs against the record; a reference given as a folder is released before the test model loads."""
+    spec = as_specs(prompt)[0]
+    rec = record_reference(ref, [spec], n_steps, stop_at_eos=stop_at_eos)[0]
+    return forced_against(rec, as_model(test), spec)
+
+
+def free_greedy(ref: Model | str, test: Model | str, prompt: PromptLike, n_steps: int = 16, *,
+                stop_at_eos: bool = True, decode_text: bool = True) -> FreeRun:
+    """Both models generate greedily on their own; where do their token streams part?"""
+    spec = as_specs(prompt)[0]
+    rec = record_reference(ref, [spec], n_steps, stop_at_eos=stop_at_eos)[0]
+    return free_against(rec, as_model(test), spec, n_steps, stop_at_eos=stop_at_eos, decode_text=decode_text)
+
+
+def compare_recorded(records: Sequence[RecordedPrompt] | RecordFolder, test: Model | str,
+                     prompts: Sequence[PromptLike], n_steps: int = 16, *, free: bool = True,
+                     progress: bool = False, reference: str = "") -> Comparison:
+    """The test model against a recorded reference (`record.record_reference`), prompt by prompt.
+
+    `records` may be a `RecordFolder` (a saved record): then one prompt's logits are read at a time."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    test_m = as_model(test)
+    specs = as_specs(prompts)
+    if len(specs) != len(records):
+        raise UserError(f"the record holds {len(records)} prompt(s) but {len(specs)} were given; record them again")
+    forced, runs = [], []
+    for i, spec in enumerate(tqdm(specs, desc="compare", unit="prompt", disable=not progress)):
+        rec = records[i]
+        forced.append(forced_against(rec, test_m, spec))
+        if free:
+            runs.append(free_against(rec, test_m, spec, n_steps))
+        del rec
+    return Comparison(reference, str(test_m.folder), forced, runs)
 
 
 def compare(ref: Model | str, test: Model | str, prompts: Sequence[PromptLike] | PromptLike | None = None,
             n_steps: int = 16, *, free: bool = True, image=None, image_size: int | None = None,
             progress: bool = False) -> Comparison:
-    """Teacher-forced metrics (and free greedy divergence) for every prompt. Defaults: DEFAULT_PROMPTS."""
-    from tqdm.auto import tqdm  # noqa: PLC0415
+    """Teacher-forced metrics (and free greedy divergence) for every prompt. Defaults: DEFAULT_PROMPTS.
 
-    ref_m, test_m = as_model(ref), as_model(test)
+    The reference runs first on every prompt (record.py), then the test model against the record: a
+    reference given as a folder is released before the test model is loaded."""
     specs = as_specs(prompts, image, image_size)
-    forced, runs = [], []
-    for spec in tqdm(specs, desc="compare", unit="prompt", disable=not progress):
-        forced.append(teacher_forced(ref_m, test_m, spec, n_steps))
-        if free:
-            runs.append(free_greedy(ref_m, test_m, spec, n_steps))
-    return Comparison(str(ref_m.folder), str(test_m.folder), forced, runs)
+    ref_name = str(ref.folder) if isinstance(ref, Model) else str(resolve_folder(ref, "fp32"))
+    records = record_reference(ref, specs, n_steps, progress=progress)
+    return compare_recorded(records, test, specs, n_steps, free=free, progress=progress, reference=ref_name)
 
 
-__all__ = ["Comparison", "FreeRun", "TeacherForced", "compare", "entropy", "free_greedy", "kl_divergence",
-           "log_softmax", "rank_of", "teacher_forced", "topk_overlap"]
+__all__ = ["Comparison", "FreeRun", "TeacherForced", "compare", "compare_recorded", "entropy", "forced_against",
+           "free_against", "free_greedy", "kl_divergence", "log_softmax", "rank_of", "teacher_forced", "topk_overlap"]

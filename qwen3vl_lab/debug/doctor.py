@@ -8,6 +8,11 @@
 Order follows the usual debug recipe for INT4 gibberish: the checklist (config, graph and runtime
 suspects, with the accuracy_level oracle), then the fp32-vs-test comparison per step, then where
 inside the decoder the error grows (per layer), then which weight matrices carry it (per block).
+
+Memory: one decoder at a time. The fp32 reference runs first and alone, and leaves only what the
+comparison needs (its greedy tokens and logits per step, the tapped residual stream per layer: tens
+of MB); it is released before the test model loads; the weights are compared one matrix at a time,
+memory-mapped from the two folders' external-data files.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from .inputs import PromptLike, as_specs
 from .layers import LayerReport, compare_layers
 from .sweep import sweep
 from .weights import WeightReport, compare_weights
+
+CHECKLIST_PROMPT = "Write a haiku about the sea."  # the accuracy_level oracle's prompt (run_checklist's default)
 
 
 @dataclass

@@ -14,10 +14,13 @@ from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 
 from ..errors import UserError
 from ..generate import Prompt, prepare_prompt
-from ..model import Model, load_model
+from ..layout import DECODER_FILE
+from ..model import Model, RuntimeOptions, load_model
 
 DEFAULT_PROMPTS = (
     "Give me a short introduction to large language models.",
@@ -43,9 +46,50 @@ class PromptSpec:
 PromptLike = Union[str, PromptSpec, Prompt]
 
 
-def as_model(model: Model | str | Path, precision: str = "fp32") -> Model:
-    """A loaded Model, or an export folder (root with cpu-<precision>/, or one precision folder) to load."""
-    return model if isinstance(model, Model) else load_model(model, precision)
+def has_matmulnbits(graph: onnx.ModelProto) -> bool:
+    return any(n.op_type == "MatMulNBits" for n in graph.graph.node)
+
+
+def session_options_for(model: Model, graph: onnx.ModelProto) -> ort.SessionOptions:
+    """The model's session options; for a decoder without MatMulNBits (an fp32 graph: the reference, a
+    SIMULATED variant) with onnxruntime's weight prepacking off.
+
+    Prepacking copies every fp32 MatMul weight into a packed buffer at load (about a minute and the
+    decoder's size again, for a moment, at 2B dimensions); without it the weights stay memory-mapped
+    from the external-data file, load in seconds, and the logits move by ~1e-6 (measured on the tiny
+    model: 2.6e-6 at most). MatMulNBits graphs keep it: their unpacked path is another kernel (the
+    accuracy_level 4 int8 path is lost), i.e. not the model the user runs."""
+    so = model.options.session_options()
+    if not has_matmulnbits(graph):
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    return so
+
+
+def open_model(source: Model | str | Path, precision: str = "fp32", options: RuntimeOptions | None = None, *,
+               open_decoder: bool = True) -> Model:
+    """A Model passes through; a folder is loaded with its decoder opened by `session_options_for`
+    (open_decoder=False: model.onnx is opened on first use, for callers that only run an edited copy)."""
+    if isinstance(source, Model):
+        return source
+    model = load_model(source, precision, options, open_decoder=False)
+    if open_decoder:
+        path = model.folder / DECODER_FILE
+        graph = onnx.load(str(path), load_external_data=False)
+        so = session_options_for(model, graph)
+        try:
+            model.decoder_session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises several types for corrupt files
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            reason = reason if len(reason) <= 240 else "..." + reason[-240:]  # onnxruntime's own sentence comes last
+            raise UserError(f"{path} could not be loaded by onnxruntime ({reason}); re-export it with "
+                            "`qwen3vl-lab export`") from None
+    return model
+
+
+def as_model(model: Model | str | Path, precision: str = "fp32", *, open_decoder: bool = True) -> Model:
+    """A loaded Model, or an export folder (root with cpu-<precision>/, or one precision folder) to load
+    (`open_model`; open_decoder=False: model.onnx is opened on first use)."""
+    return open_model(model, precision, open_decoder=open_decoder)
 
 
 def as_spec(prompt: PromptLike, image=None, image_size: int | None = None) -> PromptSpec | Prompt:

@@ -21,10 +21,12 @@ import numpy as np
 import onnx
 
 from ..decoder import OnnxDecoder
+from ..errors import UserError
 from ..export.quantize import set_accuracy_level
 from ..model import Model, edited_session
 from ..taps import KINDS, TappedDecoder, hook_points, run_with_cache
-from .inputs import PromptLike, as_model, as_specs, label_of, prepare, same_tokens
+from .inputs import PromptLike, as_model, as_specs, label_of, prepare
+from .record import release
 
 
 def tap_names(model: Model) -> list[str]:
@@ -155,17 +157,43 @@ def compare_captures(ref: dict[str, np.ndarray], test: dict[str, np.ndarray], nu
     return LayerReport(label, num_layers, rows)
 
 
-def compare_layers(ref: Model | str, test: Model | str, prompt: PromptLike = "Write a haiku about the sea.",
+@dataclass
+class Capture:
+    """One model's named tensors on one prompt, kept after the model is released."""
+
+    input_ids: np.ndarray  # (1, S) the prompt's ids (both sides must tokenize alike)
+    tensors: dict[str, np.ndarray]  # name -> (1, S(+T), H) etc.
+    num_layers: int
+
+
+def capture_prompt(model: Model | str, prompt: PromptLike, names: Sequence[str] | None = None,
+                   tokens: Sequence[int] | None = None) -> Capture:
+    """`capture` on one prompt. A folder is loaded without its plain decoder session (the tapped copy is
+    the only decoder in memory) and released before this returns."""
+    owned = not isinstance(model, Model)
+    m = as_model(model, open_decoder=False)
+    try:
+        p = prepare(m, as_specs(prompt)[0])
+        tensors = capture(m, p, tap_names(m) if names is None else names, tokens)
+        return Capture(np.asarray(p.input_ids), tensors, m.config.text.num_hidden_layers)
+    finally:
+        if owned:
+            release(m)
+
+
+def compare_layers(ref: Model | str | Capture, test: Model | str, prompt: PromptLike = "Write a haiku about the sea.",
                    tokens: Sequence[int] | None = None, names: Sequence[str] | None = None) -> LayerReport:
-    """Capture the same named tensors in both decoders on the same inputs and measure the error of each."""
-    ref, test = as_model(ref), as_model(test)
+    """Capture the same named tensors in both decoders on the same inputs and measure the error of each.
+
+    One at a time: the reference's tensors are captured (and a reference folder released) before the
+    test model runs; `ref` may also be a `Capture` made earlier with `capture_prompt`."""
     spec = as_specs(prompt)[0]
-    p_ref, p_test = prepare(ref, spec), prepare(test, spec)
-    same_tokens(p_ref, p_test)
-    names = tap_names(ref) if names is None else list(names)
-    a = capture(ref, p_ref, names, tokens)
-    b = capture(test, p_test, names, tokens)
-    return compare_captures(a, b, ref.config.text.num_hidden_layers, label_of(spec))
+    a = ref if isinstance(ref, Capture) else capture_prompt(ref, spec, names, tokens)
+    b = capture_prompt(test, spec, list(a.tensors), tokens)
+    if a.input_ids.shape != b.input_ids.shape or not np.array_equal(a.input_ids, b.input_ids):
+        raise UserError("the two models turn the prompt into different token ids (different tokenizers or image "
+                        "settings); compare folders exported from the same checkpoint")
+    return compare_captures(a.tensors, b.tensors, a.num_layers, label_of(spec))
 
 
 # -- activations entering the quantized MatMuls (the accuracy_level 4 question) -------------------

@@ -18,12 +18,14 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Union
 
 from ..errors import UserError
-from ..export.files import stamp_folder
+from ..export.files import replace_folder, stamp_folder
 from ..export.quantize import COPIED_FILES, Int4Recipe, link_or_copy, quantize_folder
 from ..layout import DECODER_FILE
 from ..layouts import read_export_config
@@ -32,7 +34,8 @@ from .simulate import SimRecipe, simulate_folder
 
 FP32 = "fp32"
 VARIANT_STAMP = "variant.json"  # written last into a variant folder: its source, recipe and builder
-PROCESSOR_FOLDER = "pytorch"  # the export's tokenizer / chat template / preprocessor files (beside cpu-*/)
+PROCESSOR_FOLDER = "pytorch"
+ASSETS_FOLDER = ".fp32-assets"  # root/.fp32-assets: the private copy every variant links to (`shared_assets`)  # the export's tokenizer / chat template / preprocessor files (beside cpu-*/)
 
 Recipe = Union[Int4Recipe, SimRecipe, str]  # str: "fp32" or a recipe name
 
@@ -109,7 +112,33 @@ def source_fingerprint(fp32_folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _builder_version(recipe: Int4Recipe | SimRecipe) -> str:
+FINGERPRINT_FILE = ".fp32-fingerprint.json"  # root/: the last `source_fingerprint`, with the files' stat it was made from
+
+
+def _stats(fp32_folder: Path) -> dict[str, list[int]]:
+    return {str(p): [p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_ino] for p in _export_files(fp32_folder)}
+
+
+def cached_fingerprint(fp32_folder: Path, root: Path) -> str:
+    """`source_fingerprint`, remembered in root/.fp32-fingerprint.json next to the files' size, mtime and inode:
+    while none of them changed the hash is not computed again (hashing a 4B export reads 19 GB), so a
+    finished sweep prints its table at once."""
+    path = Path(root) / FINGERPRINT_FILE
+    stats = _stats(fp32_folder)
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved["files"] == stats:
+            return saved["fingerprint"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        pass
+    fingerprint = source_fingerprint(fp32_folder)
+    tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, "files": stats}) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return fingerprint
+
+
+def builder_version(recipe: Int4Recipe | SimRecipe) -> str:
     """The code that builds a variant: simulate.py, or onnxruntime's quantizer driven by export/quantize.py."""
     import onnxruntime  # noqa: PLC0415
 
@@ -123,7 +152,7 @@ def _builder_version(recipe: Int4Recipe | SimRecipe) -> str:
 
 def _stamp(recipe: Int4Recipe | SimRecipe, fingerprint: str) -> dict:
     """What a variant is made of; a folder whose stamp differs (other weights, recipe or code) is rebuilt."""
-    return {"source_sha256": fingerprint, "recipe": recipe.to_dict(), "builder": _builder_version(recipe)}
+    return {"source_sha256": fingerprint, "recipe": recipe.to_dict(), "builder": builder_version(recipe)}
 
 
 def _read_stamp(folder: Path) -> dict | None:
@@ -141,7 +170,7 @@ def _sync_file(src: Path, dst: Path) -> None:
     s = src.stat()
     if dst.is_file() and (dst.stat().st_size, dst.stat().st_mtime_ns) == (s.st_size, s.st_mtime_ns):
         return
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp = dst.with_name(f".{dst.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.copy2(src, tmp)
     os.replace(tmp, dst)
 
@@ -154,7 +183,7 @@ def shared_assets(fp32_folder: Path, root: Path) -> Path:
     Private, so the variants add no links to the export's own files (onnx's loader refuses external data
     with several links; an fp32 + INT4 export's embedding/vision files already have two, one per folder).
     """
-    fp32_folder, assets = Path(fp32_folder), Path(root) / ".fp32-assets"
+    fp32_folder, assets = Path(fp32_folder), Path(root) / ASSETS_FOLDER
     (assets / PROCESSOR_FOLDER).mkdir(parents=True, exist_ok=True)
     for path in _export_files(fp32_folder):
         if path.parent == fp32_folder and path.name in COPIED_FILES:
@@ -183,24 +212,105 @@ def build_variant(fp32_folder: Path, root: Path, recipe: Int4Recipe | SimRecipe,
     -> (folder, seconds it took to build, reused).
 
     Int4Recipe: onnxruntime's quantizer (`quantize_folder`); SimRecipe: the simulation (`simulate_folder`).
-    Embedding/vision and pytorch/ files are hard-linked from `assets` (`shared_assets`).
+    Embedding/vision and pytorch/ files are hard-linked from `assets` (`shared_assets`). The folder is
+    built complete (stamp included) in a temporary sibling and renamed into place: an interrupted build
+    (Ctrl-C, a cancelled Ray task) leaves no half-written variant, and its temporary folder is removed.
     """
     folder = Path(root) / recipe.name
     stamp = _stamp(recipe, fingerprint)
     found = _read_stamp(folder) or {}
     if {k: found.get(k) for k in stamp} == stamp:
         return folder, float(found.get("build_seconds", 0.0)), True
+    _check_replaceable(folder)
     t0 = time.perf_counter()
-    if isinstance(recipe, SimRecipe):
-        simulate_folder(fp32_folder, folder, recipe, link=True, assets=assets)
-    else:
-        quantize_folder(fp32_folder, folder, recipe, progress=False, link=True, assets=assets)
-    _link_processor_files(assets, folder)
-    seconds = time.perf_counter() - t0
-    stamp["build_seconds"] = round(seconds, 3)
-    stamp_folder(folder, "sweep variant", extra=[VARIANT_STAMP])  # pytorch/ is ours too: a rebuild may replace it
-    (folder / VARIANT_STAMP).write_text(json.dumps(stamp, indent=2) + "\n", encoding="utf-8")  # last: marks it complete
+    staging = Path(tempfile.mkdtemp(prefix=f".{recipe.name}.building-", dir=root))
+    try:
+        built = staging / recipe.name
+        if isinstance(recipe, SimRecipe):
+            simulate_folder(fp32_folder, built, recipe, link=True, assets=assets)
+        else:
+            quantize_folder(fp32_folder, built, recipe, progress=False, link=True, assets=assets)
+        _link_processor_files(assets, built)
+        seconds = time.perf_counter() - t0
+        stamp["build_seconds"] = round(seconds, 3)
+        stamp_folder(built, "sweep variant", extra=[VARIANT_STAMP])  # pytorch/ is ours too: a rebuild may replace it
+        (built / VARIANT_STAMP).write_text(json.dumps(stamp, indent=2) + "\n", encoding="utf-8")  # last: marks it complete
+        replace_folder(built, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return folder, seconds, False
+
+
+def _ours(folder: Path) -> bool:
+    """A folder `build_variant` (or an older qwen3vl-lab) wrote: its stamp, or a genai_config.json naming a recipe."""
+    if (folder / VARIANT_STAMP).is_file():
+        return True
+    try:
+        genai = read_export_config(folder).get("qwen3vl_lab", {})
+    except (OSError, UserError, AttributeError):
+        return False
+    return "recipe" in genai or "simulation" in genai
+
+
+def _check_replaceable(folder: Path) -> None:
+    """A stale variant is rebuilt in place; anything else at that path is the user's and is never replaced."""
+    if folder.is_dir() and any(folder.iterdir()) and not _ours(folder):
+        raise UserError(f"{folder} exists and is not a variant qwen3vl-lab built (no {VARIANT_STAMP}); move it away "
+                        "or pick another --out_dir")
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file where the variant folder goes; move it away or pick another --out_dir")
+
+
+def remove_variant(folder: Path) -> None:
+    """Delete a variant folder built by `build_variant` (only one that carries its stamp)."""
+    folder = Path(folder)
+    if (folder / VARIANT_STAMP).is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# -- what a worker needs -------------------------------------------------------------------------
+def export_sizes(fp32_folder: Path) -> dict[str, int]:
+    """Every file a variant is made from (`_export_files`), path relative to the export root -> bytes."""
+    root = export_root(fp32_folder)
+    return {str(p.relative_to(root)): p.stat().st_size for p in _export_files(fp32_folder)}
+
+
+def check_export(fp32_folder: Path, sizes: dict[str, int]) -> None:
+    """On a worker: the export is at the same path, with the same files as the driver saw; else a UserError."""
+    root = export_root(fp32_folder)
+    for name, size in sizes.items():
+        path = root / name
+        try:
+            ok = path.stat().st_size == size and os.access(path, os.R_OK)
+        except OSError:
+            ok = False
+        if not ok:
+            raise UserError(f"worker {socket.gethostname()} cannot read {path} as the driver sees it (missing, "
+                            "unreadable or another size); put the export and --out_dir on a filesystem every node "
+                            "mounts at the same path")
+
+
+def _file_bytes(folder: Path, *names: str) -> int:
+    return sum((Path(folder) / n).stat().st_size for n in names if (Path(folder) / n).is_file())
+
+
+def variant_memory(fp32_folder: Path, recipe: Int4Recipe | SimRecipe | str, *, vision: bool = False) -> int:
+    """Bytes one variant job may need at its peak (what a Ray task declares): 1.2 x the larger of building
+    it (one fp32 matrix at a time: 3 x the lm_head, the largest) and running it (its decoder: the fp32 size
+    for fp32 and SIMULATED recipes, about bits/32 of it plus scales for MatMulNBits), plus the fp32
+    embedding (and vision tower with image prompts) and 512 MiB for onnxruntime and Python. At 4B dims:
+    7.2 GiB for an INT4 variant, 19.9 GiB for the fp32 reference or a SIMULATED one."""
+    fp32_folder = Path(fp32_folder)
+    decoder = _file_bytes(fp32_folder, DECODER_FILE, DECODER_FILE + ".data")
+    cfg = read_export_config(fp32_folder)["qwen3vl_lab"]["config"]["text"]
+    head = 4 * int(cfg["vocab_size"]) * int(cfg["hidden_size"])  # fp32 lm_head (vocab x hidden)
+    if isinstance(recipe, Int4Recipe):
+        running = int(decoder * recipe.bits / 32 * 1.2) + (head if recipe.lm_head == "fp32" else 0)
+    else:
+        running = decoder
+    building = 3 * head  # the quantizer's copies of the largest matrix (the 4B-dims export peaked at 3.0 x its lm_head)
+    extra = _file_bytes(fp32_folder, *COPIED_FILES[:2]) + (_file_bytes(fp32_folder, *COPIED_FILES[2:]) if vision else 0)
+    return int(1.2 * max(running, building)) + extra + 512 * 2**20
 
 
 def fp32_source(model_dir: str | Path) -> Path:
@@ -213,5 +323,5 @@ def fp32_source(model_dir: str | Path) -> Path:
     return folder
 
 
-__all__ = ["FP32", "Recipe", "build_variant", "contrast_recipes", "fp32_source", "parse_recipe", "recipe_name",
-           "shared_assets", "source_fingerprint"]
+__all__ = ["ASSETS_FOLDER", "FP32", "Recipe", "build_variant", "builder_version", "cached_fingerprint", "check_export", "contrast_recipes", "export_sizes", "fp32_source",
+           "parse_recipe", "recipe_name", "remove_variant", "shared_assets", "source_fingerprint", "variant_memory"]

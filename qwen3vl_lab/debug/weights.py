@@ -13,6 +13,10 @@ MatMulNBits layout (onnxruntime ContribOperators.md, com.microsoft.MatMulNBits),
 - zero_points (optional): uint8 packed the same way along the blocks of each column,
   (N, ceil(n_blocks * bits / 8)); or float like the scales (not packed, hqq). Absent: 2^(bits-1).
 - W[k, n] = (q - zero_point) * scale, for k < K (the padding past K is dropped).
+
+Memory: `compare_weights` holds one matrix at a time: the fp32 weight is memory-mapped from the
+external-data file (`map_array`) and read a few thousand columns at a time, the packed one is read
+alone (an INT4 lm_head is an eighth of the fp32 one).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from ..model import Model
 from .checkpoint_weights import CheckpointWeights, find_checkpoint
 
 PREFIX = "model.language_model."
+CHUNK_VALUES = 2**22  # matrix_error's working set: about this many fp32 weights at a time
 
 
 # -- unpacking (pure numpy) ----------------------------------------------------------------------
@@ -181,7 +186,7 @@ class MatrixError:
     rel_error: float  # |W - Wq| / |W|
     sqnr_db: float
     max_abs: float
-    block_rel_error: np.ndarray  # (N, n_blocks): error of each block relative to that block's norm
+    block_rel_error: np.ndarray  # (N, n_blocks) float32: error of each block relative to that block's norm
     worst_blocks: list[tuple[int, int, float]] = field(default_factory=list)  # (column n, block b, rel error)
     outlier_channels: list[tuple[int, float]] = field(default_factory=list)  # (input row k, max|W[k]| / median)
 
@@ -220,7 +225,11 @@ class WeightReport:
 
 def outlier_rows(w: np.ndarray, ratio: float = 4.0, top: int = 5) -> list[tuple[int, float]]:
     """Input channels k whose largest |W[k, :]| is >= `ratio` x the median over channels (largest first)."""
-    m = np.abs(w).max(axis=1)  # (K,)
+    return _outliers(np.abs(w).max(axis=1), ratio, top)  # (K,)
+
+
+def _outliers(m: np.ndarray, ratio: float, top: int) -> list[tuple[int, float]]:
+    """`outlier_rows` from the per-row maxima m (K,)."""
     med = float(np.median(m))
     if med <= 0:
         return []
@@ -229,9 +238,14 @@ def outlier_rows(w: np.ndarray, ratio: float = 4.0, top: int = 5) -> list[tuple[
     return [(int(k), float(r[k])) for k in idx if r[k] >= ratio]
 
 
-def matrix_error(w: np.ndarray, qm: QuantizedMatrix, top: int = 5, chunk: int = 8192) -> MatrixError:
-    """Compare fp32 W (K, N) with `qm`, `chunk` columns at a time (the lm_head is vocab wide)."""
+def matrix_error(w: np.ndarray, qm: QuantizedMatrix, top: int = 5, chunk: int | None = None) -> MatrixError:
+    """Compare fp32 W (K, N) with `qm`, `chunk` columns at a time (the lm_head is vocab wide).
+
+    `w` may be a read-only memory map (`map_array`): only one chunk of columns is copied at a time.
+    chunk=None: as many columns as keep a chunk near 2**22 values (32 MB in float64)."""
     K, N = w.shape
+    chunk = chunk or max(1, CHUNK_VALUES // max(K, 1))
+    row_max = np.zeros(K)  # (K,) max |W[k, :]|, built chunk by chunk
     if (K, N) != (qm.K, qm.N):
         raise UserError(f"{qm.name}: fp32 weight is {K}x{N} but MatMulNBits says {qm.K}x{qm.N}; compare folders "
                         "exported from the same checkpoint")
@@ -241,7 +255,8 @@ def matrix_error(w: np.ndarray, qm: QuantizedMatrix, top: int = 5, chunk: int = 
     max_abs = 0.0
     for c0 in range(0, N, chunk):
         cols = np.arange(c0, min(N, c0 + chunk))
-        ref = w[:, cols].astype(np.float64)  # (K, c)
+        ref = np.asarray(w[:, c0:c0 + len(cols)], np.float64)  # (K, c): only these columns are read
+        row_max = np.maximum(row_max, np.abs(ref).max(axis=1))
         diff = ref - qm.columns(cols).dequantize()  # (K, c)
         sig += float((ref ** 2).sum())
         noise += float((diff ** 2).sum())
@@ -255,8 +270,23 @@ def matrix_error(w: np.ndarray, qm: QuantizedMatrix, top: int = 5, chunk: int = 
     worst = [(int(i // nb), int(i % nb), float(block_err.flat[i])) for i in flat]
     rel = float(np.sqrt(noise / sig)) if sig > 0 else 0.0
     sq = float("inf") if noise == 0 else float(10 * np.log10(sig / noise))
-    return MatrixError(qm.name, (K, N), qm.bits, bs, qm.symmetric, rel, sq, max_abs, block_err, worst,
-                       outlier_rows(w, top=top))
+    return MatrixError(qm.name, (K, N), qm.bits, bs, qm.symmetric, rel, sq, max_abs, block_err.astype(np.float32),
+                       worst, _outliers(row_max, 4.0, top))
+
+
+def map_array(t: onnx.TensorProto, folder: Path) -> np.ndarray:
+    """One initializer as a read-only memory map of its external-data file (in memory only as it is read);
+    an inline initializer as an array."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return read_array(t, folder)
+    info = {e.key: e.value for e in t.external_data}
+    path = Path(folder) / info["location"]
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+    shape = tuple(int(d) for d in t.dims)
+    offset = int(info.get("offset", 0))
+    if path.stat().st_size < offset + dtype.itemsize * int(np.prod(shape)):
+        raise UserError(f"{path} is truncated (tensor {t.name}); re-export the folder")
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
 def fp32_weights_by_output(folder: Path) -> dict[str, tuple[onnx.TensorProto, Path]]:
@@ -278,11 +308,12 @@ def compare_weights(ref: Model | str | Path | None, test: Model | str | Path, na
     rows = []
     for qm in iter_quantized(test, names):
         if qm.output in weights:
-            w = read_array(weights[qm.output], ref_folder)  # (K, N): one fp32 matrix at a time
+            w = map_array(weights[qm.output], ref_folder)  # (K, N) memory-mapped: one fp32 matrix at a time
         else:
             ckpt = ckpt or _checkpoint(ref_folder, qm.output, test, ref, hf_dir=hf_dir)
             w = ckpt.weight_of(qm)  # (K, N) from the checkpoint's tensors, one at a time
         rows.append(matrix_error(w, qm, top))
+        del w, qm  # unmapped before the next matrix
     return WeightReport(rows)
 
 
@@ -301,5 +332,5 @@ def _fp32_folder(x) -> Path:
     return resolve_folder(x, "fp32")
 
 
-__all__ = ["MatrixError", "QuantizedMatrix", "WeightReport", "compare_weights", "dequantize",
+__all__ = ["MatrixError", "QuantizedMatrix", "WeightReport", "compare_weights", "dequantize", "map_array",
            "dequantize_with_onnxruntime", "iter_quantized", "matrix_error", "outlier_rows", "read_quantized", "short_name", "unpack_bits"]

@@ -17,8 +17,10 @@ a bias or uses `1 + weight` disagrees with transformers. Weights have std 0.1 ("
 ("tiny-deep"): with 0.02 greedy decoding repeats one token forever.
 
 Presets: "tiny" (~39 MB fp32), "tiny-deep" (other head counts, head_dim 32, vision
-depth 4 with deepstack [1, 3]) and "2b" (the real Qwen3-VL-2B shapes, 2.1 B parameters, bf16 by default;
-written one tensor at a time so it needs about 1.5 GB of RAM).
+depth 4 with deepstack [1, 3]), "2b" (the real Qwen3-VL-2B shapes, 2.1 B parameters, bf16 by default;
+written one tensor at a time so it needs about 1.5 GB of RAM) and "4b" (the real Qwen3-VL-4B shapes: text
+2560 wide, 36 layers, 32 q / 8 kv heads, the 2B's vision tower with out_hidden 2560; 4.44 B parameters,
+8.3 GiB in bf16, written the same way).
 """
 
 from __future__ import annotations
@@ -95,6 +97,16 @@ PRESETS: dict[str, Preset] = {
                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
                   rope_parameters=_rope(5_000_000.0, [24, 20, 20])),
         vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048,
+                    num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17]),
+    ),
+    "4b": Preset(
+        description="the real Qwen3-VL-4B-Instruct shapes (FACTS §2.2), random weights: 4.44 B params",
+        init_std=0.02,
+        dtype="bfloat16",
+        text=dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                  rope_parameters=_rope(5_000_000.0, [24, 20, 20])),
+        vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560,
                     num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17]),
     ),
 }
@@ -412,8 +424,8 @@ def make_tiny(
 ) -> Path:
     """Write a random-weight Qwen3-VL checkpoint folder in the Hugging Face layout and return its path.
 
-    preset: "tiny", "tiny-deep" or "2b" (see PRESETS). dtype: "float32" / "bfloat16" / "float16";
-    None means the preset's (float32, bf16 for "2b"). config_style: "v5" (what transformers 5.x
+    preset: "tiny", "tiny-deep", "shapes", "2b" or "4b" (see PRESETS). dtype: "float32" / "bfloat16" /
+    "float16"; None means the preset's (float32, bf16 for "2b" and "4b"). config_style: "v5" (what transformers 5.x
     writes) or "legacy" (the Hub's 4.57 form). max_shard_bytes: shard like `save_pretrained`.
     The folder is built next to `output_dir` under a temporary name, then renamed into place; an
     existing non-empty folder is only replaced with overwrite=True.

@@ -25,26 +25,39 @@ mixes up a colour is wrong and well formed; word salad is neither.
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from ..debug.cluster import Backend, connect_ray, error_record, run_jobs
+from ..debug.inputs import open_model
+from ..debug.record import release
+from ..debug.results import ResultCache, result_key
 from ..debug.simulate import SimRecipe
 from ..debug.variants import (
+    ASSETS_FOLDER,
     FP32,
     Recipe,
     build_variant,
+    builder_version,
+    cached_fingerprint,
+    check_export,
     contrast_recipes,
+    export_sizes,
     fp32_source,
     parse_recipe,
     recipe_name,
+    remove_variant,
     shared_assets,
     source_fingerprint,
+    variant_memory,
 )
 from ..errors import UserError
 from ..export.quantize import Int4Recipe
@@ -67,6 +80,28 @@ class AccuracyRow:
     build_seconds: float = 0.0
     eval_seconds: float = 0.0
     reused: bool = False  # the variant folder came from the cache
+    cached: bool = False  # the whole row came from the result cache (nothing was built or run for it)
+    error: str | None = None  # the variant failed (build, load or run): no answers
+    host: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def to_record(self) -> dict:
+        """Plain JSON, what the result cache keeps and a worker sends back."""
+        return {"recipe": self.name, "folder": self.folder, "table": self.table, "predictions": self.predictions,
+                "well_formed": self.well_formed, "build_seconds": self.build_seconds,
+                "eval_seconds": self.eval_seconds, "variant_reused": self.reused, "host": self.host, "pid": os.getpid()}
+
+    @classmethod
+    def from_record(cls, recipe, record: dict, *, cached: bool) -> "AccuracyRow":
+        if "error" in record:
+            return cls(recipe, record.get("folder", ""), {}, [], 0.0, cached=cached, error=record["error"],
+                       host=record.get("host", ""))
+        return cls(recipe, record["folder"], record["table"], list(record["predictions"]), record["well_formed"],
+                   record["build_seconds"], record["eval_seconds"], bool(record.get("variant_reused")), cached,
+                   None, record.get("host", ""))
 
     @property
     def name(self) -> str:
@@ -112,7 +147,10 @@ class AccuracyRow:
                 f"{'SIMULATED' if self.simulated else 'MatMulNBits'}")
 
     def accuracy(self, key: str = "all") -> float:
-        """Exact-match accuracy of one question type ("colour", ...), object count ("2_object") or "all"."""
+        """Exact-match accuracy of one question type ("colour", ...), object count ("2_object") or "all";
+        NaN for a failed row."""
+        if self.failed:
+            return float("nan")
         if key not in self.table:
             raise UserError(f"no accuracy for {key!r}; choose from {', '.join(self.table)}")
         return float(self.table[key]["accuracy"])
@@ -150,6 +188,8 @@ class AccuracyResult:
     def same_as(self, recipe: Recipe, reference: Recipe = FP32) -> float:
         """Share of questions where `recipe` gives exactly the reference's answer (right or wrong)."""
         a, b = self.row(recipe).predictions, self.row(reference).predictions
+        if self.row(recipe).failed:
+            return float("nan")
         return float(np.mean([x == y for x, y in zip(a, b)])) if a else 1.0
 
     def select(self, recipes: Sequence[Recipe]) -> "AccuracyResult":
@@ -158,13 +198,16 @@ class AccuracyResult:
 
     def table(self) -> str:
         """One line per recipe; SIMULATED rows say so in their own column."""
-        kinds = [k for k in shapes.QUESTION_TYPES if k in self.rows[0].table]
+        kinds = [k for k in shapes.QUESTION_TYPES if k in self.rows[0].table]  # row 0 is fp32: it never fails
         head = (f"{'recipe':38s} {'kind':11s} {'bits':>4s} {'block':>6s} {'sym':>4s} {'algorithm':9s} "
                 + " ".join(f"{k[:8]:>8s}" for k in kinds) + f" {'all':>6s} {'formed':>6s} {'=fp32':>6s}")
         title = (f"shapes accuracy: {self.n} held-out scenes (seed {self.seed}), {len(self.questions)} questions, "
                  "exact match, greedy")
         lines = [title, head, "-" * len(head)]
         for r in self.rows:
+            if r.failed:
+                lines.append(f"{r.name[:38]:38s} FAILED: {r.error[:110]}")
+                continue
             sym = "-" if r.symmetric is None else ("yes" if r.symmetric else "no")
             lines.append(f"{r.name[:38]:38s} {r.kind:11s} {r.bits:4d} {r.block:>6s} {sym:>4s} {r.algorithm:9s} "
                          + " ".join(f"{r.accuracy(k):8.0%}" for k in kinds)
@@ -172,6 +215,9 @@ class AccuracyResult:
         if any(r.simulated for r in self.rows):
             lines.append("SIMULATED: fp32 MatMuls holding rounded weights (MatMulNBits runs 2/4/8 bits only), "
                          "not onnxruntime quantized models")
+        n_cached = sum(r.cached for r in self.rows)
+        if n_cached:
+            lines.append(f"{n_cached} of {len(self.rows)} row(s) read from the result cache (OUT_DIR/.results)")
         return "\n".join(lines)
 
     def _same(self, row: AccuracyRow) -> str:
@@ -186,7 +232,7 @@ class AccuracyResult:
 
         def score(i: int) -> tuple:
             fp32_right = fp32 is None or shapes.exact_match(fp32.predictions[i], expected[i])
-            wrong = sum(not shapes.exact_match(r.predictions[i], expected[i]) for r in self.rows)
+            wrong = sum(not shapes.exact_match(r.predictions[i], expected[i]) for r in self.rows if not r.failed)
             return (fp32_right, wrong, -i)
 
         picked = []
@@ -200,7 +246,7 @@ class AccuracyResult:
         """[{"question", "expected", "answers": {recipe name: answer}}] for the chosen questions."""
         indices = self.example_indices(k) if indices is None else list(indices)
         return [{"question": self.questions[i].question, "expected": self.questions[i].answer,
-                 "answers": {r.name: r.predictions[i] for r in self.rows}} for i in indices]
+                 "answers": {r.name: r.predictions[i] for r in self.rows if not r.failed}} for i in indices]
 
     def examples_table(self, indices: Sequence[int] | None = None, k: int = 4, width: int = 72) -> str:
         """The same questions answered by every recipe; '=' marks a correct answer, 'x' a wrong one."""
@@ -217,7 +263,8 @@ class AccuracyResult:
         return {"n": self.n, "seed": self.seed, "questions": len(self.questions),
                 "rows": [{"recipe": r.name, "kind": r.kind, "simulated": r.simulated, "bits": r.bits, "block": r.block,
                           "symmetric": r.symmetric, "algorithm": r.algorithm, "accuracy": r.table,
-                          "well_formed": r.well_formed, "folder": r.folder} for r in self.rows]}
+                          "well_formed": r.well_formed, "folder": r.folder, "cached": r.cached,
+                          "variant_reused": r.reused, "error": r.error} for r in self.rows]}
 
 
 # -- the evaluation ------------------------------------------------------------------------------
@@ -230,12 +277,70 @@ def _evaluate(folder: Path, recipe, n: int, seed: int, options: RuntimeOptions |
               reused: bool = False):
     from .evaluate import evaluate_shapes  # noqa: PLC0415
 
-    model = load_model(folder, "fp32", options)
-    t0 = time.perf_counter()
-    ev = evaluate_shapes(model, n=n, seed=seed, progress=False)
+    model = open_model(folder, "fp32", options)  # an fp32 graph's weights stay memory-mapped (debug/inputs.py)
+    try:
+        t0 = time.perf_counter()
+        ev = evaluate_shapes(model, n=n, seed=seed, progress=False)
+    finally:
+        release(model)
     row = AccuracyRow(recipe, str(folder), ev.table, ev.predictions, _well_formed(ev.predictions),
-                      build_seconds, time.perf_counter() - t0, reused)
+                      build_seconds, time.perf_counter() - t0, reused, host=socket.gethostname())
     return row, ev
+
+
+def heldout_questions(n: int, seed: int) -> tuple[list, list[int]]:
+    """The held-out questions `evaluate_shapes` asks (and each one's object count), without a model."""
+    qas, counts = [], []
+    for _, objects in shapes.heldout_set(n, seed):
+        for qa in shapes.question_answer_pairs(objects):
+            qas.append(qa)
+            counts.append(len(objects))
+    return qas, counts
+
+
+# -- the jobs (run here, in a local process or as Ray tasks; debug/cluster.py) ---------------------
+@dataclass(frozen=True)
+class AccuracyJob:
+    """Build one recipe's variant (nothing for fp32), answer the held-out questions, clean it up (unless kept)."""
+
+    fp32: str
+    root: str
+    recipe: Int4Recipe | SimRecipe | str
+    fingerprint: str
+    sizes: dict  # export file -> bytes, as the driver sees them
+    n: int
+    seed: int
+    options: RuntimeOptions | None = None
+    keep_variant: bool = True
+
+
+def run_accuracy_job(job: AccuracyJob) -> dict:
+    """-> the row's record (answers and accuracy table: small JSON), or {"error": ...} ("fatal" when this worker
+    cannot read the export: no recipe could be scored there)."""
+    base = {"recipe": recipe_name(job.recipe), "host": socket.gethostname(), "pid": os.getpid()}
+    try:
+        check_export(Path(job.fp32), job.sizes)
+    except UserError as e:
+        return {**base, "error": str(e), "fatal": True}
+    if job.recipe == FP32:
+        try:
+            return _evaluate(Path(job.fp32), FP32, job.n, job.seed, job.options)[0].to_record()
+        except Exception as e:
+            return {**base, "error": str(e) if isinstance(e, UserError) else error_record(e)["error"]}
+    root = Path(job.root)
+    folder = root / recipe_name(job.recipe)
+    try:
+        folder, seconds, reused = build_variant(Path(job.fp32), root, job.recipe, fingerprint=job.fingerprint,
+                                                assets=root / ASSETS_FOLDER)
+        return _evaluate(folder, job.recipe, job.n, job.seed, job.options, build_seconds=seconds,
+                         reused=reused)[0].to_record()
+    except UserError as e:
+        return {**base, "error": str(e)}
+    except Exception as e:  # a recipe onnxruntime refuses: this row fails, not the evaluation
+        return {**base, **error_record(e)}
+    finally:
+        if not job.keep_variant:
+            remove_variant(folder)  # only a stamped variant folder: never one the user made
 
 
 def load_variant(model_dir: str | Path, recipe: Recipe, out_dir: str | Path,
@@ -255,52 +360,88 @@ def load_variant(model_dir: str | Path, recipe: Recipe, out_dir: str | Path,
 
 def recipe_accuracy(model_dir: str | Path, recipes: Sequence[Recipe] | None = None, *, n: int = 20, seed: int = 0,
                     out_dir: str | Path | None = None, options: RuntimeOptions | None = None,
-                    progress: bool = True) -> AccuracyResult:
+                    progress: bool = True, backend: Backend | None = None,
+                    keep_variants: bool | None = None) -> AccuracyResult:
     """Build every recipe from the export's fp32 decoder and score each on the same n held-out shapes scenes.
 
     recipes: "fp32", Int4Recipe, SimRecipe or names (default `contrast_recipes()`); fp32 is always
     evaluated (first, when not listed) because it is the yardstick, and a model whose fp32 answers
     score below 50 % is not the trained shapes model: that is refused with a one-line error.
-    out_dir: where the variants are kept (reused by later calls); None = a temporary folder.
+    out_dir: where the variants and every finished row are kept: a second call with the same export,
+    recipe, n and seed reads the row from OUT_DIR/.results (row.cached) instead of building and running
+    anything, so an interrupted evaluation continues where it stopped. None = a temporary folder.
+    backend: where each recipe's job (build, answer, clean up) runs (debug/cluster.py): here (default),
+    in local processes or as Ray tasks. keep_variants: keep built variants (default: here yes, else no).
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     if n < 1:
         raise UserError(f"n = {n} held-out scenes; pass n >= 1")
+    backend = (backend or Backend()).validate()
     parsed = [parse_recipe(r) for r in (recipes if recipes is not None else contrast_recipes())]
     names = [recipe_name(r) for r in parsed]
     if len(set(names)) != len(names):
         raise UserError("the recipe list has duplicates (after normalisation); pass each recipe once")
     if FP32 not in parsed:
         parsed.insert(0, FP32)
-    fp32 = fp32_source(model_dir)
-    others = [r for r in parsed if r != FP32]
-    bar = tqdm(total=len(others) + 1, desc="recipe accuracy", unit="recipe", disable=not progress)
-    reference, ev = _evaluate(fp32, FP32, n, seed, options)  # the yardstick first: a wrong model stops here
-    bar.update(1)
-    if reference.accuracy("all") < MIN_FP32_ACCURACY:
-        bar.close()
-        raise UserError(f"fp32 answers only {reference.accuracy('all'):.0%} of the shapes questions, so {fp32} is not "
-                        "the trained shapes model; make it with `qwen3vl-lab make-tiny --trained` and export it")
-    rows = [reference]
+    fp32 = fp32_source(model_dir).resolve()
+    if backend.ray:
+        connect_ray(backend.address)  # an unreachable cluster or a missing ray: one line now, before any work
+    keep = backend.local if keep_variants is None else keep_variants
+    if backend.threads is not None:
+        options = replace(options or RuntimeOptions(), threads=backend.threads)
     temp = out_dir is None
-    root = Path(tempfile.mkdtemp(prefix="qwen3vl-accuracy-")) if temp else Path(out_dir)
+    root = Path(tempfile.mkdtemp(prefix="qwen3vl-accuracy-")) if temp else Path(out_dir).resolve()
+    rows: dict[str, AccuracyRow] = {}
+    bar = tqdm(total=len(parsed), desc="recipe accuracy", unit="recipe", disable=not progress)
     try:
-        if others:
-            root.mkdir(parents=True, exist_ok=True)
-            assets, fingerprint = shared_assets(fp32, root), source_fingerprint(fp32)
-        for recipe in others:
-            folder, seconds, reused = build_variant(fp32, root, recipe, fingerprint=fingerprint, assets=assets)
-            rows.append(_evaluate(folder, recipe, n, seed, options, build_seconds=seconds, reused=reused)[0])
-            bar.update(1)
+        root.mkdir(parents=True, exist_ok=True)
+        fingerprint, sizes = cached_fingerprint(fp32, root), export_sizes(fp32)
+        cache = ResultCache(root)
+        keys = {recipe_name(r): result_key(kind="shapes-accuracy", source=fingerprint, n=n, seed=seed,
+                                           recipe=r if r == FP32 else r.to_dict(),
+                                           builder="-" if r == FP32 else builder_version(r)) for r in parsed}
+
+        def job(recipe) -> AccuracyJob:
+            return AccuracyJob(str(fp32), str(root), recipe, fingerprint, sizes, n, seed, options, keep)
+
+        def finished(todo):
+            def on_result(i: int, record: dict) -> None:
+                recipe = todo[i]
+                if record.get("fatal"):
+                    raise UserError(record["error"])
+                if "error" not in record:
+                    cache.put(keys[recipe_name(recipe)], record)  # kept at once: a later call resumes after it
+                rows[recipe_name(recipe)] = AccuracyRow.from_record(recipe, record, cached=False)
+                bar.update(1)
+            return on_result
+
+        for r in parsed:
+            record = cache.get(keys[recipe_name(r)])
+            if record is not None:
+                rows[recipe_name(r)] = AccuracyRow.from_record(r, record, cached=True)
+                bar.update(1)
+        if FP32 not in rows:  # the yardstick first: a wrong model stops here, before any variant is built
+            run_jobs(run_accuracy_job, [job(FP32)], backend, finished([FP32]),
+                     memory=[variant_memory(fp32, FP32, vision=True)], names=["fp32"])
+        reference = rows[FP32]
+        if reference.failed:
+            raise UserError(f"the fp32 export could not be evaluated ({reference.error}); re-export it")
+        if reference.accuracy("all") < MIN_FP32_ACCURACY:
+            raise UserError(f"fp32 answers only {reference.accuracy('all'):.0%} of the shapes questions, so {fp32} is "
+                            "not the trained shapes model; make it with `qwen3vl-lab make-tiny --trained` and export it")
+        todo = [r for r in parsed if recipe_name(r) not in rows]
+        if todo:
+            shared_assets(fp32, root)  # one copy of embedding/vision + pytorch/, linked into each variant
+            run_jobs(run_accuracy_job, [job(r) for r in todo], backend, finished(todo),
+                     memory=[variant_memory(fp32, r, vision=True) for r in todo], names=[recipe_name(r) for r in todo])
     finally:
         bar.close()
         if temp:
             shutil.rmtree(root, ignore_errors=True)
-    order = {name: i for i, name in enumerate(recipe_name(r) for r in parsed)}
-    rows.sort(key=lambda r: order[r.name])
-    return AccuracyResult(rows, ev.questions, ev.n_objects, n, seed)
+    questions, counts = heldout_questions(n, seed)
+    return AccuracyResult([rows[recipe_name(r)] for r in parsed], questions, counts, n, seed)
 
 
-__all__ = ["FP32", "AccuracyResult", "AccuracyRow", "build_variant", "contrast_recipes", "load_variant",
+__all__ = ["FP32", "AccuracyJob", "AccuracyResult", "AccuracyRow", "build_variant", "heldout_questions", "run_accuracy_job", "contrast_recipes", "load_variant",
            "parse_recipe", "recipe_accuracy", "shared_assets", "source_fingerprint"]
