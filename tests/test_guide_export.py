@@ -67,3 +67,14 @@ def test_text_checkpoint_keeps_bf16_weights_bit_for_bit(tmp_path):
     for name, value in expected.items():
         assert value.dtype == torch.bfloat16 and out[name].dtype == torch.bfloat16, name
         assert torch.equal(out[name], value), name
+
+
+@pytest.mark.slow  # the child imports torch and transformers (~10 s)
+def test_builder_failure_in_a_child_process_is_one_line(tmp_path):
+    """Large checkpoints are built in a child process: its failure is a one-line error, and no cache is left."""
+    pytest.importorskip("onnxruntime_genai")
+    (tmp_path / "ckpt").mkdir()  # no config.json: the builder fails
+    with pytest.raises(UserError, match=r"builder failed on .*exit code") as e:
+        genai_build(tmp_path / "ckpt", tmp_path / "out", "fp32", separate_process=True)
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

@@ -16,14 +16,18 @@ accuracy_level 4, lm_head quantized too. The embedding model is one Gather (the 
 embed_tokens with torch.onnx.export at opset 17), and genai_config.json's model.type is set to "qwen3"
 by hand, as the guide does.
 
-onnxruntime-genai is an optional dependency (`pip install 'qwen3vl-lab[genai]'`); its builder runs in
-this process and imports torch and transformers (~7 s the first time; the tiny model then builds in ~2 s).
+onnxruntime-genai is an optional dependency (`pip install 'qwen3vl-lab[genai]'`). Its builder imports
+torch and transformers (~7 s); a small checkpoint is built in this process (the tiny model then takes
+~2 s per precision), a large one in a child process per precision, as the guide runs it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -43,6 +47,7 @@ GUIDE_EMBEDDING = "qwen3vl-embedding.onnx"  # the guide's file name (cpu-fp32 on
 # (`int4_algo_config=rtn` builds the same graph as no option), so the current names are used.
 GUIDE_INT4_OPTIONS = {"algo_config": "rtn", "block_size": "32", "accuracy_level": "4"}
 GENAI_EXTRA = "pip install 'qwen3vl-lab[genai]'"
+SEPARATE_PROCESS_BYTES = 1 << 30  # checkpoints larger than this are built in a child process per precision
 TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "hidden_act",
              "attention_bias", "bos_token_id", "eos_token_id")
@@ -100,16 +105,40 @@ def qwen3_text_checkpoint(hf_dir: str | Path, out: str | Path) -> Path:
     return out
 
 
-def genai_build(hf_dir: str | Path, out: str | Path, precision: str, extra: dict[str, str] | None = None) -> Path:
-    """`python -m onnxruntime_genai.models.builder -i HF -o OUT -p PRECISION -e cpu --extra_options ...`, in process."""
+def _weights_bytes(hf_dir: Path) -> int:
+    return sum(f.stat().st_size for f in Path(hf_dir).glob("*.safetensors"))
+
+
+def genai_build(hf_dir: str | Path, out: str | Path, precision: str, extra: dict[str, str] | None = None,
+                separate_process: bool | None = None) -> Path:
+    """`python -m onnxruntime_genai.models.builder -i HF -o OUT -p PRECISION -e cpu --extra_options ...`.
+
+    separate_process: run that command in a child process (its output goes to this process's stdout and
+    stderr) rather than in this one. Default: for checkpoints over SEPARATE_PROCESS_BYTES, because the
+    builder keeps the float32 model in memory while it quantizes (a 2B build peaks near 18 GB in one process)
+    and a child returns all of it before the next build starts; small ones build in process (no second ~7 s
+    import of torch and transformers)."""
+    hf_dir, out = Path(hf_dir), Path(out)
+    cache = out.parent / f".{out.name}-cache"
+    options = [f"{k}={v}" for k, v in (extra or {}).items()]
+    if separate_process is None:
+        separate_process = _weights_bytes(hf_dir) > SEPARATE_PROCESS_BYTES
+    if separate_process:
+        if importlib.util.find_spec("onnxruntime_genai") is None:
+            raise UserError(f"building the guide's export needs onnxruntime-genai's builder; {GENAI_EXTRA}")
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
+               "-p", precision, "-e", "cpu", "-c", str(cache)] + (["--extra_options", *options] if options else [])
+        code = subprocess.run(cmd).returncode
+        shutil.rmtree(cache, ignore_errors=True)
+        if code != 0:
+            raise UserError(f"onnxruntime-genai's builder failed on {hf_dir} (exit code {code}; its output above "
+                            "says why); check the checkpoint, or the builder's version (0.18.0)")
+        return out
     try:  # heavy optional dependency (imports torch and transformers): only building a foreign export pays it
         from onnxruntime_genai.models import builder  # noqa: PLC0415
     except ImportError as e:
         raise UserError(f"building the guide's export needs onnxruntime-genai's builder ({e.name or e} is missing); "
                         f"{GENAI_EXTRA}") from None
-    out = Path(out)
-    cache = out.parent / f".{out.name}-cache"
-    options = [f"{k}={v}" for k, v in (extra or {}).items()]
     prepared = builder.parse_extra_options(None, str(hf_dir), str(out), precision, "cpu", str(cache), options)
     builder.create_model(None, str(hf_dir), str(out), precision, "cpu", str(cache), **prepared)
     shutil.rmtree(cache, ignore_errors=True)
