@@ -28,7 +28,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,10 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..errors import UserError
+from ..paths import existing_dir
+from ..paths import output_dir as checked_output_dir
 from .checkpoint import Checkpoint, LazyTensor, save_checkpoint_weights
+from .files import replace_folder, staging_folder
 
 VL_PREFIX = "model.language_model."  # Qwen3-VL's text weights; a Qwen3ForCausalLM has them under "model."
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "chat_template.json",
@@ -198,21 +200,18 @@ def make_guide_export(hf_dir: str | Path, out: str | Path) -> Path:
 
     The decoder: onnxruntime-genai's builder on the text part saved as a Qwen3 checkpoint, with
     exclude_embeds=true; INT4 with the guide's recipe. model.type is "qwen3" (the guide's hand edit).
-    Built in a temporary folder beside `out`, then renamed to it; an `out` that exists and is not empty
-    is refused."""
-    hf_dir, out = Path(hf_dir), Path(out)
+    Built in a hidden staging folder beside `out` (removed on any error or signal), then moved into place;
+    an `out` that exists and is not empty is refused."""
+    hf_dir = existing_dir(hf_dir, "--hf_dir", fix="pass a Qwen3-VL checkpoint folder (config.json + safetensors)")
+    out = checked_output_dir(out, "--output_dir")
     _vl_config(hf_dir)
     _check_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        _build(hf_dir, tmp)
+    weights = _weights_bytes(hf_dir)  # bf16: the Qwen3 copy ~1x, fp32 decoder ~2x, int4 ~0.3x, pytorch/ 1x
+    with staging_folder(out.parent, f".{out.name}.tmp-", shown=out, need=weights, estimate=5 * weights) as tmp:
+        _build(hf_dir, tmp / "guide")
         _check_output(out)  # still free after the build?
-        if out.is_dir():
-            out.rmdir()  # empty (checked just above)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        replace_folder(tmp / "guide", out, what="the original guide's export (make-guide-export)")
     return out
 
 
