@@ -94,6 +94,26 @@ def run_make_tiny(a) -> int:
     return 0
 
 
+# -- make-guide-export -------------------------------------------------------------------------
+def add_make_guide_export(sub) -> None:
+    p = sub.add_parser("make-guide-export",
+                       help="build the original guide's export of a checkpoint (plain-Qwen3 decoder: no 3-D positions, "
+                            "no DeepStack), to compare with ours; needs the genai extra")
+    p.add_argument("--hf_dir", required=True, metavar="CKPT", help="Qwen3-VL checkpoint folder (config.json + safetensors)")
+    p.add_argument("--output_dir", required=True,
+                   help="folder to create: cpu-fp32/, cpu-int4/, pytorch/ (refused if it exists and is not empty)")
+    p.set_defaults(run=run_make_guide_export)
+
+
+def run_make_guide_export(a) -> int:
+    from ..export.guide import make_guide_export  # noqa: PLC0415 (start-up: the builder imports torch on use)
+
+    t0 = time.perf_counter()
+    out = make_guide_export(a.hf_dir, a.output_dir)
+    print(f"wrote the guide's export of {a.hf_dir} to {out} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 # -- export ------------------------------------------------------------------------------------
 def add_export(sub) -> None:
     p = sub.add_parser("export", help="export a Hugging Face Qwen3-VL checkpoint to ONNX")
@@ -830,6 +850,7 @@ def build_parser() -> Parser:
     parser = Parser(prog=PROG, description="Run, see and fix Qwen3-VL on ONNX Runtime.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
     add_make_tiny(sub)
+    add_make_guide_export(sub)
     add_export(sub)
     add_generate(sub)
     add_eval_shapes(sub)

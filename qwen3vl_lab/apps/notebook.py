@@ -12,6 +12,9 @@
   attention outputs, and INT4) on first use (~4 s) into the cache folder: `$QWEN3VL_LAB_CACHE`, else `$XDG_CACHE_HOME/qwen3vl-lab`, else
   `~/.cache/qwen3vl-lab`. Its name carries a hash of the exporter's source, so a changed exporter
   gets a fresh export instead of a stale one.
+- `guide_shapes_dir()`: the original guide's export of the trained shapes model (a plain-Qwen3
+  decoder without 3-D positions or DeepStack, from onnxruntime-genai's builder), cached the same way
+  (notebook 07).
 - `default="shapes"`: instead of the random tiny checkpoint, the trained shapes model
   (`make_tiny(preset="shapes", trained=True)`, qwen3vl_lab/shapes.py), exported fp32 with attention
   outputs and cached the same way (the hash also covers the shipped weights, so a retrained model
@@ -20,7 +23,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import shutil
 from pathlib import Path
@@ -83,6 +88,31 @@ def shapes_model_dir() -> Path:
     return final / "onnx"
 
 
+def guide_shapes_dir() -> Path:
+    """The original guide's export of the trained shapes model (cpu-fp32/, cpu-int4/, pytorch/), made on first use.
+
+    Built by `export.guide.make_guide_export` (onnxruntime-genai's builder: the genai extra), once, into
+    the cache; the name carries the same hash as `shapes_model_dir` (exporter source and shipped weights)."""
+    from ..export.guide import make_guide_export  # noqa: PLC0415 (the builder imports torch: only when asked)
+    from ..export.tiny import TRAINED_FILES, TRAINED_PRESET, make_tiny, trained_model_dir  # noqa: PLC0415
+
+    def build(tmp: Path) -> None:
+        make_tiny(tmp / "hf", preset=TRAINED_PRESET, trained=True)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            make_guide_export(tmp / "hf", tmp / "guide")  # the builder prints every tensor it writes
+        shutil.rmtree(tmp / "hf")  # the guide keeps its own copy in guide/pytorch/
+
+    shipped = Path(str(trained_model_dir()))
+    weights = [shipped / name for name in TRAINED_FILES if (shipped / name).is_file()]
+    final = cache_dir() / f"guide-shapes-{exporter_hash(*weights)}"
+    if not final.is_dir():
+        build_once(final, build)
+        for old in final.parent.glob("guide-shapes-*"):  # made by an older exporter: never used again
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    return final / "guide"
+
+
 def exported_hf_dir(hf_dir: str | Path) -> Path:
     """A real checkpoint exported once (fp32 with attention outputs, and INT4) into the cache folder."""
     from ..export.exporter import export  # noqa: PLC0415
@@ -105,6 +135,28 @@ def user_model_dir() -> Path | None:
     if os.environ.get("HF_DIR"):
         return exported_hf_dir(os.environ["HF_DIR"])
     return None
+
+
+def doctor_dir() -> Path:
+    """The folder notebook 07 doctors: MODEL_DIR (an export of any kind) as is, else the guide's export of the
+    trained shapes model (`guide_shapes_dir`). HF_DIR there means that folder's checkpoint (see `doctor_checkpoint`)."""
+    if os.environ.get("MODEL_DIR"):
+        folder = Path(os.environ["MODEL_DIR"]).expanduser()
+        if not folder.exists():
+            raise UserError(f"MODEL_DIR={folder} does not exist; set it to an export folder (ours, the guide's, "
+                            "onnxruntime-genai's, onnx-community's) or a decoder .onnx")
+        return folder
+    return guide_shapes_dir()
+
+
+def doctor_checkpoint() -> Path | None:
+    """HF_DIR, the checkpoint of the folder notebook 07 doctors, when that folder ships none (else None)."""
+    if not os.environ.get("HF_DIR"):
+        return None
+    hf_dir = Path(os.environ["HF_DIR"]).expanduser()
+    if not (hf_dir / "config.json").is_file():
+        raise UserError(f"HF_DIR={hf_dir} has no config.json; point HF_DIR at the Qwen3-VL checkpoint the export was made from")
+    return hf_dir
 
 
 DEFAULTS = ("tiny", "shapes")
