@@ -2,6 +2,9 @@
 
 Every user mistake ends in one line on stderr, `qwen3vl-lab: error: <problem>; <fix>`, and exit
 code 2 — no traceback.
+
+Each command imports the modules it needs when it runs (the `noqa: PLC0415 (start-up)` imports below):
+onnxruntime, onnx and transformers take seconds to import, and `--help` or a bad flag should answer at once.
 """
 
 from __future__ import annotations
@@ -81,8 +84,7 @@ def add_make_tiny(sub) -> None:
 
 
 def run_make_tiny(a) -> int:
-    from ..export.tiny import make_tiny  # noqa: PLC0415
-
+    from ..export.tiny import make_tiny  # noqa: PLC0415 (start-up)
     t0 = time.perf_counter()
     preset = a.preset or ("shapes" if a.trained else "tiny")
     out = make_tiny(a.output_dir, seed=a.seed, preset=preset, dtype=a.dtype, config_style=a.config_style,
@@ -147,8 +149,7 @@ INT4_OPTIONS = ("block_size", "asymmetric", "accuracy_level", "lm_head", "algori
 
 def int4_recipe(a):
     """The Int4Recipe the options ask for (unset options keep the builder defaults)."""
-    from ..export.quantize import Int4Recipe  # noqa: PLC0415
-
+    from ..export.quantize import Int4Recipe  # noqa: PLC0415 (start-up)
     base = Int4Recipe()
     return Int4Recipe(block_size=a.block_size or base.block_size,
                       symmetric=not a.asymmetric if a.asymmetric is not None else base.symmetric,
@@ -157,8 +158,7 @@ def int4_recipe(a):
 
 
 def run_export(a) -> int:
-    from ..export.exporter import export  # noqa: PLC0415
-
+    from ..export.exporter import export  # noqa: PLC0415 (start-up)
     given = [f"--{o}" for o in INT4_OPTIONS if getattr(a, o) is not None]
     if given and "int4" not in a.precision:
         raise UserError(f"{', '.join(given)}: INT4 options need --precision int4 (e.g. --precision fp32 int4)")
@@ -220,7 +220,7 @@ def borrow_reference_vision(model, accept_missing: bool) -> None:
     """A foreign export with the checkpoint beside it (the guide's pytorch/) and --accept_missing: encode images
     with our vision graph of that checkpoint (built once into the cache), so its decoder can be tried on them."""
     from ..export.cache import reference_export  # noqa: PLC0415 (start-up)
-    from ..model import load_model  # noqa: PLC0415 (start-up: the CLI imports a command's modules when it runs)
+    from ..model import load_model  # noqa: PLC0415 (start-up)
 
     layout = model.layout
     if model.has_vision or not accept_missing or layout is None or layout.hf_dir is None:
@@ -264,10 +264,9 @@ def _check_media_paths(images: list[str], videos: list[list[str]]) -> None:
 
 
 def run_generate(a) -> int:
-    from ..generate import check_has_vision  # noqa: PLC0415
-    from ..model import RuntimeOptions  # noqa: PLC0415
-    from ..pipeline import Qwen3VLPipeline  # noqa: PLC0415
-
+    from ..generate import check_has_vision  # noqa: PLC0415 (start-up)
+    from ..model import RuntimeOptions  # noqa: PLC0415 (start-up)
+    from ..pipeline import Qwen3VLPipeline  # noqa: PLC0415 (start-up)
     export_path(a.model_dir, "--model_dir", fix=MODEL_DIR_FIX)
     _check_media_paths(a.image, a.video)
     items = None
@@ -374,8 +373,7 @@ def _existing_path(where: str, file: Path, path: str, key: str) -> str:
 
 def run_prompts_file(pipe, items: list[dict], a) -> int:
     """Every prompt of the file, `--batch_size` at a time; one answer (or JSON line) per prompt, in order."""
-    from tqdm import tqdm  # noqa: PLC0415
-
+    from tqdm import tqdm  # noqa: PLC0415 (start-up)
     results = pipe.iter_results([it["prompt"] for it in items], images=[it["images"] for it in items],
                                 videos=[it["videos"] for it in items], batch_size=a.batch_size, raw=a.raw,
                                 image_size=a.image_size, video_fps=a.video_fps, **_sampling_kwargs(a))
@@ -392,8 +390,7 @@ def run_prompts_file(pipe, items: list[dict], a) -> int:
 
 def _image_command(line: str, pending: list, image_size) -> None:
     """`/image PATH`: check the file now (one-line error, the chat goes on) and attach it to the next turn."""
-    from ..image import ImageProcessorConfig, load_image, target_size  # noqa: PLC0415
-
+    from ..image import ImageProcessorConfig, load_image, target_size  # noqa: PLC0415 (start-up)
     path = line.strip()[len("/image"):].strip()
     if not path:
         raise UserError("/image needs a path, e.g. /image photo.jpg")
@@ -410,9 +407,8 @@ def interactive(pipe, a) -> int:
     images of earlier turns stay in the history; the pipeline encodes each one only once. When the
     history no longer fits the model's context, the oldest turns are dropped (with a notice).
     """
-    from ..generate import ContextOverflow  # noqa: PLC0415
-    from ..tokenizer import format_chat  # noqa: PLC0415
-
+    from ..generate import ContextOverflow  # noqa: PLC0415 (start-up)
+    from ..tokenizer import format_chat  # noqa: PLC0415 (start-up)
     messages: list[dict] = []
     images, videos = [], []  # every image / video of the chat so far, in order
     pending, pending_videos = list(a.image), list(a.videos)
@@ -556,8 +552,7 @@ def add_eval_shapes(sub) -> None:
 
 def _parse_recipes(names, *, fp32: bool = True):
     """Recipe names from the command line ("contrast" = the built-in list) -> recipes, checked before any work."""
-    from ..shapes.accuracy import FP32, contrast_recipes, parse_recipe  # noqa: PLC0415
-
+    from ..shapes.accuracy import FP32, contrast_recipes, parse_recipe  # noqa: PLC0415 (start-up)
     recipes = []
     for name in names:
         recipes += contrast_recipes() if name == "contrast" else [parse_recipe(name)]
@@ -570,9 +565,8 @@ def _parse_recipes(names, *, fp32: bool = True):
 
 def _recipe_accuracy(model_dir, recipes, n: int, seed: int, out_dir, threads, *, quiet: bool, backend=None,
                      keep_variants=None):
-    from ..model import RuntimeOptions  # noqa: PLC0415
-    from ..shapes.accuracy import recipe_accuracy  # noqa: PLC0415
-
+    from ..model import RuntimeOptions  # noqa: PLC0415 (start-up)
+    from ..shapes.accuracy import recipe_accuracy  # noqa: PLC0415 (start-up)
     return recipe_accuracy(model_dir, recipes, n=n, seed=seed, out_dir=out_dir, options=RuntimeOptions(threads=threads),
                            progress=not quiet, backend=backend, keep_variants=keep_variants)
 
@@ -584,10 +578,9 @@ def _print_recipe_accuracy(result, seconds: float) -> None:
 
 
 def run_eval_shapes(a) -> int:
-    from ..model import RuntimeOptions, load_model  # noqa: PLC0415
-    from ..shapes.evaluate import evaluate_shapes  # noqa: PLC0415
-    from ..shapes.task import format_table  # noqa: PLC0415
-
+    from ..model import RuntimeOptions, load_model  # noqa: PLC0415 (start-up)
+    from ..shapes.evaluate import evaluate_shapes  # noqa: PLC0415 (start-up)
+    from ..shapes.task import format_table  # noqa: PLC0415 (start-up)
     existing_dir(a.model_dir, "--model_dir", fix=MODEL_DIR_FIX)
     if a.out_dir is not None:
         output_dir(a.out_dir, "--out_dir")
@@ -631,8 +624,7 @@ def add_train_shapes(sub) -> None:
 
 
 def run_train_shapes(a) -> int:
-    from ..shapes.train import run  # noqa: PLC0415
-
+    from ..shapes.train import run  # noqa: PLC0415 (start-up)
     return run(a)
 
 
@@ -661,7 +653,7 @@ def add_inspect(sub) -> None:
 
 
 def run_inspect(a) -> int:
-    from ..debug.anatomy import describe_export, to_json_line  # noqa: PLC0415 (start-up: onnx on use)
+    from ..debug.anatomy import describe_export, to_json_line  # noqa: PLC0415 (start-up)
 
     anatomy = describe_export(a.model_dir, a.text_precision, tokenizer_dir=a.tokenizer_dir)
     print(to_json_line(anatomy) if a.json else anatomy.render())
@@ -706,9 +698,8 @@ def _image_arg(a):
 
 
 def run_doctor(a) -> int:
-    from ..debug.doctor import diagnose  # noqa: PLC0415
-    from ..viz.doctor import write_figures  # noqa: PLC0415
-
+    from ..debug.doctor import diagnose  # noqa: PLC0415 (start-up)
+    from ..viz.doctor import write_figures  # noqa: PLC0415 (start-up)
     _check_debug_paths(a)
     image = _image_arg(a)
     report = diagnose(a.model_dir, a.text_precision, a.reference, a.prompt, image=image, image_size=a.image_size,
@@ -748,8 +739,7 @@ def add_sweep(sub) -> None:
 
 def _run_sweep(model_dir, prompts, image, image_size, n_steps, out_dir, *, fast: bool, quiet: bool, names=None,
                backend=None, keep_variants=None):
-    from ..debug.sweep import default_recipes, sweep  # noqa: PLC0415
-
+    from ..debug.sweep import default_recipes, sweep  # noqa: PLC0415 (start-up)
     recipes = _parse_recipes(names, fp32=False) if names else default_recipes(include_slow=not fast)
     result = sweep(model_dir, recipes, prompts, out_dir=out_dir, n_steps=n_steps, image=image, image_size=image_size,
                    progress=not quiet, backend=backend, keep_variants=keep_variants)
@@ -767,11 +757,10 @@ def _refuse_failed(rows, what: str) -> None:
 
 
 def run_sweep(a) -> int:
-    import tempfile  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415 (start-up)
 
-    from ..debug.sweep import default_recipes  # noqa: PLC0415
-    from ..viz.doctor import write_figures  # noqa: PLC0415
-
+    from ..debug.sweep import default_recipes  # noqa: PLC0415 (start-up)
+    from ..viz.doctor import write_figures  # noqa: PLC0415 (start-up)
     _check_debug_paths(a)
     image = _image_arg(a)
     backend, keep = backend_of(a), keep_variants_of(a)
@@ -829,8 +818,7 @@ def add_bench(sub) -> None:
 
 
 def run_bench(a) -> int:
-    from .bench import BenchConfig, bench  # noqa: PLC0415
-
+    from .bench import BenchConfig, bench  # noqa: PLC0415 (start-up)
     existing_dir(a.model_dir, "--model_dir", fix=MODEL_DIR_FIX)
     if a.hf_dir is not None:
         existing_dir(a.hf_dir, "--hf_dir", fix="pass the Hugging Face checkpoint the export was made from")

@@ -42,9 +42,8 @@ def _silent(_: str) -> None:
 
 def tiny_dir() -> Path:
     """The cached tiny folder: checkpoint in `hf/`, export in `onnx/` (cpu-fp32 with attention outputs, cpu-int4)."""
-    from ..export.exporter import export  # noqa: PLC0415
-    from ..export.tiny import make_tiny  # noqa: PLC0415
-
+    from ..export.exporter import export  # noqa: PLC0415 (a notebook imports the builder only when it makes a model)
+    from ..export.tiny import make_tiny  # noqa: PLC0415 (a notebook imports the builder only when it makes a model)
     def build(tmp: Path) -> None:
         make_tiny(tmp / "hf", seed=TINY_SEED)
         export(tmp / "hf", tmp / "onnx", ("fp32", "int4"), with_attentions=True, progress=False, log=_silent)
@@ -70,9 +69,8 @@ def tiny_model_dir() -> Path:
 
 def shapes_model_dir() -> Path:
     """The trained shapes model exported to ONNX (cpu-fp32/ with attention outputs), made on first use."""
-    from ..export.exporter import export  # noqa: PLC0415
-    from ..export.tiny import TRAINED_FILES, TRAINED_PRESET, make_tiny, trained_model_dir  # noqa: PLC0415
-
+    from ..export.exporter import export  # noqa: PLC0415 (a notebook imports the builder only when it makes a model)
+    from ..export.tiny import TRAINED_FILES, TRAINED_PRESET, make_tiny, trained_model_dir  # noqa: PLC0415 (a notebook imports the builder only when it makes a model)
     def build(tmp: Path) -> None:
         make_tiny(tmp / "hf", preset=TRAINED_PRESET, trained=True)
         export(tmp / "hf", tmp / "onnx", ("fp32",), with_attentions=True, progress=False, log=_silent)
@@ -94,8 +92,7 @@ def guide_shapes_dir() -> Path:
     Built by `export.guide.make_guide_export` (onnxruntime-genai's builder: the genai extra), once, into
     the cache; the name carries the same hash as `shapes_model_dir` (exporter source and shipped weights)."""
     from ..export.guide import make_guide_export  # noqa: PLC0415 (the builder imports torch: only when asked)
-    from ..export.tiny import TRAINED_FILES, TRAINED_PRESET, make_tiny, trained_model_dir  # noqa: PLC0415
-
+    from ..export.tiny import TRAINED_FILES, TRAINED_PRESET, make_tiny, trained_model_dir  # noqa: PLC0415 (a notebook imports the builder only when it makes a model)
     def build(tmp: Path) -> None:
         make_tiny(tmp / "hf", preset=TRAINED_PRESET, trained=True)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -115,8 +112,7 @@ def guide_shapes_dir() -> Path:
 
 def exported_hf_dir(hf_dir: str | Path) -> Path:
     """A real checkpoint exported once (fp32 with attention outputs, and INT4) into the cache folder."""
-    from ..export.exporter import export  # noqa: PLC0415
-
+    from ..export.exporter import export  # noqa: PLC0415 (a notebook imports the builder only when it makes a model)
     hf_dir = Path(hf_dir).expanduser().resolve()
     if not (hf_dir / "config.json").is_file():
         raise UserError(f"HF_DIR={hf_dir} has no config.json; point HF_DIR at a Qwen3-VL checkpoint folder")
@@ -184,8 +180,7 @@ def is_shapes() -> bool:
 
 def open_model(text_precision: str = "fp32", default: str = "tiny"):
     """load_model(model_dir(default), text_precision): the three sessions, config and tokenizer."""
-    from ..model import load_model  # noqa: PLC0415
-
+    from ..model import load_model  # noqa: PLC0415 (a notebook imports the builder only when it makes a model)
     return load_model(model_dir(default), text_precision)
 
 
@@ -210,6 +205,5 @@ def require_attentions(model) -> None:
 
 def sample_image() -> str:
     """A real photograph that ships with matplotlib (Grace Hopper, 512 x 600): no download needed."""
-    from matplotlib import cbook  # noqa: PLC0415
-
+    from matplotlib import cbook  # noqa: PLC0415 (a notebook imports the builder only when it makes a model)
     return str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))

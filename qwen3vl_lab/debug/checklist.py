@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ..config import IMAGE_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID
+from ..export.quantize import read_array
 from ..generate import Prompt, prepare_prompt
 from ..layout import DECODER_FILE, DEEPSTACK_EMBEDS, DEEPSTACK_FEATURES, EMBEDDING_FILE, VISION_FILE
 from ..model import Model
@@ -150,8 +152,6 @@ def _head_columns(model: Model, graph: onnx.ModelProto, ids: np.ndarray) -> tupl
     if node.op_type == "MatMulNBits":
         qm: QuantizedMatrix = next(q for q in iter_quantized(model, {short_name(node.input[1])}) if q.node == node.name)
         return qm.columns(ids).dequantize().T, f"MatMulNBits bits {qm.bits}"
-    from ..export.quantize import read_array  # noqa: PLC0415
-
     inits = {t.name: t for t in graph.graph.initializer}
     w = read_array(inits[node.input[1]], model.decoder_file.parent)  # (H, V)
     return np.ascontiguousarray(w[:, ids].T), "fp32"
@@ -255,8 +255,6 @@ def check_genai_config(model: Model) -> CheckItem:
 
 def reference_positions_case() -> tuple[np.ndarray, np.ndarray]:
     """get_rope_index's values, measured with transformers 5.24: 6-token prefix (incl. <|vision_start|>), one [1, 18, 24] image, 146 tokens."""
-    from ..config import IMAGE_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID  # noqa: PLC0415
-
     ids = [11] * 5 + [VISION_START_TOKEN_ID] + [IMAGE_TOKEN_ID] * 108 + [VISION_END_TOKEN_ID] + [11] * 31
     return np.array([ids], np.int64), np.array([[1, 18, 24]], np.int64)
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..generate import Prompt, generate_tokens
@@ -282,8 +283,6 @@ def compare_recorded(records: Sequence[RecordedPrompt] | RecordFolder, test: Mod
     """The test model against a recorded reference (`record.record_reference`), prompt by prompt.
 
     `records` may be a `RecordFolder` (a saved record): then one prompt's logits are read at a time."""
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
     test_m = as_model(test)
     specs = as_specs(prompts)
     if len(specs) != len(records):

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..export.quantize import QUANTIZATION_FILE, Int4Recipe
@@ -335,8 +336,6 @@ def sweep(model_dir: str | Path, recipes: Sequence[Int4Recipe | SimRecipe] | Non
     variant is one job (build, score, clean up); only small records come back.
     keep_variants: keep each built variant in out_dir (default: yes here, no with workers or Ray).
     """
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
     backend = (backend or Backend()).validate()
     fp32 = fp32_source(model_dir).resolve()
     recipes = [r.validate() for r in (recipes if recipes is not None else default_recipes())]

@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import UserError
 from ..export.quantize import read_array
 from ..layout import DECODER_FILE
-from ..model import Model
+from ..model import Model, resolve_folder
 from .checkpoint_weights import CheckpointWeights, find_checkpoint
 
 PREFIX = "model.language_model."
@@ -122,8 +122,6 @@ def short_name(weight: str) -> str:
 def _folder(model: Model | str | Path) -> Path:
     if isinstance(model, Model):
         return model.folder
-    from ..model import resolve_folder  # noqa: PLC0415
-
     return resolve_folder(model, "int4")
 
 
@@ -327,8 +325,6 @@ def _checkpoint(ref_folder, output: str, *exports, hf_dir=None) -> CheckpointWei
 
 
 def _fp32_folder(x) -> Path:
-    from ..model import resolve_folder  # noqa: PLC0415
-
     return resolve_folder(x, "fp32")
 
 

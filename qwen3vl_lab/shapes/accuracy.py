@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..debug.cluster import Backend, connect_ray, error_record, run_jobs
 from ..debug.inputs import open_model
@@ -63,6 +64,7 @@ from ..errors import UserError
 from ..export.quantize import Int4Recipe
 from ..model import RuntimeOptions, load_model
 from . import task as shapes
+from .evaluate import evaluate_shapes
 
 MIN_FP32_ACCURACY = 0.5  # below this the model is not the trained shapes model: accuracies would mean nothing
 
@@ -275,8 +277,6 @@ def _well_formed(predictions: Sequence[str]) -> float:
 
 def _evaluate(folder: Path, recipe, n: int, seed: int, options: RuntimeOptions | None, *, build_seconds: float = 0.0,
               reused: bool = False):
-    from .evaluate import evaluate_shapes  # noqa: PLC0415
-
     model = open_model(folder, "fp32", options)  # an fp32 graph's weights stay memory-mapped (debug/inputs.py)
     try:
         t0 = time.perf_counter()
@@ -373,8 +373,6 @@ def recipe_accuracy(model_dir: str | Path, recipes: Sequence[Recipe] | None = No
     backend: where each recipe's job (build, answer, clean up) runs (debug/cluster.py): here (default),
     in local processes or as Ray tasks. keep_variants: keep built variants (default: here yes, else no).
     """
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
     if n < 1:
         raise UserError(f"n = {n} held-out scenes; pass n >= 1")
     backend = (backend or Backend()).validate()

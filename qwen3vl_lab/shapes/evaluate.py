@@ -97,8 +97,6 @@ def keyword_index(tokenizer, answer_ids: list[int], word: str) -> int:
     for k, t in enumerate(answer_ids):
         if tokenizer.decode([t]).strip().lower() == word:
             return k
-    from ..errors import UserError  # noqa: PLC0415
-
     raise UserError(f"the answer has no single token {word!r}; pass a colour or shape question")
 
 
