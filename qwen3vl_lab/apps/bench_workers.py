@@ -132,9 +132,9 @@ class GemvEngine:
     def __init__(self, folder: str | None, threads: int | None, spinning: bool | None = None,
                  nbytes: int = 256 * 2**20):
         # onnx / onnxruntime only in the gemv worker: the torch and genai workers' peak RSS stays their engine's
-        import onnxruntime as ort  # noqa: PLC0415
+        import onnxruntime as ort  # noqa: PLC0415 (see above)
 
-        from ..model import RuntimeOptions  # noqa: PLC0415
+        from ..model import RuntimeOptions  # noqa: PLC0415 (see above)
         k, n = GEMV_K, max(1, nbytes // (4 * GEMV_K))
         options = RuntimeOptions(threads=threads, allow_spinning=bool(spinning)).session_options()
         with tempfile.TemporaryDirectory(prefix="qwen3vl-gemv-", dir=folder) as tmp:
@@ -157,7 +157,7 @@ class GemvEngine:
 def _write_gemv(path, k: int, n: int) -> None:
     """The probe's graph, its (k, n) float32 weight in an external-data file beside it (written in slices)."""
     import onnx  # noqa: PLC0415 (the gemv worker only: see GemvEngine)
-    from onnx import TensorProto, helper  # noqa: PLC0415
+    from onnx import TensorProto, helper  # noqa: PLC0415 (see above)
     rng = np.random.default_rng(1)
     with open(path.with_suffix(".data"), "wb") as f:  # 16 slices: never the whole weight twice in memory
         f.writelines(rng.standard_normal((len(rows), n), dtype=np.float32).tobytes()

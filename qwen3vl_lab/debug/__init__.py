@@ -45,7 +45,7 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name):  # lazy, like the package root: importing qwen3vl_lab.debug stays cheap
     if name in _EXPORTS:
-        from importlib import import_module  # noqa: PLC0415
+        from importlib import import_module  # noqa: PLC0415 (lazy package: see above)
 
         return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(name)

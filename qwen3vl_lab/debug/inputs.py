@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .. import generate
 from ..errors import UserError
 from ..generate import Prompt, prepare_prompt
 from ..layout import DECODER_FILE
@@ -129,8 +130,6 @@ def prepare(model: Model, prompt: PromptLike) -> Prompt:
         return spec
     if spec.image is None:
         return prepare_prompt(model, spec.text)
-    from .. import generate  # noqa: PLC0415
-
     multimodal = getattr(generate, "prepare_multimodal_prompt", None)
     if multimodal is None:
         raise UserError("image prompts need generate.prepare_multimodal_prompt, which this version lacks; "

@@ -24,12 +24,16 @@ import time
 from pathlib import Path
 from typing import Union
 
+import onnxruntime
+
 from ..errors import UserError
+from ..export import quantize
 from ..export.files import replace_folder, stamp_folder
 from ..export.quantize import COPIED_FILES, Int4Recipe, link_or_copy, quantize_folder
 from ..layout import DECODER_FILE
 from ..layouts import read_export_config
 from ..model import resolve_folder
+from . import simulate
 from .simulate import SimRecipe, simulate_folder
 
 FP32 = "fp32"
@@ -140,11 +144,6 @@ def cached_fingerprint(fp32_folder: Path, root: Path) -> str:
 
 def builder_version(recipe: Int4Recipe | SimRecipe) -> str:
     """The code that builds a variant: simulate.py, or onnxruntime's quantizer driven by export/quantize.py."""
-    import onnxruntime  # noqa: PLC0415
-
-    from ..debug import simulate  # noqa: PLC0415
-    from ..export import quantize  # noqa: PLC0415
-
     module = simulate if isinstance(recipe, SimRecipe) else quantize
     code = hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()[:12]
     return f"{module.__name__.rsplit('.', 1)[-1]}.py {code}, onnxruntime {onnxruntime.__version__}"

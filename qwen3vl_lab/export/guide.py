@@ -137,7 +137,7 @@ def genai_build(hf_dir: str | Path, out: str | Path, precision: str, extra: dict
                             "says why); check the checkpoint, or the builder's version (0.18.0)")
         return out
     try:  # heavy optional dependency (imports torch and transformers): only building a foreign export pays it
-        from onnxruntime_genai.models import builder  # noqa: PLC0415
+        from onnxruntime_genai.models import builder  # noqa: PLC0415 (the optional [genai] extra)
     except ImportError as e:
         raise UserError(f"building the guide's export needs onnxruntime-genai's builder ({e.name or e} is missing); "
                         f"{GENAI_EXTRA}") from None

@@ -35,6 +35,7 @@ This is the one module of qwen3vl_lab that imports torch (the `train` extra).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -633,8 +634,6 @@ def train(cfg: TrainConfig, output_dir: Path, ship: bool = False, progress: bool
         "eval": {"scenes": cfg.eval_n, "seed": cfg.eval_seed, "fp32": fp32_table},
     }
     if cfg.init_from is not None and (Path(cfg.init_from) / "training.json").is_file():
-        import json  # noqa: PLC0415
-
         record["previous"] = json.loads((Path(cfg.init_from) / "training.json").read_text(encoding="utf-8"))
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     with staging_folder(output_dir.parent, f".{output_dir.name}.tmp-", shown=output_dir) as tmp:
