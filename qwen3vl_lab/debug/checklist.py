@@ -369,7 +369,8 @@ def check_eos(model: Model) -> CheckItem:
 
 
 def run_checklist(model: Model | str | Path, precision: str = "int4", reference: Model | str | Path | None = None,
-                  prompt: str = "Write a haiku about the sea.", vision_reference: Model | None = None) -> Checklist:
+                  prompt: str = "Write a haiku about the sea.", vision_reference: Model | None = None,
+                  image=None, image_size: int | None = None) -> Checklist:
     """Every check against `model` (a folder or a loaded Model). `reference` (fp32) feeds the accuracy_level oracle;
     `vision_reference` (our export of the checkpoint; default: the reference) the image probe."""
     model = as_model(model, precision)
@@ -385,7 +386,7 @@ def run_checklist(model: Model | str | Path, precision: str = "int4", reference:
         check_positions(model),
         check_deepstack(model),
         check_kv_cache(model),
-        check_image_probe(model, vision_reference or ref),
+        check_image_probe(model, vision_reference or ref, image, image_size),
         check_eos(model),
     ]
     return Checklist(str(model.folder), items)

@@ -157,7 +157,7 @@ def diagnose(model_dir: Model | str | Path, precision: str = "int4", reference: 
     _with_vision([test, ref], ckpt_ref)
     specs = as_specs(prompts, image, image_size)
     notes = [*test.notices]
-    checklist = run_checklist(test, reference=ref, vision_reference=ckpt_ref)
+    checklist = run_checklist(test, reference=ref, vision_reference=ckpt_ref, image=image, image_size=image_size)
     comparison = compare(ref, test, specs, n_steps, progress=progress)
     export_comparison = None
     if ckpt_ref is not None and ckpt_ref is not ref:

@@ -23,7 +23,10 @@ from ..sampling import greedy
 from .checkitem import CheckItem, attrs
 from .compare import kl_divergence
 
-KV_KL_TOL = 1e-4  # nats: cached and recomputed next-token distributions agree to float rounding
+# nats: cached and recomputed next-token distributions agree to kernel rounding. fp32 agrees to ~1e-12; an INT4
+# decoder's prefill and decode kernels differ more (measured 5.5e-4 at 2B dims, top-1 still identical), while a
+# corrupted cache moves the distribution by far more than 1e-2 and changes the argmax.
+KV_KL_TOL = 1e-2
 KV_STEPS = 6
 PROBE_QUESTION = "Describe the image."
 PROBE_KL_MATTERS = 1e-3  # nats: a piece "matters" when leaving it out moves the next-token distribution more
@@ -78,13 +81,17 @@ def probe_image(size: int = 64) -> np.ndarray:
     return img
 
 
-def check_image_probe(model: Model, reference: Model | None):
-    """One image prompt through both; the reference also without 3-D positions and without DeepStack."""
+def check_image_probe(model: Model, reference: Model | None, image=None, image_size: int | None = None):
+    """One image prompt through both; the reference also without 3-D positions and without DeepStack.
+
+    image: the user's picture (the doctor's --image), else a fixed synthetic one at 64 x 64 — which a model may
+    barely react to, so pass a real image of the model's task when there is one."""
     title = "image prompt: 3-D positions and DeepStack"
     if reference is None or not reference.has_vision:
         return CheckItem("image_probe", title, "skip", "needs a reference with a vision graph (our export of the "
                          "checkpoint: doctor --hf_dir CKPT, or a folder whose pytorch/ holds the checkpoint)")
-    p = prepare_multimodal_prompt(reference, PROBE_QUESTION, images=[probe_image()], image_size=64)
+    picture, size = (probe_image(), 64) if image is None else (image, image_size)
+    p = prepare_multimodal_prompt(reference, PROBE_QUESTION, images=[picture], image_size=size)
     full = _prefill_all(reference, p)[-1:]  # (1, V) the next token after the prompt
     ablations = {"1-D positions": _prefill_all(reference, p, one_d=True)[-1:],
                  "no DeepStack": _prefill_all(reference, p, deepstack=False)[-1:]}
