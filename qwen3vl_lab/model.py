@@ -290,8 +290,9 @@ def model_config(layout: Layout, genai: dict, decoder: ort.InferenceSession | No
     if layout.tokenizer_dir is not None and (layout.tokenizer_dir / "config.json").is_file():
         return load_hf_config(layout.tokenizer_dir)  # a checkpoint folder passed as --tokenizer_dir
     info = read_genai_config(layout.genai_config) if layout.genai_config else None
-    io = DecoderIO.read(decoder or open_session(layout.decoder, RuntimeOptions()))
-    logits = next(o for o in (decoder or open_session(layout.decoder, RuntimeOptions())).get_outputs() if o.name == LOGITS)
+    session = decoder or open_session(layout.decoder, RuntimeOptions())  # opened once, read twice
+    io = DecoderIO.read(session)
+    logits = next(o for o in session.get_outputs() if o.name == LOGITS)
     numbers = dict(vocab_size=logits.shape[-1] if isinstance(logits.shape[-1], int) else info and info.vocab_size,
                    hidden_size=io.hidden_size or (info and info.hidden_size), num_hidden_layers=io.num_layers,
                    num_key_value_heads=io.kv_heads or (info and info.kv_heads),

@@ -29,7 +29,7 @@ import onnx
 
 from ..config import IMAGE_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID
 from ..export.quantize import read_array
-from ..generate import Prompt, prepare_prompt
+from ..generate import prepare_prompt
 from ..layout import DECODER_FILE, DEEPSTACK_EMBEDS, DEEPSTACK_FEATURES, EMBEDDING_FILE, VISION_FILE
 from ..model import Model
 from ..positions import Positions, build_positions, next_positions
@@ -39,7 +39,6 @@ from .compare import kl_divergence
 from .export_checks import check_algorithm, check_image_probe, check_kv_cache
 from .inputs import as_model
 from .layers import accuracy_level_decoder, activation_stats
-from .record import release
 from .weights import QuantizedMatrix, iter_quantized, short_name
 
 OUTLIER_RATIO = 20.0  # an input channel 20x the median channel: Qwen3-style massive activations
@@ -75,25 +74,9 @@ def _logits(model: Model, embeds, position_ids, deepstack=None) -> np.ndarray:
 
 
 # -- the checks ----------------------------------------------------------------------------------
-def needs_oracle(graph: onnx.ModelProto) -> bool:
-    """Whether `check_accuracy_level` wants fp32 logits: some MatMulNBits runs at accuracy_level 4."""
-    return any(n.op_type == "MatMulNBits" and int(attrs(n).get("accuracy_level", 0)) == 4 for n in graph.graph.node)
-
-
-def oracle_logits(reference: Model | str | Path, probe: Prompt) -> np.ndarray:
-    """(S, V) the fp32 reference's logits on a prompt embedded by the model under test (`prepare_prompt(model,
-    prompt)`): the accuracy_level oracle's yardstick. A reference folder is loaded, run and released here."""
-    ref = as_model(reference, "fp32")
-    try:
-        return _logits(ref, probe.inputs_embeds, probe.positions.position_ids)
-    finally:
-        if not isinstance(reference, Model):
-            release(ref)
-
-
 def check_accuracy_level(model: Model, graph: onnx.ModelProto, reference: Model | np.ndarray | None = None,
                          prompt: str = "Write a haiku about the sea.") -> CheckItem:
-    """reference: the fp32 Model, or its logits on this prompt (`oracle_logits`), or None (judged on outliers)."""
+    """reference: the fp32 Model, or its logits on this prompt (the prompt embedded by `model`), or None (judged on outliers)."""
     title = "accuracy_level 4 on activation outliers"
     nodes = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
     if not nodes:
@@ -392,6 +375,6 @@ def run_checklist(model: Model | str | Path, precision: str = "int4", reference:
     return Checklist(str(model.folder), items)
 
 
-__all__ = ["CheckItem", "Checklist", "run_checklist", "live_nodes", "check_accuracy_level", "needs_oracle", "oracle_logits", "check_deepstack",
+__all__ = ["CheckItem", "Checklist", "run_checklist", "live_nodes", "check_accuracy_level", "check_deepstack",
            "check_eos", "check_genai_config", "check_lm_head", "check_positions", "check_qk_norm",
            "check_tied_embeddings", "reference_positions_case"]
