@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -219,11 +220,16 @@ class Model:
     def borrow_vision(self, other: "Model") -> None:
         """Encode images with `other`'s vision graph (our export of the same checkpoint): how a foreign decoder
         is given image prompts at all. What its decoder lacks (3-D positions, DeepStack) still applies."""
-        if other.config.vision.out_hidden_size != self.config.text.hidden_size:
-            raise UserError(f"{other.folder}'s images come out {other.config.vision.out_hidden_size} wide but "
+        self.use_vision(other.vision, other.config.vision, other.folder)
+
+    def use_vision(self, session, vision: VisionConfig, source: Path | str) -> None:
+        """Encode images with `session` (a vision graph's session, or anything with its `run` and
+        `get_outputs`) whose model has the config `vision`; `source` names it in errors."""
+        if vision.out_hidden_size != self.config.text.hidden_size:
+            raise UserError(f"{source}'s images come out {vision.out_hidden_size} wide but "
                             f"{self.folder}'s decoder takes {self.config.text.hidden_size}; pass the same checkpoint")
-        self.__dict__["vision"] = other.vision
-        self.config = replace(self.config, vision=other.config.vision)
+        self.__dict__["vision"] = session
+        self.config = replace(self.config, vision=vision)
 
     @cached_property
     def vision(self) -> ort.InferenceSession:
@@ -268,16 +274,33 @@ def load_graph(folder: Path, name: str = DECODER_FILE) -> onnx.ModelProto:
     return onnx.load(str(Path(folder) / name), load_external_data=False)
 
 
+def inspection_options(options: RuntimeOptions, graph: onnx.ModelProto) -> ort.SessionOptions:
+    """Session options for a decoder opened to inspect it (the doctor's models, tapped copies): for a graph
+    without MatMulNBits (fp32: a reference, a SIMULATED variant) onnxruntime's weight prepacking is off.
+
+    Prepacking copies every fp32 MatMul weight into a packed buffer at load (about a minute and the
+    decoder's size again at 2B dimensions); without it the weights stay memory-mapped from the
+    external-data file, load in seconds, and the logits move by ~1e-6 (measured on the tiny model:
+    2.6e-6 at most). MatMulNBits graphs keep it: their unpacked path is another kernel (the
+    accuracy_level 4 int8 path is lost), i.e. not the model the user runs."""
+    so = options.session_options()
+    if not any(n.op_type == "MatMulNBits" for n in graph.graph.node):
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    return so
+
+
 def edited_session(model: "Model", graph: onnx.ModelProto) -> ort.InferenceSession:
-    """A session for an edited in-memory copy of one of `model`'s graphs; weights come from its folder."""
-    so = model.options.session_options()
+    """A session for an edited in-memory copy of one of `model`'s graphs; weights come from its folder
+    (`inspection_options`: an fp32 copy maps them from the file instead of packing a second copy)."""
+    so = inspection_options(model.options, graph)
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model.decoder_file.parent))
     return ort.InferenceSession(graph.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
 
 
-def model_config(layout: Layout, genai: dict, decoder: ort.InferenceSession | None) -> ModelConfig:
+def model_config(layout: Layout, genai: dict, decoder: Callable[[], ort.InferenceSession]) -> ModelConfig:
     """The model's numbers: ours from qwen3vl_lab.json; a foreign export's from the Hugging Face config it
-    ships (the guide keeps the whole checkpoint in pytorch/), else from its genai_config.json and graph."""
+    ships (the guide keeps the whole checkpoint in pytorch/), else from its genai_config.json and graph
+    (`decoder()` opens it: only then is a foreign decoder loaded to read its config)."""
     own = genai.get(OWN_SECTION)
     if isinstance(own, dict):
         try:
@@ -290,7 +313,7 @@ def model_config(layout: Layout, genai: dict, decoder: ort.InferenceSession | No
     if layout.tokenizer_dir is not None and (layout.tokenizer_dir / "config.json").is_file():
         return load_hf_config(layout.tokenizer_dir)  # a checkpoint folder passed as --tokenizer_dir
     info = read_genai_config(layout.genai_config) if layout.genai_config else None
-    session = decoder or open_session(layout.decoder, RuntimeOptions())  # opened once, read twice
+    session = decoder()  # opened once, read twice
     io = DecoderIO.read(session)
     logits = next(o for o in session.get_outputs() if o.name == LOGITS)
     numbers = dict(vocab_size=logits.shape[-1] if isinstance(logits.shape[-1], int) else info and info.vocab_size,
@@ -323,11 +346,18 @@ def load_model(model_dir: str | Path, text_precision: str = "fp32", options: Run
         readable_file(layout.genai_config)
     genai = read_export_config(layout.folder) if layout.genai_config else {}
     ours = layout.kind == "qwen3vl-lab"
-    decoder = None if ours else open_session(layout.decoder, options)  # a foreign config is read from its graph
-    config = model_config(layout, genai, decoder)
+    opened: list[ort.InferenceSession] = []  # a foreign decoder opened to read its config is kept, not reopened
+
+    def open_foreign_decoder() -> ort.InferenceSession:
+        if not opened:
+            opened.append(open_session(layout.decoder, options))
+        return opened[0]
+
+    config = model_config(layout, genai, open_foreign_decoder)
     embedding = open_session(layout.embedding, options, config, "embedding") if layout.embedding else None
-    if ours and open_decoder:
-        decoder = open_session(layout.decoder, options, config, "decoder")
+    decoder = opened[0] if opened else None
+    if open_decoder and decoder is None:  # ours are checked against their config when they open (graph_check)
+        decoder = open_session(layout.decoder, options, config if ours else None, "decoder")
     return Model(folder=layout.folder, genai=genai, config=config, embedding=embedding, decoder_session=decoder,
                  options=options, accept_missing=accept_missing, layout=layout)
 

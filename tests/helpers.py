@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import weakref
+from pathlib import Path
+
+import onnxruntime as ort
+
 from qwen3vl_lab.apps.cli import main
 
 
@@ -36,3 +41,49 @@ def print_max_diffs(max_diffs: dict[str, float], width: int = 34) -> None:
     """Print the measured maxima (visible with pytest -s)."""
     for k, v in sorted(max_diffs.items()):
         print(f"\n{k:{width}s} max |logit diff| {v:.2e}", end="")
+
+
+class DecoderSessions:
+    """Which decoders' weights are in memory together: every onnxruntime session opened while this is active
+    (`with DecoderSessions() as s:`), labelled by the folder its weights come from (the file's folder, or the
+    external-data folder of an edited in-memory graph), counted as a decoder when it returns `logits`, and
+    dropped when the session object is freed. `overlaps` lists each moment a decoder opened while a decoder of
+    another folder was still alive."""
+
+    def __init__(self):
+        self.alive: dict[int, Path] = {}
+        self.opened: list[Path] = []
+        self.overlaps: list[tuple[Path, list[Path]]] = []
+
+    def __enter__(self):
+        tracker, real = self, ort.InferenceSession
+        self._real = real
+
+        class Tracked(real):
+            def __init__(self, path_or_bytes, sess_options=None, *args, **kwargs):
+                super().__init__(path_or_bytes, sess_options, *args, **kwargs)
+                if "logits" in {o.name for o in self.get_outputs()}:
+                    tracker._opened(self, path_or_bytes, sess_options)
+
+        ort.InferenceSession = Tracked
+        return self
+
+    def __exit__(self, *exc):
+        ort.InferenceSession = self._real
+
+    def _opened(self, session, source, options) -> None:
+        if isinstance(source, (str, Path)):
+            folder = Path(source).resolve().parent
+        else:
+            try:
+                entry = options.get_session_config_entry("session.model_external_initializers_file_folder_path")
+            except Exception:  # onnxruntime raises when the entry was never set: weights inside the bytes
+                entry = "<in memory>"
+            folder = Path(entry).resolve()
+        others = sorted({f for f in self.alive.values() if f != folder})
+        if others:
+            self.overlaps.append((folder, others))
+        key = id(session)
+        self.alive[key] = folder
+        self.opened.append(folder)
+        weakref.finalize(session, self.alive.pop, key, None)

@@ -11,12 +11,14 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+from helpers import DecoderSessions
 from onnx import numpy_helper
 
 from qwen3vl_lab.apps.cli import main
 from qwen3vl_lab.debug.breakage import make_broken
 from qwen3vl_lab.debug.checklist import run_checklist
 from qwen3vl_lab.debug.compare import compare, free_greedy, teacher_forced
+from qwen3vl_lab.debug.doctor import diagnose
 from qwen3vl_lab.debug.inputs import PromptSpec, prepare
 from qwen3vl_lab.debug.layers import capture, compare_layers
 from qwen3vl_lab.debug.sweep import sweep
@@ -209,6 +211,43 @@ def test_doctor_cli_prints_and_writes_figures(root, tmp_path, capsys):
     pngs = sorted(p.name for p in report.glob("*.png"))
     assert {"kl_per_step.png", "sqnr_per_layer.png", "weight_error.png"} <= set(pngs)
     assert all((report / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_doctor_holds_one_decoder_at_a_time(root, image_prompt):
+    """The reference runs and is released before the test model loads (and each one's tapped copy opens
+    after its plain decoder closed): no two folders' decoders are ever open together."""
+    with DecoderSessions() as sessions:
+        report = diagnose(root, "int4", prompts=[TEXT], image=image_prompt.image, image_size=128, n_steps=3)
+    assert {root.resolve() / "cpu-fp32", root.resolve() / "cpu-int4"} <= set(sessions.opened)
+    assert sessions.overlaps == []
+    assert report.comparison.forced[0].agreement > 0 and report.layers.rows  # it did compare the two
+    assert report.checklist.item("image_probe").status == "pass"  # ours: the probe ran through our fp32
+
+
+def test_recorded_vision_replays_the_vision_graph_and_refuses_an_unseen_image(fp32, image_prompt):
+    from qwen3vl_lab.debug.record import RecordedVision
+    from qwen3vl_lab.errors import UserError
+
+    direct = prepare(fp32, image_prompt)
+    model = load_model(fp32.root, "fp32")
+    recorded = RecordedVision(model.vision)
+    model.use_vision(recorded, model.config.vision, model.folder)
+    prepare(model, image_prompt)
+    recorded.close()
+    replayed = prepare(model, image_prompt)  # from the record alone
+    assert np.array_equal(replayed.inputs_embeds, direct.inputs_embeds)
+    assert np.array_equal(replayed.deepstack, direct.deepstack)
+    other = PromptSpec("Describe the picture.", image=np.zeros((128, 128, 3), np.uint8), image_size=128)
+    with pytest.raises(UserError, match="not encoded while the vision graph was loaded"):
+        prepare(model, other)
+
+
+def test_the_session_tracker_sees_two_decoders_held_together(root):
+    """The check above can fail: both folders loaded at once is an overlap."""
+    with DecoderSessions() as sessions:
+        a, b = load_model(root, "fp32"), load_model(root, "int4")
+    assert sessions.overlaps == [(root.resolve() / "cpu-int4", [root.resolve() / "cpu-fp32"])]
+    del a, b
 
 
 def test_sweep_cli(root, tmp_path, capsys):

@@ -13,7 +13,7 @@ import shutil
 
 import onnx
 import pytest
-from helpers import grace_hopper, run_cli
+from helpers import DecoderSessions, grace_hopper, run_cli
 
 from qwen3vl_lab.debug.doctor import diagnose
 from qwen3vl_lab.debug.export_checks import check_kv_cache
@@ -29,14 +29,15 @@ def guide_report(guide_export_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QWEN3VL_LAB_CACHE", str(cache))
         before = sorted(p.relative_to(guide_export_dir) for p in guide_export_dir.rglob("*"))
-        report = diagnose(guide_export_dir, "int4", prompts=["Write a haiku about the sea."], image=grace_hopper(),
-                          image_size=64, n_steps=6)
+        with DecoderSessions() as sessions:
+            report = diagnose(guide_export_dir, "int4", prompts=["Write a haiku about the sea."], image=grace_hopper(),
+                              image_size=64, n_steps=6)
         assert sorted(p.relative_to(guide_export_dir) for p in guide_export_dir.rglob("*")) == before
-    return report, cache
+    return report, cache, sessions
 
 
 def test_doctor_names_what_the_guide_export_lacks(guide_report):
-    report, cache = guide_report
+    report, cache, _ = guide_report
     status = report.checklist.status()
     assert status["positions"] == "fail" and status["deepstack"] == "fail" and status["image_probe"] == "fail"
     assert status["genai_config"] == "fail" and "'qwen3'" in report.checklist.item("genai_config").evidence
@@ -48,14 +49,23 @@ def test_doctor_names_what_the_guide_export_lacks(guide_report):
 
 
 def test_doctor_separates_the_exports_error_from_quantization(guide_report):
-    report, _ = guide_report
+    report, _, _ = guide_report
     text, image = report.export_comparison.forced  # their fp32 vs our export of the same checkpoint
     assert text.agreement == 1.0 and text.mean_kl < 1e-6  # text: 1-D RoPE equals MRoPE with t = h = w
     assert image.mean_kl > 1e-4  # the image prompt: their decoder lacks 3-D positions and DeepStack
 
 
+def test_doctor_holds_one_decoder_at_a_time(guide_report, guide_export_dir):
+    """Our export of pytorch/, their fp32, their int4 (and the recipe variants) each run in their own turn."""
+    _, cache, sessions = guide_report
+    guide = guide_export_dir.resolve()
+    assert {guide / "cpu-fp32", guide / "cpu-int4"} <= set(sessions.opened)
+    assert any(cache.resolve() in f.parents for f in sessions.opened)  # the checkpoint's export ran too
+    assert sessions.overlaps == []
+
+
 def test_doctor_ends_with_what_to_do(guide_report, guide_export_dir):
-    report, _ = guide_report
+    report, _, _ = guide_report
     assert report.advice[0].startswith(f"make a correct export: qwen3vl-lab export --hf_dir {guide_export_dir / 'pytorch'}")
     assert report.best_recipe and report.best_recipe in report.advice[1]
     text = report.render()

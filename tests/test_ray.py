@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -108,6 +109,40 @@ def test_interrupting_cancels_the_remote_tasks_and_leaves_no_half_written_varian
     leftovers = [p.name for p in out.iterdir() if p.name in names and not (p / VARIANT_STAMP).is_file()]
     assert leftovers == [] and not list(out.glob(".*.building-*"))  # no half-written variant, no temporary folder
     assert len(list((out / RESULTS_FOLDER).glob("*.json"))) == 1  # the finished one is kept
+
+
+def test_ctrl_c_on_the_cli_cancels_the_ray_tasks(tiny_onnx_fp32_dir, tmp_path):
+    """A real SIGINT to `qwen3vl-lab sweep --ray` (a local cluster of its own, or the one this module
+    started) once the first row is on disk: exit 130, the finished row kept, no half-written variant or
+    temporary folder, and nothing built afterwards."""
+    pytest.importorskip("ray")
+    out = tmp_path / "sweep"
+    names = [r.name for r in [*RECIPES, Int4Recipe(block_size=64), Int4Recipe(lm_head="int8"),
+                              Int4Recipe(block_size=128)]]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "qwen3vl_lab", "sweep", "--model_dir", str(tiny_onnx_fp32_dir),
+                             "--prompt", TEXT, "--n_steps", str(N), "--out_dir", str(out), "--recipes", *names,
+                             "--ray", "--keep_variants", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((out / RESULTS_FOLDER).glob("*.json")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    rows = len(list((out / RESULTS_FOLDER).glob("*.json")))
+    built = sorted(p.name for p in out.iterdir() if (p / VARIANT_STAMP).is_file())
+    assert 1 <= rows < len(names) and len(built) < len(names)  # the queued ones never ran
+    assert [p.name for p in out.iterdir() if p.name in names and p.name not in built] == []  # nothing half-written
+    assert not list(out.glob(".*.building-*"))
+    time.sleep(3)  # a task that was not stopped would go on building
+    assert sorted(p.name for p in out.iterdir() if (p / VARIANT_STAMP).is_file()) == built
 
 
 # -- bad input (Ray installed or not) --------------------------------------------------------------

@@ -29,14 +29,14 @@ import onnx
 
 from ..config import IMAGE_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID
 from ..export.quantize import read_array
-from ..generate import prepare_prompt
+from ..generate import Prompt, prepare_prompt
 from ..layout import DECODER_FILE, DEEPSTACK_EMBEDS, DEEPSTACK_FEATURES, EMBEDDING_FILE, VISION_FILE
 from ..model import Model
 from ..positions import Positions, build_positions, next_positions
 from ..steps import embed, prefill
 from .checkitem import CheckItem, Checklist, attrs
 from .compare import kl_divergence
-from .export_checks import check_algorithm, check_image_probe, check_kv_cache
+from .export_checks import ImageProbe, check_algorithm, check_image_probe, check_kv_cache
 from .inputs import as_model
 from .layers import accuracy_level_decoder, activation_stats
 from .weights import QuantizedMatrix, iter_quantized, short_name
@@ -73,6 +73,17 @@ def _logits(model: Model, embeds, position_ids, deepstack=None) -> np.ndarray:
     return prefill(model, embeds, pos, deepstack=deepstack, logits_to_keep=0).logits[0]
 
 
+def needs_fp32_logits(graph: onnx.ModelProto) -> bool:
+    """Does the accuracy_level check want the fp32 reference's logits (`fp32_logits`)? Only on level-4 MatMulNBits."""
+    return any(n.op_type == "MatMulNBits" and int(attrs(n).get("accuracy_level", 0)) == 4 for n in graph.graph.node)
+
+
+def fp32_logits(reference: Model, probe: Prompt) -> np.ndarray:
+    """(S, V) the reference's logits on the tested model's probe prompt (`prepare_prompt(test, prompt)`): what
+    `check_accuracy_level` compares level 4 and level 0 with. The doctor runs it before the test model loads."""
+    return _logits(reference, probe.inputs_embeds, probe.positions.position_ids)
+
+
 # -- the checks ----------------------------------------------------------------------------------
 def check_accuracy_level(model: Model, graph: onnx.ModelProto, reference: Model | np.ndarray | None = None,
                          prompt: str = "Write a haiku about the sea.") -> CheckItem:
@@ -97,8 +108,7 @@ def check_accuracy_level(model: Model, graph: onnx.ModelProto, reference: Model 
                              logits_to_keep=0).logits[0]  # (S, V) same weights, accuracy_level 0
     logits4 = _logits(model, p.inputs_embeds, p.positions.position_ids)
     if reference is not None:  # measured: does level 4 add divergence from fp32 over level 0?
-        ref = reference if isinstance(reference, np.ndarray) else _logits(reference, p.inputs_embeds,
-                                                                          p.positions.position_ids)
+        ref = reference if isinstance(reference, np.ndarray) else fp32_logits(reference, p)
         kl4, kl0 = float(kl_divergence(ref, logits4).mean()), float(kl_divergence(ref, logits0).mean())
         evidence += f"; oracle KL vs fp32 over {len(ref)} positions: level 4 {kl4:.4g}, level 0 {kl0:.4g}"
         bad = kl4 > ACC4_KL_FACTOR * kl0 + 1e-6
@@ -351,13 +361,16 @@ def check_eos(model: Model) -> CheckItem:
                      "list both <|im_end|> (151645) and <|endoftext|> (151643) as eos_token_id")
 
 
-def run_checklist(model: Model | str | Path, precision: str = "int4", reference: Model | str | Path | None = None,
-                  prompt: str = "Write a haiku about the sea.", vision_reference: Model | None = None,
-                  image=None, image_size: int | None = None) -> Checklist:
-    """Every check against `model` (a folder or a loaded Model). `reference` (fp32) feeds the accuracy_level oracle;
-    `vision_reference` (our export of the checkpoint; default: the reference) the image probe."""
+def run_checklist(model: Model | str | Path, precision: str = "int4",
+                  reference: Model | str | Path | np.ndarray | None = None, prompt: str = "Write a haiku about the sea.",
+                  vision_reference: Model | ImageProbe | None = None, image=None, image_size: int | None = None) -> Checklist:
+    """Every check against `model` (a folder or a loaded Model). `reference` (fp32, or its `fp32_logits` on
+    `prompt`) feeds the accuracy_level oracle; `vision_reference` (our export of the checkpoint, or its
+    `probe_reference` record; default: the reference) the image probe."""
     model = as_model(model, precision)
-    ref = as_model(reference, "fp32") if reference is not None else None
+    ref = reference if reference is None or isinstance(reference, (Model, np.ndarray)) else as_model(reference, "fp32")
+    if vision_reference is None and isinstance(ref, Model):
+        vision_reference = ref
     graph = model.graph()
     items = [
         check_accuracy_level(model, graph, ref, prompt),
@@ -369,12 +382,13 @@ def run_checklist(model: Model | str | Path, precision: str = "int4", reference:
         check_positions(model),
         check_deepstack(model),
         check_kv_cache(model),
-        check_image_probe(model, vision_reference or ref, image, image_size),
+        check_image_probe(model, vision_reference, image, image_size),
         check_eos(model),
     ]
     return Checklist(str(model.folder), items)
 
 
 __all__ = ["CheckItem", "Checklist", "run_checklist", "live_nodes", "check_accuracy_level", "check_deepstack",
+           "fp32_logits", "needs_fp32_logits",
            "check_eos", "check_genai_config", "check_lm_head", "check_positions", "check_qk_norm",
            "check_tied_embeddings", "reference_positions_case"]

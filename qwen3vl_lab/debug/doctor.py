@@ -9,10 +9,12 @@ Order follows the usual debug recipe for INT4 gibberish: the checklist (config, 
 suspects, with the accuracy_level oracle), then the fp32-vs-test comparison per step, then where
 inside the decoder the error grows (per layer), then which weight matrices carry it (per block).
 
-Memory: one decoder at a time. The fp32 reference runs first and alone, and leaves only what the
-comparison needs (its greedy tokens and logits per step, the tapped residual stream per layer: tens
-of MB); it is released before the test model loads; the weights are compared one matrix at a time,
-memory-mapped from the two folders' external-data files.
+Memory: one decoder at a time, in turns. Our fp32 export of the checkpoint (when there is one: --hf_dir,
+or the guide's pytorch/) runs first, then the fp32 reference, then the tested model; each leaves only
+what the comparisons need (greedy tokens and logits per step, the image probe's logits, the tapped
+residual stream per layer: tens of MB, `Recorded`) and is released before the next one loads. The
+weights are then compared one matrix at a time, memory-mapped from the files, and the INT4 recipes
+ranked by `sweep`, which itself holds one variant at a time.
 """
 
 from __future__ import annotations
@@ -21,15 +23,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..config import VisionConfig
 from ..errors import UserError
 from ..export.cache import reference_export
 from ..export.quantize import Int4Recipe
-from ..model import Model, load_model
-from ..paths import existing_dir
-from .checklist import Checklist, run_checklist
-from .compare import Comparison, compare
-from .inputs import PromptLike, as_specs
-from .layers import LayerReport, compare_layers
+from ..generate import Prompt, prepare_prompt
+from ..layouts import Layout, find_layout
+from ..model import Model, load_graph, load_model
+from ..paths import existing_dir, export_path
+from .checklist import Checklist, fp32_logits, needs_fp32_logits, run_checklist
+from .compare import Comparison, compare_recorded
+from .export_checks import ImageProbe, probe_prompt, probe_reference
+from .inputs import PromptLike, as_model, as_specs, prepare
+from .layers import Capture, LayerReport, capture_prompt, compare_layers
+from .record import RecordedPrompt, RecordedVision, record_prompt, release, trim_heap
 from .sweep import sweep
 from .weights import WeightReport, compare_weights
 
@@ -98,20 +108,53 @@ class DoctorReport:
         return "\n".join(parts)
 
 
-def _load_pair(model_dir, precision: str, reference) -> tuple[Model, Model]:
-    """The tested model and its reference: a given Model or folder, else the fp32 of the same export."""
-    test = model_dir if isinstance(model_dir, Model) else load_model(model_dir, precision)
+@dataclass
+class Source:
+    """A model the doctor runs in its turn: one the caller passed (left as it is), or a folder it loads and,
+    after its turn, releases (record.release) so that the next model loads into the memory it held."""
+
+    given: Model | None
+    path: Path | None = None
+    precision: str = "fp32"
+
+    def load(self, *, open_decoder: bool = True) -> Model:
+        model = self.given if self.given is not None else as_model(self.path, self.precision, open_decoder=open_decoder)
+        model.accept_missing = True  # the doctor runs what a decoder lacks and names it (checklist, notices)
+        if "teaching_decoder" in model.__dict__:
+            model.teaching_decoder.accept_missing = True
+        return model
+
+    def done(self, model: Model, *, keep_vision: bool = False) -> None:
+        if model is not self.given:
+            release(model, keep_vision=keep_vision)
+
+    @property
+    def folder(self) -> Path:
+        return self.given.folder if self.given is not None else self.path
+
+
+def _layout(source: Source) -> Layout:
+    if source.given is not None:
+        return source.given.layout
+    return find_layout(source.path, source.precision)
+
+
+def _sources(model_dir, precision: str, reference) -> tuple[Source, Source]:
+    """(test, reference), resolved without loading either: the reference is a given Model or folder, else the
+    fp32 of the same export."""
+    test = Source(model_dir) if isinstance(model_dir, Model) else \
+        Source(None, export_path(model_dir, "--model_dir", fix="pass an export folder or a decoder .onnx file"), precision)
     if isinstance(reference, Model):
-        return test, reference
+        return test, Source(reference)
     if reference in (None, "fp32"):
-        layout = test.layout
-        if layout is None or "fp32" not in layout.precisions or test.precision == "fp32":
-            raise UserError(f"no fp32 reference next to {test.folder}; pass --reference with an fp32 folder, or "
-                            "--hf_dir with the checkpoint to build one")
-        return test, load_model(layout.root, "fp32")
+        layout = _layout(test)
+        if layout is None or "fp32" not in layout.precisions or layout.precision == "fp32":
+            raise UserError(f"no fp32 reference next to {layout.folder if layout else test.folder}; pass --reference "
+                            "with an fp32 folder, or --hf_dir with the checkpoint to build one")
+        return test, Source(None, layout.root, "fp32")
     folder = existing_dir(reference, "--reference", fix="pass an fp32 export folder, or leave out --reference to "
                           "compare with the cpu-fp32 folder of the same export")
-    return test, load_model(folder, "fp32")
+    return test, Source(None, folder, "fp32")
 
 
 def checkpoint_reference(test: Model, hf_dir: str | Path | None, ref: Model,
@@ -124,21 +167,29 @@ def checkpoint_reference(test: Model, hf_dir: str | Path | None, ref: Model,
     return ref if ref.kind == "qwen3vl-lab" and ref.has_vision else None
 
 
-def _with_vision(models: Sequence[Model], source: Model | None) -> None:
-    """Foreign models run image prompts on `source`'s vision graph, their missing pieces accepted (and named)."""
-    for m in models:
-        m.accept_missing = m.teaching_decoder.accept_missing = True  # every decoder opened from m (taps too)
-        if not m.has_vision and source is not None and source.has_vision:
-            m.borrow_vision(source)
-
-
-def recipe_advice(ckpt_ref: Model, specs, n_steps: int, progress: bool) -> tuple[str | None, list[str]]:
-    """Rank a few INT4 recipes on our export of the checkpoint: the one that keeps the reference's answers."""
+def recipe_advice(root: Path, specs, n_steps: int, progress: bool) -> tuple[str | None, list[str]]:
+    """Rank a few INT4 recipes on our export of the checkpoint (`root`): the one that keeps the reference's answers."""
     recipes = [Int4Recipe(), Int4Recipe(lm_head="int8"), Int4Recipe(accuracy_level=0, lm_head="int8")]
-    result = sweep(ckpt_ref.root, recipes, specs[:1], n_steps=n_steps, progress=progress)
+    result = sweep(root, recipes, specs[:1], n_steps=n_steps, progress=progress)
     best = result.rows[0]
     lines = [f"{r.name}: top-1 agreement {r.agreement:.0%}, mean KL {r.mean_kl:.4g}" for r in result.rows]
     return best.name, lines
+
+
+def _records(model: Model, specs, n_steps: int, progress: bool, desc: str) -> list[RecordedPrompt]:
+    return [record_prompt(model, s, n_steps) for s in tqdm(specs, desc=desc, unit="prompt", disable=not progress)]
+
+
+@dataclass
+class Recorded:
+    """What the doctor keeps of the models it has released: small next to a decoder (tens of MB)."""
+
+    ckpt: list[RecordedPrompt] | None = None  # our export of the checkpoint, per prompt: tokens + logits per step
+    ref: list[RecordedPrompt] | None = None  # the reference, per prompt
+    probe: ImageProbe | None = None  # the image probe through our export of the checkpoint
+    oracle: np.ndarray | None = None  # (S, V) the reference on the test's accuracy_level probe prompt
+    capture: Capture | None = None  # the reference's residual stream per layer, on the last prompt
+    export_comparison: Comparison | None = None  # the reference against our export of the checkpoint
 
 
 def diagnose(model_dir: Model | str | Path, precision: str = "int4", reference: Model | str | Path | None = "fp32",
@@ -151,19 +202,64 @@ def diagnose(model_dir: Model | str | Path, precision: str = "int4", reference: 
     Any export `load_model` opens (ours, the guide's, onnxruntime-genai's, ...). hf_dir: the checkpoint, to build
     our fp32 export of it (cached) for the image probe, the export-vs-checkpoint comparison and the advice; a
     foreign export that ships its checkpoint (the guide's pytorch/) gets it without asking. recipes: also rank a
-    few INT4 recipes on that export (default: when there is a checkpoint reference)."""
-    test, ref = _load_pair(model_dir, precision, reference)
-    ckpt_ref = checkpoint_reference(test, hf_dir, ref, log)
-    _with_vision([test, ref], ckpt_ref)
+    few INT4 recipes on that export (default: when there is a checkpoint reference).
+
+    One decoder at a time, in turns: our export of the checkpoint (when there is one), then the reference, then
+    the test model. Each leaves only records (`Recorded`) and is released before the next loads; the weights are
+    then compared one matrix at a time from the files, and the recipes ranked by `sweep` (one variant at a time).
+    Models the caller passed are used as they are and not released."""
+    test_src, ref_src = _sources(model_dir, precision, reference)
     specs = as_specs(prompts, image, image_size)
+    test_layout = _layout(test_src)
+    checkpoint = hf_dir or (test_layout.hf_dir if test_layout else None)  # given, or shipped in pytorch/
+    ckpt_src = Source(None, reference_export(checkpoint, log=log), "fp32") if checkpoint is not None else None
+    test_graph = test_src.given.graph() if test_src.given is not None else \
+        load_graph(test_layout.decoder.parent, test_layout.decoder.name)
+    rec = Recorded()
+    accuracy_prompt = None
+    if needs_fp32_logits(test_graph):  # the accuracy_level probe, embedded by the test model's own embedding
+        t = test_src.load(open_decoder=False)
+        accuracy_prompt = prepare_prompt(t, CHECKLIST_PROMPT)
+        test_src.done(t)
+        del t
+
+    # turn 0: the vision tower alone (ours: the checkpoint's export, else the reference when it is ours)
+    ref_layout = _layout(ref_src)
+    vision_src = ckpt_src or (ref_src if ref_layout is not None and ref_layout.kind == "qwen3vl-lab" else None)
+    vision, image_probe_prompt = _encode_images(vision_src, specs, image, image_size) if vision_src else (None, None)
+
+    if ckpt_src is not None:  # turn 1: our fp32 export of the checkpoint
+        ckpt = _load(ckpt_src, vision)
+        rec.ckpt = _records(ckpt, specs, n_steps, progress, "checkpoint's export")
+        rec.probe = probe_reference(ckpt, prompt=image_probe_prompt)
+        ckpt_src.done(ckpt)
+        del ckpt
+
+    ref = _load(ref_src, vision)  # turn 2: the reference
+    ckpt_is_ref = ckpt_src is None and image_probe_prompt is not None  # ours with a vision graph: it probes images
+    if ckpt_is_ref:
+        rec.probe = probe_reference(ref, prompt=image_probe_prompt)
+    rec.ref = _records(ref, specs, n_steps, progress, "reference")
+    if rec.ckpt is not None:
+        rec.export_comparison = compare_recorded(rec.ckpt, ref, specs, n_steps, progress=progress,
+                                                 reference=str(ckpt_src.folder))
+    if accuracy_prompt is not None:
+        rec.oracle = fp32_logits(ref, accuracy_prompt)
+    ref_src.done(ref, keep_vision=True)  # its plain decoder closed before the tapped copy opens
+    rec.capture = capture_prompt(ref, specs[-1]) if layers else None  # the image prompt when there is one
+    ref_src.done(ref)
+
+    test = _load(test_src, vision)  # turn 3: the tested model
     notes = [*test.notices]
-    checklist = run_checklist(test, reference=ref, vision_reference=ckpt_ref, image=image, image_size=image_size)
-    comparison = compare(ref, test, specs, n_steps, progress=progress)
-    export_comparison = None
-    if ckpt_ref is not None and ckpt_ref is not ref:
-        export_comparison = compare(ckpt_ref, ref, specs, n_steps, progress=progress)
-    layer_report = compare_layers(ref, test, specs[-1]) if layers else None  # the image prompt when there is one
-    has_q = any(n.op_type == "MatMulNBits" for n in test.graph().graph.node)
+    checklist = run_checklist(test, reference=rec.oracle, prompt=CHECKLIST_PROMPT, vision_reference=rec.probe,
+                              image=image, image_size=image_size)
+    comparison = compare_recorded(rec.ref, test, specs, n_steps, progress=progress, reference=str(ref_src.folder))
+    lacks = test.teaching_decoder.io.missing if test.kind != "qwen3vl-lab" else []
+    test_src.done(test, keep_vision=True)  # its plain decoder closed before the tapped copy opens
+    layer_report = compare_layers(rec.capture, test, specs[-1]) if layers else None
+    test_src.done(test)
+
+    has_q = any(n.op_type == "MatMulNBits" for n in test_graph.graph.node)  # then: the files, one matrix at a time
     weight_report = compare_weights(ref, test, hf_dir=hf_dir) if (weights and has_q) else None
     if weights and not has_q:
         notes.append("the test decoder has no MatMulNBits, so there are no quantized weights to compare")
@@ -171,17 +267,60 @@ def diagnose(model_dir: Model | str | Path, precision: str = "int4", reference: 
         notes.append("text prompts only: pass --image to exercise the vision path, DeepStack and 3-D positions")
     recipe = test.genai.get("qwen3vl_lab", {}).get("recipe")
     report = DoctorReport(str(test.folder), str(ref.folder), recipe, checklist, comparison, layer_report,
-                          weight_report, notes, export_comparison=export_comparison)
-    if ckpt_ref is not None and (recipes if recipes is not None else ckpt_ref is not ref):
-        report.best_recipe, report.recipe_lines = recipe_advice(ckpt_ref, specs, min(n_steps, 8), progress)
-    report.advice = advice(report, test, ckpt_ref, hf_dir or (test.layout.hf_dir if test.layout else None))
+                          weight_report, notes, export_comparison=rec.export_comparison)
+    rank_on = ckpt_src.folder if ckpt_src is not None else ref.root if ckpt_is_ref else None
+    if rank_on is not None and (recipes if recipes is not None else ckpt_src is not None):
+        report.best_recipe, report.recipe_lines = recipe_advice(rank_on, specs, min(n_steps, 8), progress)
+    report.advice = advice(report, lacks, checkpoint)
     return report
 
 
-def advice(report: DoctorReport, test: Model, ckpt_ref: Model | None, hf_dir) -> list[str]:
-    """What to do, in order: the export to make (when this one lacks pieces), and the INT4 recipe to use."""
+@dataclass
+class LentVision:
+    """Every image the doctor shows a model, encoded once by our vision graph (`RecordedVision`), and that
+    graph's config: what each model's image prompts are prepared with, the vision weights long released."""
+
+    session: RecordedVision
+    config: VisionConfig
+    source: Path
+
+
+def _encode_images(source: Source, specs, image, image_size) -> tuple[LentVision | None, Prompt | None]:
+    """Turn 0: load `source` without its decoder, encode the image probe's picture and every image prompt
+    through its vision graph (recorded), then release it. (None, None) when it has no vision graph."""
+    model = source.load(open_decoder=False)
+    if not model.has_vision:
+        source.done(model)
+        return None, None
+    own = model.vision
+    session = RecordedVision(own)
+    try:
+        model.use_vision(session, model.config.vision, model.folder)
+        probe = probe_prompt(model, image, image_size)  # its embeddings are this model's: exact for it
+        for spec in specs:
+            prepare(model, spec)  # the features are recorded; each model merges them into its own embeddings
+    finally:
+        session.close()
+        model.__dict__["vision"] = own  # (a caller's Model is left as it was)
+        source.done(model)
+        del own
+        trim_heap()
+    return LentVision(session, model.config.vision, model.folder), probe
+
+
+def _load(source: Source, vision: LentVision | None) -> Model:
+    """A model's turn begins: loaded; its image prompts encoded from the record (a caller's Model with a vision
+    graph of its own keeps it)."""
+    model = source.load()
+    if vision is not None and (source.given is None or not model.has_vision):
+        model.use_vision(vision.session, vision.config, vision.source)
+    return model
+
+
+def advice(report: DoctorReport, lacks: Sequence[str], hf_dir) -> list[str]:
+    """What to do, in order: the export to make (when this one lacks pieces: `lacks`, what its decoder graph
+    does not have), and the INT4 recipe to use."""
     out = []
-    lacks = test.teaching_decoder.io.missing if test.kind != "qwen3vl-lab" else []
     failed = {i.key for i in report.checklist.failed}
     if lacks or failed & {"positions", "deepstack", "genai_config", "kv_cache", "image_probe", "tied_embeddings"}:
         src = hf_dir or "CKPT"
@@ -195,4 +334,4 @@ def advice(report: DoctorReport, test: Model, ckpt_ref: Model | None, hf_dir) ->
     return out
 
 
-__all__ = ["DoctorReport", "advice", "checkpoint_reference", "diagnose"]
+__all__ = ["DoctorReport", "Recorded", "Source", "advice", "checkpoint_reference", "diagnose"]

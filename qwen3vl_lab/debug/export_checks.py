@@ -8,10 +8,13 @@
 
 Each returns a `CheckItem` (checklist.py) with its evidence. The image probe needs a reference with a vision
 graph (our export of the same checkpoint); the tested decoder is run with `accept_missing`, and what it
-lacked is named in the evidence.
+lacked is named in the evidence. The reference's side (`probe_reference`) can run first and alone: the
+doctor records it, releases the reference, then checks the tested decoder against the record.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -81,30 +84,52 @@ def probe_image(size: int = 64) -> np.ndarray:
     return img
 
 
-def check_image_probe(model: Model, reference: Model | None, image=None, image_size: int | None = None):
-    """One image prompt through both; the reference also without 3-D positions and without DeepStack.
+@dataclass
+class ImageProbe:
+    """The reference's side of the image probe, kept after the reference is released (a few MB)."""
+
+    prompt: Prompt  # the image prompt as the reference prepared it: embeddings, 3-D positions, DeepStack
+    full: np.ndarray  # (1, V) the reference's logits for the answer's first token
+    ablations: dict[str, float]  # KL of the reference without a piece ("1-D positions", "no DeepStack") vs full
+
+
+def probe_prompt(reference: Model, image=None, image_size: int | None = None) -> Prompt:
+    """The image probe's prompt, prepared by the reference (its embedding and vision graph).
 
     image: the user's picture (the doctor's --image), else a fixed synthetic one at 64 x 64 — which a model may
     barely react to, so pass a real image of the model's task when there is one."""
-    title = "image prompt: 3-D positions and DeepStack"
-    if reference is None or not reference.has_vision:
-        return CheckItem("image_probe", title, "skip", "needs a reference with a vision graph (our export of the "
-                         "checkpoint: doctor --hf_dir CKPT, or a folder whose pytorch/ holds the checkpoint)")
     picture, size = (probe_image(), 64) if image is None else (image, image_size)
-    p = prepare_multimodal_prompt(reference, PROBE_QUESTION, images=[picture], image_size=size)
+    return prepare_multimodal_prompt(reference, PROBE_QUESTION, images=[picture], image_size=size)
+
+
+def probe_reference(reference: Model, image=None, image_size: int | None = None, *,
+                    prompt: Prompt | None = None) -> ImageProbe:
+    """One image prompt (`probe_prompt`, or `prompt` prepared by it earlier) through the reference, whole and
+    without each piece (1-D positions, no DeepStack)."""
+    p = prompt if prompt is not None else probe_prompt(reference, image, image_size)
     full = _prefill_all(reference, p)[-1:]  # (1, V) the next token after the prompt
     ablations = {"1-D positions": _prefill_all(reference, p, one_d=True)[-1:],
                  "no DeepStack": _prefill_all(reference, p, deepstack=False)[-1:]}
-    kl_ablations = {k: float(kl_divergence(full, v)[0]) for k, v in ablations.items()}
+    return ImageProbe(p, full, {k: float(kl_divergence(full, v)[0]) for k, v in ablations.items()})
+
+
+def check_image_probe(model: Model, reference: Model | ImageProbe | None, image=None, image_size: int | None = None):
+    """The image probe (`probe_reference`, run here when given the reference Model) through the tested decoder:
+    the same embeddings, positions and DeepStack, with what the decoder lacks left out."""
+    title = "image prompt: 3-D positions and DeepStack"
+    if reference is None or (isinstance(reference, Model) and not reference.has_vision):
+        return CheckItem("image_probe", title, "skip", "needs a reference with a vision graph (our export of the "
+                         "checkpoint: doctor --hf_dir CKPT, or a folder whose pytorch/ holds the checkpoint)")
+    probe = reference if isinstance(reference, ImageProbe) else probe_reference(reference, image, image_size)
     missing = model.teaching_decoder.io.missing
     one_d = model.teaching_decoder.io.positions != "3d"
-    test = _prefill_all(model, p, one_d=one_d)[-1:]  # the same embeddings, positions and DeepStack
-    kl_test = float(kl_divergence(full, test)[0])
-    same_top = int(full.argmax()) == int(test.argmax())
-    matters = [k for k, v in kl_ablations.items() if v > PROBE_KL_MATTERS]
+    test = _prefill_all(model, probe.prompt, one_d=one_d)[-1:]  # the same embeddings, positions and DeepStack
+    kl_test = float(kl_divergence(probe.full, test)[0])
+    same_top = int(probe.full.argmax()) == int(test.argmax())
+    matters = [k for k, v in probe.ablations.items() if v > PROBE_KL_MATTERS]
     evidence = (f"KL vs the reference at the answer's first token: this decoder {kl_test:.3g} nats "
                 f"(top-1 {'same' if same_top else 'differs'}); the reference with 1-D positions "
-                f"{kl_ablations['1-D positions']:.3g}, without DeepStack {kl_ablations['no DeepStack']:.3g}"
+                f"{probe.ablations['1-D positions']:.3g}, without DeepStack {probe.ablations['no DeepStack']:.3g}"
                 + (f"; this decoder lacks {', '.join(missing)}" if missing else ""))
     bad = any(m.startswith(("3-D positions", "DeepStack")) for m in missing) and (kl_test > PROBE_KL_MATTERS or matters)
     return CheckItem("image_probe", title, "fail" if bad else "pass", evidence,
@@ -132,4 +157,4 @@ def check_algorithm(model: Model, graph: onnx.ModelProto):
         "`qwen3vl-lab sweep`" if rtn_only else ""))
 
 
-__all__ = ["check_algorithm", "check_image_probe", "check_kv_cache", "probe_image"]
+__all__ = ["ImageProbe", "check_algorithm", "check_image_probe", "check_kv_cache", "probe_image", "probe_prompt", "probe_reference"]

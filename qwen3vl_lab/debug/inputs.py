@@ -20,8 +20,7 @@ import onnxruntime as ort
 from .. import generate
 from ..errors import UserError
 from ..generate import Prompt, prepare_prompt
-from ..layout import DECODER_FILE
-from ..model import Model, RuntimeOptions, load_model
+from ..model import Model, RuntimeOptions, inspection_options, load_model
 
 DEFAULT_PROMPTS = (
     "Give me a short introduction to large language models.",
@@ -47,36 +46,17 @@ class PromptSpec:
 PromptLike = Union[str, PromptSpec, Prompt]
 
 
-def has_matmulnbits(graph: onnx.ModelProto) -> bool:
-    return any(n.op_type == "MatMulNBits" for n in graph.graph.node)
-
-
-def session_options_for(model: Model, graph: onnx.ModelProto) -> ort.SessionOptions:
-    """The model's session options; for a decoder without MatMulNBits (an fp32 graph: the reference, a
-    SIMULATED variant) with onnxruntime's weight prepacking off.
-
-    Prepacking copies every fp32 MatMul weight into a packed buffer at load (about a minute and the
-    decoder's size again, for a moment, at 2B dimensions); without it the weights stay memory-mapped
-    from the external-data file, load in seconds, and the logits move by ~1e-6 (measured on the tiny
-    model: 2.6e-6 at most). MatMulNBits graphs keep it: their unpacked path is another kernel (the
-    accuracy_level 4 int8 path is lost), i.e. not the model the user runs."""
-    so = model.options.session_options()
-    if not has_matmulnbits(graph):
-        so.add_session_config_entry("session.disable_prepacking", "1")
-    return so
-
-
 def open_model(source: Model | str | Path, precision: str = "fp32", options: RuntimeOptions | None = None, *,
                open_decoder: bool = True) -> Model:
-    """A Model passes through; a folder is loaded with its decoder opened by `session_options_for`
+    """A Model passes through; a folder is loaded with its decoder opened with `model.inspection_options`
     (open_decoder=False: model.onnx is opened on first use, for callers that only run an edited copy)."""
     if isinstance(source, Model):
         return source
     model = load_model(source, precision, options, open_decoder=False)
-    if open_decoder:
-        path = model.folder / DECODER_FILE
+    if open_decoder and model.decoder_session is None:  # (a foreign decoder may have opened to give its config)
+        path = model.decoder_file
         graph = onnx.load(str(path), load_external_data=False)
-        so = session_options_for(model, graph)
+        so = inspection_options(model.options, graph)
         try:
             model.decoder_session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises several types for corrupt files
