@@ -148,15 +148,17 @@ class DecoderIO:
             hidden_size=None if embeds is None else _dim(embeds.shape, 2),
             other_inputs=tuple(n for n in inputs if n not in known))
 
-    def check_config(self, text: TextConfig, where: str) -> None:
-        """The graph's layers and KV shapes agree with the config: one line naming the first disagreement."""
-        for what, graph, config in (("layers", self.num_layers, text.num_hidden_layers),
-                                    ("KV heads", self.kv_heads, text.num_key_value_heads),
-                                    ("head size", self.head_dim, text.head_dim),
-                                    ("hidden size", self.hidden_size, text.hidden_size)):
-            if graph is not None and graph != config:
-                raise UserError(f"{where}: the decoder graph has {graph} {what} but its config says {config}; "
-                                "the config and the graph come from different models — re-export, or fix the config")
+    def check_config(self, text: TextConfig, where: str, *, config: str = "its config",
+                     fix: str = "the config and the graph come from different models — re-export, or fix the config") -> None:
+        """The graph's layers, KV shapes and hidden size agree with the config: one line naming the first
+        disagreement. The one place decoders are checked against a config (ours when a session opens,
+        graph_check.py, naming qwen3vl_lab.json; any other when its Decoder is built). `where` names the graph."""
+        for key, what, graph, value in (("num_hidden_layers", "layers", self.num_layers, text.num_hidden_layers),
+                                        ("num_key_value_heads", "KV heads", self.kv_heads, text.num_key_value_heads),
+                                        ("head_dim", "as head size", self.head_dim, text.head_dim),
+                                        ("hidden_size", "as hidden size", self.hidden_size, text.hidden_size)):
+            if graph is not None and graph != value:
+                raise UserError(f"{config} says {key} = {value} but {where} has {graph} {what}; {fix}")
 
 
 # -- the interface -------------------------------------------------------------------------------

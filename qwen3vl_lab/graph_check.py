@@ -4,8 +4,9 @@ vocab_size, the tokenizer decodes garbage).
 
     check_graph(session, path, config, "decoder")   # when a session opens (model.py)
 
-Each check reads the static dimensions of the graph's inputs and outputs (names from layout.py and the
-decoder's `past_key_values.{i}.key` / `logits`) and names the first number that disagrees.
+Each check reads the static dimensions of the graph's inputs and outputs (names from layout.py) and names
+the first number that disagrees; a decoder's layers, KV heads, head size and hidden size are compared by
+`decoder.DecoderIO.check_config`, the one place any decoder is checked against a config.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import ModelConfig
+from .decoder import DecoderIO
 from .errors import UserError
 from .layout import DEEPSTACK_FEATURES, IMAGE_FEATURES, OWN_CONFIG, PIXEL_VALUES, ROTARY_COS
+
+REEXPORT = "the config was edited or comes from another export: re-run `qwen3vl-lab export` for this folder"
 
 
 def _dims(session) -> dict[str, list]:
@@ -28,8 +32,7 @@ def _expect(dims: dict[str, list], name: str, axis: int, value: int, what: str, 
         return  # symbolic or absent: nothing to compare
     if shape[axis] != value:
         raise UserError(f"{path.parent / OWN_CONFIG} says {what} = {value} but {path.name} was built with "
-                        f"{shape[axis]} ({name} {shape}); the config was edited or comes from another export: "
-                        "re-run `qwen3vl-lab export` for this folder")
+                        f"{shape[axis]} ({name} {shape}); {REEXPORT}")
 
 
 def check_graph(session, path: Path, config: ModelConfig, kind: str) -> None:
@@ -38,15 +41,8 @@ def check_graph(session, path: Path, config: ModelConfig, kind: str) -> None:
     if kind == "embedding":
         _expect(dims, "inputs_embeds", -1, text.hidden_size, "text hidden_size", path)
     elif kind == "decoder":
-        _expect(dims, "inputs_embeds", -1, text.hidden_size, "text hidden_size", path)
         _expect(dims, "logits", -1, text.vocab_size, "vocab_size", path)
-        layers = sum(1 for n in dims if n.startswith("present.") and n.endswith(".key"))
-        if layers and layers != text.num_hidden_layers:
-            raise UserError(f"{path.parent / OWN_CONFIG} says num_hidden_layers = {text.num_hidden_layers} but "
-                            f"{path.name} has {layers} layers; the config was edited or comes from another export: "
-                            "re-run `qwen3vl-lab export` for this folder")
-        _expect(dims, "present.0.key", 1, text.num_key_value_heads, "num_key_value_heads", path)
-        _expect(dims, "present.0.key", 3, text.head_dim, "head_dim", path)
+        DecoderIO.read(session).check_config(text, path.name, config=str(path.parent / OWN_CONFIG), fix=REEXPORT)
     elif kind == "vision":
         _expect(dims, PIXEL_VALUES, -1, vis.patch_dim, "the vision patch size (channels x temporal x patch^2)", path)
         _expect(dims, ROTARY_COS, -1, vis.head_dim, "the vision head_dim (hidden_size / num_heads)", path)

@@ -77,7 +77,7 @@ def test_io_reader_refuses_graphs_that_are_not_decoders(model, tiny_onnx_fp32_di
     with pytest.raises(UserError, match="has no .logits. output.*pass a text decoder graph"):
         DecoderIO.read(model.vision)
     text = model.config.text
-    with pytest.raises(UserError, match=r"graph has \d+ layers but its config says"):
+    with pytest.raises(UserError, match=r"its config says num_hidden_layers = \d+ but the decoder has \d+ layers"):
         OnnxDecoder(model.decoder, replace(text, num_hidden_layers=text.num_hidden_layers + 1), model.embed)
 
 
