@@ -293,6 +293,9 @@ class OnnxDecoder(Decoder):
         io = self.io
         B, S = np.shape(position_ids)[-2:]
         if io.token_input == INPUTS_EMBEDS:
+            if inputs_embeds is None:
+                raise MissingPiece("this decoder takes embeddings but the model has no embedding graph to make them; "
+                                   "pass an export with one (qwen3vl-embedding.onnx)")
             feeds = {INPUTS_EMBEDS: np.asarray(inputs_embeds, np.float32)}
         else:
             feeds = {INPUT_IDS: np.asarray(input_ids, np.int64).reshape(B, S)}

@@ -53,7 +53,7 @@ class Prompt:
     """Everything prefill needs, computed before the decoder runs (inspectable in notebooks)."""
 
     input_ids: np.ndarray  # (B, S) int64
-    inputs_embeds: np.ndarray  # (B, S, H), image features already merged
+    inputs_embeds: np.ndarray | None  # (B, S, H), image features already merged; None: the decoder embeds ids
     positions: Positions  # position_ids (3, B, S), rope_deltas (B, 1)
     deepstack: np.ndarray | None = None  # (D, B, S, H), None for text-only prompts
     attention_mask: np.ndarray | None = None  # (B, S), None = no padding
@@ -80,10 +80,12 @@ def check_context(model: Model, prompt_length: int) -> None:
 
 
 def prepare_ids(model: Model, input_ids: np.ndarray) -> Prompt:
-    """A text-only prompt from token ids (1, S)."""
+    """A text-only prompt from token ids (1, S). Embedded by the model's embedding graph; a decoder without
+    one (onnxruntime-genai's builder without exclude_embeds) takes the ids themselves (inputs_embeds None)."""
     input_ids = np.asarray(input_ids, np.int64).reshape(1, -1)
     check_context(model, input_ids.shape[1])
-    return Prompt(input_ids, embed(model, input_ids), build_positions(input_ids))
+    embeds = embed(model, input_ids) if model.embedding is not None else None
+    return Prompt(input_ids, embeds, build_positions(input_ids))
 
 
 def prepare_prompt(model: Model, prompt: str, *, raw: bool = False) -> Prompt:
@@ -343,9 +345,11 @@ def pad_prompts(model: Model, prompts: Sequence[Prompt], pad_token_id: int | Non
             raise UserError(f"prompt {i} is already a batch {p.input_ids.shape}; pad_prompts takes single prompts")
     pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
     B, S = len(prompts), max(p.length for p in prompts)
-    H = prompts[0].inputs_embeds.shape[2]
+    H = model.config.text.hidden_size
     input_ids = np.full((B, S), pad, np.int64)  # (B, S)
-    inputs_embeds = np.broadcast_to(embed(model, np.array([[pad]]))[0, 0], (B, S, H)).copy()  # (B, S, H)
+    inputs_embeds = None  # a decoder that embeds token ids itself takes the padded ids alone
+    if prompts[0].inputs_embeds is not None:
+        inputs_embeds = np.broadcast_to(embed(model, np.array([[pad]]))[0, 0], (B, S, H)).copy()  # (B, S, H)
     attention_mask = np.zeros((B, S), np.int64)  # (B, S)
     position_ids = np.zeros((3, B, S), np.int64)  # (3, B, S)
     rope_deltas = np.concatenate([p.positions.rope_deltas.reshape(1, 1) for p in prompts])  # (B, 1)
@@ -357,7 +361,8 @@ def pad_prompts(model: Model, prompts: Sequence[Prompt], pad_token_id: int | Non
     for b, p in enumerate(prompts):
         start = S - p.length  # left padding: the real tokens end at the last column
         input_ids[b, start:] = p.input_ids[0]
-        inputs_embeds[b, start:] = p.inputs_embeds[0]
+        if inputs_embeds is not None:
+            inputs_embeds[b, start:] = p.inputs_embeds[0]
         attention_mask[b, start:] = 1
         position_ids[:, b, start:] = p.positions.position_ids[:, 0]
         if p.deepstack is not None:

@@ -112,7 +112,7 @@ def zeros_deepstack(model: Model, batch: int, seq: int) -> np.ndarray:
     return np.zeros((model.config.num_deepstack, batch, seq, model.config.text.hidden_size), np.float32)
 
 
-def prefill(model: Model, inputs_embeds: np.ndarray, positions: Positions, cache: KVCache | None = None, *,
+def prefill(model: Model, inputs_embeds: np.ndarray | None, positions: Positions, cache: KVCache | None = None, *,
             attention_mask: np.ndarray | None = None, deepstack: np.ndarray | None = None,
             logits_to_keep: int = 1, input_ids: np.ndarray | None = None) -> Step:
     """Run the whole prompt (B, S, H) through the decoder and fill the cache.
@@ -122,7 +122,7 @@ def prefill(model: Model, inputs_embeds: np.ndarray, positions: Positions, cache
     needed only by a decoder that embeds tokens itself (`model.teaching_decoder.io.token_input`).
     """
     decoder = model.teaching_decoder
-    cache = cache if cache is not None else decoder.new_cache(inputs_embeds.shape[0])
+    cache = cache if cache is not None else decoder.new_cache(np.shape(positions.position_ids)[-2])
     return decoder.prefill(cache, inputs_embeds, positions.position_ids, input_ids=input_ids,
                            attention_mask=attention_mask, deepstack=deepstack, logits_to_keep=logits_to_keep)
 
@@ -132,13 +132,13 @@ def decode_step(model: Model, token_ids: np.ndarray, cache: KVCache, rope_deltas
     return model.teaching_decoder.decode(cache, token_ids, rope_deltas)
 
 
-def prefill_chunked(model: Model, inputs_embeds: np.ndarray, positions: Positions, chunk_size: int,
+def prefill_chunked(model: Model, inputs_embeds: np.ndarray | None, positions: Positions, chunk_size: int,
                     cache: KVCache | None = None, *, attention_mask: np.ndarray | None = None,
                     deepstack: np.ndarray | None = None, logits_to_keep: int = 1,
                     input_ids: np.ndarray | None = None) -> Step:
     """`prefill` in pieces of `chunk_size` tokens: the same cache and logits, less peak memory
     (`Decoder.prefill_chunked`)."""
     decoder = model.teaching_decoder
-    cache = cache if cache is not None else decoder.new_cache(inputs_embeds.shape[0])
+    cache = cache if cache is not None else decoder.new_cache(np.shape(positions.position_ids)[-2])
     return decoder.prefill_chunked(cache, inputs_embeds, positions.position_ids, chunk_size, input_ids=input_ids,
                                    attention_mask=attention_mask, deepstack=deepstack, logits_to_keep=logits_to_keep)

@@ -176,7 +176,8 @@ def extend_prompt(model: Model, prompt: Prompt, tokens: Sequence[int] | None) ->
     deepstack = prompt.deepstack
     if deepstack is not None:
         deepstack = np.concatenate([deepstack, np.zeros((*deepstack.shape[:2], n, deepstack.shape[3]), np.float32)], 2)
-    return Prompt(np.concatenate([prompt.input_ids, ids], 1), np.concatenate([prompt.inputs_embeds, model.embed(ids)], 1),
+    embeds = None if prompt.inputs_embeds is None else np.concatenate([prompt.inputs_embeds, model.embed(ids)], 1)
+    return Prompt(np.concatenate([prompt.input_ids, ids], 1), embeds,
                   type(prompt.positions)(np.concatenate([prompt.positions.position_ids, more], 2),
                                          prompt.positions.rope_deltas), deepstack)
 

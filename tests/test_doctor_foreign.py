@@ -80,6 +80,22 @@ def test_doctor_cli_on_the_guide_export(guide_export_dir, capsys, tmp_path, monk
     assert "[FAIL] 3-D position ids" in out and "what to do:" in out
 
 
+def test_doctor_on_onnxruntime_genais_builder_export(genai_int4_dir, genai_fp32_dir, tiny_dir, tmp_path, monkeypatch):
+    """Decoders that embed token ids themselves (no embedding graph): their int4 against their fp32, with the
+    checkpoint's export for the image probe and the export comparison."""
+    monkeypatch.setenv("QWEN3VL_LAB_CACHE", str(tmp_path / "cache"))
+    with DecoderSessions() as sessions:
+        report = diagnose(genai_int4_dir, "int4", reference=genai_fp32_dir, prompts=["Write a haiku about the sea."],
+                          n_steps=4, hf_dir=tiny_dir, recipes=False)
+    assert sessions.overlaps == []
+    status = report.checklist.status()
+    assert status["kv_cache"] == "pass" and status["positions"] == "pass"  # 3-D position_ids, read on all rows
+    assert status["deepstack"] == "fail" and status["image_probe"] == "fail"
+    assert report.comparison.forced[0].steps.size == 4 and report.weights is not None and report.weights.rows
+    text, = report.export_comparison.forced  # their fp32 vs our export of the checkpoint, on text: equal
+    assert text.agreement == 1.0 and text.mean_kl < 1e-6
+
+
 def _corrupt_cache(src, dst):
     """A copy of the export whose decoder returns layer 1's keys as layer 0's and the other way round."""
     shutil.copytree(src, dst)

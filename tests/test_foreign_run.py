@@ -42,6 +42,25 @@ def test_guide_fp32_text_gives_transformers_greedy_tokens(guide_export_dir, tiny
     assert ours == hf_greedy(hf_model_factory, tiny_dir, p.input_ids, N_NEW)
 
 
+def test_genai_builder_decoder_that_embeds_token_ids_gives_transformers_greedy_tokens(genai_fp32_dir, tiny_dir,
+                                                                                      hf_model_factory):
+    """onnxruntime-genai's builder without exclude_embeds: a decoder taking input_ids, no embedding graph."""
+    model = load_model(genai_fp32_dir)
+    assert model.kind == "genai" and model.embedding is None and model.teaching_decoder.io.token_input == "input_ids"
+    p = prepare_prompt(model, PROMPT)
+    assert p.inputs_embeds is None  # the decoder embeds the ids itself
+    ours = list(generate_tokens(model, p, greedy, N_NEW, eos_token_ids=[]))
+    assert ours == hf_greedy(hf_model_factory, tiny_dir, p.input_ids, N_NEW)
+
+
+def test_genai_builder_int4_generates_from_the_cli(genai_int4_dir, capsys):
+    code, out, err = run_cli(capsys, "generate", "--model_dir", genai_int4_dir, "--prompt", PROMPT,
+                             "--max_new_tokens", 3, "--json")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert len(result["token_ids"]) == 3 and any("embeddings input" in n for n in result["notices"])
+
+
 def test_guide_int4_runs_and_says_what_it_lacks(guide_export_dir):
     pipe = Qwen3VLPipeline(guide_export_dir, "int4")
     assert pipe.model.precision == "int4"

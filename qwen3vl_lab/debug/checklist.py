@@ -67,10 +67,14 @@ def _probe(model: Model, text: str = PROBE_TEXT):
     return prepare_prompt(model, text, raw=True)
 
 
-def _logits(model: Model, embeds, position_ids, deepstack=None) -> np.ndarray:
-    """All positions' logits (S, V) of one prefill with explicit positions / DeepStack."""
-    pos = Positions(np.asarray(position_ids, np.int64), np.zeros((embeds.shape[0], 1), np.int64))
-    return prefill(model, embeds, pos, deepstack=deepstack, logits_to_keep=0).logits[0]
+def _logits(model: Model, p: Prompt, position_ids=None, deepstack=None) -> np.ndarray:
+    """All positions' logits (S, V) of one prefill of `p` (other positions / DeepStack when given). The
+    prompt's embeddings are used as they are; a prompt without them (its model's decoder embeds token ids)
+    is embedded by `model` when its decoder takes embeddings."""
+    embeds = p.inputs_embeds if p.inputs_embeds is not None or model.embedding is None else model.embed(p.input_ids)
+    pos = Positions(np.asarray(p.positions.position_ids if position_ids is None else position_ids, np.int64),
+                    np.zeros((p.input_ids.shape[0], 1), np.int64))
+    return prefill(model, embeds, pos, deepstack=deepstack, logits_to_keep=0, input_ids=p.input_ids).logits[0]
 
 
 def needs_fp32_logits(graph: onnx.ModelProto) -> bool:
@@ -81,7 +85,7 @@ def needs_fp32_logits(graph: onnx.ModelProto) -> bool:
 def fp32_logits(reference: Model, probe: Prompt) -> np.ndarray:
     """(S, V) the reference's logits on the tested model's probe prompt (`prepare_prompt(test, prompt)`): what
     `check_accuracy_level` compares level 4 and level 0 with. The doctor runs it before the test model loads."""
-    return _logits(reference, probe.inputs_embeds, probe.positions.position_ids)
+    return _logits(reference, probe)
 
 
 # -- the checks ----------------------------------------------------------------------------------
@@ -105,8 +109,8 @@ def check_accuracy_level(model: Model, graph: onnx.ModelProto, reference: Model 
     p = prepare_prompt(model, prompt)
     oracle = accuracy_level_decoder(model, 0)  # the same weights at level 0: does level 4 cause the drift?
     logits0 = oracle.prefill(oracle.new_cache(1), p.inputs_embeds, p.positions.position_ids, deepstack=p.deepstack,
-                             logits_to_keep=0).logits[0]  # (S, V) same weights, accuracy_level 0
-    logits4 = _logits(model, p.inputs_embeds, p.positions.position_ids)
+                             input_ids=p.input_ids, logits_to_keep=0).logits[0]  # (S, V) same weights, level 0
+    logits4 = _logits(model, p)
     if reference is not None:  # measured: does level 4 add divergence from fp32 over level 0?
         ref = reference if isinstance(reference, np.ndarray) else fp32_logits(reference, p)
         kl4, kl0 = float(kl_divergence(ref, logits4).mean()), float(kl_divergence(ref, logits0).mean())
@@ -288,12 +292,12 @@ def check_positions(model: Model) -> CheckItem:
     else:
         p = _probe(model)
         pos = p.positions.position_ids  # (3, 1, S) text: three equal rows
-        base = _logits(model, p.inputs_embeds, pos)
+        base = _logits(model, p, pos)
         ignored = []
         for row, axis in ((0, "T"), (1, "H"), (2, "W")):
             changed = pos.copy()
             changed[row] = 0  # like an image block: one axis constant, so relative distances change
-            if np.abs(_logits(model, p.inputs_embeds, changed) - base).max() <= CHANGE_TOL:
+            if np.abs(_logits(model, p, changed) - base).max() <= CHANGE_TOL:
                 ignored.append(axis)
         if ignored:
             problems.append(f"the decoder ignores the {'/'.join(ignored)} row(s) of position_ids (1-D positions)")
@@ -328,14 +332,14 @@ def check_deepstack(model: Model) -> CheckItem:
     dead = []
     if dec.io.deepstack is not None and dec.num_deepstack == d:
         p = _probe(model)
-        B, S, H = p.inputs_embeds.shape
+        (B, S), H = p.input_ids.shape, model.config.text.hidden_size
         zeros = np.zeros((d, B, S, H), np.float32)
-        base = _logits(model, p.inputs_embeds, p.positions.position_ids, zeros)
+        base = _logits(model, p, deepstack=zeros)
         rng = np.random.default_rng(0)
         for j in range(d):
             impulse = zeros.copy()
             impulse[j, :, 2] = rng.standard_normal(H).astype(np.float32)  # one visual position, one layer
-            if np.abs(_logits(model, p.inputs_embeds, p.positions.position_ids, impulse) - base).max() <= CHANGE_TOL:
+            if np.abs(_logits(model, p, deepstack=impulse) - base).max() <= CHANGE_TOL:
                 dead.append(j)
         if dead:
             problems.append(f"DeepStack slice(s) {dead} do not change the output (not added to the residual stream)")

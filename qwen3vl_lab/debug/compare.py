@@ -223,7 +223,8 @@ def forced_against(rec: RecordedPrompt, test: Model, prompt: PromptLike) -> Teac
     p = prepare(test, spec)
     _same_prompt(rec, p)
     rows = []
-    step = prefill(test, p.inputs_embeds, p.positions, attention_mask=p.attention_mask, deepstack=p.deepstack)
+    step = prefill(test, p.inputs_embeds, p.positions, attention_mask=p.attention_mask, deepstack=p.deepstack,
+                   input_ids=p.input_ids)
     for t, token in enumerate(rec.tokens):
         rows.append(_step_metrics(rec.logits[t], step.logits[0]))  # (V,) each
         if t + 1 < len(rec.tokens):

@@ -176,7 +176,8 @@ def prompt_digest(specs: Sequence[PromptSpec | Prompt], n_steps: int) -> str:
     for s in specs:
         if isinstance(s, Prompt):
             h.update(np.ascontiguousarray(s.input_ids).tobytes())
-            h.update(np.ascontiguousarray(s.inputs_embeds).tobytes())
+            if s.inputs_embeds is not None:
+                h.update(np.ascontiguousarray(s.inputs_embeds).tobytes())
             continue
         h.update(json.dumps([s.text, s.image_size]).encode())
         h.update(_image_digest(s.image).encode())
