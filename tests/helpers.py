@@ -5,6 +5,7 @@ from __future__ import annotations
 import weakref
 from pathlib import Path
 
+import onnx
 import onnxruntime as ort
 
 from qwen3vl_lab.apps.cli import main
@@ -45,10 +46,10 @@ def print_max_diffs(max_diffs: dict[str, float], width: int = 34) -> None:
 
 class DecoderSessions:
     """Which decoders' weights are in memory together: every onnxruntime session opened while this is active
-    (`with DecoderSessions() as s:`), labelled by the folder its weights come from (the file's folder, or the
-    external-data folder of an edited in-memory graph), counted as a decoder when it returns `logits`, and
-    dropped when the session object is freed. `overlaps` lists each moment a decoder opened while a decoder of
-    another folder was still alive."""
+    (`with DecoderSessions() as s:`), counted as a decoder when it returns `logits`, labelled by the file its
+    weights live in (the graph's external-data file: an edited in-memory copy of a graph is labelled like
+    the graph), and dropped when the session object is freed. `overlaps` lists each moment a decoder opened
+    while a decoder with weights from another file was still alive."""
 
     def __init__(self):
         self.alive: dict[int, Path] = {}
@@ -71,19 +72,25 @@ class DecoderSessions:
     def __exit__(self, *exc):
         ort.InferenceSession = self._real
 
-    def _opened(self, session, source, options) -> None:
+    @staticmethod
+    def weights_file(source, options) -> Path:
         if isinstance(source, (str, Path)):
-            folder = Path(source).resolve().parent
+            folder, graph = Path(source).resolve().parent, onnx.load(str(source), load_external_data=False)
         else:
             try:
-                entry = options.get_session_config_entry("session.model_external_initializers_file_folder_path")
+                folder = options.get_session_config_entry("session.model_external_initializers_file_folder_path")
             except Exception:  # onnxruntime raises when the entry was never set: weights inside the bytes
-                entry = "<in memory>"
-            folder = Path(entry).resolve()
-        others = sorted({f for f in self.alive.values() if f != folder})
+                folder = "<in memory>"
+            folder, graph = Path(folder).resolve(), onnx.load_from_string(source)
+        locations = sorted({e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"})
+        return folder / (locations[0] if locations else "<inside the graph>")
+
+    def _opened(self, session, source, options) -> None:
+        file = self.weights_file(source, options)
+        others = sorted({f for f in self.alive.values() if f != file})
         if others:
-            self.overlaps.append((folder, others))
+            self.overlaps.append((file, others))
         key = id(session)
-        self.alive[key] = folder
-        self.opened.append(folder)
+        self.alive[key] = file
+        self.opened.append(file)
         weakref.finalize(session, self.alive.pop, key, None)

@@ -218,7 +218,7 @@ def test_doctor_holds_one_decoder_at_a_time(root, image_prompt):
     after its plain decoder closed): no two folders' decoders are ever open together."""
     with DecoderSessions() as sessions:
         report = diagnose(root, "int4", prompts=[TEXT], image=image_prompt.image, image_size=128, n_steps=3)
-    assert {root.resolve() / "cpu-fp32", root.resolve() / "cpu-int4"} <= set(sessions.opened)
+    assert {root.resolve() / "cpu-fp32/model.onnx.data", root.resolve() / "cpu-int4/model.onnx.data"} <= set(sessions.opened)
     assert sessions.overlaps == []
     assert report.comparison.forced[0].agreement > 0 and report.layers.rows  # it did compare the two
     assert report.checklist.item("image_probe").status == "pass"  # ours: the probe ran through our fp32
@@ -246,7 +246,7 @@ def test_the_session_tracker_sees_two_decoders_held_together(root):
     """The check above can fail: both folders loaded at once is an overlap."""
     with DecoderSessions() as sessions:
         a, b = load_model(root, "fp32"), load_model(root, "int4")
-    assert sessions.overlaps == [(root.resolve() / "cpu-int4", [root.resolve() / "cpu-fp32"])]
+    assert sessions.overlaps == [(root.resolve() / "cpu-int4/model.onnx.data", [root.resolve() / "cpu-fp32/model.onnx.data"])]
     del a, b
 
 

@@ -59,7 +59,7 @@ def test_doctor_holds_one_decoder_at_a_time(guide_report, guide_export_dir):
     """Our export of pytorch/, their fp32, their int4 (and the recipe variants) each run in their own turn."""
     _, cache, sessions = guide_report
     guide = guide_export_dir.resolve()
-    assert {guide / "cpu-fp32", guide / "cpu-int4"} <= set(sessions.opened)
+    assert {guide / "cpu-fp32/model.onnx.data", guide / "cpu-int4/model.onnx.data"} <= set(sessions.opened)
     assert any(cache.resolve() in f.parents for f in sessions.opened)  # the checkpoint's export ran too
     assert sessions.overlaps == []
 
@@ -94,6 +94,20 @@ def test_doctor_on_onnxruntime_genais_builder_export(genai_int4_dir, genai_fp32_
     assert report.comparison.forced[0].steps.size == 4 and report.weights is not None and report.weights.rows
     text, = report.export_comparison.forced  # their fp32 vs our export of the checkpoint, on text: equal
     assert text.agreement == 1.0 and text.mean_kl < 1e-6
+
+
+def test_doctor_on_the_onnx_community_split(community_export_dir):
+    """onnx/decoder_model_merged_q4.onnx against onnx/decoder_model_merged.onnx; no genai_config.json."""
+    with DecoderSessions() as sessions:
+        report = diagnose(community_export_dir, "int4", prompts=["Write a haiku about the sea."], n_steps=3)
+    onnx_dir = community_export_dir.resolve() / "onnx"
+    assert set(sessions.opened) == {onnx_dir / "decoder_model_merged.onnx_data", onnx_dir / "decoder_model_merged_q4.onnx_data"}
+    assert sessions.overlaps == []  # both in onnx/, one at a time
+    status = report.checklist.status()
+    assert status["eos"] == "pass" and "no genai_config.json" in report.checklist.item("eos").evidence
+    assert status["deepstack"] == "fail" and status["kv_cache"] == "pass"
+    assert report.weights.rows and report.comparison.forced[0].steps.size == 3
+    assert report.reference.endswith("onnx") and "decoder_model_merged" not in report.folder
 
 
 def _corrupt_cache(src, dst):

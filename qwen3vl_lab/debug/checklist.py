@@ -354,11 +354,15 @@ def check_eos(model: Model) -> CheckItem:
     title = "eos ids"
     tok = model.tokenizer
     need = {t: tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
-    genai_eos = model.genai["model"].get("eos_token_id")
-    genai_eos = set(genai_eos if isinstance(genai_eos, list) else [genai_eos])
     ours = set(model.config.eos_token_ids)
+    if model.genai.get("model"):
+        genai_eos = model.genai["model"].get("eos_token_id")
+        genai_eos = set(genai_eos if isinstance(genai_eos, list) else [genai_eos])
+        evidence = f"genai_config eos_token_id {sorted(genai_eos)}; runtime stops on {sorted(ours)}"
+    else:  # no genai_config.json (onnx-community's layout): the checkpoint's config decides alone
+        genai_eos = ours
+        evidence = f"no genai_config.json; runtime stops on {sorted(ours)} (the checkpoint's config)"
     missing = [f"{t} ({i})" for t, i in need.items() if i not in genai_eos or i not in ours]
-    evidence = f"genai_config eos_token_id {sorted(genai_eos)}; runtime stops on {sorted(ours)}"
     if missing:
         evidence += f"; missing {', '.join(missing)}"
     return CheckItem("eos", title, "fail" if missing else "pass", evidence,

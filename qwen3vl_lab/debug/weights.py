@@ -31,8 +31,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import UserError
 from ..export.quantize import read_array
-from ..layout import DECODER_FILE
-from ..model import Model, resolve_folder
+from ..layouts import find_layout
+from ..model import Model
 from .checkpoint_weights import CheckpointWeights, find_checkpoint
 
 PREFIX = "model.language_model."
@@ -119,16 +119,17 @@ def short_name(weight: str) -> str:
     return name[:-len(".weight")] if name.endswith(".weight") else name
 
 
-def _folder(model: Model | str | Path) -> Path:
-    if isinstance(model, Model):
-        return model.folder
-    return resolve_folder(model, "int4")
+def decoder_file(model: Model | str | Path, precision: str = "int4") -> Path:
+    """The decoder graph of a Model, or of an export (any layout `layouts.find_layout` knows: our
+    cpu-<precision>/model.onnx, onnx-community's onnx/decoder_model_merged_q4.onnx, ...)."""
+    return model.decoder_file if isinstance(model, Model) else find_layout(model, precision).decoder
 
 
 def iter_quantized(model: Model | str | Path, names=None):
-    """Every MatMulNBits of a folder's decoder, read one at a time (only those whose short name is in `names`)."""
-    folder = _folder(model)
-    graph = onnx.load(str(folder / DECODER_FILE), load_external_data=False).graph
+    """Every MatMulNBits of a decoder, read one at a time (only those whose short name is in `names`)."""
+    path = decoder_file(model, "int4")
+    folder = path.parent
+    graph = onnx.load(str(path), load_external_data=False).graph
     inits = {t.name: t for t in graph.initializer}
     for n in graph.node:
         if n.op_type != "MatMulNBits":
@@ -287,9 +288,9 @@ def map_array(t: onnx.TensorProto, folder: Path) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
-def fp32_weights_by_output(folder: Path) -> dict[str, tuple[onnx.TensorProto, Path]]:
-    """fp32 decoder: MatMul output tensor name -> its weight initializer."""
-    graph = onnx.load(str(folder / DECODER_FILE), load_external_data=False).graph
+def fp32_weights_by_output(path: Path) -> dict[str, onnx.TensorProto]:
+    """fp32 decoder graph file: MatMul output tensor name -> its weight initializer."""
+    graph = onnx.load(str(path), load_external_data=False).graph
     inits = {t.name: t for t in graph.initializer}
     return {n.output[0]: inits[n.input[1]] for n in graph.node
             if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits}
@@ -300,8 +301,9 @@ def compare_weights(ref: Model | str | Path | None, test: Model | str | Path, na
     """Every MatMulNBits of `test` against the fp32 MatMul of `ref` that writes the same output tensor; where
     there is none (ref None, or an export made by another tool), or with `hf_dir`, against the checkpoint's
     tensors (checkpoint_weights.py: hf_dir, else the checkpoint shipped with test or ref)."""
-    ref_folder = None if ref is None or hf_dir is not None else ref.folder if isinstance(ref, Model) else _fp32_folder(ref)
-    weights = fp32_weights_by_output(ref_folder) if ref_folder else {}
+    ref_file = None if ref is None or hf_dir is not None else decoder_file(ref, "fp32")
+    ref_folder = ref_file.parent if ref_file else None
+    weights = fp32_weights_by_output(ref_file) if ref_file else {}
     ckpt = None
     rows = []
     for qm in iter_quantized(test, names):
@@ -322,10 +324,6 @@ def _checkpoint(ref_folder, output: str, *exports, hf_dir=None) -> CheckpointWei
         raise UserError(f"{why} and no Hugging Face checkpoint was found with the exports; pass the fp32 folder of the "
                         "same export, or hf_dir=CHECKPOINT (the safetensors it was made from)")
     return CheckpointWeights(root)
-
-
-def _fp32_folder(x) -> Path:
-    return resolve_folder(x, "fp32")
 
 
 __all__ = ["MatrixError", "QuantizedMatrix", "WeightReport", "compare_weights", "dequantize", "map_array",
