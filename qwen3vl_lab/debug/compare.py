@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..generate import Prompt, generate_tokens
-from ..model import Model, resolve_folder
+from ..layouts import find_layout
+from ..model import Model
 from ..steps import decode_step, prefill
 from .inputs import PromptLike, as_model, as_specs, prepare
 from .record import RecordedPrompt, RecordFolder, record_reference
@@ -306,7 +307,7 @@ def compare(ref: Model | str, test: Model | str, prompts: Sequence[PromptLike] |
     The reference runs first on every prompt (record.py), then the test model against the record: a
     reference given as a folder is released before the test model is loaded."""
     specs = as_specs(prompts, image, image_size)
-    ref_name = str(ref.folder) if isinstance(ref, Model) else str(resolve_folder(ref, "fp32"))
+    ref_name = str(ref.folder) if isinstance(ref, Model) else str(find_layout(ref, "fp32").folder)  # any layout
     records = record_reference(ref, specs, n_steps, progress=progress)
     return compare_recorded(records, test, specs, n_steps, free=free, progress=progress, reference=ref_name)
 

@@ -204,8 +204,8 @@ def diagnose(model_dir: Model | str | Path, precision: str = "int4", reference: 
     foreign export that ships its checkpoint (the guide's pytorch/) gets it without asking. recipes: also rank a
     few INT4 recipes on that export (default: when there is a checkpoint reference).
 
-    One decoder at a time, in turns: our export of the checkpoint (when there is one), then the reference, then
-    the test model. Each leaves only records (`Recorded`) and is released before the next loads; the weights are
+    One decoder at a time, in turns: the vision tower alone (every image encoded once, `RecordedVision`), our
+    export of the checkpoint (when there is one), the reference, the test model. Each leaves only records (`Recorded`) and is released before the next loads; the weights are
     then compared one matrix at a time from the files, and the recipes ranked by `sweep` (one variant at a time).
     Models the caller passed are used as they are and not released."""
     test_src, ref_src = _sources(model_dir, precision, reference)
