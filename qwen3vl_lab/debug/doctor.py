@@ -20,6 +20,7 @@ ranked by `sweep`, which itself holds one variant at a time.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -39,7 +40,7 @@ from .compare import Comparison, compare_recorded
 from .export_checks import ImageProbe, probe_prompt, probe_reference
 from .inputs import PromptLike, as_model, as_specs, prepare
 from .layers import Capture, LayerReport, capture_prompt, compare_layers
-from .record import RecordedPrompt, RecordedVision, record_prompt, release, trim_heap
+from .record import RecordedPrompt, RecordedVision, record_prompt, release
 from .sweep import sweep
 from .weights import WeightReport, compare_weights
 
@@ -132,11 +133,21 @@ class Source:
     def folder(self) -> Path:
         return self.given.folder if self.given is not None else self.path
 
+    @cached_property
+    def layout(self) -> Layout | None:
+        """Which export this is and where its files are, read once without loading anything."""
+        return self.given.layout if self.given is not None else find_layout(self.path, self.precision)
 
-def _layout(source: Source) -> Layout:
-    if source.given is not None:
-        return source.given.layout
-    return find_layout(source.path, source.precision)
+    def graph(self):
+        """The decoder graph without its weights."""
+        return self.given.graph() if self.given is not None else load_graph(self.layout.decoder.parent,
+                                                                              self.layout.decoder.name)
+
+
+def _checkpoint(hf_dir: str | Path | None, layout: Layout | None) -> str | Path | None:
+    """The checkpoint to build our reference export from: the one given, else the one a foreign export ships
+    in pytorch/ (the guide's layout), else None."""
+    return hf_dir or (layout.hf_dir if layout else None)
 
 
 def _sources(model_dir, precision: str, reference) -> tuple[Source, Source]:
@@ -147,7 +158,7 @@ def _sources(model_dir, precision: str, reference) -> tuple[Source, Source]:
     if isinstance(reference, Model):
         return test, Source(reference)
     if reference in (None, "fp32"):
-        layout = _layout(test)
+        layout = test.layout
         if layout is None or "fp32" not in layout.precisions or layout.precision == "fp32":
             raise UserError(f"no fp32 reference next to {layout.folder if layout else test.folder}; pass --reference "
                             "with an fp32 folder, or --hf_dir with the checkpoint to build one")
@@ -161,9 +172,9 @@ def checkpoint_reference(test: Model, hf_dir: str | Path | None, ref: Model,
                          log: Callable[[str], None]) -> Model | None:
     """Our fp32 export of the checkpoint (`hf_dir`, or the one a foreign export ships in pytorch/), built once
     into the cache; else the reference itself when it is one of ours with a vision graph; else None."""
-    hf_dir = hf_dir or (test.layout.hf_dir if test.layout else None)
-    if hf_dir is not None:
-        return load_model(reference_export(hf_dir, log=log))
+    checkpoint = _checkpoint(hf_dir, test.layout)
+    if checkpoint is not None:
+        return load_model(reference_export(checkpoint, log=log))
     return ref if ref.kind == "qwen3vl-lab" and ref.has_vision else None
 
 
@@ -205,16 +216,15 @@ def diagnose(model_dir: Model | str | Path, precision: str = "int4", reference: 
     few INT4 recipes on that export (default: when there is a checkpoint reference).
 
     One decoder at a time, in turns: the vision tower alone (every image encoded once, `RecordedVision`), our
-    export of the checkpoint (when there is one), the reference, the test model. Each leaves only records (`Recorded`) and is released before the next loads; the weights are
-    then compared one matrix at a time from the files, and the recipes ranked by `sweep` (one variant at a time).
+    export of the checkpoint (when there is one), the reference, the test model. Each leaves only records
+    (`Recorded`) and is released before the next loads; the weights are then compared one matrix at a time from
+    the files, and the recipes ranked by `sweep` (one variant at a time).
     Models the caller passed are used as they are and not released."""
     test_src, ref_src = _sources(model_dir, precision, reference)
     specs = as_specs(prompts, image, image_size)
-    test_layout = _layout(test_src)
-    checkpoint = hf_dir or (test_layout.hf_dir if test_layout else None)  # given, or shipped in pytorch/
+    checkpoint = _checkpoint(hf_dir, test_src.layout)
     ckpt_src = Source(None, reference_export(checkpoint, log=log), "fp32") if checkpoint is not None else None
-    test_graph = test_src.given.graph() if test_src.given is not None else \
-        load_graph(test_layout.decoder.parent, test_layout.decoder.name)
+    test_graph = test_src.graph()
     rec = Recorded()
     accuracy_prompt = None
     if needs_fp32_logits(test_graph):  # the accuracy_level probe, embedded by the test model's own embedding
@@ -224,8 +234,7 @@ def diagnose(model_dir: Model | str | Path, precision: str = "int4", reference: 
         del t
 
     # turn 0: the vision tower alone (ours: the checkpoint's export, else the reference when it is ours)
-    ref_layout = _layout(ref_src)
-    vision_src = ckpt_src or (ref_src if ref_layout is not None and ref_layout.kind == "qwen3vl-lab" else None)
+    vision_src = ckpt_src or (ref_src if ref_src.layout is not None and ref_src.layout.kind == "qwen3vl-lab" else None)
     vision, image_probe_prompt = _encode_images(vision_src, specs, image, image_size) if vision_src else (None, None)
 
     if ckpt_src is not None:  # turn 1: our fp32 export of the checkpoint
@@ -301,10 +310,10 @@ def _encode_images(source: Source, specs, image, image_size) -> tuple[LentVision
             prepare(model, spec)  # the features are recorded; each model merges them into its own embeddings
     finally:
         session.close()
-        model.__dict__["vision"] = own  # (a caller's Model is left as it was)
+        if source.given is not None:
+            model.__dict__["vision"] = own  # a caller's Model is left as it was
+        del own  # before the release: the vision session's memory goes with it
         source.done(model)
-        del own
-        trim_heap()
     return LentVision(session, model.config.vision, model.folder), probe
 
 
