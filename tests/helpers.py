@@ -38,6 +38,21 @@ def grace_hopper() -> str:
     return cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
 
 
+def hf_hidden_states(hf, input_ids) -> tuple[list, object]:
+    """transformers' forward with output_hidden_states on (1, S) ids -> (hidden states of batch row 0: the
+    embeddings, then after each layer, the last one normed; logits of row 0), as numpy. rope_deltas are
+    cleared before and after (the model caches them between calls)."""
+    import torch
+
+    hf.model.rope_deltas = None
+    try:
+        with torch.no_grad():
+            out = hf(input_ids=torch.tensor(input_ids), output_hidden_states=True)
+    finally:
+        hf.model.rope_deltas = None
+    return [h[0].numpy() for h in out.hidden_states], out.logits[0].numpy()
+
+
 def print_max_diffs(max_diffs: dict[str, float], width: int = 34) -> None:
     """Print the measured maxima (visible with pytest -s)."""
     for k, v in sorted(max_diffs.items()):

@@ -15,6 +15,7 @@ from dataclasses import replace
 import numpy as np
 import onnx
 import pytest
+from helpers import hf_hidden_states
 
 from qwen3vl_lab.decoder import DecoderIO, MissingPiece, OnnxDecoder
 from qwen3vl_lab.errors import UserError
@@ -119,23 +120,19 @@ def test_teacher_forcing_is_a_sampler(model):
 
 
 def test_run_with_cache_equals_transformers_hidden_states(model, tiny_dir, hf_model_factory):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     hf = hf_model_factory(tiny_dir)
     p = prepare_prompt(model, PROMPT)
     logits, cache = run_with_cache(model, p)
     assert set(hook_points(model)) <= set(cache)
-    hf.model.rope_deltas = None
-    with torch.no_grad():
-        out = hf(input_ids=torch.tensor(p.input_ids), output_hidden_states=True)
-    hf.model.rope_deltas = None
-    hidden = [h[0].numpy() for h in out.hidden_states]  # embeddings, then after each layer (the last one normed)
+    hidden, hf_logits = hf_hidden_states(hf, p.input_ids)  # embeddings, then after each layer (the last one normed)
     L = model.config.text.num_hidden_layers
     stack = cache.stack("hidden")  # (L, 1, S, H)
     assert stack.shape == (L, 1, p.length, model.config.text.hidden_size)
     for i in range(L - 1):
         np.testing.assert_allclose(stack[i, 0], hidden[i + 1], atol=1e-4)
     np.testing.assert_allclose(cache["final_norm"][0], hidden[L], atol=1e-4)
-    np.testing.assert_allclose(logits[0], out.logits[0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(logits[0], hf_logits, atol=1e-4)
     # the residual stream is the sum of what the blocks add
     np.testing.assert_allclose(stack[1, 0], stack[0, 0] + cache["layers.1.attn_out"][0] + cache["layers.1.mlp_out"][0],
                                atol=1e-4)

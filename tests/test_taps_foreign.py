@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import hf_hidden_states
 
 from qwen3vl_lab.debug.layers import compare_layers
 from qwen3vl_lab.generate import prepare_prompt
@@ -59,7 +60,7 @@ def test_every_hook_point_is_the_tensor_the_builder_names(guide_export_dir, prec
 
 
 def test_run_with_cache_on_the_guide_equals_transformers_hidden_states(guide_fp32, tiny_dir, hf_model_factory):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     hf = hf_model_factory(tiny_dir)
     p = prepare_prompt(guide_fp32, PROMPT)
     logits, cache = run_with_cache(guide_fp32, p)
@@ -67,13 +68,9 @@ def test_run_with_cache_on_the_guide_equals_transformers_hidden_states(guide_fp3
     before_norm = {}
     hook = hf.model.language_model.norm.register_forward_pre_hook(lambda _, args: before_norm.update(x=args[0][0].numpy()))
     try:
-        hf.model.rope_deltas = None
-        with torch.no_grad():
-            out = hf(input_ids=torch.tensor(p.input_ids), output_hidden_states=True)
+        hidden, hf_logits = hf_hidden_states(hf, p.input_ids)  # embeddings, then after each layer (the last one normed)
     finally:
         hook.remove()
-        hf.model.rope_deltas = None
-    hidden = [h[0].numpy() for h in out.hidden_states]  # embeddings, then after each layer (the last one normed)
     L = guide_fp32.config.text.num_hidden_layers
     stack = cache.stack("hidden")  # (L, 1, S, H)
     assert stack.shape == (L, 1, p.length, guide_fp32.config.text.hidden_size)
@@ -81,7 +78,7 @@ def test_run_with_cache_on_the_guide_equals_transformers_hidden_states(guide_fp3
         np.testing.assert_allclose(stack[i, 0], hidden[i + 1], atol=1e-4)
     np.testing.assert_allclose(stack[L - 1, 0], before_norm["x"], atol=1e-4)  # the sum output added in memory
     np.testing.assert_allclose(cache["final_norm"][0], hidden[L], atol=1e-4)
-    np.testing.assert_allclose(logits[0], out.logits[0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(logits[0], hf_logits, atol=1e-4)
     for i in range(1, L):  # what each block adds: attn_out and mlp_out are the blocks' outputs
         np.testing.assert_allclose(stack[i, 0], stack[i - 1, 0] + cache[f"layers.{i}.attn_out"][0]
                                    + cache[f"layers.{i}.mlp_out"][0], atol=1e-4)
