@@ -8,6 +8,10 @@
             if stop:                     # inside an onnxruntime call or a half-finished import
                 break
 
+    with deferred_interrupt():           # a sweep job in a worker process (Ray's cancel arrives as SIGINT):
+        for matrix in weights:           # long loops call interruption_point() where stopping leaves
+            interruption_point()         # nothing half-done; it raises KeyboardInterrupt if one arrived
+
 Both install their handler only in the main thread (Python allows nothing else) and restore the
 previous handler on exit.
 """
@@ -80,7 +84,22 @@ def deferred_interrupt() -> Iterator[InterruptFlag]:
         flag.requested = True
 
     previous = signal.signal(signal.SIGINT, set_flag)
+    _open.append(flag)
     try:
         yield flag
     finally:
+        _open.remove(flag)
         signal.signal(signal.SIGINT, previous)
+
+
+_open: list[InterruptFlag] = []  # the flags of the deferred_interrupt() blocks now open, innermost last
+
+
+def interruption_point() -> None:
+    """Raise KeyboardInterrupt here if Ctrl-C arrived inside an open `deferred_interrupt()` block.
+
+    Code that runs long inside one (a sweep job: Ray's `ray.cancel` and a terminal's Ctrl-C both arrive as
+    SIGINT) calls it where stopping leaves nothing half-done, e.g. between the matrices of a quantization;
+    outside any block it does nothing (Ctrl-C has already raised wherever it landed)."""
+    if any(_open):
+        raise KeyboardInterrupt

@@ -386,6 +386,8 @@ def test_bench_against_another_engine_prints_the_ratio(onnx_dir, tiny_dir, tmp_p
         nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
         attrs = {(a.name, onnx.helper.get_attribute_value(a)) for a in nbits[0].attribute}
         assert {("bits", 4), ("block_size", 32), ("accuracy_level", 4)} <= attrs
+        genai = json.loads((tmp_path / "genai" / "genai_config.json").read_text())  # threads went over it, not in it
+        assert "intra_op_num_threads" not in genai["model"]["decoder"].get("session_options", {})
 
 
 def test_bench_rejects_bad_input(onnx_dir, tmp_path):
@@ -395,6 +397,22 @@ def test_bench_rejects_bad_input(onnx_dir, tmp_path):
     out = subprocess.run([sys.executable, "-m", "qwen3vl_lab", "bench", "--model_dir", str(onnx_dir),
                           "--vs", "genai"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--hf_dir" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bench_never_replaces_a_genai_dir_of_the_users(onnx_dir, tiny_dir, tmp_path):
+    """--genai_dir naming a folder of the user's without a genai_config.json: refused before the builder runs
+    (it used to build for minutes, then delete the folder to put its export there)."""
+    pytest.importorskip("onnxruntime_genai")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    out = subprocess.run([sys.executable, "-m", "qwen3vl_lab", "bench", "--model_dir", str(onnx_dir),
+                          "--prompt_tokens", "8", "--new_tokens", "4", "--runs", "1", "--threads", "1",
+                          "--image_size", "0", "--vs", "genai", "--hf_dir", str(tiny_dir), "--genai_dir", str(mine)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "notes.txt" in out.stderr and "--genai_dir" in out.stderr
+    assert (mine / "notes.txt").read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
 def test_fast_path_and_bench_do_not_import_torch():

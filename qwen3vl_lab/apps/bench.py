@@ -41,6 +41,7 @@ import numpy as np
 import onnx
 
 from ..errors import UserError
+from ..export.files import check_replaceable, replace_folder, staging_folder
 from ..fast import FastDecoder
 from ..generate import Prompt, encode_visuals, generate_step, preprocess_visuals
 from ..layout import FAST_DECODER_FILE
@@ -182,8 +183,9 @@ class Worker:
         self.stderr.close()
 
 
-def genai_folder(cfg: BenchConfig, threads: int, log: Callable[[str], None]) -> Path:
-    """onnxruntime-genai's builder export of --hf_dir (same precision and INT4 recipe), built once."""
+def genai_folder(cfg: BenchConfig, log: Callable[[str], None]) -> Path:
+    """onnxruntime-genai's builder export of --hf_dir (same precision and INT4 recipe), built once; used as it is
+    (the engine sets its threads over the genai_config.json, never in it)."""
     out = Path(cfg.genai_dir) if cfg.genai_dir else Path(cfg.model_dir) / f"genai-cpu-{cfg.precision}"
     if not (out / "genai_config.json").is_file():
         try:
@@ -191,30 +193,23 @@ def genai_folder(cfg: BenchConfig, threads: int, log: Callable[[str], None]) -> 
         except ImportError:
             raise UserError("--vs genai needs onnxruntime-genai; pip install onnxruntime-genai onnx_ir "
                             "(or pip install 'qwen3vl-lab[bench]')") from None
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(cfg.hf_dir), "-o", str(staging),
-               "-p", cfg.precision, "-e", "cpu", "-c", str(staging / "cache")]
-        if cfg.precision == "int4":  # the builder's defaults, spelled out: our Int4Recipe() is the same
-            cmd += ["--extra_options", "block_size=32", "accuracy_level=4", "is_symmetric=true"]
-        log(f"building the onnxruntime-genai {cfg.precision} model of {cfg.hf_dir} (its model builder) ...")
-        t0 = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0 or not (staging / "genai_config.json").is_file():
-            shutil.rmtree(staging, ignore_errors=True)
-            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise UserError(f"onnxruntime-genai's builder failed on {cfg.hf_dir} ({tail[:300]}); pass --hf_dir the "
-                            "Hugging Face checkpoint this export was made from")
-        shutil.rmtree(staging / "cache", ignore_errors=True)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        check_replaceable(out, name="--genai_dir")  # before minutes of building: a folder of the user's is never replaced
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with staging_folder(out.parent, f".{out.name}-", name="--genai_dir", shown=out) as staging:
+            cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(cfg.hf_dir), "-o", str(staging),
+                   "-p", cfg.precision, "-e", "cpu", "-c", str(staging / "cache")]
+            if cfg.precision == "int4":  # the builder's defaults, spelled out: our Int4Recipe() is the same
+                cmd += ["--extra_options", "block_size=32", "accuracy_level=4", "is_symmetric=true"]
+            log(f"building the onnxruntime-genai {cfg.precision} model of {cfg.hf_dir} (its model builder) ...")
+            t0 = time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0 or not (staging / "genai_config.json").is_file():
+                tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                raise UserError(f"onnxruntime-genai's builder failed on {cfg.hf_dir} ({tail[:300]}); pass --hf_dir "
+                                "the Hugging Face checkpoint this export was made from")
+            shutil.rmtree(staging / "cache", ignore_errors=True)
+            replace_folder(staging, out, what="onnxruntime-genai builder export", name="--genai_dir")
         log(f"  built in {time.perf_counter() - t0:.0f} s -> {out}")
-    config_path = out / "genai_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    options = config["model"]["decoder"].setdefault("session_options", {})
-    if options.get("intra_op_num_threads") != threads:
-        options["intra_op_num_threads"] = threads
-        config_path.write_text(json.dumps(config, indent=4), encoding="utf-8")
     return out
 
 
@@ -266,7 +261,7 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
                        name="bandwidth probe")
         gemv_s = probe.request({"runs": 5})["seconds"]
         if cfg.vs == "genai":
-            folder = genai_folder(cfg, threads, log)
+            folder = genai_folder(cfg, log)
             others["genai"] = Worker("genai", folder, threads)  # its defaults: onnxruntime's thread spinning
             others["genai_matched"] = Worker("genai", folder, threads, cfg.spinning, name="genai (matched)")
         elif cfg.vs == "torch":

@@ -60,10 +60,12 @@ class GenaiEngine:
     def __init__(self, folder: str, threads: int | None, spinning: bool | None = None):
         import onnxruntime_genai as og  # noqa: PLC0415 (the optional [bench] extra, in its own worker process)
 
-        self.og = og  # threads: the bench writes intra_op_num_threads into the folder's genai_config.json
+        self.og = og
         config = og.Config(folder)
-        if spinning is not None:  # genai passes unknown session_options keys to onnxruntime as config entries
-            options = {"session.intra_op.allow_spinning": "1" if spinning else "0"}
+        options = {} if threads is None else {"intra_op_num_threads": threads}  # over the folder's genai_config.json,
+        if spinning is not None:  # which is never edited; genai passes unknown keys to onnxruntime as config entries
+            options["session.intra_op.allow_spinning"] = "1" if spinning else "0"
+        if options:
             config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
         self.model = og.Model(config)
 

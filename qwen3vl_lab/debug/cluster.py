@@ -11,10 +11,15 @@ record (a variant's metrics; never weights). With Ray each job is a task declari
 and its `memory` in bytes (from the decoder's size, `variants.variant_memory`), so Ray does not
 put more large decoders on a node than fit; tasks are not retried (a crash is reported as a failed
 row). A job that raises is the job's problem: the caller's function catches and returns an error
-record. Ctrl-C (or an exception in `on_result`) cancels the jobs still pending or running: a running
-Ray task gets a KeyboardInterrupt, so its temporary build folder is removed, and the whole
-interruption is re-raised once they have stopped. Ray is an optional extra (`pip install
-"qwen3vl-lab[ray]"`), imported only here and only when a Backend asks for it.
+record. Ctrl-C (or an exception in `on_result`) cancels the jobs still pending or running, and the
+interruption is re-raised once they have stopped. A job in a worker process runs inside
+`signals.deferred_interrupt()`: Ray's cancel (it simulates SIGINT in the task) and a terminal's Ctrl-C
+only set a flag, and the job stops at its next `interruption_point()` (between the matrices of a build,
+before a variant is moved into place), where its temporary folder is removed and nothing is half-done.
+A KeyboardInterrupt landing at any bytecode could leave a half-imported module or stop onnxruntime
+mid-call in a worker that Ray then reuses for the next job (and, once, a build folder behind).
+Ray is an optional extra (`pip install "qwen3vl-lab[ray]"`), imported only here and only when a
+Backend asks for it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ..errors import UserError
+from ..signals import deferred_interrupt, interruption_point
 
 CANCEL_WAIT_SECONDS = 60.0  # how long cancelled tasks get to clean up before the interruption goes on
 LOCAL_ADDRESSES = (None, "", "auto", "local")
@@ -88,6 +94,14 @@ def run_jobs(fn: Callable[[object], dict], jobs: Sequence, backend: Backend, on_
             on_result(i, fn(job))
 
 
+def run_deferring_interrupts(fn: Callable[[object], dict], job) -> dict:
+    """fn(job) in a worker process, with Ctrl-C / a cancel deferred to the job's interruption points."""
+    with deferred_interrupt():
+        record = fn(job)
+        interruption_point()  # cancelled after its last point: the record is not wanted
+    return record
+
+
 def error_record(e: BaseException) -> dict:
     """A failed job's record: the first line of the error."""
     text = str(e).strip().splitlines()
@@ -98,7 +112,7 @@ def error_record(e: BaseException) -> dict:
 def _run_pool(fn, jobs, workers: int, on_result: OnResult) -> None:
     ctx = multiprocessing.get_context("spawn")  # onnxruntime's threads do not survive fork
     pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx)
-    futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
+    futures = {pool.submit(run_deferring_interrupts, fn, job): i for i, job in enumerate(jobs)}
     pending = set(futures)
     try:
         while pending:
@@ -182,15 +196,14 @@ def _run_ray(fn, jobs, backend: Backend, on_result: OnResult, memory, names) -> 
         what = names[i] if names else f"job {i}"
         raise UserError(f"{what} needs about {memory[i] / 2**30:.1f} GiB but the largest Ray node offers "
                         f"{largest / 2**30:.1f} GiB; add a larger node or leave out that recipe")
-    remote = ray.remote(fn)
+    remote = ray.remote(run_deferring_interrupts)
     refs = {}
     for i, job in enumerate(jobs):
         opts = {"num_cpus": backend.task_cpus, "max_retries": 0}
         if memory:
             opts["memory"] = int(memory[i])
-        if names:
-            opts["name"] = str(names[i])
-        refs[remote.options(**opts).remote(job)] = i
+        opts["name"] = str(names[i]) if names else getattr(fn, "__name__", "job")
+        refs[remote.options(**opts).remote(fn, job)] = i
     pending = list(refs)
     try:
         while pending:
@@ -203,7 +216,7 @@ def _run_ray(fn, jobs, backend: Backend, on_result: OnResult, memory, names) -> 
                 on_result(refs[ref], record)
     except BaseException:
         for ref in pending:
-            ray.cancel(ref)  # not forced: a running task gets KeyboardInterrupt and cleans up its temporary folder
+            ray.cancel(ref)  # not forced: a running task stops at its next interruption point and cleans up
         if pending:
             ray.wait(pending, num_returns=len(pending), timeout=CANCEL_WAIT_SECONDS)
         raise

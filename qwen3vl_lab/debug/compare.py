@@ -33,6 +33,7 @@ from ..errors import UserError
 from ..generate import Prompt, generate_tokens
 from ..layouts import find_layout
 from ..model import Model
+from ..signals import interruption_point
 from ..steps import decode_step, prefill
 from .inputs import PromptLike, as_model, as_specs, prepare
 from .record import RecordedPrompt, RecordFolder, record_reference
@@ -291,6 +292,7 @@ def compare_recorded(records: Sequence[RecordedPrompt] | RecordFolder, test: Mod
         raise UserError(f"the record holds {len(records)} prompt(s) but {len(specs)} were given; record them again")
     forced, runs = [], []
     for i, spec in enumerate(tqdm(specs, desc="compare", unit="prompt", disable=not progress)):
+        interruption_point()  # a cancelled sweep job stops between prompts (signals.py)
         rec = records[i]
         forced.append(forced_against(rec, test_m, spec))
         if free:

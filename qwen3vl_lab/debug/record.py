@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -30,8 +29,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..export.files import staging_folder
 from ..generate import Prompt, generate_tokens
 from ..model import Model
+from ..signals import interruption_point
 from .inputs import PromptLike, PromptSpec, as_model, as_specs, label_of, prepare
 
 RECORD_FILE = "record.json"
@@ -160,8 +161,11 @@ def record_reference(ref: Model | str | Path, prompts: Sequence[PromptLike] | Pr
     model = as_model(ref)
     specs = as_specs(prompts)
     try:
-        return [record_prompt(model, s, n_steps, stop_at_eos=stop_at_eos)
-                for s in tqdm(specs, desc="reference", unit="prompt", disable=not progress)]
+        records = []
+        for s in tqdm(specs, desc="reference", unit="prompt", disable=not progress):
+            interruption_point()  # a cancelled sweep job stops between prompts (signals.py)
+            records.append(record_prompt(model, s, n_steps, stop_at_eos=stop_at_eos))
+        return records
     finally:
         if owned:
             release(model)
@@ -201,11 +205,7 @@ def save_records(records: Sequence[RecordedPrompt], folder: str | Path, meta: di
     """Write `records` into `folder` (record.json + logits.npy), through a temporary folder renamed into place."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700: workers running as another user read it too
-    try:
+    with staging_folder(folder.parent, f".{folder.name}-", name="the record folder", shown=folder) as staging:
         logits = np.concatenate([r.logits for r in records]) if records else np.zeros((0, 0), np.float32)
         np.save(staging / LOGITS_FILE, logits.astype(np.float32, copy=False))
         rows = [{"label": r.label, "input_ids": r.input_ids[0].tolist(), "tokens": r.tokens.tolist(), "text": r.text}
@@ -214,9 +214,6 @@ def save_records(records: Sequence[RecordedPrompt], folder: str | Path, meta: di
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return folder
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
 from pathlib import Path
+
+from ..export.files import staging_file
 
 RESULTS_FOLDER = ".results"
 RESULT_VERSION = 1  # bump when a record's fields or the scoring change
@@ -32,12 +32,8 @@ def write_json_atomic(path: Path, data) -> None:
     """Write JSON to a temporary file beside `path`, then rename it over `path` (readers never see half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    try:
+    with staging_file(path) as tmp:
         tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class ResultCache:

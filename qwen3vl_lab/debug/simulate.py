@@ -37,10 +37,7 @@ the MatMuls run in fp32, like MatMulNBits at accuracy_level 0).
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,7 +46,7 @@ import onnx
 from onnx import TensorProto
 
 from ..errors import UserError
-from ..export.files import legacy_precision_patterns, replace_folder
+from ..export.files import legacy_precision_patterns, replace_folder, staging_folder
 from ..export.genai_config import write_genai_config
 from ..export.quantize import (
     COPIED_FILES,
@@ -62,6 +59,7 @@ from ..export.quantize import (
 )
 from ..layout import DECODER_FILE, GENAI_CONFIG
 from ..layouts import read_export_config
+from ..signals import interruption_point
 
 SIM_BITS = (2, 3, 4, 5, 6, 8)
 SIM_BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -218,6 +216,7 @@ def _simulate_decoder(src: Path, dst: Path, recipe: SimRecipe) -> list[dict]:
     new_inits, records = [], []
     try:
         for t in graph.initializer:
+            interruption_point()  # a cancelled sweep job stops between matrices (signals.py)
             if t.name in rounded:
                 if t.data_type != TensorProto.FLOAT:
                     raise UserError(f"{t.name} is not float32; simulate from the fp32 export")
@@ -255,11 +254,7 @@ def simulate_folder(fp32_folder: str | Path, out_folder: str | Path, recipe: Sim
     if genai.get("qwen3vl_lab", {}).get("precision") != "fp32" or "simulation" in genai.get("qwen3vl_lab", {}):
         raise UserError(f"{src} is not a plain fp32 folder; simulate from the export's cpu-fp32 folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)
-    try:
+    with staging_folder(out.parent, f".{out.name}-", name="the simulated folder", shown=out) as staging:
         records = _simulate_decoder(src, staging, recipe)
         shared = Path(assets) if assets is not None else src
         for name in COPIED_FILES:
@@ -272,9 +267,6 @@ def simulate_folder(fp32_folder: str | Path, out_folder: str | Path, recipe: Sim
             "what": "SIMULATION: fp32 MatMul weights replaced by dequant(quant(W)); not an onnxruntime quantized model",
             "source": f"cpu-fp32/{DECODER_FILE}", "matrices": records}, indent=2) + "\n", encoding="utf-8")
         replace_folder(staging, out, what="simulated folder", legacy=legacy_precision_patterns(out))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Union
@@ -28,11 +27,12 @@ import onnxruntime
 
 from ..errors import UserError
 from ..export import quantize
-from ..export.files import replace_folder, stamp_folder
+from ..export.files import replace_folder, staging_file, staging_folder, stamp_folder
 from ..export.quantize import COPIED_FILES, Int4Recipe, link_or_copy, quantize_folder
 from ..layout import DECODER_FILE
 from ..layouts import read_export_config
 from ..model import resolve_folder
+from ..signals import interruption_point
 from . import simulate
 from .simulate import SimRecipe, simulate_folder
 
@@ -136,9 +136,8 @@ def cached_fingerprint(fp32_folder: Path, root: Path) -> str:
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         pass
     fingerprint = source_fingerprint(fp32_folder)
-    tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    tmp.write_text(json.dumps({"fingerprint": fingerprint, "files": stats}) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with staging_file(path) as tmp:
+        tmp.write_text(json.dumps({"fingerprint": fingerprint, "files": stats}) + "\n", encoding="utf-8")
     return fingerprint
 
 
@@ -169,9 +168,8 @@ def _sync_file(src: Path, dst: Path) -> None:
     s = src.stat()
     if dst.is_file() and (dst.stat().st_size, dst.stat().st_mtime_ns) == (s.st_size, s.st_mtime_ns):
         return
-    tmp = dst.with_name(f".{dst.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
+    with staging_file(dst) as tmp:
+        shutil.copy2(src, tmp)
 
 
 def shared_assets(fp32_folder: Path, root: Path) -> Path:
@@ -222,8 +220,7 @@ def build_variant(fp32_folder: Path, root: Path, recipe: Int4Recipe | SimRecipe,
         return folder, float(found.get("build_seconds", 0.0)), True
     _check_replaceable(folder)
     t0 = time.perf_counter()
-    staging = Path(tempfile.mkdtemp(prefix=f".{recipe.name}.building-", dir=root))
-    try:
+    with staging_folder(root, f".{recipe.name}.building-", name="the sweep's --out_dir") as staging:
         built = staging / recipe.name
         if isinstance(recipe, SimRecipe):
             simulate_folder(fp32_folder, built, recipe, link=True, assets=assets)
@@ -234,9 +231,8 @@ def build_variant(fp32_folder: Path, root: Path, recipe: Int4Recipe | SimRecipe,
         stamp["build_seconds"] = round(seconds, 3)
         stamp_folder(built, "sweep variant", extra=[VARIANT_STAMP])  # pytorch/ is ours too: a rebuild may replace it
         (built / VARIANT_STAMP).write_text(json.dumps(stamp, indent=2) + "\n", encoding="utf-8")  # last: marks it complete
+        interruption_point()  # a cancelled job never puts its variant in place
         replace_folder(built, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return folder, seconds, False
 
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 from .exporter import export
+from .files import staging_folder
 
 PACKAGE = Path(__file__).resolve().parents[1]
 
@@ -45,16 +44,13 @@ def build_once(final: Path, build: Callable[[Path], object]) -> Path:
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with staging_folder(final.parent, f".{final.name}.", name="the cache folder", shown=final) as tmp:
         build(tmp)
         try:
             tmp.rename(final)
         except OSError:  # another process finished first: use its folder
             if not final.is_dir():
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

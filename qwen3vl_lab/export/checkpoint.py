@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from .files import staging_file
 
 SAFETENSORS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -326,19 +326,10 @@ def _header_bytes(tensors: Mapping[str, TensorLike], st_dtype: str, metadata: Ma
     return len(text).to_bytes(8, "little") + text
 
 
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def _write_atomically(path: Path, write: Callable[[object], None]) -> None:
     """Run `write(file)` into a temporary file next to `path`, then rename it into place."""
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with staging_file(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def save_safetensors(

@@ -32,8 +32,6 @@ its buffer); `qwen3vl_lab/fast.py` runs this graph.
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +57,7 @@ from ..layout import (
 )
 from ..layouts import read_export_config
 from .decoder import PREFIX
-from .files import add_to_stamp, write_error
+from .files import add_to_stamp, staging_folder
 from .onnx_graph import FLOAT, INT64, MS_DOMAIN, GraphBuilder
 
 INT32 = TensorProto.INT32
@@ -339,11 +337,7 @@ def write_fast_decoder(folder: str | Path, cfg: ModelConfig | None = None, fuse:
         cfg = ModelConfig.from_dict(read_export_config(folder)["qwen3vl_lab"]["config"])
     source = onnx.load(str(source_path), load_external_data=False)
     out, data = folder / FAST_DECODER_FILE, folder / (FAST_DECODER_FILE + ".data")
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=".fast-", dir=folder))
-    except OSError as e:
-        raise write_error(e, folder, "the folder") or UserError(f"cannot write into {folder} ({e.strerror})") from None
-    try:
+    with staging_folder(folder, ".fast-", name="the folder") as staging:
         model = build_fast_decoder(cfg, source, folder, fuse=fuse, data_dir=staging)
         onnx.save_model(model, str(staging / FAST_DECODER_FILE))
         if (staging / data.name).is_file():
@@ -352,8 +346,4 @@ def write_fast_decoder(folder: str | Path, cfg: ModelConfig | None = None, fuse:
             data.unlink(missing_ok=True)
         (staging / FAST_DECODER_FILE).replace(out)
         add_to_stamp(folder, [out.name, data.name])  # ours, should the folder be replaced later
-    except OSError as e:
-        raise write_error(e, folder, "the folder") or UserError(f"cannot write {out} ({e.strerror})") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -17,8 +17,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
@@ -127,23 +127,22 @@ def replace_folder(staged: Path, final: Path, *, what: str = "export", name: str
 
 
 # -- the staging folder ------------------------------------------------------------------------
-def _fix_permissions(folder: Path) -> None:
-    """mkdtemp makes 0700; the final folder gets the normal permissions (umask) like any new folder."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-
-
 @contextmanager
 def staging_folder(parent: str | Path, prefix: str, *, name: str = "--output_dir", shown: str | Path | None = None,
                    need: int | None = None, estimate: int | None = None,
                    on_error: Callable[[], None] | None = None) -> Iterator[Path]:
-    """A hidden folder in `parent` to build into, removed when the block ends (moved-out results stay).
+    """A hidden folder `parent/<prefix><random>` to build into, removed when the block ends (moved-out
+    results stay). Every temporary folder qwen3vl-lab writes is made here.
 
     On any exception, Ctrl-C, SIGTERM or SIGHUP it is removed and `on_error()` runs; a full disk or a
     permission error becomes a one-line UserError naming `parent` (for a full disk: what is free and
     `estimate`, the bytes the job needs). `need` (bytes certainly needed) is checked against the free
-    space up front. Messages name `shown` (default: `parent`), the folder the user asked for."""
+    space up front. Messages name `shown` (default: `parent`), the folder the user asked for.
+
+    The path is chosen before the folder exists, so an interruption landing at any bytecode (a cancelled
+    Ray task gets its KeyboardInterrupt wherever it happens to be) finds it known and removes it; with
+    tempfile.mkdtemp the folder exists a few calls before its caller holds the name. It is made with the
+    normal permissions (umask), not mkdtemp's 0700: a worker running as another user reads it too."""
     estimate = estimate or need
     parent = Path(parent)
     shown = Path(shown) if shown is not None else parent
@@ -152,8 +151,12 @@ def staging_folder(parent: str | Path, prefix: str, *, name: str = "--output_dir
         try:
             if need:
                 _check_free_space(parent, need, estimate, name, shown)
-            staging = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-            _fix_permissions(staging)
+            staging = parent / f"{prefix}{secrets.token_hex(8)}"  # 64 random bits: a name nobody holds
+            try:
+                staging.mkdir()
+            except FileExistsError:  # someone else's, however unlikely: never removed
+                staging = None
+                raise
             yield staging
         except BaseException as e:
             if staging is not None:
@@ -163,7 +166,23 @@ def staging_folder(parent: str | Path, prefix: str, *, name: str = "--output_dir
             if isinstance(e, OSError) and (converted := write_error(e, shown, name, estimate)):
                 raise converted from None
             raise
-        shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            if staging is not None:  # after success (what was moved out stays), or a second Ctrl-C above
+                shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def staging_file(path: str | Path) -> Iterator[Path]:
+    """A hidden temporary path beside `path` to write into; renamed over `path` when the block ends (readers
+    never see half a file, and a hard-linked original is replaced, never edited), removed on any error or
+    interruption. Every single file qwen3vl-lab writes in place is written here."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _check_free_space(parent: Path, need: int, estimate: int | None, name: str, shown: Path) -> None:

@@ -23,8 +23,6 @@ DeepStack, so it could not give our answers.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +48,7 @@ from ..layout import (
     present_names,
 )
 from .decoder import PREFIX
+from .files import staging_file
 from .onnx_graph import FLOAT, INT64, GraphBuilder
 
 DEEPSTACK_INPUT = DEEPSTACK_EMBEDS
@@ -129,15 +128,8 @@ def make_genai_config(cfg: ModelConfig, precision: str, *, vision: dict | None =
 
 def _write_json(path: Path, data: dict) -> None:
     """Write through a temporary file and a rename: a hard-linked original is never edited in place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staging_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def write_genai_config(folder: Path, config: dict) -> None:

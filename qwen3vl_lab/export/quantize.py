@@ -26,7 +26,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -50,9 +49,10 @@ from ..layout import (
     VISION_FILE,
 )
 from ..layouts import read_export_config
+from ..signals import interruption_point
 from . import genai_config as gc
 from .decoder_fast import fusable, fusion_groups
-from .files import legacy_precision_patterns, replace_folder
+from .files import legacy_precision_patterns, replace_folder, staging_folder
 from .onnx_graph import ALIGN, INLINE_LIMIT, MS_DOMAIN
 
 ALGORITHMS = ("default", "rtn", "hqq", "k_quant")
@@ -364,6 +364,7 @@ def quantize_decoder(src_folder: Path, dst_folder: Path, recipe: Int4Recipe, pro
     try:
         with tqdm(total=len(targets), desc=f"quantize {recipe.name}", unit="matmul", disable=not progress) as bar:
             for node in graph.node:
+                interruption_point()  # a cancelled sweep job stops between matrices (signals.py)
                 bits = _node_bits(node, recipe) if node.name in targets else None
                 if bits is None:
                     if node.name in targets:
@@ -493,12 +494,8 @@ def quantize_folder(fp32_folder: str | Path, out_folder: str | Path, recipe: Int
     if recipe.algorithm == "hqq":
         _check_hqq_available()
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; the final folder gets normal permissions
     t0 = time.perf_counter()
-    try:
+    with staging_folder(out.parent, f".{out.name}-", name="the int4 folder", shown=out) as staging:
         nodes = quantize_decoder(src, staging, recipe, progress)
         shared = Path(assets) if assets is not None else src
         for name in COPIED_FILES:
@@ -513,9 +510,6 @@ def quantize_folder(fp32_folder: str | Path, out_folder: str | Path, recipe: Int
             recipe, nodes, seconds, _folder_bytes(src, decoder_files), _folder_bytes(staging, decoder_files)),
             indent=2) + "\n", encoding="utf-8")
         replace_folder(staging, out, what="int4 folder", legacy=legacy_precision_patterns(out))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
