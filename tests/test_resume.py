@@ -152,3 +152,31 @@ def test_a_local_process_pool_gives_the_same_figures(tiny_onnx_fp32_dir, tmp_pat
     assert figures(pool) == figures(here)
     assert all(r.pid is not None and r.pid != os.getpid() for r in pool.rows)  # ran in the pool's processes
     assert not any((tmp_path / "pool" / r.name).exists() for r in RECIPES)  # removed once scored
+
+
+def test_a_sweep_without_out_dir_leaves_nothing_in_the_temporary_folder(tiny_onnx_fp32_dir, tmp_path, monkeypatch):
+    """Without --out_dir a sweep works in a folder of the system's temporary folder, removed when it ends:
+    after a finished sweep and after Ctrl-C during a variant."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(temp))
+    seen = []
+    real = sweep_module.run_variant_job
+
+    def watched(job):
+        seen.append(os.listdir(temp))  # the sweep's folder exists while it runs
+        return real(job)
+
+    monkeypatch.setattr(sweep_module, "run_variant_job", watched)
+    result = sweep(tiny_onnx_fp32_dir, RECIPES[1:], [TEXT], n_steps=N, progress=False)
+    assert [r.failed for r in result.rows] == [False]
+    assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0].startswith("qwen3vl-sweep-")
+    assert os.listdir(temp) == []
+
+    def interrupted(job):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_module, "run_variant_job", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(tiny_onnx_fp32_dir, RECIPES[1:], [TEXT], n_steps=N, progress=False)
+    assert os.listdir(temp) == []

@@ -31,9 +31,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +41,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..export.files import folder_or_temporary
 from ..export.quantize import QUANTIZATION_FILE, Int4Recipe
 from ..layout import DECODER_FILE
 from ..model import Model, RuntimeOptions
@@ -347,10 +346,9 @@ def sweep(model_dir: str | Path, recipes: Sequence[Int4Recipe | SimRecipe] | Non
     specs = as_specs(prompts, image, image_size)
     keep = backend.local if keep_variants is None else keep_variants
     temp = out_dir is None
-    root = Path(tempfile.mkdtemp(prefix="qwen3vl-sweep-")) if temp else Path(out_dir).resolve()
     rows: dict[str, SweepRow] = {}
     reference_cached = True
-    try:
+    with folder_or_temporary(out_dir, "qwen3vl-sweep-") as root:
         root.mkdir(parents=True, exist_ok=True)
         fingerprint, digest = cached_fingerprint(fp32, root), prompt_digest(specs, n_steps)
         cache = ResultCache(root)
@@ -392,9 +390,6 @@ def sweep(model_dir: str | Path, recipes: Sequence[Int4Recipe | SimRecipe] | Non
                          names=[r.name for r in todo])
             finally:
                 bar.close()
-    finally:
-        if temp:
-            shutil.rmtree(root, ignore_errors=True)
     ranked = sorted(rows.values(), key=lambda r: (r.failed, r.mean_kl if not r.failed else 0.0, -np.nan_to_num(r.agreement)))
     if not keep_comparisons:
         for r in ranked:

@@ -19,6 +19,7 @@ import json
 import os
 import secrets
 import shutil
+import tempfile
 from contextlib import contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
@@ -183,6 +184,17 @@ def staging_file(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def folder_or_temporary(out_dir: str | Path | None, prefix: str) -> Iterator[Path]:
+    """`out_dir` (resolved; kept), or when it is None a staging folder in the system's temporary folder,
+    removed when the block ends (on errors and interruptions too)."""
+    if out_dir is not None:
+        yield Path(out_dir).resolve()
+        return
+    with staging_folder(tempfile.gettempdir(), prefix, name="the temporary folder") as folder:
+        yield folder
 
 
 def _check_free_space(parent: Path, need: int, estimate: int | None, name: str, shown: Path) -> None:

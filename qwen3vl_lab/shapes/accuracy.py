@@ -26,9 +26,7 @@ mixes up a colour is wrong and well formed; word salad is neither.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -61,6 +59,7 @@ from ..debug.variants import (
     variant_memory,
 )
 from ..errors import UserError
+from ..export.files import folder_or_temporary
 from ..export.quantize import Int4Recipe
 from ..model import RuntimeOptions, load_model
 from . import task as shapes
@@ -388,11 +387,9 @@ def recipe_accuracy(model_dir: str | Path, recipes: Sequence[Recipe] | None = No
     keep = backend.local if keep_variants is None else keep_variants
     if backend.threads is not None:
         options = replace(options or RuntimeOptions(), threads=backend.threads)
-    temp = out_dir is None
-    root = Path(tempfile.mkdtemp(prefix="qwen3vl-accuracy-")) if temp else Path(out_dir).resolve()
     rows: dict[str, AccuracyRow] = {}
-    bar = tqdm(total=len(parsed), desc="recipe accuracy", unit="recipe", disable=not progress)
-    try:
+    with (folder_or_temporary(out_dir, "qwen3vl-accuracy-") as root,
+          tqdm(total=len(parsed), desc="recipe accuracy", unit="recipe", disable=not progress) as bar):
         root.mkdir(parents=True, exist_ok=True)
         fingerprint, sizes = cached_fingerprint(fp32, root), export_sizes(fp32)
         cache = ResultCache(root)
@@ -433,10 +430,6 @@ def recipe_accuracy(model_dir: str | Path, recipes: Sequence[Recipe] | None = No
             shared_assets(fp32, root)  # one copy of embedding/vision + pytorch/, linked into each variant
             run_jobs(run_accuracy_job, [job(r) for r in todo], backend, finished(todo),
                      memory=[variant_memory(fp32, r, vision=True) for r in todo], names=[recipe_name(r) for r in todo])
-    finally:
-        bar.close()
-        if temp:
-            shutil.rmtree(root, ignore_errors=True)
     questions, counts = heldout_questions(n, seed)
     return AccuracyResult([rows[recipe_name(r)] for r in parsed], questions, counts, n, seed)
 
