@@ -164,13 +164,15 @@ def test_a_sweep_without_out_dir_leaves_nothing_in_the_temporary_folder(tiny_onn
     real = sweep_module.run_variant_job
 
     def watched(job):
-        seen.append(os.listdir(temp))  # the sweep's folder exists while it runs
+        seen.append([(p.name, p.stat().st_mode & 0o777) for p in temp.iterdir()])  # the sweep's folder, while it runs
         return real(job)
 
     monkeypatch.setattr(sweep_module, "run_variant_job", watched)
     result = sweep(tiny_onnx_fp32_dir, RECIPES[1:], [TEXT], n_steps=N, progress=False)
     assert [r.failed for r in result.rows] == [False]
-    assert len(seen) == 1 and len(seen[0]) == 1 and seen[0][0].startswith("qwen3vl-sweep-")
+    assert len(seen) == 1 and len(seen[0]) == 1
+    name, mode = seen[0][0]
+    assert name.startswith("qwen3vl-sweep-") and mode == 0o700  # private, as tempfile.mkdtemp made it
     assert os.listdir(temp) == []
 
     def interrupted(job):

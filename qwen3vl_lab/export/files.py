@@ -131,7 +131,7 @@ def replace_folder(staged: Path, final: Path, *, what: str = "export", name: str
 @contextmanager
 def staging_folder(parent: str | Path, prefix: str, *, name: str = "--output_dir", shown: str | Path | None = None,
                    need: int | None = None, estimate: int | None = None,
-                   on_error: Callable[[], None] | None = None) -> Iterator[Path]:
+                   on_error: Callable[[], None] | None = None, private: bool = False) -> Iterator[Path]:
     """A hidden folder `parent/<prefix><random>` to build into, removed when the block ends (moved-out
     results stay). Every temporary folder qwen3vl-lab writes is made here.
 
@@ -143,7 +143,8 @@ def staging_folder(parent: str | Path, prefix: str, *, name: str = "--output_dir
     The path is chosen before the folder exists, so an interruption landing at any bytecode (a cancelled
     Ray task gets its KeyboardInterrupt wherever it happens to be) finds it known and removes it; with
     tempfile.mkdtemp the folder exists a few calls before its caller holds the name. It is made with the
-    normal permissions (umask), not mkdtemp's 0700: a worker running as another user reads it too."""
+    normal permissions (umask), not mkdtemp's 0700: a worker running as another user reads it too;
+    `private=True` makes it 0700, for a folder in a temporary folder every local user can list."""
     estimate = estimate or need
     parent = Path(parent)
     shown = Path(shown) if shown is not None else parent
@@ -154,7 +155,7 @@ def staging_folder(parent: str | Path, prefix: str, *, name: str = "--output_dir
                 _check_free_space(parent, need, estimate, name, shown)
             staging = parent / f"{prefix}{secrets.token_hex(8)}"  # 64 random bits: a name nobody holds
             try:
-                staging.mkdir()
+                staging.mkdir(mode=0o700 if private else 0o777)
             except FileExistsError:  # someone else's, however unlikely: never removed
                 staging = None
                 raise
@@ -188,12 +189,12 @@ def staging_file(path: str | Path) -> Iterator[Path]:
 
 @contextmanager
 def folder_or_temporary(out_dir: str | Path | None, prefix: str) -> Iterator[Path]:
-    """`out_dir` (resolved; kept), or when it is None a staging folder in the system's temporary folder,
-    removed when the block ends (on errors and interruptions too)."""
+    """`out_dir` (resolved; kept), or when it is None a private (0700, as tempfile.mkdtemp makes) staging
+    folder in the system's temporary folder, removed when the block ends (on errors and interruptions too)."""
     if out_dir is not None:
         yield Path(out_dir).resolve()
         return
-    with staging_folder(tempfile.gettempdir(), prefix, name="the temporary folder") as folder:
+    with staging_folder(tempfile.gettempdir(), prefix, name="the temporary folder", private=True) as folder:
         yield folder
 
 
