@@ -80,6 +80,16 @@ def test_doctor_cli_on_the_guide_export(guide_export_dir, capsys, tmp_path, monk
     assert "[FAIL] 3-D position ids" in out and "what to do:" in out
 
 
+
+def test_sweep_on_the_guide_export_says_what_to_run_instead(guide_export_dir, capsys):
+    """A sweep builds variants from our fp32 export; on the guide's folder it names the two ways that work
+    (before: "is not the fp32 export (precision None); pass the export folder with cpu-fp32/" of a folder that has one)."""
+    before = sorted(p.relative_to(guide_export_dir) for p in guide_export_dir.rglob("*"))
+    code, out, err = run_cli(capsys, "sweep", "--model_dir", guide_export_dir, "--quiet")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert "was not exported by qwen3vl-lab" in err and f"doctor --model_dir {guide_export_dir}" in err
+    assert sorted(p.relative_to(guide_export_dir) for p in guide_export_dir.rglob("*")) == before
+
 def test_doctor_on_onnxruntime_genais_builder_export(genai_int4_dir, genai_fp32_dir, tiny_dir, tmp_path, monkeypatch):
     """Decoders that embed token ids themselves (no embedding graph): their int4 against their fp32, with the
     checkpoint's export for the image probe and the export comparison."""

@@ -30,7 +30,7 @@ from ..export import quantize
 from ..export.files import replace_folder, staging_file, staging_folder, stamp_folder
 from ..export.quantize import COPIED_FILES, Int4Recipe, link_or_copy, quantize_folder
 from ..layout import DECODER_FILE
-from ..layouts import read_export_config
+from ..layouts import own_settings, read_export_config
 from ..model import resolve_folder
 from ..signals import interruption_point
 from . import simulate
@@ -311,7 +311,12 @@ def variant_memory(fp32_folder: Path, recipe: Int4Recipe | SimRecipe | str, *, v
 def fp32_source(model_dir: str | Path) -> Path:
     """The export's cpu-fp32 folder (or model_dir itself when it is one); refuses quantized and simulated folders."""
     folder = resolve_folder(model_dir, "fp32")
-    genai = read_export_config(folder).get("qwen3vl_lab", {})
+    genai = own_settings(folder)
+    if genai is None:  # the original guide's, onnxruntime-genai's builder's, ...: fp32 perhaps, but not ours
+        raise UserError(f"{folder} was not exported by qwen3vl-lab: recipe variants are built from a qwen3vl-lab fp32 export; "
+                        "make one with `qwen3vl-lab export --hf_dir CKPT --output_dir DIR` (the original guide's "
+                        f"CKPT is its pytorch/), or run `qwen3vl-lab doctor --model_dir {model_dir}`, which ranks "
+                        "recipes on the checkpoint's export")
     if genai.get("precision") != "fp32" or "simulation" in genai:
         raise UserError(f"{folder} is not the fp32 export (precision {genai.get('precision')!r}"
                         f"{', simulated' if 'simulation' in genai else ''}); pass the export folder with cpu-fp32/")
