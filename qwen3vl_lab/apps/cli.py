@@ -170,7 +170,8 @@ def run_export(a) -> int:
 # -- generate ----------------------------------------------------------------------------------
 def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text with an exported model")
-    p.add_argument("--model_dir", required=True, help="an export folder (with cpu-fp32/ or cpu-int4/)")
+    p.add_argument("--model_dir", default=None,
+                   help="an export folder (with cpu-fp32/ or cpu-int4/); default: the trained shapes model (see demo)")
     p.add_argument("--text_precision", default="fp32", choices=["fp32", "int4"])
     p.add_argument("--prompt", type=text_t, help="one user turn (through the chat template unless --raw)")
     p.add_argument("--max_new_tokens", type=max_new_t, default=100)
@@ -267,7 +268,9 @@ def run_generate(a) -> int:
     from ..generate import check_has_vision  # noqa: PLC0415 (start-up)
     from ..model import RuntimeOptions  # noqa: PLC0415 (start-up)
     from ..pipeline import Qwen3VLPipeline  # noqa: PLC0415 (start-up)
-    export_path(a.model_dir, "--model_dir", fix=MODEL_DIR_FIX)
+    defaulted = a.model_dir is None
+    if not defaulted:
+        export_path(a.model_dir, "--model_dir", fix=MODEL_DIR_FIX)
     _check_media_paths(a.image, a.video)
     items = None
     if a.prompts_file is not None:
@@ -277,8 +280,12 @@ def run_generate(a) -> int:
         items = read_prompts_file(a.prompts_file)  # all checked before the model loads
     elif a.prompt is None and not a.interactive:
         raise UserError("nothing to do: pass --prompt TEXT, --prompts_file FILE or --interactive")
+    if defaulted:
+        a.model_dir = default_model_dir(a)
     pipe = Qwen3VLPipeline(a.model_dir, a.text_precision, RuntimeOptions(threads=a.threads), fast=a.fast,
                            tokenizer_dir=a.tokenizer_dir, accept_missing=a.accept_missing)
+    if defaulted:
+        pipe.notices.insert(0, DEFAULT_MODEL_NOTICE)
     say_notices(pipe.notices)
     if items is not None:
         if any(it["images"] or it["videos"] for it in items):
@@ -312,6 +319,19 @@ def run_generate(a) -> int:
     else:
         sys.stdout.write("\n")
     return 0
+
+
+DEFAULT_MODEL_NOTICE = ("no --model_dir: answering with the trained shapes model, which knows only questions about "
+                        "shapes scenes (try `qwen3vl-lab demo`); pass --model_dir for your own export")
+
+
+def default_model_dir(a) -> str:
+    """generate without --model_dir: the shipped trained shapes model's export (made into the cache on first use)."""
+    from .notebook import shapes_model_dir  # noqa: PLC0415 (start-up)
+    if a.text_precision != "fp32":
+        raise UserError(f"the default model is exported fp32 only; leave out --text_precision {a.text_precision}, "
+                        "or pass --model_dir with an INT4 export")
+    return str(shapes_model_dir(progress=True, log=lambda m: say_notices([m])))
 
 
 PROMPT_KEYS = ("prompt", "images", "videos", "id")
@@ -833,10 +853,37 @@ def run_bench(a) -> int:
     return 0
 
 
+# -- demo --------------------------------------------------------------------------------------
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the trained shapes model answers questions about a scene, step by step "
+                                    "(start here)")
+    p.add_argument("--scene", type=int, default=0,
+                   help="which held-out scene (never seen in training; even: one object, odd: two; default 0)")
+    p.add_argument("--picture", default="qwen3vl-lab-demo.png", metavar="PNG",
+                   help="where to save the picture (default qwen3vl-lab-demo.png; the scene alone beside it as "
+                        "NAME-scene.png)")
+    p.add_argument("--threads", type=threads_t, default=None, help="onnxruntime intra-op threads")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
+    p.add_argument("--quiet", action="store_true", help="no progress bar on first use")
+    p.set_defaults(run=run_demo)
+
+
+def run_demo(a) -> int:
+    from .demo import DemoConfig, print_demo  # noqa: PLC0415 (start-up)
+    from .demo import run_demo as demo  # noqa: PLC0415 (start-up)
+    result = demo(DemoConfig(a.scene, a.picture, a.threads, progress=not a.quiet), log=lambda m: say_notices([m]))
+    if a.json:
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+    else:
+        print_demo(result)
+    return 0
+
+
 # -- main --------------------------------------------------------------------------------------
 def build_parser() -> Parser:
     parser = Parser(prog=PROG, description="Run, see and fix Qwen3-VL on ONNX Runtime.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
+    add_demo(sub)
     add_make_tiny(sub)
     add_make_guide_export(sub)
     add_export(sub)

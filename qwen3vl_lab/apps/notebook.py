@@ -67,18 +67,20 @@ def tiny_model_dir() -> Path:
     return tiny_dir() / "onnx"
 
 
-def shapes_model_dir() -> Path:
-    """The trained shapes model exported to ONNX (cpu-fp32/ with attention outputs), made on first use."""
+def shapes_model_dir(progress: bool = False, log=_silent) -> Path:
+    """The trained shapes model exported to ONNX (cpu-fp32/ with attention outputs), made on first use
+    (progress: the export's progress bar; log: told once where it is being made)."""
     from ..export.exporter import export  # noqa: PLC0415 (a notebook imports the builder only when it makes a model)
     from ..export.tiny import TRAINED_FILES, TRAINED_PRESET, make_tiny, trained_model_dir  # noqa: PLC0415 (a notebook imports the builder only when it makes a model)
     def build(tmp: Path) -> None:
         make_tiny(tmp / "hf", preset=TRAINED_PRESET, trained=True)
-        export(tmp / "hf", tmp / "onnx", ("fp32",), with_attentions=True, progress=False, log=_silent)
+        export(tmp / "hf", tmp / "onnx", ("fp32",), with_attentions=True, progress=progress, log=_silent)
 
     shipped = Path(str(trained_model_dir()))  # retrained weights -> a new cache folder
     weights = [shipped / name for name in TRAINED_FILES if (shipped / name).is_file()]
     final = cache_dir() / f"shapes-trained-{exporter_hash(*weights)}"
     if not final.is_dir():
+        log(f"exporting the trained shapes model to ONNX into {final} (once; later runs reuse it)")
         build_once(final, build)
         for old in final.parent.glob("shapes-trained-*"):  # made by an older exporter: never used again
             if old != final:
