@@ -284,9 +284,8 @@ def run_generate(a) -> int:
         a.model_dir = default_model_dir(a)
     pipe = Qwen3VLPipeline(a.model_dir, a.text_precision, RuntimeOptions(threads=a.threads), fast=a.fast,
                            tokenizer_dir=a.tokenizer_dir, accept_missing=a.accept_missing)
-    if defaulted:
-        pipe.notices.insert(0, DEFAULT_MODEL_NOTICE)
-    say_notices(pipe.notices)
+    notices = [DEFAULT_MODEL_NOTICE] * defaulted + pipe.notices
+    say_notices(notices)
     if items is not None:
         if any(it["images"] or it["videos"] for it in items):
             borrow_reference_vision(pipe.model, a.accept_missing)
@@ -314,7 +313,7 @@ def run_generate(a) -> int:
         print(f"{PROG}: note: this answer ran without {missing}", file=sys.stderr)
     if a.json:
         result.extra["seconds"] = round(time.perf_counter() - t0, 4)
-        result.extra["notices"] = pipe.notices
+        result.extra["notices"] = notices
         print(json.dumps(result.to_json(), ensure_ascii=False))
     else:
         sys.stdout.write("\n")

@@ -102,10 +102,10 @@ class DemoResult:
 def picture_path(value: str) -> Path:
     """The figure's path, checked before any work: a .png file in an existing, writable folder."""
     path = as_path(value, "--picture")
-    if path.suffix.lower() != ".png":
-        raise UserError(f"--picture {path} is not a .png path; pass a file name ending in .png (e.g. {DEFAULT_PICTURE})")
     if path.is_dir():
         raise UserError(f"--picture {path} is a folder; pass a file name ending in .png inside it")
+    if path.suffix.lower() != ".png":
+        raise UserError(f"--picture {path} is not a .png path; pass a file name ending in .png (e.g. {DEFAULT_PICTURE})")
     existing_dir(path.parent, "--picture's folder", fix="create it first, or pass a path in an existing folder")
     return path
 
@@ -191,9 +191,12 @@ def _image_positions(view: StepView) -> str:
 
 def format_answers(result: DemoResult) -> str:
     rows = [f"held-out scene {result.scene} (never seen in training): {'; '.join(result.objects)}", "",
-            f"  {'question':<32} {'model says':<44} {'truth':<44} right"]
+            ""]
+    q = max(len(a.question) for a in result.answers)
+    w = max(len(text) for a in result.answers for text in (a.answer, a.truth, "model says"))
+    rows[-1] = f"  {'question':<{q}}  {'model says':<{w}}  {'truth':<{w}}  right"
     for a in result.answers:
-        rows.append(f"  {a.question:<32} {a.answer:<44} {a.truth:<44} {_mark(a.correct)}")
+        rows.append(f"  {a.question:<{q}}  {a.answer:<{w}}  {a.truth:<{w}}  {_mark(a.correct)}")
     rows.append(f"\n  {result.right}/{len(result.answers)} exact matches")
     return "\n".join(rows)
 
