@@ -1,10 +1,13 @@
-"""Run every teaching notebook and save its main figure (the cell tagged `main-figure`) as a PNG.
+"""Run every teaching notebook, save its main figure (the cell tagged `main-figure`) as a PNG and its executed copy
+for the documentation site.
 
-    python notebooks/make_figures.py                    # all notebooks -> docs/figures/NN_name.png
+    python notebooks/make_figures.py                    # all notebooks -> docs/figures/NN_name.png + docs/notebooks/
     python notebooks/make_figures.py 01_quickstart      # just one
 
-The pictures in the README are therefore exactly what the notebooks draw (on the tiny checkpoint
-unless MODEL_DIR / HF_DIR is set). tests/test_notebooks.py uses `run_notebook` too.
+The pictures in the docs are therefore exactly what the notebooks draw (on the tiny checkpoint or the
+shapes model unless MODEL_DIR / HF_DIR is set). tests/test_notebooks.py uses `run_notebook` and
+`save_executed` too, so a test run leaves the site's notebooks current. Sources: notebooks/src/*.py, paired
+with the .ipynb by jupytext (notebooks/jupytext.toml; `jupytext --sync notebooks/src/*.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import nbformat
 
 HERE = Path(__file__).resolve().parent
 FIGURES = HERE.parent / "docs" / "figures"
+EXECUTED = HERE.parent / "docs" / "notebooks"  # executed copies the site renders (not committed: .gitignore)
 MAIN_FIGURE_TAG = "main-figure"
 
 
@@ -68,6 +72,16 @@ def main_figure(nb: nbformat.NotebookNode) -> bytes:
     raise ValueError(f"no cell is tagged {MAIN_FIGURE_TAG!r}")
 
 
+def save_executed(nb: nbformat.NotebookNode, name: str) -> Path:
+    """Write an executed notebook where the documentation site picks it up (docs/notebooks/NAME.ipynb)."""
+    EXECUTED.mkdir(parents=True, exist_ok=True)
+    target = EXECUTED / f"{name}.ipynb"
+    tmp = target.with_suffix(".ipynb.tmp")
+    nbformat.write(nb, tmp)
+    tmp.replace(target)
+    return target
+
+
 def main(argv: list[str]) -> int:
     FIGURES.mkdir(parents=True, exist_ok=True)
     chosen = [p for p in notebooks() if not argv or p.stem in argv]
@@ -77,7 +91,9 @@ def main(argv: list[str]) -> int:
         tmp = target.with_suffix(".png.tmp")
         tmp.write_bytes(main_figure(nb))
         tmp.replace(target)
-        print(f"{path.name}: ran in {seconds:.1f} s -> {target.relative_to(HERE.parent)}")
+        executed = save_executed(nb, path.stem)
+        print(f"{path.name}: ran in {seconds:.1f} s -> {target.relative_to(HERE.parent)}, "
+              f"{executed.relative_to(HERE.parent)}")
     return 0
 
 

@@ -90,19 +90,6 @@ def shapes_onnx_fp32_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def lab_cache(tmp_path_factory) -> Path:
-    """A private QWEN3VL_LAB_CACHE holding the trained shapes model's export (`apps.notebook.shapes_model_dir`):
-    what `demo`, `generate` without --model_dir and the notebooks use. Set it with monkeypatch.setenv."""
-    from qwen3vl_lab.apps import notebook
-
-    cache = tmp_path_factory.mktemp("lab-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QWEN3VL_LAB_CACHE", str(cache))
-        notebook.shapes_model_dir()
-    return cache
-
-
 # ---------------------------------------------------------------------------------------------------
 # Foreign exports (tests/foreign.py): what users arrive with, built from `tiny_dir`. Shared read-only.
 # ---------------------------------------------------------------------------------------------------
@@ -162,3 +149,16 @@ def broken_kv_export_dir(tiny_onnx_fp32_dir, tmp_path_factory) -> Path:
     from foreign import make_broken_kv_export
 
     return make_broken_kv_export(tiny_onnx_fp32_dir, tmp_path_factory.mktemp("foreign") / "broken-kv")
+
+
+@pytest.fixture(scope="session")
+def lab_cache(tmp_path_factory) -> Path:
+    """A private QWEN3VL_LAB_CACHE holding the trained shapes model's export (`apps.notebook.shapes_model_dir`):
+    what `demo`, `generate` without --model_dir and the notebooks use. Set it with monkeypatch.setenv."""
+    from qwen3vl_lab.apps import notebook
+
+    cache = tmp_path_factory.mktemp("lab-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QWEN3VL_LAB_CACHE", str(cache))
+        notebook.shapes_model_dir()
+    return cache
