@@ -219,7 +219,7 @@ def next_steps(result: DemoResult) -> str:
         "where to go next:",
         f"  qwen3vl-lab generate --image {result.scene_picture} --prompt \"Where is the {_shape(result)}?\"   "
         "# the same model, your question",
-        "  jupyter lab notebooks/            # seven notebooks: positions, KV cache, vision, INT4, attention, doctor",
+        "  jupyter lab notebooks/            # the notebooks: positions, KV cache, vision, INT4, attention, the doctor",
         "  qwen3vl-lab make-tiny --trained --output_dir models/shapes && qwen3vl-lab export --hf_dir models/shapes "
         "--output_dir models/shapes-onnx --precision fp32 int4 && qwen3vl-lab doctor --model_dir models/shapes-onnx"
         "   # fp32 vs INT4",
