@@ -15,6 +15,7 @@ What it does, all on the ONNX pipeline (no torch):
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -106,7 +107,10 @@ def picture_path(value: str) -> Path:
         raise UserError(f"--picture {path} is a folder; pass a file name ending in .png inside it")
     if path.suffix.lower() != ".png":
         raise UserError(f"--picture {path} is not a .png path; pass a file name ending in .png (e.g. {DEFAULT_PICTURE})")
-    existing_dir(path.parent, "--picture's folder", fix="create it first, or pass a path in an existing folder")
+    folder = existing_dir(path.parent, "--picture's folder", fix="create it first, or pass a path in an existing folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--picture {path} cannot be written: {folder} is not writable by you; pass a path in a folder "
+                        "you can write to")
     return path
 
 
