@@ -162,3 +162,83 @@ def test_viz_draws_cjk_token_labels(tmp_path):
         warnings.simplefilter("always")
         fig.savefig(tmp_path / "cjk.png")
     assert not [w for w in caught if "missing from font" in str(w.message)]
+
+
+# -- the lessons' figures and numbers ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def text_2b():
+    from qwen3vl_lab.config import parse_hf_config
+    from qwen3vl_lab.export.tiny import hf_config_dict
+
+    return parse_hf_config(hf_config_dict("2b")).text
+
+
+def test_blocked_layout_is_qwen25_vl_contiguous_split():
+    from qwen3vl_lab.viz.positions import QWEN25_VL_SECTION, blocked_channel_axes
+
+    axes = blocked_channel_axes(QWEN25_VL_SECTION, 128)  # transformers' qwen2_5_vl split([16, 24, 24])
+    assert "".join(axes) == "T" * 16 + "H" * 24 + "W" * 24
+
+
+def test_rope_scores_depend_on_position_differences_only(text_2b):
+    from qwen3vl_lab.viz.positions import relative_score_maps, rope_score
+
+    q, k = np.random.default_rng(1).normal(size=(2, text_2b.head_dim))
+    assert np.isclose(rope_score(text_2b, q, k, (3, 9, 4), (1, 2, 2)), rope_score(text_2b, q, k, (53, 17, 40), (51, 10, 38)))
+    assert not np.isclose(rope_score(text_2b, q, k, (3, 9, 4), (1, 2, 2)), rope_score(text_2b, q, k, (3, 9, 4), (1, 3, 2)))
+    # a text token (p, p, p) is turned like 1-D RoPE: pair (j, j + hd/2) by p * theta^(-2j/hd)
+    j, p = 5, 7
+    x = np.zeros(text_2b.head_dim)
+    x[j] = 1.0
+    angle = p * text_2b.rope_theta ** (-2 * j / text_2b.head_dim)
+    from qwen3vl_lab.viz.positions import mrope_angles, rotate
+
+    turned = rotate(x, mrope_angles(text_2b, (p, p, p)))
+    assert np.isclose(turned[j], np.cos(angle), atol=1e-6) and np.isclose(turned[j + 64], np.sin(angle), atol=1e-6)
+    mrope, flat = relative_score_maps(text_2b, (5, 5), (2, 2))
+    assert mrope.shape == flat.shape == (5, 5) and np.isclose(mrope[2, 2], flat[2, 2])
+
+
+def test_kv_bytes_at_2b_dims(text_2b):
+    from qwen3vl_lab.viz.cache import kv_bytes
+
+    assert int(kv_bytes(text_2b, 1)) == 224 * 1024  # 2 x 28 layers x 8 kv heads x 128 x 4 bytes
+    assert int(kv_bytes(text_2b, 1, kv_heads=text_2b.num_attention_heads)) == 448 * 1024
+    assert int(kv_bytes(text_2b, 4096, dtype_bytes=2)) == 112 * 1024 * 4096
+
+
+def test_step_macs_formulas(text_2b):
+    from qwen3vl_lab.viz.cache import step_macs
+
+    assert step_macs(text_2b, 1, True) == step_macs(text_2b, 1, False), "one token: nothing to reuse"
+    d, ff, L = text_2b.hidden_size, text_2b.intermediate_size, text_2b.num_hidden_layers
+    dense = d * (2048 + 2 * 1024) + 2048 * d + 3 * d * ff  # q 16 x 128, k and v 8 x 128, o, the MLP
+    assert step_macs(text_2b, 10, True) - step_macs(text_2b, 9, True) == L * 2 * 2048  # one more key: O(d)
+    assert step_macs(text_2b, 10, False) - step_macs(text_2b, 9, False) == L * (dense + 2 * 2048 * 10)
+
+
+def test_cache_speed_is_measured_on_both_decoders(shapes_prompt):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from qwen3vl_lab.viz.cache import measure_cache_speed, plot_cache_speed
+
+    model, _ = shapes_prompt
+    timings = [measure_cache_speed(model, lengths=(8, 16), repeats=1, fast=fast) for fast in (True, False)]
+    for t in timings:
+        assert t.lengths.tolist() == [8, 16] and (t.cached_ms > 0).all() and (t.recomputed_ms > 0).all()
+    assert len(plot_cache_speed(*timings).axes[0].lines) >= 4
+
+
+def test_lesson_figures_draw(text_2b):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from qwen3vl_lab.viz.cache import plot_kv_memory
+    from qwen3vl_lab.viz.positions import plot_mrope_layouts, plot_relative_scores, plot_rotation_pair
+
+    assert [ax.get_title().split(",")[0] for ax in plot_mrope_layouts(text_2b).axes[:2]] == \
+        ["blocked (Qwen2.5-VL)", "interleaved (Qwen3-VL)"]
+    assert len(plot_relative_scores(text_2b, grid=(4, 4), query_cell=(1, 1)).axes) == 3  # two maps + colour bar
+    assert "turn together" in plot_rotation_pair(text_2b).axes[0].get_title()
+    assert len(plot_kv_memory(text_2b).axes[0].get_legend().get_texts()) == 4  # fp32/fp16 x GQA/MHA
