@@ -251,13 +251,13 @@ scene_a, _ = shapes.make_scene(1)
 two = prompt_layout(model, "Which one has a circle?", images=[scene_a, notebook.sample_image()],
                     image_size=(128, 192))
 first, second = (c[0] for c in two.image_cells())  # (rows, cols) of token indices, one per image
-plot_positions(two.position_ids, kinds=two.token_kind())
 p2 = two.position_ids
 s1, s2 = int(p2[0, first[0, 0]]), int(p2[0, second[0, 0]])  # each image's start position (its t)
 print(f"image 1: {first.shape[0]} x {first.shape[1]} tokens from position {s1}; "
       f"image 2: {second.shape[0]} x {second.shape[1]} tokens from position {s2} (token index {int(second[0, 0])})")
 assert (p2[0][first] == s1).all() and (p2[0][second] == s2).all()
 assert s2 == s1 + max(first.shape) + 2, "<|vision_end|> and <|vision_start|> sit between the two images"
+plot_positions(p2, kinds=two.token_kind())
 
 # %% [markdown]
 # **A video** of 4 frames (a shape moving right) is cut into frame *pairs* (the tower reads 2 frames per
@@ -272,13 +272,13 @@ video_ids = tokenize(model, "What moves?", video_grid_thw=visuals.video_grid_thw
 video_pos = build_positions(video_ids, video_grid_thw=visuals.video_grid_thw,
                             video_token_id=model.config.video_token_id).position_ids  # (3, 1, S)
 kinds = (video_ids[0] == model.config.video_token_id).astype(int) * 2
-plot_positions(video_pos, kinds=kinds)
 pads = np.flatnonzero(kinds)
 blocks = np.split(pads, np.flatnonzero(np.diff(pads) > 1) + 1)
 print(f"video_grid_thw {visuals.video_grid_thw.tolist()}: {len(blocks)} frame pairs of {len(blocks[0])} tokens; "
       f"t = {[int(video_pos[0, 0, b[0]]) for b in blocks]}")
 assert len(blocks) == visuals.video_grid_thw[0, 0]
 assert all((video_pos[0, 0, b] == video_pos[0, 0, b[0]]).all() for b in blocks), "one t per frame pair"
+plot_positions(video_pos, kinds=kinds)
 
 # %% [markdown]
 # ## 9. Explore
