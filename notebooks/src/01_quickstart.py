@@ -107,7 +107,7 @@ plot_top_k(top, probs[top], [model.tokenizer.decode([i]) for i in top], chosen=i
 # %% [markdown]
 # One row of logits (prefill keeps only the last position's: that is all generation needs), a cache of S
 # positions, and a model that is sure of its first word: it was trained on these questions. (A random-weight
-# model would spread its probability almost evenly over the 151,936 tokens: about 7e-6 each.)
+# model's most likely tokens get about 1e-4 each, its entropy close to log V: such a plot would show noise.)
 
 # %% [markdown]
 # ## 4. Decode steps: one token in, the cache one longer
