@@ -200,16 +200,16 @@ def measure_cache_speed(model, lengths=(32, 64, 128, 256, 512, 1024, 2048), repe
 def plot_cache_speed(*timings: CacheTiming, ax=None):
     """Time for the next token against context, cached (solid) vs recomputed (dashed), crossovers marked."""
     fig, ax = figure_of(ax, figsize=(6.4, 4.0))
-    for timing, color in zip(timings, (COLORS["prefill"], COLORS["decode"], COLORS["image"])):
+    for i, (timing, color) in enumerate(zip(timings, (COLORS["prefill"], COLORS["decode"], COLORS["image"]))):
         ax.loglog(timing.lengths, timing.cached_ms, "o-", color=color, label=f"{timing.decoder}: with the cache")
         ax.loglog(timing.lengths, timing.recomputed_ms, "s--", color=color, label=f"{timing.decoder}: recomputed")
         cross = timing.crossover()
         if cross is not None:
             ax.axvline(cross, color=color, linewidth=1, linestyle=":")
-            ax.text(cross, timing.recomputed_ms.max(), f" cache wins from {cross}",
-                    color=color, fontsize=7, va="top")
+            ax.text(cross, 0.03 + 0.07 * i, f" {timing.decoder.split()[0]}: cache wins from S = {cross}", color=color,
+                    fontsize=7, transform=ax.get_xaxis_transform())  # x in data, y in axes fraction
     ax.set_xlabel("context S (tokens)")
     ax.set_ylabel("ms for the next token (median)")
     ax.set_title("next token with the cache vs recomputing the whole sequence (measured on this machine)", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left")
     return fig
