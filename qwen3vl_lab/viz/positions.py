@@ -77,7 +77,8 @@ def plot_positions(position_ids: np.ndarray, labels: Sequence[str] | None = None
         ax.tick_params(labelbottom=False)
     if labels is not None and S <= 64:
         tick_labels(axes[-1], list(labels)[:S], "x")
-    axes[-1].set_xlabel("token index" + (" (shaded: image tokens)" if kinds is not None and np.any(kinds) else ""))
+    shaded = [name for kind, name in ((1, "image"), (2, "video")) if kinds is not None and np.any(np.asarray(kinds) == kind)]
+    axes[-1].set_xlabel("token index" + (f" (shaded: {' and '.join(shaded)} tokens)" if shaded else ""))
     title = "3-D positions (t, h, w) of every token"
     if highlight is not None:
         title += f"; token {highlight}: (t, h, w) = {tuple(int(v) for v in p[:, highlight])}"
