@@ -1,0 +1,108 @@
+"""Notebooks 04-07's exercises: every check passes the reference solution and catches a wrong one, naming the mistake.
+
+The checks' oracles are independent of the reference solutions (onnxruntime's MatMulNBits kernel, the pixels
+of an image, patterns with known scores, KL written out with math), so a reference that passes is evidence,
+not a tautology; a wrong solution must raise `Mismatch` with a hint that names the mistake.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qwen3vl_lab.apps.lessons import attention, doctor_export, int4, vision
+from qwen3vl_lab.apps.lessons.grading import Mismatch
+
+
+def _not_written(*_):
+    raise NotImplementedError
+
+
+# -- 05: dequantize one block ----------------------------------------------------------------------
+def _high_nibble_first(packed, scale, zero_point):
+    p = np.asarray(packed, np.uint8)
+    q = np.stack([p >> 4, p & 0x0F], axis=1).reshape(-1).astype(np.float32)
+    return (q - zero_point) * scale
+
+
+def _no_zero_point(packed, scale, zero_point):
+    p = np.asarray(packed, np.uint8)
+    return np.stack([p & 0x0F, p >> 4], axis=1).reshape(-1).astype(np.float32) * scale
+
+
+# -- 04: patch rows --------------------------------------------------------------------------------
+def _reading_order(r, c, grid_w):
+    return r * grid_w + c
+
+
+def _column_major_inside(r, c, grid_w):
+    return ((r // 2) * (grid_w // 2) + c // 2) * 4 + (c % 2) * 2 + r % 2
+
+
+# -- 06: head detectors ----------------------------------------------------------------------------
+def _previous_with_query0(attn):
+    return np.diagonal(attn, -1, 1, 2).sum(-1) / attn.shape[-1]
+
+
+def _sink_transposed(attn):
+    return attn[:, 0, 1:].mean(-1)
+
+
+# -- 07: KL per step -------------------------------------------------------------------------------
+def _kl_swapped(ref, test):
+    return doctor_export.kl_per_step(test, ref)
+
+
+def _kl_naive(ref, test):
+    with np.errstate(over="ignore", invalid="ignore"):
+        p = np.exp(ref) / np.exp(ref).sum(-1, keepdims=True)
+        q = np.exp(test) / np.exp(test).sum(-1, keepdims=True)
+        return (p * np.log(p / q)).sum(-1)
+
+
+EXERCISES = [  # (check, reference solution, [(wrong solution, words its hint must contain)])
+    (int4.check_dequantize_block, int4.dequantize_block,
+     [(_high_nibble_first, "LOW nibble"), (_no_zero_point, "subtract the zero point")]),
+    (vision.check_patch_row, vision.patch_row,
+     [(_reading_order, "block by block"), (_column_major_inside, "top-left, top-right")]),
+    (attention.check_previous_token_score, attention.previous_token_score, [(_previous_with_query0, "query 0")]),
+    (attention.check_sink_score, attention.sink_score, [(_sink_transposed, "column 0")]),
+    (doctor_export.check_kl_per_step, doctor_export.kl_per_step,
+     [(_kl_swapped, "swapped"), (_kl_naive, "overflows")]),
+]
+IDS = [check.__name__ for check, _, _ in EXERCISES]
+
+
+@pytest.mark.parametrize(("check", "solution", "wrong"), EXERCISES, ids=IDS)
+def test_check_passes_the_reference_solution(check, solution, wrong, capsys):
+    assert check(solution) is True
+    assert "correct" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("check", "solution", "wrong"), EXERCISES, ids=IDS)
+def test_check_catches_a_wrong_solution_and_names_the_mistake(check, solution, wrong):
+    for fn, words in wrong:
+        with pytest.raises(Mismatch) as caught:
+            check(fn)
+        message = str(caught.value)
+        assert "hint:" in message and words in message, message
+        assert "your function gives" in message and "the reference" in message
+
+
+@pytest.mark.parametrize(("check", "solution", "wrong"), EXERCISES, ids=IDS)
+def test_an_unwritten_exercise_is_reported_not_failed(check, solution, wrong, capsys):
+    assert check(_not_written) is False
+    assert "not written yet" in capsys.readouterr().out
+
+
+def test_the_block_oracle_is_onnxruntime_not_the_solution():
+    """The reference dequantization agrees with onnxruntime's kernel on a block neither was written for."""
+    packed = np.arange(16, dtype=np.uint8) * 17  # byte j = (j, j): codes 0, 0, 1, 1, ..., 15, 15
+    got = int4.onnxruntime_block(packed, 0.5, 8)
+    assert np.array_equal(got, (np.repeat(np.arange(16), 2) - 8) * 0.5)
+    assert np.array_equal(int4.dequantize_block(packed, 0.5, 8), got)
+
+
+def test_image_token_of_a_patch():
+    """A 6 x 6 patch grid (a 96 x 96 scene) has 3 x 3 image tokens: patch (3, 4) is in token (1, 2) = 5."""
+    assert vision.image_token(3, 4, 6) == 5 and vision.image_token(0, 1, 6) == 0 and vision.image_token(5, 5, 6) == 8
