@@ -4,6 +4,7 @@
     plot_layer_divergence(compare_layers(ref, test, prompt))  per layer: SQNR (dB) of attn_out / mlp_out / hidden
     plot_int4_summary(forced, layers)                         both side by side
     plot_recipe_accuracy(recipe_accuracy(root, recipes))      exact-match accuracy per recipe (SIMULATED ones hatched)
+    plot_int4_block(weights, dequantized, scale, zero_point)  one 32-weight block: values, grid, rounded values, error
 
 Each takes the doctor's result object (`qwen3vl_lab.debug`: TeacherForced or Comparison, LayerReport,
 AccuracyResult) or plain arrays: a KL value per step (with `top1_agree`), an SQNR value per layer/tensor
@@ -188,5 +189,47 @@ def plot_recipe_accuracy(data, *, labels: Sequence[str] | None = None, simulated
         handles.append(Line2D([], [], color="gray", linestyle="--", label="fp32"))
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_title(title or "answers per recipe: where quantization hurts and where it does not", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_int4_block(weights, dequantized, scale: float, zero_point: int, *, bits: int = 4, ax=None,
+                    title: str | None = None):
+    """One quantization block drawn: its fp32 weights, the grid of 2^bits levels (q - zero_point) * scale, where each
+    weight rounds to, and the rounding error (never more than half a step, |scale| / 2, inside the grid).
+
+    weights (L,) fp32 values of one block (32 for `export --precision int4`); dequantized (L,) what the kernel
+    multiplies by (e.g. `debug.weights.dequantize` of the stored codes); scale and zero_point as stored.
+    """
+    w = np.asarray(weights, np.float64).reshape(-1)
+    wq = np.asarray(dequantized, np.float64).reshape(-1)
+    if w.shape != wq.shape or w.size == 0:
+        raise UserError(f"weights {w.shape} and dequantized {wq.shape} must be the same block of values")
+    levels = (np.arange(2 ** bits) - zero_point) * scale  # the grid: every value a code can stand for
+    if ax is None:
+        fig, (ax_v, ax_e) = new_figure(nrows=2, figsize=(10.0, 5.6), sharex=True,
+                                       gridspec_kw={"height_ratios": [3, 1.2]})
+    else:
+        fig, ax_v, ax_e = ax.figure, ax, None
+    x = np.arange(w.size)
+    for v in levels:
+        ax_v.axhline(v, color="#dddddd", linewidth=0.8, zorder=0)
+    ax_v.vlines(x, w, wq, color=COLORS["chosen"], linewidth=1.2, zorder=1)
+    ax_v.plot(x, w, "o", color=COLORS["prefill"], markersize=5, label="fp32 weight", zorder=2)
+    ax_v.plot(x, wq, "_", color="black", markersize=12, mew=2, label="rounded: (q - zero point) x scale", zorder=3)
+    ax_v.set_ylabel("weight value")
+    ax_v.legend(fontsize=7, loc="upper right", ncol=2)
+    codes = np.rint(wq / scale + zero_point).astype(int) if scale else np.full(w.size, zero_point)
+    for xi, q in zip(x, codes):
+        ax_v.annotate(str(q), (xi, wq[xi]), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=6)
+    ax_v.set_title(title or (f"one {w.size}-weight block at {bits} bits: {2 ** bits} levels (grey lines), scale "
+                             f"{scale:.3g}, zero point {zero_point}; the number is the stored code q"), fontsize=9)
+    if ax_e is not None:
+        ax_e.bar(x, w - wq, color=COLORS["chosen"], width=0.7)
+        ax_e.axhline(abs(scale) / 2, color="gray", linestyle="--", linewidth=1)
+        ax_e.axhline(-abs(scale) / 2, color="gray", linestyle="--", linewidth=1)
+        ax_e.set_ylabel("error\n(fp32 - rounded)")
+        ax_e.set_xlabel("weight index in the block (32 consecutive inputs of one output column)")
+        ax_e.text(w.size - 0.5, abs(scale) / 2, " half a step", fontsize=7, va="bottom", ha="right", color="gray")
     fig.tight_layout()
     return fig

@@ -11,12 +11,28 @@ score per head (heads,): the attention each query q = 1 .. S-1 pays to key q - 1
 (the first token), averaged over those queries. Query 0 is left out: it can only look at itself.
 The check's oracle: patterns whose scores are known by construction (a pure previous-token head scores 1, a
 uniform causal head 1/q on average, ...), and np.diagonal for random causal patterns.
+
+`ablate_heads(folder, out, [(layer, head)])` is the notebook's experiment: a copy of an fp32 export whose
+decoder multiplies the named heads' outputs by zero before o_proj (the attention output (B, S, heads *
+head_dim) is a concatenation of the heads, so zeroing a head's head_dim columns removes exactly its
+contribution); nothing else changes, the weight files are hard-linked.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import hashlib
+from pathlib import Path
+from typing import Sequence
 
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ...errors import UserError
+from ...export.cache import build_once
+from ...export.quantize import link_or_copy
+from ...layout import DECODER_FILE
+from ...layouts import read_export_config
 from .grading import first_difference, graded, mismatch
 
 
@@ -118,4 +134,53 @@ def check_sink_score(student_fn) -> bool:
     return graded("sink_score", student_fn, lambda fn: _run("sink", fn, lambda a: a[:, 1:, 0].sum(-1) / (a.shape[-1] - 1)))
 
 
-__all__ = ["check_previous_token_score", "check_sink_score", "previous_token_score", "sink_score"]
+# -- the ablation --------------------------------------------------------------------------------
+def _o_proj(graph: onnx.GraphProto, layer: int) -> onnx.NodeProto:
+    """The MatMul whose weight is layer `layer`'s self_attn.o_proj (its input: the heads, concatenated)."""
+    inits = {t.name for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "MatMul" and n.input[1] in inits and f"layers.{layer}.self_attn.o_proj" in n.input[1]:
+            return n
+    raise UserError(f"no o_proj MatMul for layer {layer} in the decoder; pass an fp32 export made by qwen3vl-lab")
+
+
+def _mask_heads(graph: onnx.GraphProto, layer: int, heads: Sequence[int], n_heads: int, head_dim: int) -> None:
+    """Insert Mul(attention output, mask) before layer's o_proj: mask is 0 on the heads' columns, 1 elsewhere."""
+    node = _o_proj(graph, layer)
+    mask = np.ones(n_heads * head_dim, np.float32)  # (heads * head_dim,)
+    for h in heads:
+        mask[h * head_dim:(h + 1) * head_dim] = 0.0
+    name = f"ablate/layers.{layer}"
+    graph.initializer.append(numpy_helper.from_array(mask, f"{name}/mask"))
+    graph.node.insert(list(graph.node).index(node), helper.make_node("Mul", [node.input[0], f"{name}/mask"],
+                                                                     [f"{name}/heads"], name=f"{name}/Mul"))
+    node.input[0] = f"{name}/heads"
+
+
+def ablate_heads(fp32_folder: str | Path, out_dir: str | Path, heads: Sequence[tuple[int, int]]) -> Path:
+    """A copy of the precision folder `fp32_folder` (e.g. OUT/cpu-fp32) whose decoder zeroes each (layer, head)'s
+    output; built once into out_dir/<heads>-<hash of the source graph>, reused after. Returns the folder."""
+    src = Path(fp32_folder)
+    cfg = read_export_config(src)["qwen3vl_lab"]["config"]["text"]
+    n_heads, head_dim = int(cfg["num_attention_heads"]), int(cfg["head_dim"])
+    heads = sorted({(int(layer), int(h)) for layer, h in heads})
+    bad = [(layer, h) for layer, h in heads if not (0 <= layer < int(cfg["num_hidden_layers"]) and 0 <= h < n_heads)]
+    if bad or not heads:
+        raise UserError(f"heads {bad or heads} must be (layer, head) pairs within {cfg['num_hidden_layers']} layers "
+                        f"and {n_heads} heads")
+    key = hashlib.sha256((src / DECODER_FILE).read_bytes()).hexdigest()[:12]
+    slug = "-".join(f"L{layer}H{h}" for layer, h in heads)
+
+    def build(tmp: Path) -> None:
+        for f in src.iterdir():
+            if f.is_file() and f.name != DECODER_FILE:
+                link_or_copy(f, tmp / f.name, link=True)
+        model = onnx.load(str(src / DECODER_FILE), load_external_data=False)
+        for layer in sorted({layer for layer, _ in heads}):
+            _mask_heads(model.graph, layer, [h for lay, h in heads if lay == layer], n_heads, head_dim)
+        onnx.save_model(model, str(tmp / DECODER_FILE))
+
+    return build_once(Path(out_dir) / f"ablate-{slug}-{key}", build)
+
+
+__all__ = ["ablate_heads", "check_previous_token_score", "check_sink_score", "previous_token_score", "sink_score"]
