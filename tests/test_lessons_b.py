@@ -106,3 +106,43 @@ def test_the_block_oracle_is_onnxruntime_not_the_solution():
 def test_image_token_of_a_patch():
     """A 6 x 6 patch grid (a 96 x 96 scene) has 3 x 3 image tokens: patch (3, 4) is in token (1, 2) = 5."""
     assert vision.image_token(3, 4, 6) == 5 and vision.image_token(0, 1, 6) == 0 and vision.image_token(5, 5, 6) == 8
+
+
+# -- 07 after the plain install ------------------------------------------------------------------------
+BLOCKER = '''"""Test-only: make these modules unimportable, as after `pip install -e .` without extras."""
+import sys
+for name in ("torch", "onnxruntime_genai"):
+    sys.modules[name] = None  # `import torch` raises ImportError; importlib.util.find_spec returns None
+'''
+
+
+@pytest.mark.slow
+def test_notebook_07_runs_without_torch_and_onnxruntime_genai(tmp_path):
+    """Notebook 07 top to bottom in a kernel where `import torch` and `import onnxruntime_genai` fail: the plain
+    install's path (our fp32 + INT4 export of the shapes model) asserts what it teaches and passes."""
+    nbclient = pytest.importorskip("nbclient")
+    import os
+    from pathlib import Path
+
+    import nbformat
+
+    root = Path(__file__).resolve().parents[1]
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(root), os.environ.get("PYTHONPATH", "")]),
+           "QWEN3VL_LAB_CACHE": str(tmp_path / "cache"), "MPLBACKEND": "Agg"}
+    for name in ("MODEL_DIR", "HF_DIR"):
+        env.pop(name, None)
+    nb = nbformat.read(root / "notebooks" / "07_doctor_your_export.ipynb", as_version=4)
+    probe = nbformat.v4.new_code_cell("import importlib.util, sys\n"
+                                      "print('blocked:', [m for m in ('torch', 'onnxruntime_genai') "
+                                      "if importlib.util.find_spec(m) is None], sorted(m for m in sys.modules "
+                                      "if m.split('.')[0] in ('torch', 'onnxruntime_genai') and sys.modules[m]))")
+    nb.cells.append(probe)
+    client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client.execute(env=env)  # passed to jupyter_client's start_kernel
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "our own fp32 + INT4 export" in text, "without the extra, 07 doctors our export"
+    assert "07_doctor_your_export: all checks passed" in text
+    assert "blocked: ['torch', 'onnxruntime_genai'] []" in text, "the kernel could import neither, and did not"
