@@ -12,6 +12,7 @@ import pytest
 
 from qwen3vl_lab.apps.lessons import attention, doctor_export, int4, vision
 from qwen3vl_lab.apps.lessons.grading import Mismatch
+from qwen3vl_lab.errors import UserError
 
 
 def _not_written(*_):
@@ -146,3 +147,48 @@ def test_notebook_07_runs_without_torch_and_onnxruntime_genai(tmp_path):
     assert "our own fp32 + INT4 export" in text, "without the extra, 07 doctors our export"
     assert "07_doctor_your_export: all checks passed" in text
     assert "blocked: ['torch', 'onnxruntime_genai'] []" in text, "the kernel could import neither, and did not"
+
+
+# -- the figures the lessons added ---------------------------------------------------------------------
+def test_int4_block_figure_draws_the_weights_their_levels_and_the_error():
+    from qwen3vl_lab.viz.int4 import plot_int4_block
+
+    w = np.random.default_rng(0).normal(size=32).astype(np.float32)
+    scale = -w[np.abs(w).argmax()] / 8  # symmetric round-to-nearest: the largest weight is code 0
+    codes = np.clip(np.floor(w / scale + 8 + 0.5), 0, 15)
+    rounded = (codes - 8) * scale
+    fig = plot_int4_block(w, rounded, float(scale), 8)
+    top, bottom = fig.axes
+    levels = sorted(float(np.asarray(ln.get_ydata())[0]) for ln in top.get_lines() if len(ln.get_ydata()) == 2)
+    assert np.allclose(levels, sorted((np.arange(16) - 8) * scale))  # the 16 grey levels of the grid
+    assert np.allclose(top.get_lines()[-2].get_ydata(), w) and np.allclose(top.get_lines()[-1].get_ydata(), rounded)
+    assert np.allclose([p.get_height() for p in bottom.patches], w - rounded)
+    with pytest.raises(UserError, match="same block"):
+        plot_int4_block(w, rounded[:16], float(scale), 8)
+
+
+def test_deepstack_diagram_names_each_tapped_block_and_the_layer_it_joins():
+    from qwen3vl_lab.viz.pieces import plot_deepstack
+
+    fig = plot_deepstack(24, (5, 11, 17), 28)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert {"vision block 5", "vision block 11", "vision block 17", "decoder layer 27"} <= set(texts)
+    assert [t for t in texts if t.startswith("+ after layer")] == ["+ after layer 0", "+ after layer 1", "+ after layer 2"]
+    with pytest.raises(UserError, match="vision blocks"):
+        plot_deepstack(2, (0, 5), 4)
+
+
+def test_recipe_accuracy_bars_carry_their_wilson_interval():
+    from types import SimpleNamespace
+
+    from qwen3vl_lab.stats import wilson_interval
+    from qwen3vl_lab.viz.int4 import plot_recipe_accuracy
+
+    rows = [SimpleNamespace(label=name, simulated=False, bits=b, kind=k, table={"all": {"correct": c, "total": 30}})
+            for name, b, k, c in (("fp32", 32, "fp32", 27), ("int2", 2, "onnxruntime", 9))]
+    result = SimpleNamespace(rows=rows, accuracy=lambda key: np.array([0.9, 0.3]), well_formed=[1.0, 0.5])
+    ax = plot_recipe_accuracy(result).axes[0]
+    (bars,) = [c for c in ax.collections if c.get_segments() and len(c.get_segments()) == 2]
+    spans = sorted(tuple(np.round(sorted(s[:, 0]), 6)) for s in bars.get_segments())
+    want = sorted(tuple(np.round(wilson_interval(c, 30), 6)) for c in (27, 9))
+    assert spans == want

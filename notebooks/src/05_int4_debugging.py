@@ -101,7 +101,7 @@ rounded = lesson.onnxruntime_block(block.packed, block.scale, block.zero_point) 
 err = block.weights - rounded
 biggest = int(abs(block.weights).argmax())
 print(f"{block.matrix}, column {block.column}, block {block.block}: scale {block.scale:.4g}, zero point "
-      f"{block.zero_point}; codes {[int(b) for b in block.packed[:4]]}... as bytes")
+      f"{block.zero_point}; stored as 16 bytes, two codes each: {[int(b) for b in block.packed[:4]]} ...")
 print(f"max |error| {abs(err).max():.4g} = {abs(err).max() / abs(block.scale):.2f} x scale; error of the largest "
       f"weight ({block.weights[biggest]:.4g}): {err[biggest]:.2g}")
 assert abs(err).max() <= abs(block.scale) / 2 + 1e-6, "round-to-nearest: never more than half a step"

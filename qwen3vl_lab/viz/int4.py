@@ -21,6 +21,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import PercentFormatter
 
 from ..errors import UserError
+from ..stats import wilson_interval
 from .figure import COLORS, figure_of, new_figure
 
 LAYER_KINDS = ("attn_out", "mlp_out", "hidden")  # the decoder tensors the doctor taps per layer
@@ -144,6 +145,14 @@ def _accuracy_rows(data, labels, simulated, well_formed, bits):
             None if bits is None else np.asarray(bits).reshape(-1))
 
 
+def _intervals(data) -> np.ndarray | None:
+    """(R, 2) 95% Wilson intervals of an AccuracyResult's rows (from their correct / total counts), else None."""
+    rows = getattr(data, "rows", None)
+    if not rows or not all(r.table and "all" in r.table for r in rows):
+        return None
+    return np.array([wilson_interval(r.table["all"]["correct"], r.table["all"]["total"]) for r in rows])
+
+
 def plot_recipe_accuracy(data, *, labels: Sequence[str] | None = None, simulated=None, well_formed=None,
                          bits=None, reference: float | None = None, ax=None, title: str | None = None):
     """Exact-match accuracy per quantization recipe: one bar each, in the order given (top to bottom).
@@ -154,7 +163,8 @@ def plot_recipe_accuracy(data, *, labels: Sequence[str] | None = None, simulated
     rounded to the grid, what MatMulNBits cannot run) and say so in their label. A black diamond marks
     the share of well-formed answers (some answer of the task, right or wrong): a bar far left of its
     diamond is a model that still talks but errs; both far left is word salad. The dashed line is
-    fp32's accuracy (`reference`, taken from the fp32 row of a result).
+    fp32's accuracy (`reference`, taken from the fp32 row of a result). A result's bars carry their 95% Wilson
+    interval (`stats.wilson_interval` of each row's correct / total).
     """
     names, acc, sim, formed, nbits = _accuracy_rows(data, labels, simulated, well_formed, bits)
     if len(acc) == 0:
@@ -168,7 +178,11 @@ def plot_recipe_accuracy(data, *, labels: Sequence[str] | None = None, simulated
               for b in (nbits if nbits is not None else np.zeros(len(acc)))]
     for yi, a, c, s in zip(y, acc, colors, sim):
         ax.barh(yi, a, color=c, hatch="///" if s else None, edgecolor="white" if s else c, linewidth=0)
-        ax.text(a + 0.01, yi, f"{a:.0%}", va="center", fontsize=7)
+        ax.text(a + 0.01, yi + 0.22, f"{a:.0%}", va="center", fontsize=7)
+    intervals = _intervals(data)
+    if intervals is not None:  # the 95% Wilson interval of each accuracy: how sure a few dozen questions make it
+        ax.errorbar(acc, y, xerr=np.abs(intervals - acc[:, None]).T, fmt="none", ecolor="black", elinewidth=0.8,
+                    capsize=2)
     if formed is not None:
         ax.plot(formed, y, "D", color="black", markersize=4)
     if reference is not None:
@@ -187,6 +201,8 @@ def plot_recipe_accuracy(data, *, labels: Sequence[str] | None = None, simulated
                               label="well-formed answers"))
     if reference is not None:
         handles.append(Line2D([], [], color="gray", linestyle="--", label="fp32"))
+    if intervals is not None:
+        handles.append(Line2D([], [], color="black", marker="|", linestyle="-", label="95% interval"))
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_title(title or "answers per recipe: where quantization hurts and where it does not", fontsize=9)
     fig.tight_layout()

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import UserError
+from ..stats import wilson_interval
 from .figure import COLORS, figure_of
 
 
@@ -50,8 +51,14 @@ def plot_piece_accuracy(data=None, *, labels: Sequence[str] | None = None, image
     for xs, values, skip, color, label in bars:
         ax.bar(xs[~skip], values[~skip], width, color=color, label=label)
         for xi, v, s in zip(xs, values, skip):
-            ax.text(xi, 0.02 if s else v + 0.015, "(reference)" if s else f"{v:.0%}", ha="center", va="bottom",
-                    fontsize=7 if s else 8, rotation=90 if s else 0)
+            ax.text(xi + (0.06 if color == COLORS["image"] else 0), 0.02 if s else v + 0.015,
+                    "(reference)" if s else f"{v:.0%}", ha="left" if color == COLORS["image"] else "center",
+                    va="bottom", fontsize=7 if s else 8, rotation=90 if s else 0)
+    counts = [r.image.table["all"] for r in data.rows] if data is not None and hasattr(data, "rows") else None
+    if counts:  # the image accuracies' 95% Wilson intervals: a few dozen questions pin them to +-10 points or so
+        lo_hi = np.array([wilson_interval(c["correct"], c["total"]) for c in counts])  # (models, 2)
+        ax.errorbar(x - width / 2, acc, yerr=np.abs(lo_hi - acc[:, None]).T, fmt="none", ecolor="black",
+                    elinewidth=0.8, capsize=3, label="95% interval (image questions)")
     ax.set_xticks(x)
     ax.set_xticklabels(names, fontsize=8)
     ax.set_ylim(0, 1.1)
