@@ -128,9 +128,10 @@ if notebook.is_shapes():
 # previous-token head (best: the printed maximum) or as a sink; what every head does instead is read the
 # image: from a quarter to over half of the text queries' attention goes to 9 image tokens. A 4-layer model
 # trained on one question-answering task has no reason to grow the generic machinery of a language model;
-# sinks, for instance, appear when a model trained on long varied text needs somewhere to put attention it
-# does not want to use. In Qwen3-VL-2B expect the opposite picture: most heads sink most of their mass on the
-# first token. The thumbnails, with the three numbers under each title:
+# sinks, in the usual explanation, appear when a model trained on long varied text needs somewhere to put
+# attention it does not want to use. Large language models do have them (Xiao et al. measured sinks in
+# Llama-2, MPT, Falcon and Pythia): run this notebook with `HF_DIR` on a real checkpoint to look for them
+# in Qwen3-VL. The thumbnails, with the three numbers under each title:
 
 # %% tags=["main-figure"]
 notes = {k: f"prev {p:.2f} sink {s:.2f} img {i:.2f}" for k, (p, s, i) in scores.items()}

@@ -259,7 +259,7 @@ if SHAPES:
         assert row.accuracy() <= ours_acc - 0.4, f"{row.name}: image answers break without the piece"
         assert row.text_same == 1.0, f"{row.name}: every text-only answer is our export's"
         right = row.image.table["all"]
-        print(f"{row.name:16s} image {format_accuracy(right['correct'], right['total'])} "
+        print(f"{row.name:16s} image {format_accuracy(right['correct'], right['total'])} | "
               f"text-only answers = ours: {row.text_same:.0%}")
     if GUIDE:
         assert result.row("guide (neither)").missing_used, "the guide's decoder said what it ran without"
