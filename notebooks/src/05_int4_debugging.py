@@ -65,7 +65,7 @@ root = notebook.model_dir(default="shapes")
 print(notebook.describe(default="shapes"))
 SHAPES = notebook.is_shapes()  # the trained shapes model: its answers can be scored
 variants = notebook.cache_dir() / "05-variants"  # every recipe is built here once, and reused on re-runs
-N = 8  # held-out scenes (one and two objects alternate); every question of each: 44 questions
+N = 6  # held-out scenes (one and two objects alternate); every question of each: 33 questions
 
 INT4 = Int4Recipe()  # what `export --precision int4` writes: block 32, symmetric, accuracy_level 4, int4 lm_head
 RECIPES = [
