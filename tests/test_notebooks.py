@@ -5,7 +5,8 @@ The notebooks are executed as users run them (a fresh python3 kernel, nbclient, 
 their own `assert`s are the checks, and each ends by printing "<name>: all checks passed". They run
 with a fresh cache folder (QWEN3VL_LAB_CACHE) and without MODEL_DIR / HF_DIR, so a developer's real
 model is never picked up, and with torch and onnxruntime-genai unimportable in the kernel (what `pip install -e .`
-gives: the dev extra's test tools are not the notebooks' dependencies), except where NEEDS_EXTRA says why.
+gives: the dev extra's test tools are not the notebooks' dependencies). A notebook that takes another path when
+an extra of the README's set-up is importable (WITH_EXTRA) runs a second time with it.
 `pytest --nbmake notebooks/` and `jupyter execute` run them the same way.
 
 Each executed notebook is saved to docs/notebooks/ (not committed), where `mkdocs build` renders it with its
@@ -36,9 +37,9 @@ jupytext = pytest.importorskip("jupytext")
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 NAMES = sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))  # any notebooks/NN_*.ipynb
-# Notebooks that still need an extra beyond the plain install, and why: they run with it importable (the README's
-# set-up, the dev extra, installs it). Empty this when a notebook runs on the plain install.
-NEEDS_EXTRA = {"07_doctor_your_export": "onnxruntime_genai"}  # builds the guide's export with its model builder
+# Notebooks that take another path when a package of the README's set-up (the dev extra) is importable: they run
+# once on the plain install (like every notebook) and once with that package.
+WITH_EXTRA = {"07_doctor_your_export": "onnxruntime_genai"}  # with it, 07 doctors the guide's export (its builder)
 NOT_INSTALLED = ("torch", "onnxruntime_genai")  # absent from `pip install -e .`; made unimportable in the kernel
 
 
@@ -72,8 +73,9 @@ def notebook_env(tmp_path_factory, lab_cache) -> dict:
         mp.setenv("QWEN3VL_LAB_CACHE", str(lab_cache))
         notebook.tiny_model_dir()
         notebook.shapes_model_dir()  # notebooks 04 and 06 default to the trained shapes model
+        notebook.shapes_int4_dir()  # notebook 07 doctors it on the plain install
         if importlib.util.find_spec("onnxruntime_genai") is not None:
-            notebook.guide_shapes_dir()  # notebook 07 doctors the guide's export of it (NEEDS_EXTRA)
+            notebook.guide_shapes_dir()  # and the guide's export of the shapes model with onnxruntime-genai
     paths = tmp_path_factory.mktemp("plain-install")
     return {"QWEN3VL_LAB_CACHE": str(lab_cache), "MODEL_DIR": None, "HF_DIR": None, "MPLBACKEND": None,
             "PYTHONPATH": plain_install_path(paths)}
@@ -142,12 +144,8 @@ def _idle_waits(nb, cell_seconds) -> list[str]:
             for i, waited in cell_seconds if waited - _kernel_seconds(nb.cells[i]) > IDLE_WAIT]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
-def test_notebook_runs_top_to_bottom(name, notebook_env, tmp_path):
-    env = dict(notebook_env)
-    if name in NEEDS_EXTRA:  # the README's set-up installs it (the dev extra): a missing one fails, never skips
-        env["PYTHONPATH"] = plain_install_path(tmp_path / "plain-install", extra=NEEDS_EXTRA[name])
+def _run_and_check(name: str, env: dict) -> tuple:
+    """Run a notebook as a user does; its own asserts pass, it ends with its line, nothing waited for nothing."""
     t0 = time.perf_counter()
     cell_seconds: list = []
     nb, seconds = make_figures.run_notebook(NOTEBOOKS / f"{name}.ipynb", timeout=CELL_TIMEOUT, env=env,
@@ -159,8 +157,25 @@ def test_notebook_runs_top_to_bottom(name, notebook_env, tmp_path):
     assert not _idle_waits(nb, cell_seconds), "the runner waited for nothing"
     png = make_figures.main_figure(nb)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    make_figures.save_executed(nb, name)  # what the documentation site shows
     print(f"{name}: {seconds:.1f} s (kernel start included; {time.perf_counter() - t0:.1f} s in the test)")
+    return nb
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_runs_top_to_bottom(name, notebook_env):
+    nb = _run_and_check(name, notebook_env)
+    make_figures.save_executed(nb, name)  # what the documentation site shows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(WITH_EXTRA))
+def test_notebook_runs_with_the_dev_extra(name, notebook_env, tmp_path):
+    """The README's set-up installs the dev extra: where a notebook uses one of its packages, that path runs too
+    (a missing package fails here, never skips)."""
+    assert importlib.util.find_spec(WITH_EXTRA[name]) is not None, f"{WITH_EXTRA[name]} is missing: pip install -e \".[dev]\""
+    env = {**notebook_env, "PYTHONPATH": plain_install_path(tmp_path / "plain-install", extra=WITH_EXTRA[name])}
+    _run_and_check(name, env)
 
 
 @pytest.mark.slow

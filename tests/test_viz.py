@@ -156,7 +156,7 @@ def test_attention_plots_draw_the_matrices(trace):
     assert np.allclose(_image_data(viz.plot_attention(a, trace.labels).axes[0]), a.mean(0))
     grid = viz.plot_attention_grid(trace.attentions[0], trace.labels)
     heads = a.shape[0]
-    assert len(grid.axes) == len(trace.attentions[0]) * heads
+    assert len(grid.axes) == len(trace.attentions[0]) * heads + 1  # + the colour bar
     assert np.array_equal(_image_data(grid.axes[2 * heads + 3]), trace.layer_attention(0, 2)[3])
     row = trace.attention_row(4, 0)
     assert np.array_equal(_image_data(viz.plot_attention_row(row, trace.labels).axes[0]), row)

@@ -14,7 +14,8 @@
   gets a fresh export instead of a stale one.
 - `guide_shapes_dir()`: the original guide's export of the trained shapes model (a plain-Qwen3
   decoder without 3-D positions or DeepStack, from onnxruntime-genai's builder), cached the same way
-  (notebook 07).
+  (notebook 07); without the [genai] extra notebook 07 doctors `shapes_int4_dir()` instead, our own
+  fp32 + INT4 export of the same model.
 - `default="shapes"`: instead of the random tiny checkpoint, the trained shapes model
   (`make_tiny(preset="shapes", trained=True)`, qwen3vl_lab/shapes.py), exported fp32 with attention
   outputs and cached the same way (the hash also covers the shipped weights, so a retrained model
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import io
 import os
 import shutil
@@ -67,25 +69,42 @@ def tiny_model_dir() -> Path:
     return tiny_dir() / "onnx"
 
 
-def shapes_model_dir(progress: bool = False, log=_silent) -> Path:
-    """The trained shapes model exported to ONNX (cpu-fp32/ with attention outputs), made on first use
+def _shapes_export(name: str, precisions: tuple[str, ...], progress: bool = False, log=_silent) -> Path:
+    """The trained shapes model exported (`precisions`, with attention outputs) into cache/<name>-<hash>/onnx, once
     (progress: the export's progress bar; log: told once where it is being made)."""
     from ..export.exporter import export  # noqa: PLC0415 (a notebook imports the builder only when it makes a model)
     from ..export.tiny import TRAINED_FILES, TRAINED_PRESET, make_tiny, trained_model_dir  # noqa: PLC0415 (a notebook imports the builder only when it makes a model)
     def build(tmp: Path) -> None:
         make_tiny(tmp / "hf", preset=TRAINED_PRESET, trained=True)
-        export(tmp / "hf", tmp / "onnx", ("fp32",), with_attentions=True, progress=progress, log=_silent)
+        export(tmp / "hf", tmp / "onnx", precisions, with_attentions=True, progress=progress, log=_silent)
 
     shipped = Path(str(trained_model_dir()))  # retrained weights -> a new cache folder
     weights = [shipped / name for name in TRAINED_FILES if (shipped / name).is_file()]
-    final = cache_dir() / f"shapes-trained-{exporter_hash(*weights)}"
+    final = cache_dir() / f"{name}-{exporter_hash(*weights)}"
     if not final.is_dir():
         log(f"exporting the trained shapes model to ONNX into {final} (once; later runs reuse it)")
         build_once(final, build)
-        for old in final.parent.glob("shapes-trained-*"):  # made by an older exporter: never used again
+        for old in final.parent.glob(f"{name}-*"):  # made by an older exporter: never used again
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     return final / "onnx"
+
+
+def shapes_model_dir(progress: bool = False, log=_silent) -> Path:
+    """The trained shapes model exported to ONNX (cpu-fp32/ with attention outputs), made on first use (what `demo`
+    and `generate` without --model_dir use too)."""
+    return _shapes_export("shapes-trained", ("fp32",), progress, log)
+
+
+def shapes_int4_dir() -> Path:
+    """The trained shapes model exported fp32 (with attention outputs) and INT4, what `export --precision fp32 int4`
+    writes, made on first use: what notebook 07 doctors when the [genai] extra is not installed."""
+    return _shapes_export("shapes-int4", ("fp32", "int4"))
+
+
+def has_genai() -> bool:
+    """Is onnxruntime-genai (the [genai] extra, whose builder makes the guide's export) importable?"""
+    return importlib.util.find_spec("onnxruntime_genai") is not None
 
 
 def guide_shapes_dir() -> Path:
@@ -137,14 +156,15 @@ def user_model_dir() -> Path | None:
 
 def doctor_dir() -> Path:
     """The folder notebook 07 doctors: MODEL_DIR (an export of any kind) as is, else the guide's export of the
-    trained shapes model (`guide_shapes_dir`). HF_DIR there means that folder's checkpoint (see `doctor_checkpoint`)."""
+    trained shapes model (`guide_shapes_dir`; needs the [genai] extra), else -- without the extra -- our own fp32 +
+    INT4 export of it (`shapes_int4_dir`). HF_DIR there means that folder's checkpoint (see `doctor_checkpoint`)."""
     if os.environ.get("MODEL_DIR"):
         folder = Path(os.environ["MODEL_DIR"]).expanduser()
         if not folder.exists():
             raise UserError(f"MODEL_DIR={folder} does not exist; set it to an export folder (ours, the guide's, "
                             "onnxruntime-genai's, onnx-community's) or a decoder .onnx")
         return folder
-    return guide_shapes_dir()
+    return guide_shapes_dir() if has_genai() else shapes_int4_dir()
 
 
 def doctor_checkpoint() -> Path | None:

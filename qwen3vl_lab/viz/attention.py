@@ -87,28 +87,45 @@ def plot_attention_heads(layer_attn: np.ndarray, labels: Sequence[str] | None = 
 
 
 def plot_attention_grid(attentions: Sequence[np.ndarray], labels: Sequence[str] | None = None, *,
-                        layers: Sequence[int] | None = None, heads: Sequence[int] | None = None):
-    """Layers x heads thumbnails (like bertviz's model view), from per-layer (heads, S, T) arrays."""
+                        layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
+                        notes: dict[tuple[int, int], str] | None = None, kv_heads: int | None = None,
+                        span: tuple[int, int, str] | None = None):
+    """Layers x heads thumbnails (like bertviz's model view), from per-layer (heads, S, T) arrays.
+
+    Every thumbnail: queries down (rows), keys across (columns), one colour scale 0..1 (the colour bar).
+    notes: a line under a thumbnail's title, per (layer, head), e.g. "sink 0.8" or "previous 0.9".
+    kv_heads: with grouped-query attention, title each head with the key/value head it reads (head h reads
+    kv head h // (heads / kv_heads)). span: (first, last, name) key tokens to mark on every thumbnail's
+    x axis, e.g. the image tokens.
+    """
     layers = list(range(len(attentions))) if layers is None else list(layers)
     first = _as_heads(attentions[layers[0]])
     heads = list(range(first.shape[0])) if heads is None else list(heads)
-    fig, axes = new_figure(nrows=len(layers), ncols=len(heads), figsize=(1.6 * len(heads) + 0.8, 1.6 * len(layers) + 0.6),
-                           squeeze=False)
+    group = first.shape[0] // kv_heads if kv_heads else None
+    fig, axes = new_figure(nrows=len(layers), ncols=len(heads), squeeze=False, layout="constrained",
+                           figsize=(1.9 * len(heads) + 1.6, 1.9 * len(layers) + 1.0))
+    im = None
     for r, layer in enumerate(layers):
         a = _as_heads(attentions[layer])
         for c, h in enumerate(heads):
             ax = axes[r][c]
-            ax.imshow(a[h], cmap="viridis", vmin=0.0, aspect="auto", interpolation="nearest")
+            im = ax.imshow(a[h], cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            if r == 0:
-                ax.set_title(f"head {h}", fontsize=8)
+            if span is not None:
+                ax.axvspan(span[0] - 0.5, span[1] + 0.5, ymin=0, ymax=0.04, color="#55a868", clip_on=False)
+            title = f"L{layer} head {h}" + (f" (kv {h // group})" if group else "")
+            note = (notes or {}).get((layer, h))
+            ax.set_title(title + (f"\n{note}" if note else ""), fontsize=7)
+            if r == len(layers) - 1:
+                ax.set_xlabel("key ->", fontsize=7)
             if c == 0:
-                ax.set_ylabel(f"layer {layer}", fontsize=8)
+                ax.set_ylabel(f"layer {layer}\n<- query", fontsize=7)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="attention probability")
     n = first.shape[-1]
-    span = f": {labels[0]} ... {labels[n - 1]})" if labels is not None else ")"
-    fig.suptitle(f"attention per layer and head (rows: queries, columns: keys; {n} tokens{span}", fontsize=10)
-    fig.tight_layout()
+    names = f": {labels[0]} ... {labels[n - 1]}" if labels is not None else ""
+    marked = f"; green: {span[2]}" if span is not None else ""
+    fig.suptitle(f"attention per layer and head (rows: queries, columns: keys; {n} tokens{names}{marked})", fontsize=9)
     return fig
 
 

@@ -8,13 +8,39 @@ session.
 from __future__ import annotations
 
 import warnings
+from functools import cache
+from importlib import resources
 
-# Token labels of a random-weight model are often CJK/Hangul, which DejaVu Sans draws as empty boxes;
-# without this filter matplotlib warns once per missing glyph per figure.
+# Token labels in scripts neither DejaVu Sans nor the CJK font below draws (Thai, Ethiopic, ...) stay
+# empty boxes; without this filter matplotlib warns once per missing glyph per figure.
 warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
+
+CJK_FONT_FILE = "wqy-microhei-qwen-subset.ttf"  # data/fonts/PROVENANCE.md: Apache-2.0, the vocabulary's CJK characters
 
 COLORS = {"prefill": "#4c72b0", "decode": "#dd8452", "text": "#8c8c8c", "image": "#55a868", "video": "#c44e52",
           "T": "#4c72b0", "H": "#dd8452", "W": "#55a868", "chosen": "#c44e52"}
+
+
+@cache
+def use_cjk_font() -> str:
+    """Register the shipped CJK font with matplotlib as the last fallback family; returns its family name.
+
+    Called when any qwen3vl_lab.viz module is imported, so token labels such as '的' or '한' are drawn
+    instead of empty boxes. matplotlib draws each glyph with the first family in rcParams["font.family"]
+    that has it, so appending keeps Latin text as before (DejaVu Sans). Idempotent."""
+    import matplotlib as mpl  # noqa: PLC0415 (matplotlib is imported by every viz module anyway)
+    from matplotlib import font_manager  # noqa: PLC0415
+
+    path = str(resources.files("qwen3vl_lab") / "data" / "fonts" / CJK_FONT_FILE)
+    font_manager.fontManager.addfont(path)
+    family = font_manager.FontProperties(fname=path).get_name()  # 'WenQuanYi Micro Hei'
+    families = mpl.rcParams["font.family"]
+    if family not in families:
+        mpl.rcParams["font.family"] = [*families, family]
+    return family
+
+
+use_cjk_font()
 
 
 def new_figure(*, nrows: int = 1, ncols: int = 1, figsize=(6.4, 4.0), **kwargs):

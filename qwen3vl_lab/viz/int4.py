@@ -4,6 +4,7 @@
     plot_layer_divergence(compare_layers(ref, test, prompt))  per layer: SQNR (dB) of attn_out / mlp_out / hidden
     plot_int4_summary(forced, layers)                         both side by side
     plot_recipe_accuracy(recipe_accuracy(root, recipes))      exact-match accuracy per recipe (SIMULATED ones hatched)
+    plot_int4_block(weights, dequantized, scale, zero_point)  one 32-weight block: values, grid, rounded values, error
 
 Each takes the doctor's result object (`qwen3vl_lab.debug`: TeacherForced or Comparison, LayerReport,
 AccuracyResult) or plain arrays: a KL value per step (with `top1_agree`), an SQNR value per layer/tensor
@@ -20,6 +21,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import PercentFormatter
 
 from ..errors import UserError
+from ..stats import wilson_interval
 from .figure import COLORS, figure_of, new_figure
 
 LAYER_KINDS = ("attn_out", "mlp_out", "hidden")  # the decoder tensors the doctor taps per layer
@@ -143,6 +145,14 @@ def _accuracy_rows(data, labels, simulated, well_formed, bits):
             None if bits is None else np.asarray(bits).reshape(-1))
 
 
+def _intervals(data) -> np.ndarray | None:
+    """(R, 2) 95% Wilson intervals of an AccuracyResult's rows (from their correct / total counts), else None."""
+    rows = getattr(data, "rows", None)
+    if not rows or not all(r.table and "all" in r.table for r in rows):
+        return None
+    return np.array([wilson_interval(r.table["all"]["correct"], r.table["all"]["total"]) for r in rows])
+
+
 def plot_recipe_accuracy(data, *, labels: Sequence[str] | None = None, simulated=None, well_formed=None,
                          bits=None, reference: float | None = None, ax=None, title: str | None = None):
     """Exact-match accuracy per quantization recipe: one bar each, in the order given (top to bottom).
@@ -153,7 +163,8 @@ def plot_recipe_accuracy(data, *, labels: Sequence[str] | None = None, simulated
     rounded to the grid, what MatMulNBits cannot run) and say so in their label. A black diamond marks
     the share of well-formed answers (some answer of the task, right or wrong): a bar far left of its
     diamond is a model that still talks but errs; both far left is word salad. The dashed line is
-    fp32's accuracy (`reference`, taken from the fp32 row of a result).
+    fp32's accuracy (`reference`, taken from the fp32 row of a result). A result's bars carry their 95% Wilson
+    interval (`stats.wilson_interval` of each row's correct / total).
     """
     names, acc, sim, formed, nbits = _accuracy_rows(data, labels, simulated, well_formed, bits)
     if len(acc) == 0:
@@ -167,7 +178,11 @@ def plot_recipe_accuracy(data, *, labels: Sequence[str] | None = None, simulated
               for b in (nbits if nbits is not None else np.zeros(len(acc)))]
     for yi, a, c, s in zip(y, acc, colors, sim):
         ax.barh(yi, a, color=c, hatch="///" if s else None, edgecolor="white" if s else c, linewidth=0)
-        ax.text(a + 0.01, yi, f"{a:.0%}", va="center", fontsize=7)
+        ax.text(a + 0.01, yi + 0.22, f"{a:.0%}", va="center", fontsize=7)
+    intervals = _intervals(data)
+    if intervals is not None:  # the 95% Wilson interval of each accuracy: how sure a few dozen questions make it
+        ax.errorbar(acc, y, xerr=np.abs(intervals - acc[:, None]).T, fmt="none", ecolor="black", elinewidth=0.8,
+                    capsize=2)
     if formed is not None:
         ax.plot(formed, y, "D", color="black", markersize=4)
     if reference is not None:
@@ -186,7 +201,51 @@ def plot_recipe_accuracy(data, *, labels: Sequence[str] | None = None, simulated
                               label="well-formed answers"))
     if reference is not None:
         handles.append(Line2D([], [], color="gray", linestyle="--", label="fp32"))
+    if intervals is not None:
+        handles.append(Line2D([], [], color="black", marker="|", linestyle="-", label="95% interval"))
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_title(title or "answers per recipe: where quantization hurts and where it does not", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_int4_block(weights, dequantized, scale: float, zero_point: int, *, bits: int = 4, ax=None,
+                    title: str | None = None):
+    """One quantization block drawn: its fp32 weights, the grid of 2^bits levels (q - zero_point) * scale, where each
+    weight rounds to, and the rounding error (never more than half a step, |scale| / 2, inside the grid).
+
+    weights (L,) fp32 values of one block (32 for `export --precision int4`); dequantized (L,) what the kernel
+    multiplies by (e.g. `debug.weights.dequantize` of the stored codes); scale and zero_point as stored.
+    """
+    w = np.asarray(weights, np.float64).reshape(-1)
+    wq = np.asarray(dequantized, np.float64).reshape(-1)
+    if w.shape != wq.shape or w.size == 0:
+        raise UserError(f"weights {w.shape} and dequantized {wq.shape} must be the same block of values")
+    levels = (np.arange(2 ** bits) - zero_point) * scale  # the grid: every value a code can stand for
+    if ax is None:
+        fig, (ax_v, ax_e) = new_figure(nrows=2, figsize=(10.0, 5.6), sharex=True,
+                                       gridspec_kw={"height_ratios": [3, 1.2]})
+    else:
+        fig, ax_v, ax_e = ax.figure, ax, None
+    x = np.arange(w.size)
+    for v in levels:
+        ax_v.axhline(v, color="#dddddd", linewidth=0.8, zorder=0)
+    ax_v.vlines(x, w, wq, color=COLORS["chosen"], linewidth=1.2, zorder=1)
+    ax_v.plot(x, w, "o", color=COLORS["prefill"], markersize=5, label="fp32 weight", zorder=2)
+    ax_v.plot(x, wq, "_", color="black", markersize=12, mew=2, label="rounded: (q - zero point) x scale", zorder=3)
+    ax_v.set_ylabel("weight value")
+    ax_v.legend(fontsize=7, loc="upper right", ncol=2)
+    codes = np.rint(wq / scale + zero_point).astype(int) if scale else np.full(w.size, zero_point)
+    for xi, q in zip(x, codes):
+        ax_v.annotate(str(q), (xi, wq[xi]), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=6)
+    ax_v.set_title(title or (f"one {w.size}-weight block at {bits} bits: {2 ** bits} levels (grey lines), scale "
+                             f"{scale:.3g}, zero point {zero_point}; the number is the stored code q"), fontsize=9)
+    if ax_e is not None:
+        ax_e.bar(x, w - wq, color=COLORS["chosen"], width=0.7)
+        ax_e.axhline(abs(scale) / 2, color="gray", linestyle="--", linewidth=1)
+        ax_e.axhline(-abs(scale) / 2, color="gray", linestyle="--", linewidth=1)
+        ax_e.set_ylabel("error\n(fp32 - rounded)")
+        ax_e.set_xlabel("weight index in the block (32 consecutive inputs of one output column)")
+        ax_e.text(w.size - 0.5, abs(scale) / 2, " half a step", fontsize=7, va="bottom", ha="right", color="gray")
     fig.tight_layout()
     return fig

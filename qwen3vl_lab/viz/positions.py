@@ -3,6 +3,9 @@
     plot_positions(position_ids, labels, kinds)            t/h/w of every token: text, image, text
     plot_image_positions(position_ids, cells)              one image's h and w ids on its cell grid
     plot_mrope_channels(text_config, position=(t, h, w))   which axis rotates each channel, and how fast
+    plot_mrope_layouts(text_config)                        blocked (Qwen2.5-VL) vs interleaved (Qwen3-VL) channels
+    plot_rotation_pair(text_config, channel=0)             one 2-D rotation: channels j and j + hd/2 turning together
+    plot_relative_scores(text_config)                      q . k over an image's cells: MRoPE vs 1-D positions
 
 `position_ids` is (3, S) (or (3, 1, S), as `build_positions` returns it).
 """
@@ -12,8 +15,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.colors import ListedColormap
-from matplotlib.patches import Rectangle
+from matplotlib.patches import Circle, Rectangle
 
 from ..config import TextConfig
 from ..errors import UserError
@@ -73,7 +77,8 @@ def plot_positions(position_ids: np.ndarray, labels: Sequence[str] | None = None
         ax.tick_params(labelbottom=False)
     if labels is not None and S <= 64:
         tick_labels(axes[-1], list(labels)[:S], "x")
-    axes[-1].set_xlabel("token index" + (" (shaded: image tokens)" if kinds is not None and np.any(kinds) else ""))
+    shaded = [name for kind, name in ((1, "image"), (2, "video")) if kinds is not None and np.any(np.asarray(kinds) == kind)]
+    axes[-1].set_xlabel("token index" + (f" (shaded: {' and '.join(shaded)} tokens)" if shaded else ""))
     title = "3-D positions (t, h, w) of every token"
     if highlight is not None:
         title += f"; token {highlight}: (t, h, w) = {tuple(int(v) for v in p[:, highlight])}"
@@ -181,4 +186,127 @@ def plot_token_on_image(image: np.ndarray, cell: Sequence[int], grid: Sequence[i
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title or f"cell (row {r}, col {c}) of {gh} x {gw}: {ch:.0f} x {cw:.0f} pixels", fontsize=9)
+    return fig
+
+
+# -- MRoPE as a teacher draws it: layouts, one rotation, the relative property ---------------------
+QWEN25_VL_SECTION = (16, 24, 24)  # Qwen2.5-VL's mrope_section: blocked T 0-15, H 16-39, W 40-63 (head_dim 128)
+
+
+def blocked_channel_axes(mrope_section, head_dim: int) -> np.ndarray:
+    """Qwen2/2.5-VL's blocked (contiguous) layout: the first section[0] channels T, the next section[1] H, then W."""
+    section = [int(s) for s in mrope_section]
+    if len(section) != 3 or 2 * sum(section) != head_dim:
+        raise UserError(f"mrope_section {section} must have 3 entries summing to head_dim/2 = {head_dim // 2}")
+    return np.array(["T"] * section[0] + ["H"] * section[1] + ["W"] * section[2], dtype="<U1")
+
+
+def plot_mrope_layouts(text: TextConfig, blocked_section=QWEN25_VL_SECTION):
+    """Blocked (Qwen2.5-VL) beside interleaved (Qwen3-VL): which channel each axis gets, and so which
+    frequencies (wavelengths) each axis can use. Both with this config's head_dim and rope_theta."""
+    freq = inv_freq_per_channel(text)  # (hd/2,) fast (j = 0) to slow
+    layouts = (("blocked (Qwen2.5-VL)", blocked_channel_axes(blocked_section, text.head_dim), blocked_section),
+               ("interleaved (Qwen3-VL)", mrope_channel_axes(text.mrope_section, text.head_dim), text.mrope_section))
+    fig, axes = new_figure(nrows=3, figsize=(9.0, 5.2), gridspec_kw={"height_ratios": [0.35, 0.35, 1.0]})
+    cmap = ListedColormap([COLORS["T"], COLORS["H"], COLORS["W"]])
+    for ax, (name, axis_map, section) in zip(axes[:2], layouts):
+        ax.imshow([[{"T": 0, "H": 1, "W": 2}[a] for a in axis_map]], cmap=cmap, vmin=0, vmax=2, aspect="auto")
+        ax.set_yticks([])
+        ax.set_xticks([])
+        ax.set_title(f"{name}, mrope_section {list(section)}: channel j = 0 .. {text.head_dim // 2 - 1} -> axis "
+                     "(blue T, orange H, green W)", fontsize=9)
+    wavelength = 2 * np.pi / freq  # positions per full turn
+    for row, (_, axis_map, _) in enumerate(layouts):
+        for k, a in enumerate("THW"):
+            sel = axis_map == a
+            y = row * 4 + k
+            axes[2].semilogx(wavelength[sel], np.full(sel.sum(), y), "|", color=COLORS[a], markersize=10, mew=2)
+            axes[2].text(wavelength.max() * 3, y, f"{a}: {wavelength[sel].min():.3g} .. {wavelength[sel].max():.3g}",
+                         va="center", fontsize=7)
+    axes[2].set_yticks([0, 1, 2, 4, 5, 6])
+    axes[2].set_yticklabels(["blocked T", "blocked H", "blocked W", "interleaved T", "interleaved H", "interleaved W"],
+                            fontsize=8)
+    axes[2].invert_yaxis()
+    axes[2].set_xlim(wavelength.min() / 2, wavelength.max() * 400)
+    axes[2].set_xlabel("wavelength of the channel (positions per full turn, log scale): left = fast, fine detail")
+    axes[2].set_title(f"which wavelengths each axis gets (head_dim {text.head_dim}, rope_theta {text.rope_theta:g})",
+                      fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_rotation_pair(text: TextConfig, channel: int = 0, positions=range(6), vector=(1.0, 0.3), *, ax=None):
+    """One 2-D rotation: the pair (x_j, x_{j + hd/2}) of a query/key turned by p * freq_j for a few positions p."""
+    freq = float(inv_freq_per_channel(text)[channel])
+    fig, ax = figure_of(ax, figsize=(4.2, 4.2))
+    x0 = np.asarray(vector, np.float64)
+    ax.add_patch(Circle((0, 0), np.hypot(*x0), fill=False, color="lightgray", linestyle="--"))
+    cmap = colormaps["viridis"]
+    positions = list(positions)
+    for i, p in enumerate(positions):
+        a = p * freq
+        x = np.array([x0[0] * np.cos(a) - x0[1] * np.sin(a), x0[1] * np.cos(a) + x0[0] * np.sin(a)])
+        color = cmap(i / max(len(positions) - 1, 1))
+        ax.annotate("", x, (0, 0), arrowprops=dict(arrowstyle="->", color=color, linewidth=2))
+        ax.text(*(x * 1.12), f"p={p}", color=color, fontsize=8, ha="center", va="center")
+    r = np.hypot(*x0) * 1.35
+    ax.set_xlim(-r, r)
+    ax.set_ylim(-r, r)
+    ax.set_aspect("equal")
+    half = text.head_dim // 2
+    ax.set_xlabel(f"x[{channel}]")
+    ax.set_ylabel(f"x[{channel + half}]")
+    ax.set_title(f"channels {channel} and {channel} + {half} turn together:\n{freq:.3g} rad per position step", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def rotate(x: np.ndarray, angles: np.ndarray) -> np.ndarray:
+    """RoPE as the decoder applies it: x (..., hd), angles (..., hd/2) -> x*cos + rotate_half(x)*sin (half-split)."""
+    cos, sin = np.cos(np.concatenate([angles, angles], -1)), np.sin(np.concatenate([angles, angles], -1))
+    half = x.shape[-1] // 2
+    rotated_half = np.concatenate([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated_half * sin
+
+
+def rope_score(text: TextConfig, q: np.ndarray, k: np.ndarray, q_pos, k_pos) -> float:
+    """q . k after rotating q to (t, h, w) = q_pos and k to k_pos (MRoPE angles of this config)."""
+    return float(rotate(q, mrope_angles(text, q_pos)) @ rotate(k, mrope_angles(text, k_pos)))
+
+
+def relative_score_maps(text: TextConfig, grid=(9, 9), query_cell=(4, 4), q=None, k=None, start: int = 10):
+    """Scores of one image token's query against the keys of every cell of a (rows, cols) image, two ways:
+    MRoPE (cell (r, c) at (s, s + r, s + c)) and plain 1-D RoPE (cell at s + r * cols + c, row after row).
+
+    q, k (hd,): the vectors compared, identical by default (all ones): then only the positions decide."""
+    rows, cols = grid
+    q = np.ones(text.head_dim) if q is None else np.asarray(q, np.float64)
+    k = q if k is None else np.asarray(k, np.float64)
+    qr, qc = query_cell
+    mrope, flat = np.zeros(grid), np.zeros(grid)
+    for r in range(rows):
+        for c in range(cols):
+            mrope[r, c] = rope_score(text, q, k, (start, start + qr, start + qc), (start, start + r, start + c))
+            p, pk = start + qr * cols + qc, start + r * cols + c
+            flat[r, c] = rope_score(text, q, k, (p, p, p), (pk, pk, pk))
+    return mrope, flat  # (rows, cols) each
+
+
+def plot_relative_scores(text: TextConfig, grid=(9, 9), query_cell=(4, 4)):
+    """Two heatmaps over an image's cells: the score of the marked cell's query against every cell's key,
+    with MRoPE (depends on (dh, dw): a 2-D neighbourhood) and with 1-D positions (depends on r * cols + c)."""
+    mrope, flat = relative_score_maps(text, grid, query_cell)
+    fig, axes = new_figure(ncols=2, figsize=(9.0, 4.2))
+    vmin, vmax = min(mrope.min(), flat.min()), max(mrope.max(), flat.max())
+    for ax, scores, name in ((axes[0], mrope, "MRoPE: (s, s + row, s + col)"),
+                             (axes[1], flat, "1-D RoPE: s + row x cols + col")):
+        im = ax.imshow(scores, cmap="viridis", vmin=vmin, vmax=vmax)
+        ax.add_patch(Rectangle((query_cell[1] - 0.5, query_cell[0] - 0.5), 1, 1, fill=False,
+                               edgecolor=COLORS["chosen"], linewidth=2))
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("cell column")
+        ax.set_ylabel("cell row")
+    fig.colorbar(im, ax=list(axes), fraction=0.03, label="q . k after rotation (q = k = ones)")
+    fig.suptitle(f"score of the red cell's query against each cell's key, {grid[0]} x {grid[1]} image, "
+                 f"head_dim {text.head_dim}", fontsize=10)
     return fig
