@@ -130,3 +130,9 @@ def test_reading_order_has_no_forward_references():
         later = {m for m in graph[module] if m in order and m not in seen}
         assert not later, f"{module} uses {sorted(later)}, which the reading path lists after it"
         seen.add(module)
+
+
+def test_every_notebook_is_in_the_see_guide():
+    see = (ROOT / "docs" / "guides" / "see.md").read_text(encoding="utf-8")
+    for notebook in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        assert f"](../notebooks/{notebook.name})" in see, f"docs/guides/see.md does not link {notebook.name}"
