@@ -35,6 +35,7 @@ import onnx
 
 from .errors import UserError
 from .layout import DECODER_FILE, EMBEDDING_FILE, GENAI_CONFIG, LOGITS, OWN_CONFIG, OWN_SECTION, TOKENIZER_FILE, VISION_FILE
+from .paths import external_data, inside
 
 KINDS = ("qwen3vl-lab", "guide", "genai", "onnx-community", "single-decoder")
 PYTORCH_DIR = "pytorch"  # the Hugging Face folder beside the precision folders (ours: config + tokenizer only)
@@ -175,8 +176,16 @@ def find_layout(path: str | Path, precision: str | None = None, *, tokenizer_dir
     precision: which decoder to pick at a root holding several (None: fp32 if present, else the
     first); a precision folder or a decoder file is used as it is. tokenizer_dir: where the
     tokenizer is, overriding the search (needed for a lone decoder file without tokenizer.json beside it).
-    Raises UserError (one line: what was found, what is expected) for anything else."""
-    path = Path(path).expanduser()
+    Raises UserError (one line: what was found, what is expected) for anything else, and for a graph that
+    is a symlink leading out of its folder (`paths.inside`: nothing outside a model folder is read)."""
+    layout = _find_layout(Path(path).expanduser(), precision, tokenizer_dir)
+    for graph in (layout.decoder, layout.embedding, layout.vision):
+        if graph is not None:
+            inside(graph.parent, graph.name, f"{graph.parent} (its file {graph.name})")
+    return layout
+
+
+def _find_layout(path: Path, precision: str | None, tokenizer_dir: str | Path | None) -> Layout:
     if not path.exists():
         raise UserError(f"{path} does not exist; pass an export folder or a decoder .onnx file")
     explicit_tok = _explicit_tokenizer_dir(tokenizer_dir)
@@ -217,7 +226,7 @@ def find_layout(path: str | Path, precision: str | None = None, *, tokenizer_dir
 def _precision_folder(folder: Path, root: Path, explicit_tok: Path | None) -> Layout:
     """A folder with genai_config.json: ours, the guide's or onnxruntime-genai's builder's."""
     info = read_genai_config(folder)
-    decoder = folder / (info.decoder_file or DECODER_FILE)
+    decoder = inside(folder, info.decoder_file or DECODER_FILE, f"{info.path} model.decoder.filename")
     if not decoder.is_file():
         raise UserError(f"{info.path} names the decoder {decoder.name}, which is missing from {folder}; "
                         "copy it back or re-export")
@@ -366,6 +375,14 @@ def graph_precision(decoder: Path) -> str:
     return "fp32"
 
 
+def external_files(model: onnx.ModelProto, graph_file: Path) -> list[Path]:
+    """The external-data files `graph_file`'s initializers name (each confined to its folder by `paths.inside`:
+    a location outside it is a one-line UserError naming the graph and the tensor), in first-use order."""
+    files = (external_data(t, graph_file.parent, str(graph_file))[0] for t in model.graph.initializer
+             if t.data_location == onnx.TensorProto.EXTERNAL)
+    return list(dict.fromkeys(files))
+
+
 def _community_dir(path: Path) -> Path | None:
     """ROOT/onnx (given ROOT or ROOT/onnx) when it holds a community decoder file."""
     for d in (path / COMMUNITY_DIR, path):
@@ -409,9 +426,9 @@ def _first_file(*paths: Path) -> Path | None:
 
 
 def _named_file(folder: Path, name, part: str, config: Path, notices: list[str]) -> Path | None:
-    if not isinstance(name, str) or not name:
+    if name is None:
         return None
-    path = folder / name
+    path = inside(folder, name, f"{config} model.{part}.filename")
     if not path.is_file():
         notices.append(f"{config.name} names the {part} model {name}, which is missing from {folder}")
         return None

@@ -55,6 +55,17 @@ def opened():
         _OPENED = None
 
 
+def test_the_audit_hook_sees_every_way_our_readers_open_a_file(tmp_path):
+    """The check below can fail: each way our readers open a data file is recorded."""
+    f = tmp_path / "w.data"
+    f.write_bytes(bytes(64))
+    for read in (lambda: f.read_bytes(), lambda: np.fromfile(f, np.float32), lambda: np.memmap(f, np.float32, "r"),
+                 lambda: os.close(os.open(f, os.O_RDONLY))):
+        with opened() as seen:
+            read()
+        assert touched(seen, f), seen
+
+
 def touched(seen: list[str], outside: Path) -> list[str]:
     """The opened paths that lead to `outside` (a file, or anything below a folder), symlinks resolved."""
     target = outside.resolve()
@@ -138,3 +149,221 @@ def test_make_guide_export_refuses_a_checkpoint_with_custom_code(tiny_dir, tmp_p
     code, _, err = run_cli(capsys, "make-guide-export", "--hf_dir", hf, "--output_dir", tmp_path / "out")
     assert_one_line_error(code, err, "auto_map", "never runs")
     assert not (tmp_path / "MARKER").exists() and not (tmp_path / "out").exists()
+
+
+# -- 2. nothing outside the folder is read -----------------------------------------------------------
+@pytest.fixture
+def outside(tiny_onnx_fp32_dir, tmp_path) -> Path:
+    """A folder next to the model holding a working decoder: reading it would show (generation would run)."""
+    folder = tmp_path / "outside"
+    folder.mkdir()
+    for name in ("model.onnx", "model.onnx.data"):
+        os.link(tiny_onnx_fp32_dir / "cpu-fp32" / name, folder / name)
+    return folder
+
+
+def edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+DECODER_NAMES = {  # what genai_config.json's model.decoder.filename says, given the outside folder
+    "climbs-out": lambda o: "../../outside/model.onnx",
+    "absolute": lambda o: str(o / "model.onnx"),
+    "proc": lambda o: "/proc/self/environ",
+    "not-a-string": lambda o: ["model.onnx"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DECODER_NAMES))
+def test_a_genai_config_file_name_outside_the_folder_is_refused(kind, tiny_onnx_fp32_dir, outside, tmp_path, capsys):
+    model = clone(tiny_onnx_fp32_dir, tmp_path / "model", copy=("cpu-fp32/genai_config.json",))
+    name = DECODER_NAMES[kind](outside)
+    edit_json(model / "cpu-fp32" / "genai_config.json", lambda c: c["model"]["decoder"].update(filename=name))
+    with opened() as seen:
+        code, _, err = run_cli(capsys, "generate", "--model_dir", model, "--prompt", "Hi", "--max_new_tokens", "1")
+    if kind == "not-a-string":  # read as "no file name": the folder's own model.onnx, as before
+        assert code == 0, err
+    else:
+        assert_one_line_error(code, err, "genai_config.json", "model.decoder.filename", "outside")
+    assert touched(seen, outside) == [] and touched(seen, Path("/proc/self/environ")) == []
+
+
+def test_a_decoder_that_is_a_symlink_out_of_the_folder_is_refused(tiny_onnx_fp32_dir, outside, tmp_path, capsys):
+    model = clone(tiny_onnx_fp32_dir, tmp_path / "model")
+    (model / "cpu-fp32" / "model.onnx").unlink()
+    (model / "cpu-fp32" / "model.onnx").symlink_to(outside / "model.onnx")
+    for command in ("generate", "inspect"):
+        with opened() as seen:
+            code, _, err = run_cli(capsys, command, "--model_dir", model, "--prompt", "Hi", "--max_new_tokens", "1")[:3] \
+                if command == "generate" else run_cli(capsys, command, "--model_dir", model)
+        assert_one_line_error(code, err, "model.onnx", "outside")
+        assert touched(seen, outside) == [], command
+
+
+def test_a_genai_export_naming_an_embedding_outside_is_refused(tiny_onnx_fp32_dir, tmp_path, capsys):
+    """onnxruntime-genai's layout reads model.embedding.filename (ours is found by its fixed name)."""
+    model = clone(tiny_onnx_fp32_dir, tmp_path / "model", copy=("cpu-fp32/genai_config.json",))
+    secret = tmp_path / "secret.onnx"
+    os.link(tiny_onnx_fp32_dir / "cpu-fp32" / "qwen3vl-embedding.onnx", secret)
+    for name in ("qwen3vl_lab.json", "qwen3vl-embedding.onnx", "qwen3vl-embedding-genai.onnx"):
+        (model / "cpu-fp32" / name).unlink()
+    edit_json(model / "cpu-fp32" / "genai_config.json",
+              lambda c: c["model"].update(embedding={"filename": "../../secret.onnx"}))
+    with opened() as seen:
+        code, _, err = run_cli(capsys, "inspect", "--model_dir", model)
+    assert_one_line_error(code, err, "genai_config.json", "model.embedding.filename", "outside")
+    assert touched(seen, secret) == []
+
+
+def relocate(graph_file: Path, location) -> None:
+    """Point every external-data entry of `graph_file` at `location` (a copy of the graph: never the fixture)."""
+    model = onnx.load(str(graph_file), load_external_data=False)
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location(e.value)
+    graph_file.unlink()
+    onnx.save(model, str(graph_file))
+
+
+def test_inspect_refuses_weights_that_live_outside_and_lists_weights_that_are_missing(
+        tiny_onnx_fp32_dir, outside, tmp_path, capsys):
+    model = clone(tiny_onnx_fp32_dir, tmp_path / "model")
+    relocate(model / "cpu-fp32" / "model.onnx", lambda _: "../../outside/model.onnx.data")
+    with opened() as seen:
+        code, _, err = run_cli(capsys, "inspect", "--model_dir", model)
+    assert_one_line_error(code, err, "model.onnx", "external_data location", "outside")
+    assert touched(seen, outside) == []
+
+    (model / "cpu-fp32" / "model.onnx").unlink()
+    os.link(tiny_onnx_fp32_dir / "cpu-fp32" / "model.onnx", model / "cpu-fp32" / "model.onnx")
+    (model / "cpu-fp32" / "model.onnx.data").unlink()
+    code, out, err = run_cli(capsys, "inspect", "--model_dir", model)
+    assert code == 0, err
+    missing = next(line for line in out.splitlines() if line.strip().startswith("missing:"))
+    assert "the weights of model.onnx (model.onnx.data" in missing and "nothing" not in missing, missing
+
+
+LOCATIONS = {  # an external-data location, given the outside file
+    "climbs-out": lambda f: "../" + f.name,
+    "absolute": lambda f: str(f),
+    "symlink": lambda f: "link.data",
+    "proc": lambda f: "/proc/self/environ",
+}
+
+
+@pytest.fixture
+def weight_readers():
+    """Our own readers of external data (onnxruntime refuses such locations itself; these must too)."""
+    from qwen3vl_lab.debug.weights import map_array
+    from qwen3vl_lab.export.decoder_fast import SourceDecoder
+    from qwen3vl_lab.export.quantize import read_array, read_raw
+    from qwen3vl_lab.layouts import external_files
+
+    return {"read_array (quantizer, read_quantized)": lambda m, t, d: read_array(t, d),
+            "read_raw (quantizer)": lambda m, t, d: read_raw(t, d),
+            "map_array (compare_weights)": lambda m, t, d: map_array(t, d),
+            "SourceDecoder.array (fast graph)": lambda m, t, d: SourceDecoder(m, d).array(t.name),
+            "external_files (inspect, edited sessions)": lambda m, t, d: external_files(m, d / "g.onnx")}
+
+
+@pytest.mark.parametrize("kind", sorted(LOCATIONS))
+def test_our_weight_readers_never_open_an_external_data_file_outside_the_graphs_folder(kind, weight_readers, tmp_path):
+    secret = tmp_path / "secret.data"
+    secret.write_bytes(np.arange(16, dtype=np.float32).tobytes())
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "link.data").symlink_to(secret)
+    w = numpy_helper.from_array(np.zeros((4, 4), np.float32), "w")
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", LOCATIONS[kind](secret)), ("offset", "0"), ("length", "64")):
+        entry = w.external_data.add()
+        entry.key, entry.value = k, v
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    model = helper.make_model(graph)
+    for reader, read in weight_readers.items():
+        with opened() as seen, pytest.raises(UserError) as e:
+            read(model, w, folder)
+        message = str(e.value)
+        assert "\n" not in message and "'w'" in message and "location" in message and "outside" in message, reader
+        assert touched(seen, secret) == [] and touched(seen, Path("/proc/self/environ")) == [], reader
+
+
+def test_inside_is_the_one_rule(tmp_path):
+    folder = tmp_path / "m"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "a.bin").write_bytes(b"x")
+    (folder / "up").symlink_to(tmp_path)
+    (folder / "loop").symlink_to(folder / "loop")
+    assert inside(folder, "sub/a.bin", "k") == folder / "sub" / "a.bin"
+    assert inside(folder, "sub/../sub/a.bin", "k") == folder / "sub/../sub/a.bin"  # stays inside: fine
+    assert inside(folder, "up/m/sub/a.bin", "k") == folder / "up/m/sub/a.bin"  # a link that leads back in: fine
+    for bad in ("../m2/a.bin", "/etc/passwd", "up/other", ".", "", "loop", "a\0b", 3, None):
+        with pytest.raises(UserError, match="^k ") as e:
+            inside(folder, bad, "k")
+        assert "\n" not in str(e.value)
+
+
+# -- checkpoints: model.safetensors.index.json -----------------------------------------------------
+SHARDS = {  # a weight_map value, given the outside shard
+    "climbs-out": lambda f: "../" + f.name,
+    "absolute": lambda f: str(f),
+    "symlink": lambda f: "link.safetensors",
+    "a-list": lambda f: [f.name],
+    "a-number": lambda f: 7,
+}
+
+
+def sharded(tiny_dir: Path, folder: Path) -> Path:
+    """`tiny_dir` saved as two shards + model.safetensors.index.json."""
+    from qwen3vl_lab.export.checkpoint import Checkpoint, LazyTensor, save_checkpoint_weights
+
+    ckpt = Checkpoint.open(tiny_dir)
+    folder.mkdir()
+    for p in tiny_dir.glob("*.json"):
+        os.link(p, folder / p.name)
+    total = sum(ckpt.info(n).nbytes for n in ckpt.names())
+    save_checkpoint_weights(folder, {n: LazyTensor(ckpt.shape(n), lambda n=n: ckpt.get(n)) for n in ckpt.names()},
+                            max_shard_bytes=total // 2 + 1)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sharded_tiny(tiny_dir, tmp_path_factory) -> Path:
+    return sharded(tiny_dir, tmp_path_factory.mktemp("sharded") / "hf")
+
+
+@pytest.mark.parametrize("kind", sorted(SHARDS))
+def test_a_shard_name_outside_the_checkpoint_is_refused(kind, sharded_tiny, tmp_path, capsys):
+    hf = clone(sharded_tiny, tmp_path / "hf", copy=("model.safetensors.index.json",))
+    first = sorted(hf.glob("model-*.safetensors"))[0]
+    secret = tmp_path / "secret.safetensors"
+    os.link(first, secret)  # a real shard: reading it would show (the export would go through)
+    (hf / "link.safetensors").symlink_to(secret)
+    index = hf / "model.safetensors.index.json"
+    edit_json(index, lambda d: d["weight_map"].update({k: SHARDS[kind](secret) for k, v in d["weight_map"].items()
+                                                       if v == first.name}))
+    with opened() as seen:
+        code, _, err = run_cli(capsys, "export", "--hf_dir", hf, "--output_dir", tmp_path / "out", "--quiet")
+    assert_one_line_error(code, err, "model.safetensors.index.json", "weight_map[")
+    assert touched(seen, secret) == [] and not (tmp_path / "out").exists()
+
+
+def test_a_hugging_face_cache_snapshot_is_read_through_its_symlinks(sharded_tiny, tmp_path):
+    """The Hub's cache keeps files in models--ORG--NAME/blobs/ and links them from snapshots/REV/: allowed."""
+    from qwen3vl_lab.export.checkpoint import Checkpoint
+
+    repo = tmp_path / "hub" / "models--Qwen--Qwen3-VL-2B-Instruct"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    for p in sharded_tiny.iterdir():
+        blob = repo / "blobs" / sha(p)
+        os.link(p, blob)
+        (snapshot / p.name).symlink_to(Path("../..") / "blobs" / blob.name)
+    assert Checkpoint.open(snapshot).names() == Checkpoint.open(sharded_tiny).names()
