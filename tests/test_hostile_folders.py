@@ -367,3 +367,110 @@ def test_a_hugging_face_cache_snapshot_is_read_through_its_symlinks(sharded_tiny
         os.link(p, blob)
         (snapshot / p.name).symlink_to(Path("../..") / "blobs" / blob.name)
     assert Checkpoint.open(snapshot).names() == Checkpoint.open(sharded_tiny).names()
+
+
+# -- 3. nothing of the user's is overwritten -------------------------------------------------------
+@pytest.fixture
+def users_files(tmp_path) -> dict[Path, str]:
+    """A file of the user's outside the report folder (a symlink's target) and their own figure-named file."""
+    victim = tmp_path / "thesis.txt"
+    victim.write_text("the user's thesis\n")
+    return {victim: sha(victim)}
+
+
+@pytest.mark.parametrize("planted", ["symlink", "users-file"])
+def test_doctor_report_dir_refuses_a_figure_name_it_did_not_write(planted, tiny_onnx_fp32_dir, users_files,
+                                                                  tmp_path, capsys):
+    """Refused up front (before the diagnosis runs), in one line; the user's bytes are unchanged."""
+    report = tmp_path / "report"
+    report.mkdir()
+    figure = report / "kl_per_step.png"
+    victim = next(iter(users_files))
+    if planted == "symlink":
+        figure.symlink_to(victim)
+    else:
+        figure.write_bytes(b"my own plot")
+        users_files[figure] = sha(figure)
+    code, out, err = run_cli(capsys, "doctor", "--model_dir", tiny_onnx_fp32_dir, "--report_dir", report,
+                             "--no_recipes", "--quiet")
+    assert_one_line_error(code, err, "--report_dir", "kl_per_step.png", "never replaces")
+    assert out == ""  # nothing diagnosed for nothing
+    assert {p: sha(p) for p in users_files} == users_files
+    assert figure.is_symlink() == (planted == "symlink")
+
+
+def test_write_figures_replaces_its_own_figures_and_never_writes_through_a_link(tmp_path, users_files):
+    from matplotlib.figure import Figure
+
+    from qwen3vl_lab.viz import doctor as viz
+
+    class Sweep:  # what plot_sweep draws is beside the point here: one figure named "sweep"
+        pass
+
+    def fig(*_):
+        f = Figure(figsize=(2, 2))
+        f.subplots().plot([0, 1], [1, 0])
+        return f
+
+    viz_plot_sweep, viz.plot_sweep = viz.plot_sweep, fig
+    try:
+        report = tmp_path / "report"
+        first = viz.write_figures(None, report, sweep=Sweep())
+        again = viz.write_figures(None, report, sweep=Sweep())  # ours, unchanged: replaced
+        assert first == again == [report / "sweep.png"]
+        (report / "sweep.png").write_bytes(b"edited by the user")  # no longer what we wrote: refused
+        with pytest.raises(UserError, match="sweep.png"):
+            viz.write_figures(None, report, sweep=Sweep())
+        assert (report / "sweep.png").read_bytes() == b"edited by the user"
+        (report / "sweep.png").unlink()
+        victim = next(iter(users_files))
+        (report / ".qwen3vl-lab-figures.json").unlink()
+        (report / ".qwen3vl-lab-figures.json").symlink_to(victim)  # even our record: replaced, not written through
+        viz.write_figures(None, report, sweep=Sweep())
+    finally:
+        viz.plot_sweep = viz_plot_sweep
+    assert {p: sha(p) for p in users_files} == users_files
+    assert not (report / ".qwen3vl-lab-figures.json").is_symlink()
+
+
+def tree(path: Path) -> list[tuple[str, bytes | None]]:
+    """Names and bytes of `path` and everything below it (None for a folder)."""
+    return [(p.name, p.read_bytes() if p.is_file() else None) for p in [path, *sorted(path.rglob("*"))]]
+
+
+@pytest.mark.parametrize("squatter", ["file", "folder-with-files", "empty-folder"])
+def test_a_predictable_old_name_made_by_someone_else_never_breaks_a_replace(squatter, tmp_path):
+    """What `.cpu-fp32.old-PID` used to be: another process makes that name first; the replace goes through
+    and the squatter's bytes are untouched."""
+    from qwen3vl_lab.export.files import replace_folder, stamp_folder
+
+    final, staged = tmp_path / "cpu-fp32", tmp_path / ".staged"
+    for folder, text in ((final, "old"), (staged, "new")):
+        folder.mkdir()
+        (folder / "model.onnx").write_text(text)
+    stamp_folder(final, "export")
+    planted = tmp_path / f".cpu-fp32.old-{os.getpid()}"
+    if squatter == "file":
+        planted.write_text("someone else's")
+    else:
+        planted.mkdir()
+        if squatter == "folder-with-files":
+            (planted / "theirs.txt").write_text("someone else's")
+    before = tree(planted)
+    replace_folder(staged, final)
+    assert (final / "model.onnx").read_text() == "new" and not staged.exists()
+    after = tree(planted)
+    assert after == before
+    assert [p.name for p in tmp_path.iterdir() if ".old-" in p.name] == [planted.name]
+
+
+def test_a_re_export_with_the_old_name_taken_goes_through(tiny_dir, tiny_onnx_fp32_dir, tmp_path, capsys):
+    """The same from the command line: an earlier export is replaced, the squatter's folder is untouched."""
+    out = clone(tiny_onnx_fp32_dir, tmp_path / "out")
+    planted = out / f".cpu-fp32.old-{os.getpid()}"
+    planted.mkdir()
+    (planted / "theirs.txt").write_text("someone else's")
+    code, _, err = run_cli(capsys, "export", "--hf_dir", tiny_dir, "--output_dir", out, "--quiet")
+    assert code == 0 and "Traceback" not in err, err
+    assert (planted / "theirs.txt").read_text() == "someone else's"
+    assert sorted(p.name for p in out.iterdir()) == sorted(["cpu-fp32", "pytorch", planted.name])
