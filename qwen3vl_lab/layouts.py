@@ -178,9 +178,10 @@ def find_layout(path: str | Path, precision: str | None = None, *, tokenizer_dir
     tokenizer is, overriding the search (needed for a lone decoder file without tokenizer.json beside it).
     Raises UserError (one line: what was found, what is expected) for anything else, and for a graph that
     is a symlink leading out of its folder (`paths.inside`: nothing outside a model folder is read)."""
-    layout = _find_layout(Path(path).expanduser(), precision, tokenizer_dir)
+    given = Path(path).expanduser()
+    layout = _find_layout(given, precision, tokenizer_dir)
     for graph in (layout.decoder, layout.embedding, layout.vision):
-        if graph is not None:
+        if graph is not None and graph != given:  # a decoder file the user names is theirs to link
             inside(graph.parent, graph.name, f"{graph.parent} (its file {graph.name})")
     return layout
 
@@ -226,7 +227,8 @@ def _find_layout(path: Path, precision: str | None, tokenizer_dir: str | Path | 
 def _precision_folder(folder: Path, root: Path, explicit_tok: Path | None) -> Layout:
     """A folder with genai_config.json: ours, the guide's or onnxruntime-genai's builder's."""
     info = read_genai_config(folder)
-    decoder = inside(folder, info.decoder_file or DECODER_FILE, f"{info.path} model.decoder.filename")
+    decoder = (inside(folder, info.decoder_file, f"{info.path} model.decoder.filename") if info.decoder_file
+               else inside(folder, DECODER_FILE, str(folder)))
     if not decoder.is_file():
         raise UserError(f"{info.path} names the decoder {decoder.name}, which is missing from {folder}; "
                         "copy it back or re-export")
@@ -426,7 +428,7 @@ def _first_file(*paths: Path) -> Path | None:
 
 
 def _named_file(folder: Path, name, part: str, config: Path, notices: list[str]) -> Path | None:
-    if name is None:
+    if name is None or name == "":  # not named
         return None
     path = inside(folder, name, f"{config} model.{part}.filename")
     if not path.is_file():

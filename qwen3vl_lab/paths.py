@@ -106,10 +106,12 @@ def readable_file(path: Path, name: str | None = None) -> Path:
 
 def _roots(folder: Path) -> tuple[Path, ...]:
     """The folders a file of `folder` may resolve into: the folder itself, and for a snapshot of the Hugging
-    Face cache (`models--ORG--NAME/snapshots/REV/`, whose files are symlinks to `../../blobs/`) that blobs folder."""
+    Face cache (`models--ORG--NAME/snapshots/REV/` or a folder in it, whose files are symlinks into
+    `models--ORG--NAME/blobs/`) that blobs folder."""
     real = folder.resolve()
-    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
-        return real, real.parent.parent / "blobs"
+    for d in (real, *real.parents):
+        if d.parent.name == "snapshots" and d.parent.parent.name.startswith("models--"):
+            return real, d.parent.parent / "blobs"
     return (real,)
 
 
@@ -131,9 +133,12 @@ def inside(folder: str | Path, name, what: str) -> Path:
     except (OSError, RuntimeError):  # a symlink loop
         real, roots = None, ()
     if real is None or os.path.isabs(name) or not any(real == r or real.is_relative_to(r) for r in roots) or real == roots[0]:
-        raise UserError(f"{what} names {name!r}, which is outside {folder} (resolved: {real}); a model folder may "
-                        "only name files inside itself, so nothing there is read: fix that entry, or copy the "
-                        "file into the folder and name it relative to it")
+        lexical = os.path.normpath(os.path.join(os.path.abspath(folder), name))
+        how = ("a symlink loop" if real is None else
+               f"which leads outside {folder} through a symlink (to {real})"
+               if Path(lexical).is_relative_to(os.path.abspath(folder)) else f"which is outside {folder}")
+        raise UserError(f"{what} names {name!r}, {how}; a model folder may only name files inside itself, so "
+                        "nothing there is read: fix that entry, or copy the file (not a link to it) into the folder")
     return path
 
 

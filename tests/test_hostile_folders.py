@@ -367,6 +367,13 @@ def test_a_hugging_face_cache_snapshot_is_read_through_its_symlinks(sharded_tiny
         os.link(p, blob)
         (snapshot / p.name).symlink_to(Path("../..") / "blobs" / blob.name)
     assert Checkpoint.open(snapshot).names() == Checkpoint.open(sharded_tiny).names()
+    (snapshot / "onnx").mkdir()  # onnx-community's repositories keep their graphs one folder down
+    (snapshot / "onnx" / "model.onnx").symlink_to(Path("../../..") / "blobs" / blob.name)
+    assert inside(snapshot / "onnx", "model.onnx", "k") == snapshot / "onnx" / "model.onnx"
+    (repo / "elsewhere").write_text("not a blob")
+    (snapshot / "sneaky").symlink_to(repo / "elsewhere")
+    with pytest.raises(UserError, match="outside"):
+        inside(snapshot, "sneaky", "k")
 
 
 # -- 3. nothing of the user's is overwritten -------------------------------------------------------
