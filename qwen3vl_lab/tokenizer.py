@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from importlib import resources
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .paths import inside
 
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
@@ -84,6 +86,9 @@ def _chat_template_from_json(folder: Path) -> str | None:
 # The files transformers reads to pick a tokenizer class; an `auto_map` in any of them points at Python code
 # in the folder (`"AutoTokenizer": ["tokenization_x.XTokenizer", ...]`) that transformers would import.
 CODE_POINTERS = ("tokenizer_config.json", "config.json", "processor_config.json", "preprocessor_config.json")
+# Every file of a folder that loading a tokenizer from it may read: each must be a file of the folder itself.
+TOKENIZER_READS = (*CODE_POINTERS, "tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
 
 
 def refuse_custom_code(folder: str | Path) -> None:
@@ -109,7 +114,11 @@ def refuse_custom_code(folder: str | Path) -> None:
 @functools.lru_cache(maxsize=None)
 def _load_folder(folder: str):
     """AutoTokenizer for one resolved folder, loaded once per process (~0.2 s, plus ~2 s to import transformers).
-    Never runs code from the folder: `refuse_custom_code`, and trust_remote_code=False (which cannot prompt)."""
+    Never runs code from the folder: `refuse_custom_code`, and trust_remote_code=False (which cannot prompt);
+    never reads outside it: none of the files it reads may be a symlink leading out (`paths.inside`)."""
+    for name in TOKENIZER_READS if Path(folder) != shipped_tokenizer_dir() else ():  # ours: package data
+        if os.path.lexists(Path(folder) / name):
+            inside(folder, name, f"{folder} (its {name})")
     refuse_custom_code(folder)
     from transformers import AutoTokenizer  # noqa: PLC0415 (importing transformers takes seconds)
 

@@ -481,3 +481,18 @@ def test_a_re_export_with_the_old_name_taken_goes_through(tiny_dir, tiny_onnx_fp
     assert code == 0 and "Traceback" not in err, err
     assert (planted / "theirs.txt").read_text() == "someone else's"
     assert sorted(p.name for p in out.iterdir()) == sorted(["cpu-fp32", "pytorch", planted.name])
+
+
+def test_a_tokenizer_file_that_is_a_symlink_out_of_the_folder_is_never_read(tiny_onnx_fp32_dir, tmp_path, capsys):
+    model = clone(tiny_onnx_fp32_dir, tmp_path / "model")
+    secret = tmp_path / "id_ed25519"
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    (model / "cpu-fp32" / "tokenizer.json").unlink()
+    (model / "cpu-fp32" / "tokenizer.json").symlink_to(secret)
+    from qwen3vl_lab.tokenizer import _load_folder
+
+    _load_folder.cache_clear()
+    with opened() as seen:
+        code, _, err = run_cli(capsys, "generate", "--model_dir", model, "--prompt", "Hi", "--max_new_tokens", "1")
+    assert_one_line_error(code, err, "tokenizer.json", "through a symlink")
+    assert touched(seen, secret) == [] and "PRIVATE" not in err
