@@ -492,3 +492,20 @@ def test_a_tokenizer_file_that_is_a_symlink_out_of_the_folder_is_never_read(tiny
         code, _, err = run_cli(capsys, "generate", "--model_dir", model, "--prompt", "Hi", "--max_new_tokens", "1")
     assert_one_line_error(code, err, "tokenizer.json", "through a symlink")
     assert touched(seen, secret) == [] and "PRIVATE" not in err
+
+
+def test_the_fast_paths_embedding_table_outside_the_folder_is_never_mapped(tiny_onnx_fp32_dir, tmp_path):
+    """`--fast` reads the embedding rows straight from the table's external-data file: confined too (onnxruntime
+    refuses such a graph when the model opens, so the graph is changed after that, as on a second look)."""
+    from qwen3vl_lab.fast import embedding_table
+    from qwen3vl_lab.model import load_model
+
+    model = clone(tiny_onnx_fp32_dir, tmp_path / "model")
+    secret = tmp_path / "secret.data"
+    os.link(tiny_onnx_fp32_dir / "cpu-fp32" / "qwen3vl-embedding.onnx.data", secret)
+    m = load_model(model, open_decoder=False)
+    assert embedding_table(m) is not None  # the table is read this way
+    relocate(model / "cpu-fp32" / "qwen3vl-embedding.onnx", lambda _: "../../secret.data")
+    with opened() as seen, pytest.raises(UserError, match="qwen3vl-embedding.onnx.*outside"):
+        embedding_table(m)
+    assert touched(seen, secret) == []
