@@ -180,9 +180,13 @@ def find_layout(path: str | Path, precision: str | None = None, *, tokenizer_dir
     is a symlink leading out of its folder (`paths.inside`: nothing outside a model folder is read)."""
     given = Path(path).expanduser()
     layout = _find_layout(given, precision, tokenizer_dir)
-    for graph in (layout.decoder, layout.embedding, layout.vision):
-        if graph is not None and graph != given:  # a decoder file the user names is theirs to link
+    graphs = [g for g in (layout.decoder, layout.embedding, layout.vision) if g is not None]
+    for graph in graphs:
+        if graph != given:  # a decoder file the user names is theirs to link
             inside(graph.parent, graph.name, f"{graph.parent} (its file {graph.name})")
+    for folder in {layout.folder, layout.hf_dir, layout.tokenizer_dir, *(g.parent for g in graphs)} - {None, given}:
+        if layout.root in folder.parents:  # a folder of the export (pytorch/, the guide's cpu-fp32/): inside it too
+            _subfolder(layout.root, folder)
     return layout
 
 
@@ -201,13 +205,13 @@ def _find_layout(path: Path, precision: str | None, tokenizer_dir: str | Path | 
         raise UserError(f"{path} holds two exports ({community.name}/ of onnx-community and "
                         f"{', '.join(d.name for d in precision_dirs.values())}); pass one of them")
     if community is not None:
-        return _community(community, precision, explicit_tok)
+        return _community(_subfolder(path, community), precision, explicit_tok)
     if (path / GENAI_CONFIG).is_file():
         root = path.parent if _cpu_precision(path.name) else path
         return _precision_folder(path, root, explicit_tok)
     if precision_dirs:
         chosen = _choose_precision(path, precision_dirs, precision)
-        return _precision_folder(precision_dirs[chosen], path, explicit_tok)
+        return _precision_folder(_subfolder(path, precision_dirs[chosen]), path, explicit_tok)
     candidates = _decoder_candidates(path)
     if len(candidates) == 1:
         return _single_decoder(candidates[0], path, explicit_tok)
@@ -297,6 +301,14 @@ def _single_decoder(decoder: Path, folder: Path, explicit_tok: Path | None) -> L
 # ---------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------
+
+
+def _subfolder(root: Path, folder: Path) -> Path:
+    """`folder`, a folder of the export at `root` (cpu-int4/, onnx/), checked before anything in it is read:
+    it may not be a symlink leading out of the export (`paths.inside`)."""
+    if folder != root:
+        inside(root, folder.relative_to(root).as_posix(), f"{root} (its folder {folder.name})")
+    return folder
 
 
 def _cpu_precision(name: str) -> str | None:

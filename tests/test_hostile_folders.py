@@ -509,3 +509,17 @@ def test_the_fast_paths_embedding_table_outside_the_folder_is_never_mapped(tiny_
     with opened() as seen, pytest.raises(UserError, match="qwen3vl-embedding.onnx.*outside"):
         embedding_table(m)
     assert touched(seen, secret) == []
+
+
+def test_a_precision_folder_that_is_a_symlink_out_of_the_export_is_refused(tiny_onnx_fp32_dir, tmp_path, capsys):
+    """OUT/cpu-fp32 -> a folder elsewhere (another of the user's models): not read through the export."""
+    elsewhere = clone(tiny_onnx_fp32_dir / "cpu-fp32", tmp_path / "elsewhere")
+    model = clone(tiny_onnx_fp32_dir / "pytorch", tmp_path / "model" / "pytorch")
+    (model.parent / "cpu-fp32").symlink_to(elsewhere, target_is_directory=True)
+    with opened() as seen:
+        code, _, err = run_cli(capsys, "generate", "--model_dir", model.parent, "--prompt", "Hi", "--max_new_tokens", "1")
+    assert_one_line_error(code, err, "its folder cpu-fp32", "through a symlink")
+    assert touched(seen, elsewhere) == []
+    code, _, err = run_cli(capsys, "generate", "--model_dir", model.parent / "cpu-fp32", "--prompt", "Hi",
+                           "--max_new_tokens", "1")
+    assert code == 0, err  # named directly, the folder is the user's own choice
