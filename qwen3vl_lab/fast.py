@@ -46,6 +46,7 @@ from .layout import (
     TOTAL_SEQUENCE_LENGTH,
 )
 from .model import Model
+from .paths import external_data
 from .rope import rope_cache
 
 
@@ -62,9 +63,8 @@ def embedding_table(model: Model) -> np.ndarray | None:
     if table.data_type != onnx.TensorProto.FLOAT or table.data_location != onnx.TensorProto.EXTERNAL \
             or len(table.dims) != 2 or graph.node[0].input[0] != table.name:
         return None
-    info = {e.key: e.value for e in table.external_data}
-    return np.memmap(model.folder / info["location"], dtype=np.float32, mode="r", offset=int(info.get("offset", 0)),
-                     shape=tuple(table.dims))
+    path, offset, _ = external_data(table, model.folder, str(model.folder / EMBEDDING_FILE))  # inside the folder
+    return np.memmap(path, dtype=np.float32, mode="r", offset=offset, shape=tuple(table.dims))
 
 
 def _bound(array: np.ndarray) -> ort.OrtValue:

@@ -35,6 +35,7 @@ import onnx
 
 from .errors import UserError
 from .layout import DECODER_FILE, EMBEDDING_FILE, GENAI_CONFIG, LOGITS, OWN_CONFIG, OWN_SECTION, TOKENIZER_FILE, VISION_FILE
+from .paths import external_data, inside
 
 KINDS = ("qwen3vl-lab", "guide", "genai", "onnx-community", "single-decoder")
 PYTORCH_DIR = "pytorch"  # the Hugging Face folder beside the precision folders (ours: config + tokenizer only)
@@ -175,8 +176,21 @@ def find_layout(path: str | Path, precision: str | None = None, *, tokenizer_dir
     precision: which decoder to pick at a root holding several (None: fp32 if present, else the
     first); a precision folder or a decoder file is used as it is. tokenizer_dir: where the
     tokenizer is, overriding the search (needed for a lone decoder file without tokenizer.json beside it).
-    Raises UserError (one line: what was found, what is expected) for anything else."""
-    path = Path(path).expanduser()
+    Raises UserError (one line: what was found, what is expected) for anything else, and for a graph that
+    is a symlink leading out of its folder (`paths.inside`: nothing outside a model folder is read)."""
+    given = Path(path).expanduser()
+    layout = _find_layout(given, precision, tokenizer_dir)
+    graphs = [g for g in (layout.decoder, layout.embedding, layout.vision) if g is not None]
+    for graph in graphs:
+        if graph != given:  # a decoder file the user names is theirs to link
+            inside(graph.parent, graph.name, f"{graph.parent} (its file {graph.name})")
+    for folder in {layout.folder, layout.hf_dir, layout.tokenizer_dir, *(g.parent for g in graphs)} - {None, given}:
+        if layout.root in folder.parents:  # a folder of the export (pytorch/, the guide's cpu-fp32/): inside it too
+            _subfolder(layout.root, folder)
+    return layout
+
+
+def _find_layout(path: Path, precision: str | None, tokenizer_dir: str | Path | None) -> Layout:
     if not path.exists():
         raise UserError(f"{path} does not exist; pass an export folder or a decoder .onnx file")
     explicit_tok = _explicit_tokenizer_dir(tokenizer_dir)
@@ -191,13 +205,13 @@ def find_layout(path: str | Path, precision: str | None = None, *, tokenizer_dir
         raise UserError(f"{path} holds two exports ({community.name}/ of onnx-community and "
                         f"{', '.join(d.name for d in precision_dirs.values())}); pass one of them")
     if community is not None:
-        return _community(community, precision, explicit_tok)
+        return _community(_subfolder(path, community), precision, explicit_tok)
     if (path / GENAI_CONFIG).is_file():
         root = path.parent if _cpu_precision(path.name) else path
         return _precision_folder(path, root, explicit_tok)
     if precision_dirs:
         chosen = _choose_precision(path, precision_dirs, precision)
-        return _precision_folder(precision_dirs[chosen], path, explicit_tok)
+        return _precision_folder(_subfolder(path, precision_dirs[chosen]), path, explicit_tok)
     candidates = _decoder_candidates(path)
     if len(candidates) == 1:
         return _single_decoder(candidates[0], path, explicit_tok)
@@ -217,7 +231,8 @@ def find_layout(path: str | Path, precision: str | None = None, *, tokenizer_dir
 def _precision_folder(folder: Path, root: Path, explicit_tok: Path | None) -> Layout:
     """A folder with genai_config.json: ours, the guide's or onnxruntime-genai's builder's."""
     info = read_genai_config(folder)
-    decoder = folder / (info.decoder_file or DECODER_FILE)
+    decoder = (inside(folder, info.decoder_file, f"{info.path} model.decoder.filename") if info.decoder_file
+               else inside(folder, DECODER_FILE, str(folder)))
     if not decoder.is_file():
         raise UserError(f"{info.path} names the decoder {decoder.name}, which is missing from {folder}; "
                         "copy it back or re-export")
@@ -286,6 +301,14 @@ def _single_decoder(decoder: Path, folder: Path, explicit_tok: Path | None) -> L
 # ---------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------
+
+
+def _subfolder(root: Path, folder: Path) -> Path:
+    """`folder`, a folder of the export at `root` (cpu-int4/, onnx/), checked before anything in it is read:
+    it may not be a symlink leading out of the export (`paths.inside`)."""
+    if folder != root:
+        inside(root, folder.relative_to(root).as_posix(), f"{root} (its folder {folder.name})")
+    return folder
 
 
 def _cpu_precision(name: str) -> str | None:
@@ -366,6 +389,14 @@ def graph_precision(decoder: Path) -> str:
     return "fp32"
 
 
+def external_files(model: onnx.ModelProto, graph_file: Path) -> list[Path]:
+    """The external-data files `graph_file`'s initializers name (each confined to its folder by `paths.inside`:
+    a location outside it is a one-line UserError naming the graph and the tensor), in first-use order."""
+    files = (external_data(t, graph_file.parent, str(graph_file))[0] for t in model.graph.initializer
+             if t.data_location == onnx.TensorProto.EXTERNAL)
+    return list(dict.fromkeys(files))
+
+
 def _community_dir(path: Path) -> Path | None:
     """ROOT/onnx (given ROOT or ROOT/onnx) when it holds a community decoder file."""
     for d in (path / COMMUNITY_DIR, path):
@@ -409,9 +440,9 @@ def _first_file(*paths: Path) -> Path | None:
 
 
 def _named_file(folder: Path, name, part: str, config: Path, notices: list[str]) -> Path | None:
-    if not isinstance(name, str) or not name:
+    if name is None or name == "":  # not named
         return None
-    path = folder / name
+    path = inside(folder, name, f"{config} model.{part}.filename")
     if not path.is_file():
         notices.append(f"{config.name} names the {part} model {name}, which is missing from {folder}")
         return None

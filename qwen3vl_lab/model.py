@@ -38,7 +38,7 @@ from .layout import (
     OWN_SECTION,
     VISION_FILE,
 )
-from .layouts import Layout, find_layout, read_export_config, read_genai_config
+from .layouts import Layout, external_files, find_layout, read_export_config, read_genai_config
 from .limits import check_threads
 from .paths import existing_dir, export_path, readable_file
 from .tokenizer import load_tokenizer  # cheap: transformers itself is imported when a tokenizer loads
@@ -291,7 +291,9 @@ def inspection_options(options: RuntimeOptions, graph: onnx.ModelProto) -> ort.S
 
 def edited_session(model: "Model", graph: onnx.ModelProto) -> ort.InferenceSession:
     """A session for an edited in-memory copy of one of `model`'s graphs; weights come from its folder
-    (`inspection_options`: an fp32 copy maps them from the file instead of packing a second copy)."""
+    (`inspection_options`: an fp32 copy maps them from the file instead of packing a second copy). Every
+    external-data location is confined to that folder first (`external_files`), as onnxruntime does for a file."""
+    external_files(graph, model.decoder_file)
     so = inspection_options(model.options, graph)
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model.decoder_file.parent))
     return ort.InferenceSession(graph.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])

@@ -5,6 +5,8 @@
     output_dir(value, "--output_dir")       # may not exist yet; never a file, never ''
     readable_file(path)                     # a file found inside a folder: permission denied -> one line
     os_error_message(e)                     # an OSError (permission, disk full, read-only) -> one line, or None
+    inside(folder, name, what)              # a file name a model folder gives -> a path confined to that folder
+    external_data(tensor, folder)           # an ONNX initializer's external data: (file inside folder, offset, length)
 
 `name` is what the user typed: a CLI flag (`--model_dir`) or a Python argument (`model_dir`).
 """
@@ -100,6 +102,62 @@ def readable_file(path: Path, name: str | None = None) -> Path:
         raise UserError(f"{label} cannot be read (permission denied); make it readable by you "
                         f"(e.g. chmod u+r {path}) or copy it somewhere you can read") from None
     return path
+
+
+def _roots(folder: Path) -> tuple[Path, ...]:
+    """The folders a file of `folder` may resolve into: the folder itself, and for a snapshot of the Hugging
+    Face cache (`models--ORG--NAME/snapshots/REV/` or a folder in it, whose files are symlinks into
+    `models--ORG--NAME/blobs/`) that blobs folder."""
+    real = folder.resolve()
+    for d in (real, *real.parents):
+        if d.parent.name == "snapshots" and d.parent.parent.name.startswith("models--"):
+            return real, d.parent.parent / "blobs"
+    return (real,)
+
+
+def inside(folder: str | Path, name, what: str) -> Path:
+    """`folder / name` for a file name that a model folder itself gives (a genai_config.json file name, an
+    external-data location, a safetensors shard): the one rule for every such name. It must be a relative
+    file name that, with `..` and every symlink resolved, stays inside `folder`; anything else (an absolute
+    path, `../x`, a symlink leading out, a non-string) is a one-line UserError naming `what` (the file and
+    the key that gave the name) and nothing is opened. onnxruntime applies the same rule to external data
+    (it refuses locations outside the model's folder); our own readers apply it here."""
+    folder = Path(folder)
+    if not isinstance(name, str) or not name or "\0" in name:
+        shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:57] + "..."
+        raise UserError(f"{what} is {shown}, not a file name; a model folder names its files as relative paths "
+                        "inside itself: restore the file or re-download the model")
+    path = folder / name
+    try:
+        real, roots = path.resolve(), _roots(folder)
+    except (OSError, RuntimeError):  # a symlink loop
+        real, roots = None, ()
+    if real is None or os.path.isabs(name) or not any(real == r or real.is_relative_to(r) for r in roots) or real == roots[0]:
+        lexical = os.path.normpath(os.path.join(os.path.abspath(folder), name))
+        how = ("a symlink loop" if real is None else
+               f"which leads outside {folder} through a symlink (to {real})"
+               if Path(lexical).is_relative_to(os.path.abspath(folder)) else f"which is outside {folder}")
+        raise UserError(f"{what} names {name!r}, {how}; a model folder may only name files inside itself, so "
+                        "nothing there is read: fix that entry, or copy the file (not a link to it) into the folder")
+    return path
+
+
+def external_data(tensor, folder: str | Path, graph: str | None = None) -> tuple[Path, int, int | None]:
+    """(file, offset, length or None) of an ONNX initializer stored as external data, its `location`
+    confined to `folder` (the graph's folder) by `inside`; offset and length must be whole numbers >= 0.
+    `tensor` is an onnx.TensorProto (read by attribute: this module does not import onnx)."""
+    graph = graph or f"a graph in {folder}"
+    info = {e.key: e.value for e in tensor.external_data}
+    what = f"{graph}: tensor {tensor.name!r} external_data location"
+    path = inside(folder, info.get("location"), what)
+    numbers = {}
+    for key in ("offset", "length"):
+        value = info.get(key)
+        if value is not None and not (value.isascii() and value.isdigit()):
+            raise UserError(f"{graph}: tensor {tensor.name!r} has external_data {key} {value[:40]!r}, not a whole "
+                            "number >= 0; restore the file or re-export")
+        numbers[key] = int(value) if value is not None else None
+    return path, numbers["offset"] or 0, numbers["length"]
 
 
 def output_dir(value, name: str) -> Path:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from importlib import resources
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .paths import inside
 
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
@@ -81,13 +83,47 @@ def _chat_template_from_json(folder: Path) -> str | None:
         return None
 
 
+# The files transformers reads to pick a tokenizer class; an `auto_map` in any of them points at Python code
+# in the folder (`"AutoTokenizer": ["tokenization_x.XTokenizer", ...]`) that transformers would import.
+CODE_POINTERS = ("tokenizer_config.json", "config.json", "processor_config.json", "preprocessor_config.json")
+# Every file of a folder that loading a tokenizer from it may read: each must be a file of the folder itself.
+TOKENIZER_READS = (*CODE_POINTERS, "tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
+
+
+def refuse_custom_code(folder: str | Path) -> None:
+    """A model folder never runs code of its own: refuse, in one line, a folder whose config files carry an
+    `auto_map` (transformers' pointer to the folder's own .py files), before transformers reads it.
+
+    transformers runs such code only with trust_remote_code=True, and with trust_remote_code unset it asks
+    "Do you wish to run the custom code? [y/N]" on stdout and reads the answer from stdin, where our
+    `--interactive` chat or a pipe could answer "y". We pass trust_remote_code=False everywhere, which
+    never prompts; this check makes the refusal say why, naming the file, instead of transformers' message."""
+    for name in CODE_POINTERS:
+        path = Path(folder) / name
+        try:
+            data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        except (OSError, ValueError, RecursionError):
+            continue  # unreadable or not JSON: transformers' own error says so, and runs nothing
+        if isinstance(data, dict) and "auto_map" in data:
+            raise UserError(f"{path} has an \"auto_map\", which points at Python code in {Path(folder).name}/ that "
+                            "qwen3vl-lab never runs (trust_remote_code stays off); remove the \"auto_map\" entry (Qwen3-VL's "
+                            "tokenizer and config need no code of their own) or use another copy of the model")
+
+
 @functools.lru_cache(maxsize=None)
 def _load_folder(folder: str):
-    """AutoTokenizer for one resolved folder, loaded once per process (~0.2 s, plus ~2 s to import transformers)."""
+    """AutoTokenizer for one resolved folder, loaded once per process (~0.2 s, plus ~2 s to import transformers).
+    Never runs code from the folder: `refuse_custom_code`, and trust_remote_code=False (which cannot prompt);
+    never reads outside it: none of the files it reads may be a symlink leading out (`paths.inside`)."""
+    for name in TOKENIZER_READS if Path(folder) != shipped_tokenizer_dir() else ():  # ours: package data
+        if os.path.lexists(Path(folder) / name):
+            inside(folder, name, f"{folder} (its {name})")
+    refuse_custom_code(folder)
     from transformers import AutoTokenizer  # noqa: PLC0415 (importing transformers takes seconds)
 
     try:
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises OSError/ValueError/... with multi-line messages
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load the tokenizer in {folder} ({first}); fix or remove its tokenizer files") from None

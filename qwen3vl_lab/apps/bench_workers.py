@@ -97,7 +97,8 @@ class TorchEngine:
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
-        self.model = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+        self.model = Qwen3VLForConditionalGeneration.from_pretrained(
+            folder, dtype=torch.float32, trust_remote_code=False, use_safetensors=True).eval()
 
     def run(self, ids: list[list[int]], new_tokens: int) -> dict:
         torch = self.torch

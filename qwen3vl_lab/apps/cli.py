@@ -710,6 +710,9 @@ def _check_debug_paths(a) -> None:
     for flag in ("report_dir", "out_dir"):
         if getattr(a, flag, None) is not None:
             output_dir(getattr(a, flag), f"--{flag}")
+    if getattr(a, "report_dir", None) is not None:
+        from ..viz.doctor import check_report_dir  # noqa: PLC0415 (start-up: matplotlib)
+        check_report_dir(a.report_dir)  # a figure never replaces a file of the user's: refused before the work
 
 
 def _image_arg(a):

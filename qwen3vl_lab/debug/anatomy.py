@@ -22,7 +22,7 @@ import onnx
 
 from ..decoder import DecoderIO
 from ..layout import INPUT_IDS, LOGITS, PIXEL_VALUES, POS_INDICES
-from ..layouts import Layout, find_layout, read_genai_config
+from ..layouts import Layout, external_files, find_layout, read_genai_config
 from .checkitem import attrs
 
 QUANTIZED_GATHERS = ("GatherBlockQuantized", "DequantizeLinear")
@@ -114,6 +114,18 @@ def _vision_usable(vision: onnx.ModelProto | None) -> bool:
     return vision is not None and {i.name for i in vision.graph.input} >= {PIXEL_VALUES, POS_INDICES}
 
 
+def _missing_weights(layout: Layout, *graphs: onnx.ModelProto | None) -> list[str]:
+    """One entry per graph whose external-data files are not there (a location outside the graph's folder
+    is refused by `external_files` before anything is opened)."""
+    out = []
+    for path, graph in zip((layout.decoder, layout.embedding, layout.vision), graphs):
+        if graph is not None:
+            absent = [f.name for f in external_files(graph, path) if not f.is_file()]
+            if absent:
+                out.append(f"the weights of {path.name} ({', '.join(absent)}: not in {path.parent})")
+    return out
+
+
 @dataclass
 class ExportAnatomy:
     path: str
@@ -162,7 +174,7 @@ def describe_export(path: str | Path, precision: str | None = None, *, tokenizer
     embedding = _graph(layout.embedding)
     vision = _graph(layout.vision)
     io = DecoderIO.read(GraphSignature(decoder))
-    missing = list(io.missing)
+    missing = _missing_weights(layout, decoder, embedding, vision) + list(io.missing)
     if not _vision_usable(vision):
         missing.append("a vision graph this toolkit can run" + (f" ({layout.vision.name} takes other inputs)"
                                                                  if layout.vision else " (none in the export)"))

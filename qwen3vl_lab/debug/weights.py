@@ -33,6 +33,7 @@ from ..errors import UserError
 from ..export.quantize import read_array
 from ..layouts import find_layout
 from ..model import Model
+from ..paths import external_data
 from .checkpoint_weights import CheckpointWeights, find_checkpoint
 
 PREFIX = "model.language_model."
@@ -278,11 +279,9 @@ def map_array(t: onnx.TensorProto, folder: Path) -> np.ndarray:
     an inline initializer as an array."""
     if t.data_location != onnx.TensorProto.EXTERNAL:
         return read_array(t, folder)
-    info = {e.key: e.value for e in t.external_data}
-    path = Path(folder) / info["location"]
+    path, offset, _ = external_data(t, folder)
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
     shape = tuple(int(d) for d in t.dims)
-    offset = int(info.get("offset", 0))
     if path.stat().st_size < offset + dtype.itemsize * int(np.prod(shape)):
         raise UserError(f"{path} is truncated (tensor {t.name}); re-export the folder")
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)

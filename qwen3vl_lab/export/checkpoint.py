@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..paths import inside
 from .files import staging_file
 
 SAFETENSORS_NAME = "model.safetensors"
@@ -145,7 +146,7 @@ class Checkpoint:
         if not path.is_dir():
             raise UserError(f"{path} does not exist; pass the folder of a Hugging Face safetensors checkpoint")
         if (path / SAFETENSORS_NAME).is_file():
-            infos, metadata = read_safetensors_header(path / SAFETENSORS_NAME)
+            infos, metadata = read_safetensors_header(inside(path, SAFETENSORS_NAME, f"{path} (its {SAFETENSORS_NAME})"))
             return cls(path, infos, metadata)
         if (path / INDEX_NAME).is_file():
             return cls._open_sharded(path)
@@ -158,9 +159,11 @@ class Checkpoint:
     def _open_sharded(cls, root: Path) -> "Checkpoint":
         index_path = root / INDEX_NAME
         weight_map = _read_index(index_path)
+        for name, shard in weight_map.items():  # every shard name a file inside root, before any is opened
+            inside(root, shard, f"{index_path} weight_map[{name!r}]")
         headers: dict[str, dict[str, TensorInfo]] = {}
         metadata: dict[str, str] = {}
-        for shard in sorted(set(weight_map.values())):
+        for shard in sorted(set(weight_map.values())):  # strings, each a file inside root (checked above)
             if not (root / shard).is_file():
                 raise UserError(f"{root / shard} is missing but {index_path.name} lists it; download every shard")
             headers[shard], meta = read_safetensors_header(root / shard)

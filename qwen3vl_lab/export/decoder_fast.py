@@ -56,6 +56,7 @@ from ..layout import (
     present_names,
 )
 from ..layouts import read_export_config
+from ..paths import external_data
 from .decoder import PREFIX
 from .files import add_to_stamp, staging_folder
 from .onnx_graph import FLOAT, INT64, MS_DOMAIN, GraphBuilder
@@ -97,11 +98,11 @@ class SourceDecoder:
         t = self.tensor(name)
         if t.data_location != TensorProto.EXTERNAL:
             return numpy_helper.to_array(t)
-        info = {e.key: e.value for e in t.external_data}
+        path, offset, _ = external_data(t, self.folder)
         dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
         count = int(np.prod(t.dims)) if t.dims else 1
-        with open(Path(self.folder) / info["location"], "rb") as f:
-            f.seek(int(info.get("offset", 0)))
+        with open(path, "rb") as f:
+            f.seek(offset)
             return np.fromfile(f, dtype=dtype, count=count).reshape(tuple(t.dims))
 
 

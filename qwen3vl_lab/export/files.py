@@ -114,17 +114,31 @@ def check_replaceable(final: Path, *, name: str = "--output_dir", legacy: Sequen
 def replace_folder(staged: Path, final: Path, *, what: str = "export", name: str = "--output_dir",
                    legacy: Sequence[str] = ()) -> None:
     """Stamp the finished folder `staged` and put it at `final`. An existing `final` must be replaceable
-    (`check_replaceable`); it is kept until the new one is in place."""
+    (`check_replaceable`); it is kept until the new one is in place (and put back if that fails).
+
+    The old folder is moved into a hidden folder made for it here (`mkdir` fails rather than reuse a name
+    that exists, and the name is random), so a folder or file another process made beside `final` is never
+    a rename's target: nothing of anyone else's is replaced or removed."""
     staged, final = Path(staged), Path(final)
     stamp_folder(staged, what)
     check_replaceable(final, name=name, legacy=legacy)
     if not os.path.lexists(final):
         os.replace(staged, final)
         return
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    os.replace(final, old)
-    os.replace(staged, final)
-    shutil.rmtree(old, ignore_errors=True)
+    holder = final.with_name(f".{final.name}.old-{secrets.token_hex(8)}")
+    holder.mkdir(mode=0o700)
+    try:
+        os.replace(final, holder / final.name)
+    except BaseException:
+        holder.rmdir()
+        raise
+    try:
+        os.replace(staged, final)
+    except BaseException:
+        os.replace(holder / final.name, final)  # the old folder back where it was
+        holder.rmdir()
+        raise
+    shutil.rmtree(holder, ignore_errors=True)
 
 
 # -- the staging folder ------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from onnx import TensorProto, helper
 from ..errors import UserError
 from ..paths import existing_dir
 from ..paths import output_dir as checked_output_dir
+from ..tokenizer import refuse_custom_code
 from .checkpoint import Checkpoint, LazyTensor, save_checkpoint_weights
 from .files import replace_folder, staging_folder
 
@@ -122,7 +123,8 @@ def genai_build(hf_dir: str | Path, out: str | Path, precision: str, extra: dict
     import of torch and transformers)."""
     hf_dir, out = Path(hf_dir), Path(out)
     cache = out.parent / f".{out.name}-cache"
-    options = [f"{k}={v}" for k, v in (extra or {}).items()]
+    extra = {**(extra or {}), "hf_remote": "false"}  # its trust_remote_code for transformers: never on
+    options = [f"{k}={v}" for k, v in extra.items()]
     if separate_process is None:
         separate_process = _weights_bytes(hf_dir) > SEPARATE_PROCESS_BYTES
     if separate_process:
@@ -205,6 +207,7 @@ def make_guide_export(hf_dir: str | Path, out: str | Path) -> Path:
     hf_dir = existing_dir(hf_dir, "--hf_dir", fix="pass a Qwen3-VL checkpoint folder (config.json + safetensors)")
     out = checked_output_dir(out, "--output_dir")
     _vl_config(hf_dir)
+    refuse_custom_code(hf_dir)  # onnxruntime-genai's builder loads its config and tokenizer with transformers
     _check_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     weights = _weights_bytes(hf_dir)  # bf16: the Qwen3 copy ~1x, fp32 decoder ~2x, int4 ~0.3x, pytorch/ 1x

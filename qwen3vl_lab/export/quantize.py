@@ -49,6 +49,7 @@ from ..layout import (
     VISION_FILE,
 )
 from ..layouts import read_export_config
+from ..paths import external_data
 from ..signals import interruption_point
 from . import genai_config as gc
 from .decoder_fast import fusable, fusion_groups
@@ -293,19 +294,14 @@ class ExternalData:
             self._file = None
 
 
-def _external_info(t: TensorProto) -> dict[str, str]:
-    return {e.key: e.value for e in t.external_data}
-
-
 def read_raw(t: TensorProto, folder: Path) -> bytes:
     """The bytes of one initializer, from its external-data file when it has one."""
     if t.data_location != TensorProto.EXTERNAL:
         return t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
-    info = _external_info(t)
-    with open(folder / info["location"], "rb") as f:
-        f.seek(int(info.get("offset", 0)))
-        length = info.get("length")
-        return f.read(int(length)) if length is not None else f.read()
+    path, offset, length = external_data(t, folder)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length) if length is not None else f.read()
 
 
 def read_array(t: TensorProto, folder: Path) -> np.ndarray:
@@ -317,12 +313,12 @@ def read_array(t: TensorProto, folder: Path) -> np.ndarray:
     if t.data_location != TensorProto.EXTERNAL:
         return numpy_helper.to_array(t)
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
-    info = _external_info(t)
+    path, offset, _ = external_data(t, folder)
     count = int(np.prod(t.dims)) if len(t.dims) else 1
-    with open(Path(folder) / info["location"], "rb") as f:
-        arr = np.fromfile(f, dtype=dtype, count=count, offset=int(info.get("offset", 0)))
+    with open(path, "rb") as f:
+        arr = np.fromfile(f, dtype=dtype, count=count, offset=offset)
     if arr.size != count:
-        raise UserError(f"{Path(folder) / info['location']} is truncated (tensor {t.name}); re-export the folder")
+        raise UserError(f"{path} is truncated (tensor {t.name}); re-export the folder")
     return arr.reshape(tuple(t.dims))
 
 

@@ -588,7 +588,8 @@ def load_saved(folder: Path):
     import torch  # noqa: PLC0415 (torch: the optional [train] extra)
     from transformers import Qwen3VLForConditionalGeneration  # noqa: PLC0415 (torch: the optional [train] extra)
 
-    return Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    return Qwen3VLForConditionalGeneration.from_pretrained(
+        folder, dtype=torch.float32, trust_remote_code=False, use_safetensors=True).eval()
 
 
 # ------------------------------------------------------------------------------------- main

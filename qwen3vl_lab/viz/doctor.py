@@ -8,11 +8,21 @@
 The step and layer figures are the notebooks' own (`viz/int4.py`); the weight and sweep figures are
 drawn here. The doctor (`debug/`) computes, viz draws: debug never imports viz.
 Figures are created detached from pyplot (`matplotlib.figure.Figure`), so nothing pops up or leaks.
+
+The report folder may be the user's: a figure only replaces a file that qwen3vl-lab wrote there and that is
+unchanged since (`.qwen3vl-lab-figures.json` records each one's SHA-256). A file or symlink of the user's
+named like a figure is refused up front (`check_report_dir`), and each figure is written to a new file
+(O_EXCL, random name) renamed into place, so no write ever goes through a symlink.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import secrets
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -20,6 +30,7 @@ from matplotlib.figure import Figure
 from ..debug.compare import Comparison
 from ..debug.layers import KINDS, LayerReport
 from ..debug.weights import WeightReport
+from ..errors import UserError
 from .int4 import plot_layer_divergence, plot_step_divergence
 
 
@@ -97,9 +108,65 @@ def _viz_layers(report: LayerReport):
     return plot_layer_divergence(np.array([r.sqnr_db for r in rows]), names=[r.name for r in rows])
 
 
-def write_figures(report=None, out_dir: str | Path = "report", sweep=None) -> list[Path]:
-    """PNG files for a DoctorReport (and/or a SweepResult) in out_dir; returns their paths."""
+FIGURES = ("kl_per_step", "kl_first_prompt", "sqnr_per_tensor", "sqnr_per_layer", "weight_error", "sweep")
+WRITTEN = ".qwen3vl-lab-figures.json"  # {file name: sha256} of the figures qwen3vl-lab wrote in a report folder
+RECORD_LIMIT = 1 << 16  # bytes: a larger record is not ours
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _written(out: Path) -> dict:
+    """The figures qwen3vl-lab wrote in `out` (name -> sha256); {} without a readable record of ours."""
+    record = out / WRITTEN
+    try:
+        if record.is_symlink() or not record.is_file() or record.stat().st_size > RECORD_LIMIT:
+            return {}
+        data = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _ours(path: Path, written: dict) -> bool:
+    return not path.is_symlink() and path.is_file() and written.get(path.name) == _sha256(path)
+
+
+def check_report_dir(out_dir: str | Path, name: str = "--report_dir") -> Path:
+    """Refuse (one line) a report folder where a figure would replace a file or symlink qwen3vl-lab did not
+    write there, or one changed since; call it before the work, so nothing is computed for nothing."""
     out = Path(out_dir)
+    written = _written(out) if out.is_dir() else {}
+    for figure in FIGURES:
+        path = out / f"{figure}.png"
+        if os.path.lexists(path) and not _ours(path, written):
+            what = "a symlink" if path.is_symlink() else "a file qwen3vl-lab did not write (or one changed since)"
+            raise UserError(f"{name} {out} already holds {path.name}, {what}; a report never replaces it: choose "
+                            f"another {name} (a new or empty folder) or move {path.name} away")
+    return out
+
+
+def _write_new(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a new file (O_EXCL, O_NOFOLLOW, a random hidden name) and rename it to `path`: a rename replaces
+    the name, never what a symlink there points at."""
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
+    try:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_figures(report=None, out_dir: str | Path = "report", sweep=None) -> list[Path]:
+    """PNG files for a DoctorReport (and/or a SweepResult) in out_dir; returns their paths. Only files this
+    toolkit wrote there are replaced (`check_report_dir`)."""
+    out = check_report_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figs = {}
     if report is not None:
@@ -116,11 +183,13 @@ def write_figures(report=None, out_dir: str | Path = "report", sweep=None) -> li
             figs["weight_error"] = plot_weights(report.weights)
     if sweep is not None:
         figs["sweep"] = plot_sweep(sweep)
-    paths = []
+    paths, written = [], _written(out)
     for name, fig in figs.items():
         path = out / f"{name}.png"
-        fig.savefig(path, dpi=110)
+        _write_new(path, lambda f, fig=fig: fig.savefig(f, format="png", dpi=110))
+        written[path.name] = _sha256(path)
         paths.append(path)
+    _write_new(out / WRITTEN, lambda f: f.write(json.dumps(written, indent=1).encode()))
     return paths
 
 
