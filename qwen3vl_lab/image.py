@@ -14,7 +14,6 @@ and `image_grid_thw (n, 3)` int64, bit-identical to transformers (tests/test_ima
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
+from .jsonfile import read_json
 from .limits import check_pixels
 from .paths import existing_file
 
@@ -103,11 +103,7 @@ class ImageProcessorConfig:
         path = Path(model_dir) / "preprocessor_config.json"
         if not path.is_file():
             raise UserError(f"{model_dir} has no preprocessor_config.json; pass the folder of a Qwen3-VL checkpoint")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path} is not valid JSON ({e}); restore the checkpoint's preprocessor_config.json") from None
-        return cls.from_dict(d)
+        return cls.from_dict(read_json(path, fix="restore the checkpoint's preprocessor_config.json"))
 
 
 def _three(v, name: str) -> tuple[float, float, float]:

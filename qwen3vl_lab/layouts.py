@@ -26,7 +26,6 @@ precision of a folder whose name does not say it) the decoder's graph without it
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import onnx
 
 from .errors import UserError
+from .jsonfile import read_json
 from .layout import DECODER_FILE, EMBEDDING_FILE, GENAI_CONFIG, LOGITS, OWN_CONFIG, OWN_SECTION, TOKENIZER_FILE, VISION_FILE
 
 KINDS = ("qwen3vl-lab", "guide", "genai", "onnx-community", "single-decoder")
@@ -99,14 +99,9 @@ def _section(d: dict, key: str) -> dict:
 
 def _load_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return read_json(path, fix="restore the file or re-export")
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; pass the folder of an export that has one") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); restore the file or re-export") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object; restore the file or re-export")
-    return data
 
 
 def read_genai_config(path: str | Path) -> GenaiInfo:

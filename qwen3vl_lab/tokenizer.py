@@ -16,7 +16,6 @@ The four steps, in the order a prompt goes through them:
 from __future__ import annotations
 
 import functools
-import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from importlib import resources
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .jsonfile import read_json
 
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
@@ -75,10 +75,7 @@ def _chat_template_from_json(folder: Path) -> str | None:
     path = folder / "chat_template.json"
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get("chat_template")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return None
+    return read_json(path, fix="restore the folder's chat_template.json").get("chat_template")
 
 
 @functools.lru_cache(maxsize=None)

@@ -24,7 +24,6 @@ as they are decoded, so a long video never sits in memory at its native size.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import numpy as np
 
 from .errors import UserError
 from .image import MAX_ASPECT_RATIO, load_image, rescale_and_normalize, resize_image
+from .jsonfile import read_json
 from .limits import check_pixels
 from .tokenizer import frame_pair_timestamps
 
@@ -84,9 +84,11 @@ class VideoProcessorConfig:
         path = Path(folder) / "video_preprocessor_config.json" if folder is not None else None
         if path is None or not path.is_file():
             return cls()
+        fix = "restore the checkpoint's file"
+        data = read_json(path, fix=fix)
         try:
-            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, AttributeError) as e:
+            return cls.from_dict(data)
+        except (TypeError, ValueError, AttributeError) as e:
             raise UserError(f"{path} is not a valid video preprocessor config ({e}); restore the checkpoint's file") from None
 
 

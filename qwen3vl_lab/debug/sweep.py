@@ -29,7 +29,6 @@ variants on the shapes task.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import socket
 import time
@@ -43,6 +42,7 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..export.files import folder_or_temporary
 from ..export.quantize import QUANTIZATION_FILE, Int4Recipe
+from ..jsonfile import read_json
 from ..layout import DECODER_FILE
 from ..model import Model, RuntimeOptions
 from .cluster import Backend, connect_ray, error_record, run_jobs
@@ -409,7 +409,7 @@ def _stop_on_error(i: int, record: dict) -> None:
 def read_quantization(folder: str | Path) -> dict | None:
     """A variant's quantization.json (recipe, per-node bits/blocks, timings), or None."""
     path = Path(folder) / QUANTIZATION_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return read_json(path, fix=f"delete {path} (the variant is rebuilt)") if path.is_file() else None
 
 
 __all__ = ["ReferenceJob", "SweepResult", "SweepRow", "VariantJob", "default_recipes", "evaluate_variant",

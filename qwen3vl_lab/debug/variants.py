@@ -29,6 +29,7 @@ from ..errors import UserError
 from ..export import quantize
 from ..export.files import replace_folder, staging_file, staging_folder, stamp_folder
 from ..export.quantize import COPIED_FILES, Int4Recipe, link_or_copy, quantize_folder
+from ..jsonfile import try_json
 from ..layout import DECODER_FILE
 from ..layouts import own_settings, read_export_config
 from ..model import resolve_folder
@@ -129,12 +130,9 @@ def cached_fingerprint(fp32_folder: Path, root: Path) -> str:
     finished sweep prints its table at once."""
     path = Path(root) / FINGERPRINT_FILE
     stats = _stats(fp32_folder)
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved["files"] == stats:
-            return saved["fingerprint"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        pass
+    saved = try_json(path) or {}
+    if saved.get("files") == stats and isinstance(saved.get("fingerprint"), str):
+        return saved["fingerprint"]
     fingerprint = source_fingerprint(fp32_folder)
     with staging_file(path) as tmp:
         tmp.write_text(json.dumps({"fingerprint": fingerprint, "files": stats}) + "\n", encoding="utf-8")
@@ -154,10 +152,7 @@ def _stamp(recipe: Int4Recipe | SimRecipe, fingerprint: str) -> dict:
 
 
 def _read_stamp(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / VARIANT_STAMP).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
+    return try_json(folder / VARIANT_STAMP)
 
 
 def _sync_file(src: Path, dst: Path) -> None:

@@ -35,6 +35,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..errors import UserError
+from ..jsonfile import read_json
 from ..paths import existing_dir
 from ..paths import output_dir as checked_output_dir
 from .checkpoint import Checkpoint, LazyTensor, save_checkpoint_weights
@@ -59,7 +60,7 @@ def _vl_config(hf_dir: Path) -> dict:
     path = hf_dir / "config.json"
     if not path.is_file():
         raise UserError(f"{hf_dir} has no config.json; pass a Qwen3-VL checkpoint folder (config.json + safetensors)")
-    config = json.loads(path.read_text(encoding="utf-8"))
+    config = read_json(path, fix="restore the checkpoint's config.json")
     if "text_config" not in config:
         raise UserError(f"{path} has no text_config: not a Qwen3-VL checkpoint; pass a Qwen3-VL checkpoint folder")
     return config
