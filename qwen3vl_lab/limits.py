@@ -23,6 +23,7 @@ ATTENTION_BUFFERS = 2  # scores and probabilities, (heads, N, N) float32 each
 MEMORY_SHARE = 0.9  # of the available memory, the rest for everything else the process holds
 PATCH = 16  # pixels per patch side (Qwen3-VL)
 FACTOR = 32  # image sides are multiples of patch * merge
+MAX_HELDOUT = 100_000  # shapes scenes an evaluation may ask for: ~1.5 M questions, days on a CPU (+-0.1 % by then)
 
 
 # -- cores -------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from ..errors import PROG, ArgumentParser, UserError
-from ..limits import max_threads
+from ..limits import MAX_HELDOUT, max_threads
 from ..paths import existing_dir, existing_file, export_path, os_error_message, output_dir
 from ..signals import Terminated, deferred_interrupt, terminate_as_interrupt
 
@@ -493,7 +493,7 @@ def _drop_oldest_turn(messages: list[dict], images: list, videos: list) -> tuple
 
 
 # -- shapes task -------------------------------------------------------------------------------
-n_scenes_t = _number(int, "--n", lambda v: v >= 1, "an integer >= 1")
+n_scenes_t = _number(int, "--n", lambda v: 1 <= v <= MAX_HELDOUT, f"an integer from 1 to {MAX_HELDOUT:,} (held-out scenes)")
 workers_t = _number(int, "--workers", lambda v: v >= 1, "an integer >= 1")
 task_cpus_t = _number(int, "--task_cpus", lambda v: v >= 1, "an integer >= 1")
 
