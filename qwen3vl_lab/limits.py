@@ -23,6 +23,7 @@ ATTENTION_BUFFERS = 2  # scores and probabilities, (heads, N, N) float32 each
 MEMORY_SHARE = 0.9  # of the available memory, the rest for everything else the process holds
 PATCH = 16  # pixels per patch side (Qwen3-VL)
 FACTOR = 32  # image sides are multiples of patch * merge
+MAX_COMPARED_STEPS = 1024  # greedy steps a comparison records: (steps, vocab) float32 logits per prompt, 0.6 GB at 4B
 MAX_HELDOUT = 100_000  # shapes scenes an evaluation may ask for: ~1.5 M questions, days on a CPU (+-0.1 % by then)
 
 
@@ -46,6 +47,16 @@ def check_threads(threads, name: str = "threads") -> int | None:
     if threads > cores:
         raise UserError(f"{name} {threads} is more than this machine's {cores} cores; pass {cores} or fewer")
     return threads
+
+
+def check_compared_steps(n_steps, name: str = "n_steps") -> int:
+    """Steps a comparison records per prompt: a whole number in [1, MAX_COMPARED_STEPS] (each step keeps a row of
+    logits per prompt: an unbounded count fills the memory before the first figure)."""
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or not 1 <= n_steps <= MAX_COMPARED_STEPS:
+        shown = repr(n_steps) if len(repr(n_steps)) <= 30 else repr(n_steps)[:27] + "..."
+        raise UserError(f"{name} = {shown}; pass a whole number of steps from 1 to {MAX_COMPARED_STEPS} (16 is plenty "
+                        "to see a recipe diverge)")
+    return n_steps
 
 
 # -- memory ------------------------------------------------------------------------------------

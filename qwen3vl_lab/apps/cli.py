@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from ..errors import PROG, ArgumentParser, UserError
-from ..limits import MAX_HELDOUT, max_threads
+from ..limits import MAX_COMPARED_STEPS, MAX_HELDOUT, max_threads
 from ..paths import existing_dir, existing_file, export_path, os_error_message, output_dir
 from ..signals import Terminated, deferred_interrupt, terminate_as_interrupt
 
@@ -629,7 +629,8 @@ def run_train_shapes(a) -> int:
 
 
 # -- doctor / sweep ------------------------------------------------------------------------------
-n_steps_t = _number(int, "--n_steps", lambda v: v >= 1, "an integer >= 1")
+n_steps_t = _number(int, "--n_steps", lambda v: 1 <= v <= MAX_COMPARED_STEPS,
+                    f"an integer from 1 to {MAX_COMPARED_STEPS} (steps compared per prompt)")
 
 
 def _add_prompt_options(p) -> None:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..export.files import staging_folder
 from ..generate import Prompt, generate_tokens
+from ..limits import check_compared_steps
 from ..model import Model
 from ..signals import interruption_point
 from .inputs import PromptLike, PromptSpec, as_model, as_specs, label_of, prepare
@@ -157,6 +158,7 @@ def record_prompt(ref: Model, prompt: PromptLike | Prompt, n_steps: int = 16, *,
 def record_reference(ref: Model | str | Path, prompts: Sequence[PromptLike] | PromptLike | None, n_steps: int = 16,
                      *, stop_at_eos: bool = True, progress: bool = False) -> list[RecordedPrompt]:
     """`record_prompt` for every prompt. A folder is loaded, recorded and released before this returns."""
+    check_compared_steps(n_steps)
     owned = not isinstance(ref, Model)
     model = as_model(ref)
     specs = as_specs(prompts)
