@@ -15,6 +15,7 @@ hash) and the builder's version, so a second run reuses it and a new checkpoint 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -35,6 +36,7 @@ from ..layouts import own_settings, read_export_config
 from ..model import resolve_folder
 from ..signals import interruption_point
 from . import simulate
+from .results import seal
 from .simulate import SimRecipe, simulate_folder
 
 FP32 = "fp32"
@@ -131,11 +133,13 @@ def cached_fingerprint(fp32_folder: Path, root: Path) -> str:
     path = Path(root) / FINGERPRINT_FILE
     stats = _stats(fp32_folder)
     saved = try_json(path) or {}
-    if saved.get("files") == stats and isinstance(saved.get("fingerprint"), str):
+    if saved.get("files") == stats and isinstance(saved.get("fingerprint"), str) and \
+            hmac.compare_digest(str(saved.get("seal")), seal(saved["fingerprint"], stats)):  # results are keyed by it
         return saved["fingerprint"]
     fingerprint = source_fingerprint(fp32_folder)
     with staging_file(path) as tmp:
-        tmp.write_text(json.dumps({"fingerprint": fingerprint, "files": stats}) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps({"fingerprint": fingerprint, "files": stats, "seal": seal(fingerprint, stats)}) + "\n",
+                       encoding="utf-8")
     return fingerprint
 
 
