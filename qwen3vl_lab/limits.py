@@ -61,6 +61,42 @@ def check_compared_steps(n_steps, name: str = "n_steps") -> int:
 
 # -- memory ------------------------------------------------------------------------------------
 def available_memory() -> int | None:
+    """Bytes this process can still get: the machine's (MemAvailable) or, when lower, what its own address-space
+    limit leaves (RLIMIT_AS, `ulimit -v`); None if neither is known."""
+    known = [n for n in (machine_memory(), address_space_left()) if n is not None]
+    return min(known) if known else None
+
+
+def address_space_used() -> int | None:
+    """Bytes of address space this process maps now (what RLIMIT_AS counts); None where unknown."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def address_space_left() -> int | None:
+    """RLIMIT_AS (`ulimit -v`) minus the address space this process already maps; None without a limit."""
+    try:
+        import resource  # noqa: PLC0415 (POSIX only)
+    except ImportError:
+        return None
+    soft, used = resource.getrlimit(resource.RLIMIT_AS)[0], address_space_used()
+    if soft == resource.RLIM_INFINITY or used is None:
+        return None
+    return max(soft - used, 0)
+
+
+def memory_limit_text(available: int) -> str:
+    """'4.0 GB are available' or, when the process limit is what binds, says so (a ulimit, not the machine)."""
+    room = address_space_left()
+    if room is not None and room <= available:
+        return f"{_gb(available)} are left under this process's address-space limit (ulimit -v)"
+    return f"{_gb(available)} are available"
+
+
+def machine_memory() -> int | None:
     """Bytes the kernel can give this process now (MemAvailable), or free physical pages; None if unknown."""
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
@@ -110,7 +146,7 @@ def check_image_memory(height: int, width: int, num_heads: int, patch: int = PAT
     side = largest_side(num_heads, budget, patch)
     fix = f"pass --image_size {side} or smaller (or resize the image)" if side else "free some memory"
     raise UserError(f"{what} {height}x{width} pixels needs about {_gb(need)} of memory in the vision tower "
-                    f"but {_gb(available)} are available; {fix}")
+                    f"but {memory_limit_text(available)}; {fix}")
 
 
 def check_image_size(image_size, num_heads: int, patch: int = PATCH, name: str = "--image_size") -> None:
@@ -134,4 +170,4 @@ def check_pixels(height: int, width: int, frames: int = 1, what: str = "an image
         return
     side = math.isqrt(int(available * MEMORY_SHARE) // (PREPROCESS_BYTES_PER_PIXEL * frames)) // FACTOR * FACTOR
     raise UserError(f"{what} resized to {height}x{width} pixels needs about {_gb(need)} of memory to preprocess "
-                    f"but {_gb(available)} are available; pass --image_size {side} or smaller")
+                    f"but {memory_limit_text(available)}; pass --image_size {side} or smaller")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import os
 import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,6 +28,7 @@ import numpy as np
 
 from .errors import UserError
 from .jsonfile import read_json
+from .limits import address_space_used
 
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
@@ -254,13 +254,13 @@ def _memory_budget(extra: int):
     MemoryError instead of taking the machine); a no-op where the limit cannot be read."""
     try:
         import resource  # noqa: PLC0415 (POSIX only)
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-        with open("/proc/self/statm", encoding="ascii") as f:
-            used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    except (ImportError, OSError, ValueError, IndexError):
+    except ImportError:
+        resource = None
+    used = address_space_used()
+    if resource is None or used is None:
         yield
         return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     budget = used + extra
     lowered = (soft == resource.RLIM_INFINITY or soft > budget) and (hard == resource.RLIM_INFINITY or hard >= budget)
     if lowered:

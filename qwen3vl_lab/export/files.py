@@ -92,9 +92,12 @@ def check_replaceable(final: Path, *, name: str = "--output_dir", legacy: Sequen
     final = Path(final)
     if not os.path.lexists(final):
         return
-    if final.is_symlink() or not final.is_dir():
-        raise UserError(f"{final} is a file, where {name} needs to write a folder; move the file away or choose "
-                        f"another {name}")
+    if final.is_symlink():
+        raise UserError(f"{final} is a symbolic link (to {os.readlink(final)}), where {name} needs to write a folder; "
+                        f"nothing is written through a link: remove the link (its target stays) or choose another {name}")
+    if not final.is_dir():
+        raise UserError(f"{final} is a {'file' if final.is_file() else 'device or pipe'}, where {name} needs to write "
+                        f"a folder; move it away or choose another {name}")
     try:
         foreign = foreign_files(final, legacy)
     except PermissionError as e:
