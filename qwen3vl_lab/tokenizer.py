@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -82,9 +83,22 @@ def _chat_template_from_json(folder: Path) -> str | None:
     return read_json(path, fix="restore the folder's chat_template.json").get("chat_template")
 
 
-@functools.lru_cache(maxsize=None)
-def _load_folder(folder: str):
-    """AutoTokenizer for one resolved folder, loaded once per process (~0.2 s, plus ~2 s to import transformers)."""
+def _files_signature(folder: Path) -> tuple:
+    """Name, size and modification time of the folder's text files (tokenizer, template, configs): a tokenizer
+    cached for a folder whose files have changed since (an edited template, a new folder at a reused path)
+    is not handed out again."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return ()
+    return tuple((e.name, e.stat().st_size, e.stat().st_mtime_ns, e.inode()) for e in entries
+                 if e.name.endswith((".json", ".txt", ".jinja", ".model")) and e.is_file())
+
+
+@functools.lru_cache(maxsize=16)
+def _load_folder(folder: str, signature: tuple = ()):
+    """AutoTokenizer for one resolved folder, loaded once per process and content (~0.2 s, plus ~2 s to import
+    transformers); `signature` (`_files_signature`) keys the cache on the files as they are now."""
     from transformers import AutoTokenizer  # noqa: PLC0415 (importing transformers takes seconds)
 
     try:
@@ -106,7 +120,8 @@ def load_tokenizer(model_dir: str | Path | None = None):
     model_dir: a checkpoint folder (tokenizer files in it or in `model_dir/pytorch`), or None.
     Returns a transformers tokenizer. The object is cached per resolved folder and shared: don't mutate it.
     """
-    return _load_folder(str(resolve_tokenizer_dir(model_dir)))
+    folder = resolve_tokenizer_dir(model_dir)
+    return _load_folder(str(folder), _files_signature(folder))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -421,6 +421,116 @@ def an_image_pad_typed_into_the_prompt(w):
     return ["generate", "--model_dir", w.onnx, "--image", w.image(), "--prompt", "look <|image_pad|> here"], []
 
 
+# -- issue 22: a hostile folder (classes 4, 5, 7) ---------------------------------------------------
+def with_template(w, text: str) -> Path:
+    """A private export whose precision folder carries `text` as its chat template (chat_template.jinja)."""
+    model = w.clone_onnx(copy=("cpu-fp32/chat_template.jinja",))
+    (model / "cpu-fp32" / "chat_template.jinja").write_text(text)
+    return model
+
+
+@case("chat template", "sandbox refuses", "__class__")
+def a_template_the_sandbox_refuses(w):
+    return gen(with_template(w, "{{ ().__class__.__base__.__subclasses__() }}")), []
+
+
+@case("chat template", "refused this chat", "no tools here")
+def a_template_that_raises(w):
+    return gen(with_template(w, "{{ raise_exception('no tools here') }}")), []
+
+
+@case("chat template", "not valid jinja", "line 1")
+def a_template_with_a_syntax_error(w):
+    return gen(with_template(w, "{% if %}")), []
+
+
+@case("chat template", "not a string", "tokenizer_config.json")
+def a_template_that_is_not_a_string(w):
+    model = w.clone_onnx(copy=("cpu-fp32/tokenizer_config.json",))
+    (model / "cpu-fp32" / "chat_template.jinja").unlink()
+    path = model / "cpu-fp32" / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "chat_template": 5}))
+    return gen(model), []
+
+
+@case("chat template", "did not finish rendering", "5 s")
+def a_template_that_never_ends(w):
+    return gen(with_template(w, "{% for i in range(99999) %}{% for j in range(99999) %}{% for k in range(99999) %}"
+                                "{% endfor %}{% endfor %}{% endfor %}")), []
+
+
+@case("chat template", "more than 2 GB")
+def a_template_that_asks_for_10_gb(w):
+    return gen(with_template(w, "{% set n = 99999 %}{{ ('x' * n) * n }}")), []
+
+
+@case("qwen3vl_lab.json", "eos token id", "1000000000000000000000000000000")
+def an_eos_id_of_10_to_the_30(w):
+    return gen(w.edit_genai(lambda c: c.update(eos_token_ids=[10**30]))), []
+
+
+@case("qwen3vl_lab.json", "eos token id", "'x'")
+def an_eos_id_that_is_a_string(w):
+    return gen(w.edit_genai(lambda c: c.update(eos_token_ids=["x"]))), []
+
+
+@case("qwen3vl_lab.json", "max_position_embeddings is 0", forbidden=("prompt",))
+def a_context_length_of_zero(w):
+    return gen(w.edit_genai(lambda c: c["text"].update(max_position_embeddings=0))), []
+
+
+@case("qwen3vl_lab.json", "max_position_embeddings is -5", forbidden=("prompt",))
+def a_negative_context_length(w):
+    return gen(w.edit_genai(lambda c: c["text"].update(max_position_embeddings=-5))), []
+
+
+@case("qwen3vl_lab.json", "nested deeper than")
+def our_config_200000_deep(w):
+    model = w.clone_onnx(copy=("cpu-fp32/qwen3vl_lab.json",))
+    (model / "cpu-fp32" / "qwen3vl_lab.json").write_text("[" * 200_000 + "]" * 200_000)
+    return gen(model), []
+
+
+@case("genai_config.json", "nested deeper than")
+def genai_config_200000_deep(w):
+    model = w.clone_onnx(copy=("cpu-fp32/genai_config.json",))
+    (model / "cpu-fp32" / "genai_config.json").write_text('{"a": ' * 200_000 + "1" + "}" * 200_000)
+    return gen(model), []
+
+
+@case("config.json", "nested deeper than")
+def a_checkpoint_config_200000_deep(w):
+    """The same reader as the guide's pytorch/config.json (load_hf_config)."""
+    hf = w.clone_hf()
+    (hf / "config.json").write_text('{"text_config": ' * 200_000 + "{}" + "}" * 200_000)
+    return ["export", "--hf_dir", hf, "--output_dir", w.tmp / "out", "--quiet"], [hf]
+
+
+@case("--output_dir", "--hf_dir", "overlap")
+def guide_export_into_the_checkpoint_it_reads(w):
+    hf = w.clone_hf()
+    return ["make-guide-export", "--hf_dir", hf, "--output_dir", hf / "guide"], [hf]
+
+
+@case("--n", "100,000")
+def eval_shapes_with_a_20_digit_count(w):
+    return ["eval-shapes", "--model_dir", w.onnx, "--n", "99999999999999999999"], []
+
+
+@case("--n_steps", "1024")
+def sweep_with_a_20_digit_step_count(w):
+    return ["sweep", "--model_dir", w.onnx, "--n_steps", "99999999999999999999", "--out_dir", w.tmp / "v"], []
+
+
+@case("cpu-fp32", "symbolic link", forbidden=("is a file",))
+def export_where_cpu_fp32_is_a_symlink(w):
+    target = w.user_folder("elsewhere")
+    out = w.tmp / "out"
+    out.mkdir()
+    (out / "cpu-fp32").symlink_to(target, target_is_directory=True)
+    return ["export", "--hf_dir", w.hf, "--output_dir", out, "--quiet"], [target]
+
+
 # -- running the table ---------------------------------------------------------------------------
 def tree_hash(path: Path) -> str:
     """Names and contents of every file below `path` (or of `path` itself)."""

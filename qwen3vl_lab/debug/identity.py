@@ -44,7 +44,7 @@ def not_the_same_model(weights, source: str) -> str | None:
         return None
     return (f"{source} is not the model the tested weights were made from: its weight matrices differ from the "
             f"tested ones by a median {median:.0%} of their norm, far beyond any quantization error (INT4: about "
-            "10 %); the comparison below measures two different models, not quantization. Pass the fp32 export or "
+            "10 %); the figures in this report compare two different models, not quantization. Pass the fp32 export or "
             "checkpoint the tested model was made from")
 
 
