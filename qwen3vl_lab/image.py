@@ -165,7 +165,7 @@ def _open_image_file(path: Path) -> Image.Image:
 def _pil_to_rgb(img: Image.Image) -> np.ndarray:
     """PIL image -> (H, W, 3) uint8, as transformers' `convert_to_rgb` (image_transforms.py l.759)."""
     if img.width == 0 or img.height == 0:
-        raise UserError(f"image has zero size ({img.width}x{img.height}); pass a non-empty image")
+        raise UserError(f"image has zero size ({img.height}x{img.width}); pass a non-empty image")
     has_alpha = "A" in img.getbands() or img.info.get("transparency") is not None
     try:
         if has_alpha:  # P with transparency, LA, RGBA, PA: composite onto opaque white

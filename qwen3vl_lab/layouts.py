@@ -48,6 +48,7 @@ COMMUNITY_SUFFIXES = {"fp32": "", "fp16": "_fp16", "int4": "_q4", "q4f16": "_q4f
 GENAI_TYPES = ("qwen3", "qwen3_vl_text", "qwen3_vl", "qwen3vl")  # what Qwen3-VL exports write as model.type
 NOT_DECODERS = ("embed", "vision", "visual")  # graph names that are not a decoder, in a folder of graphs
 PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8", "int4")
+EXPORT_PRECISIONS = ("fp32", "int4")  # what `qwen3vl-lab export --precision` offers
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -312,8 +313,10 @@ def _choose_precision(where: Path, available: dict, precision: str | None, commu
     if community:
         names = {COMMUNITY_SUFFIXES[p] or "(no suffix)": p for p in available}
         shown = ", ".join(f"{p} ({s})" for s, p in names.items())
+    how = f"or export with --precision {precision}" if precision in EXPORT_PRECISIONS else \
+        f"(`qwen3vl-lab export` writes {' and '.join(EXPORT_PRECISIONS)} only)"
     raise UserError(f"{where} has no {precision} decoder (found {shown}); pass --text_precision "
-                    f"{next(iter(available))} or export with --precision {precision}")
+                    f"{next(iter(available))} {how}")
 
 
 def own_settings(folder: str | Path) -> dict | None:

@@ -881,3 +881,92 @@ def test_python_api_errors_name_the_argument(name, pipe, tiny_onnx_fp32_dir):
         call(pipe, tiny_onnx_fp32_dir)
     message = str(e.value)
     assert "\n" not in message and all(n in message for n in needles), message
+
+
+# -- issue 22: settings, identities and limits that need more than one command line ------------------
+@pytest.mark.parametrize("setting", ["/dev/null", "a-file", "a-file/below"])
+def test_a_cache_setting_that_is_not_a_folder_is_one_line_naming_it(setting, tiny_onnx_fp32_dir, tmp_path, monkeypatch,
+                                                                     capsys):
+    (tmp_path / "a-file").write_text("the user's own notes\n")
+    value = setting if setting.startswith("/") else str(tmp_path / setting)
+    monkeypatch.setenv("QWEN3VL_LAB_CACHE", value)
+    before = tree_hash(tmp_path / "a-file")
+    code, _, err = run_cli(capsys, "sweep", "--model_dir", tiny_onnx_fp32_dir, "--out_dir", tmp_path / "v",
+                           "--recipes", "default-b32-sym-acc4-head_int4", "--quiet")
+    assert_one_line_error(code, err, "QWEN3VL_LAB_CACHE", value)
+    assert tree_hash(tmp_path / "a-file") == before
+
+
+@pytest.mark.parametrize("kind", ["decoder", "file", "missing"])
+def test_model_dir_in_a_notebook_is_checked_like_every_export_path(kind, tiny_onnx_fp32_dir, tmp_path, monkeypatch):
+    """Notebook 07 says MODEL_DIR may be a decoder .onnx: every helper it calls accepts one; a file of another
+    kind is called a file, not missing."""
+    from qwen3vl_lab.apps import notebook
+
+    path = {"decoder": tiny_onnx_fp32_dir / "cpu-fp32" / "model.onnx",
+            "file": tiny_onnx_fp32_dir / "cpu-fp32" / "genai_config.json", "missing": tmp_path / "nope"}[kind]
+    monkeypatch.setenv("MODEL_DIR", str(path))
+    if kind == "decoder":
+        assert notebook.doctor_dir() == path and notebook.model_dir() == path and not notebook.is_shapes()
+        return
+    with pytest.raises(UserError) as e:
+        notebook.is_shapes()
+    assert "MODEL_DIR" in str(e.value) and ("is a file" if kind == "file" else "does not exist") in str(e.value)
+
+
+def test_a_precision_export_does_not_write_is_not_suggested(tiny_onnx_fp32_dir):
+    from qwen3vl_lab.model import load_model
+
+    with pytest.raises(UserError) as e:
+        load_model(tiny_onnx_fp32_dir, "int8")
+    assert "--precision int8" not in str(e.value) and "fp32 and int4 only" in str(e.value)
+
+
+def test_two_models_of_other_dimensions_are_named_before_onnxruntime_sees_them(tiny_dir, tiny_deep_dir):
+    from qwen3vl_lab.config import load_hf_config
+    from qwen3vl_lab.debug.identity import check_same_dims
+
+    check_same_dims(load_hf_config(tiny_dir), load_hf_config(tiny_dir), "a", "b")  # the same model: nothing to say
+    with pytest.raises(UserError) as e:
+        check_same_dims(load_hf_config(tiny_dir), load_hf_config(tiny_deep_dir), "--reference B", "--model_dir A")
+    assert "not the same model" in str(e.value) and "num_hidden_layers" in str(e.value)
+
+
+def test_a_checkpoint_of_another_model_of_the_same_shape_is_not_blamed_on_quantization(tiny_dir, tiny_onnx_dir,
+                                                                                       tmp_path):
+    """The INT4 weights of the tiny model (seed 0) against its own checkpoint: quantization error; against the
+    checkpoint of another tiny model (seed 1, the same dimensions): another model, said so."""
+    from qwen3vl_lab.debug.identity import not_the_same_model
+    from qwen3vl_lab.debug.weights import compare_weights
+    from qwen3vl_lab.export.tiny import make_tiny
+
+    other = make_tiny(tmp_path / "seed1", seed=1)
+    own = compare_weights(None, tiny_onnx_dir, hf_dir=tiny_dir)
+    foreign = compare_weights(None, tiny_onnx_dir, hf_dir=other)
+    assert float(np.median(own.rel_error)) < 0.3 and not_the_same_model(own, "--hf_dir A") is None
+    sentence = not_the_same_model(foreign, "--hf_dir B")
+    assert sentence is not None and "not the model the tested weights were made from" in sentence
+
+
+def test_the_image_size_the_fit_check_recommends_under_ulimit_v_is_checked_again_not_a_traceback(
+        tiny_onnx_fp32_dir, tmp_path):
+    """Under `ulimit -v` the check reads the process limit (RLIMIT_AS), not only MemAvailable: the one line says
+    so and names a size; that size then runs, or is one line again (never a traceback, never the OOM killer)."""
+    import re
+    import resource
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (3000, 3000), (200, 30, 30)).save(big)
+    limit = 4 * 2**30
+
+    def run(*flags):
+        return subprocess.run(cli(*gen(tiny_onnx_fp32_dir, "--image", big, *flags)), capture_output=True, text=True,
+                              timeout=600, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+
+    first = run()
+    assert first.returncode == 2 and "Traceback" not in first.stderr, first.stderr[-2000:]
+    assert "ulimit -v" in first.stderr and len(first.stderr.strip().splitlines()) == 1, first.stderr
+    side = re.search(r"--image_size (\d+)", first.stderr).group(1)
+    second = run("--image_size", side)
+    assert second.returncode in (0, 2) and "Traceback" not in second.stderr, second.stderr[-2000:]
+    assert second.returncode == 0 or len(second.stderr.strip().splitlines()) == 1, second.stderr
