@@ -934,18 +934,21 @@ def test_two_models_of_other_dimensions_are_named_before_onnxruntime_sees_them(t
 
 def test_a_checkpoint_of_another_model_of_the_same_shape_is_not_blamed_on_quantization(tiny_dir, tiny_onnx_dir,
                                                                                        tmp_path):
-    """The INT4 weights of the tiny model (seed 0) against its own checkpoint: quantization error; against the
-    checkpoint of another tiny model (seed 1, the same dimensions): another model, said so."""
-    from qwen3vl_lab.debug.identity import not_the_same_model
-    from qwen3vl_lab.debug.weights import compare_weights
+    """The INT4 export of the tiny model (seed 0) against its own checkpoint: the same model; against the checkpoint
+    of another tiny model (seed 1, the same dimensions) or that model's export: another model, said so."""
+    from qwen3vl_lab.debug.identity import checkpoint_table, embedding_table, not_the_same_model
+    from qwen3vl_lab.export.exporter import export
     from qwen3vl_lab.export.tiny import make_tiny
+    from qwen3vl_lab.layouts import find_layout
 
     other = make_tiny(tmp_path / "seed1", seed=1)
-    own = compare_weights(None, tiny_onnx_dir, hf_dir=tiny_dir)
-    foreign = compare_weights(None, tiny_onnx_dir, hf_dir=other)
-    assert float(np.median(own.rel_error)) < 0.3 and not_the_same_model(own, "--hf_dir A") is None
-    sentence = not_the_same_model(foreign, "--hf_dir B")
-    assert sentence is not None and "not the model the tested weights were made from" in sentence
+    tested = embedding_table(find_layout(tiny_onnx_dir, "int4"))
+    assert not_the_same_model(tested, checkpoint_table(tiny_dir), "--hf_dir A") is None
+    assert not_the_same_model(tested, embedding_table(find_layout(tiny_onnx_dir, "fp32")), "its fp32") is None
+    sentence = not_the_same_model(tested, checkpoint_table(other), "--hf_dir B")
+    assert sentence is not None and sentence.startswith("--hf_dir B is not the model that was tested")
+    export(other, tmp_path / "seed1-onnx", progress=False, log=lambda _: None)
+    assert not_the_same_model(tested, embedding_table(find_layout(tmp_path / "seed1-onnx", "fp32")), "B") is not None
 
 
 def test_the_image_size_the_fit_check_recommends_under_ulimit_v_is_checked_again_not_a_traceback(

@@ -38,7 +38,7 @@ from ..paths import existing_dir, export_path
 from .checklist import Checklist, fp32_logits, needs_fp32_logits, run_checklist
 from .compare import Comparison, compare_recorded
 from .export_checks import ImageProbe, probe_prompt, probe_reference
-from .identity import check_same_dims, not_the_same_model
+from .identity import check_same_dims, checkpoint_table, embedding_table, not_the_same_model
 from .inputs import PromptLike, as_model, as_specs, prepare
 from .layers import Capture, LayerReport, capture_prompt, compare_layers
 from .record import RecordedPrompt, RecordedVision, record_prompt, release
@@ -286,7 +286,9 @@ def diagnose(model_dir: Model | str | Path, precision: str = "int4", reference: 
     if rank_on is not None and (recipes if recipes is not None else ckpt_src is not None):
         report.best_recipe, report.recipe_lines = recipe_advice(rank_on, specs, min(n_steps, 8), progress)
     report.advice = advice(report, lacks, checkpoint)
-    other = not_the_same_model(weight_report, f"--hf_dir {hf_dir}" if hf_dir else f"the reference {ref.folder}")
+    other = not_the_same_model(embedding_table(test_src.layout),
+                               checkpoint_table(hf_dir) if hf_dir else embedding_table(ref_src.layout),
+                               f"--hf_dir {hf_dir}" if hf_dir else f"the reference {ref_src.folder}")
     if other:  # the figures compare two models: nothing is blamed on quantization
         report.notes.insert(0, other)
         report.advice = [other]
