@@ -119,8 +119,8 @@ class ModelConfig:
             _whole(getattr(t, key), f"{where}: {key}", fix, low=1)
         if not isinstance(self.eos_token_ids, tuple) or not self.eos_token_ids:
             raise UserError(f"{where}: eos_token_ids is {self.eos_token_ids!r}, not a list of token ids; {fix}")
-        for i in self.eos_token_ids:
-            _whole(i, f"{where}: eos token id", fix, low=0, high=t.vocab_size)
+        for i in self.eos_token_ids:  # <|im_end|> and <|endoftext|> are always added: a small vocab never emits them
+            _whole(i, f"{where}: eos token id", fix, low=0, high=TOKEN_ID_LIMIT)
         for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "pad_token_id"):
             _whole(getattr(self, key), f"{where}: {key}", fix, low=0, high=TOKEN_ID_LIMIT)
         return self

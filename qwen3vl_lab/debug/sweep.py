@@ -410,7 +410,7 @@ def _stop_on_error(i: int, record: dict) -> None:
 def read_quantization(folder: str | Path) -> dict | None:
     """A variant's quantization.json (recipe, per-node bits/blocks, timings), or None."""
     path = Path(folder) / QUANTIZATION_FILE
-    return read_json(path, fix=f"delete {path} (the variant is rebuilt)") if path.is_file() else None
+    return read_json(path, fix=f"delete the folder {path.parent} to build that variant again") if path.is_file() else None
 
 
 __all__ = ["ReferenceJob", "SweepResult", "SweepRow", "VariantJob", "default_recipes", "evaluate_variant",
