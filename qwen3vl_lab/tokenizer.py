@@ -279,7 +279,10 @@ def _memory_budget(extra: int):
     budget = used + extra
     lowered = (soft == resource.RLIM_INFINITY or soft > budget) and (hard == resource.RLIM_INFINITY or hard >= budget)
     if lowered:
-        resource.setrlimit(resource.RLIMIT_AS, (budget, hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_AS, (budget, hard))
+        except (ValueError, OSError):  # a platform that refuses: the time budget still holds
+            lowered = False
     try:
         yield
     finally:
