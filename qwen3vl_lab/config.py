@@ -9,11 +9,11 @@ See transformers' `configuration_qwen3_vl.py`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .jsonfile import read_json
 from .paths import existing_dir, readable_file
 
 IMAGE_TOKEN_ID = 151655
@@ -99,14 +99,43 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        """Build from a dict written by `to_dict` (our own genai_config), not from an HF config.json."""
+    def from_dict(cls, d: dict, where: str = "the export's qwen3vl_lab.json") -> "ModelConfig":
+        """Build from a dict written by `to_dict` (our own genai_config), not from an HF config.json;
+        `where` names the file in the one-line error a bad value gives."""
         text = TextConfig(**{**d["text"], "mrope_section": tuple(d["text"]["mrope_section"])})
         vis = d["vision"]
         vision = VisionConfig(**{**vis, "deepstack_visual_indexes": tuple(vis["deepstack_visual_indexes"])})
         rest = {k: v for k, v in d.items() if k not in ("text", "vision")}
-        rest["eos_token_ids"] = tuple(rest.get("eos_token_ids", DEFAULT_EOS_TOKEN_IDS))
-        return cls(text=text, vision=vision, **rest)
+        eos = rest.get("eos_token_ids", DEFAULT_EOS_TOKEN_IDS)
+        rest["eos_token_ids"] = tuple(eos) if isinstance(eos, list) else eos
+        return cls(text=text, vision=vision, **rest).checked(where, "re-run `qwen3vl-lab export`")
+
+    def checked(self, where: str, fix: str) -> "ModelConfig":
+        """The numbers a model folder drives (sizes, context length, token ids) are whole numbers in range:
+        a 0 context, an eos id of 10**30 or "x" is one line naming the file and the value, never a crash later."""
+        t = self.text
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            _whole(getattr(t, key), f"{where}: {key}", fix, low=1)
+        if not isinstance(self.eos_token_ids, tuple) or not self.eos_token_ids:
+            raise UserError(f"{where}: eos_token_ids is {self.eos_token_ids!r}, not a list of token ids; {fix}")
+        for i in self.eos_token_ids:  # <|im_end|> and <|endoftext|> are always added: a small vocab never emits them
+            _whole(i, f"{where}: eos token id", fix, low=0, high=TOKEN_ID_LIMIT)
+        for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "pad_token_id"):
+            _whole(getattr(self, key), f"{where}: {key}", fix, low=0, high=TOKEN_ID_LIMIT)
+        return self
+
+
+TOKEN_ID_LIMIT = 2**31  # onnxruntime-genai and tokenizers hold token ids as int32
+
+
+def _whole(value, what: str, fix: str, *, low: int, high: int | None = None) -> int:
+    """`value` is an int (not a bool) in [low, high); else one line naming `what`, the value and the fix."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value >= high):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        bound = f"a whole number >= {low}" + (f" and below {high}" if high is not None else "")
+        raise UserError(f"{what} is {shown}; it must be {bound}: {fix}")
+    return value
 
 
 def _rope(text: dict) -> tuple[float, tuple[int, int, int]]:
@@ -126,10 +155,8 @@ def _eos_ids(top: dict, text: dict, hf_dir: Path | None) -> tuple[int, ...]:
     ids: list[int] = list(DEFAULT_EOS_TOKEN_IDS)
     sources = [text.get("eos_token_id"), top.get("eos_token_id")]
     if hf_dir is not None and (hf_dir / "generation_config.json").is_file():
-        try:
-            sources.append(json.loads((hf_dir / "generation_config.json").read_text()).get("eos_token_id"))
-        except json.JSONDecodeError:
-            pass
+        sources.append(read_json(hf_dir / "generation_config.json",
+                                 fix="restore the checkpoint's generation_config.json").get("eos_token_id"))
     for src in sources:
         for i in src if isinstance(src, list) else [src]:
             if isinstance(i, int) and i not in ids:
@@ -222,7 +249,7 @@ def parse_hf_config(cfg: dict, hf_dir: Path | None = None) -> ModelConfig:
         vision_end_token_id=cfg.get("vision_end_token_id", VISION_END_TOKEN_ID),
         eos_token_ids=_eos_ids(cfg, t, hf_dir),
         bos_token_id=bos if isinstance(bos, int) else None,
-    )
+    ).checked(f"{hf_dir / 'config.json' if hf_dir else 'config.json'}", "restore the checkpoint's config.json")
 
 
 def load_hf_config(hf_dir: str | Path) -> ModelConfig:
@@ -233,10 +260,5 @@ def load_hf_config(hf_dir: str | Path) -> ModelConfig:
     if not path.is_file():
         raise UserError(f"{hf_dir} has no config.json; {fix}")
     readable_file(path)
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); restore the checkpoint's config.json") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{path} holds a JSON {type(cfg).__name__}, not an object; restore the checkpoint's config.json")
+    cfg = read_json(path, fix="restore the checkpoint's config.json")
     return parse_hf_config(cfg, hf_dir)

@@ -14,7 +14,6 @@ and `image_grid_thw (n, 3)` int64, bit-identical to transformers (tests/test_ima
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
+from .jsonfile import read_json
 from .limits import check_pixels
 from .paths import existing_file
 
@@ -103,11 +103,7 @@ class ImageProcessorConfig:
         path = Path(model_dir) / "preprocessor_config.json"
         if not path.is_file():
             raise UserError(f"{model_dir} has no preprocessor_config.json; pass the folder of a Qwen3-VL checkpoint")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path} is not valid JSON ({e}); restore the checkpoint's preprocessor_config.json") from None
-        return cls.from_dict(d)
+        return cls.from_dict(read_json(path, fix="restore the checkpoint's preprocessor_config.json"))
 
 
 def _three(v, name: str) -> tuple[float, float, float]:
@@ -169,7 +165,7 @@ def _open_image_file(path: Path) -> Image.Image:
 def _pil_to_rgb(img: Image.Image) -> np.ndarray:
     """PIL image -> (H, W, 3) uint8, as transformers' `convert_to_rgb` (image_transforms.py l.759)."""
     if img.width == 0 or img.height == 0:
-        raise UserError(f"image has zero size ({img.width}x{img.height}); pass a non-empty image")
+        raise UserError(f"image has zero size ({img.height}x{img.width}); pass a non-empty image")
     has_alpha = "A" in img.getbands() or img.info.get("transparency") is not None
     try:
         if has_alpha:  # P with transparency, LA, RGBA, PA: composite onto opaque white

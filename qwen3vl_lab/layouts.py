@@ -26,7 +26,6 @@ precision of a folder whose name does not say it) the decoder's graph without it
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import onnx
 
 from .errors import UserError
+from .jsonfile import read_json
 from .layout import DECODER_FILE, EMBEDDING_FILE, GENAI_CONFIG, LOGITS, OWN_CONFIG, OWN_SECTION, TOKENIZER_FILE, VISION_FILE
 from .paths import external_data, inside
 
@@ -49,6 +49,7 @@ COMMUNITY_SUFFIXES = {"fp32": "", "fp16": "_fp16", "int4": "_q4", "q4f16": "_q4f
 GENAI_TYPES = ("qwen3", "qwen3_vl_text", "qwen3_vl", "qwen3vl")  # what Qwen3-VL exports write as model.type
 NOT_DECODERS = ("embed", "vision", "visual")  # graph names that are not a decoder, in a folder of graphs
 PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8", "int4")
+EXPORT_PRECISIONS = ("fp32", "int4")  # what `qwen3vl-lab export --precision` offers
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -100,14 +101,9 @@ def _section(d: dict, key: str) -> dict:
 
 def _load_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return read_json(path, fix="restore the file or re-export")
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; pass the folder of an export that has one") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); restore the file or re-export") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object; restore the file or re-export")
-    return data
 
 
 def read_genai_config(path: str | Path) -> GenaiInfo:
@@ -340,8 +336,10 @@ def _choose_precision(where: Path, available: dict, precision: str | None, commu
     if community:
         names = {COMMUNITY_SUFFIXES[p] or "(no suffix)": p for p in available}
         shown = ", ".join(f"{p} ({s})" for s, p in names.items())
+    how = f"or export with --precision {precision}" if precision in EXPORT_PRECISIONS else \
+        f"(`qwen3vl-lab export` writes {' and '.join(EXPORT_PRECISIONS)} only)"
     raise UserError(f"{where} has no {precision} decoder (found {shown}); pass --text_precision "
-                    f"{next(iter(available))} or export with --precision {precision}")
+                    f"{next(iter(available))} {how}")
 
 
 def own_settings(folder: str | Path) -> dict | None:

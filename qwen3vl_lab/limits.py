@@ -23,6 +23,8 @@ ATTENTION_BUFFERS = 2  # scores and probabilities, (heads, N, N) float32 each
 MEMORY_SHARE = 0.9  # of the available memory, the rest for everything else the process holds
 PATCH = 16  # pixels per patch side (Qwen3-VL)
 FACTOR = 32  # image sides are multiples of patch * merge
+MAX_COMPARED_STEPS = 1024  # greedy steps a comparison records: (steps, vocab) float32 logits per prompt, 0.6 GB at 4B
+MAX_HELDOUT = 100_000  # shapes scenes an evaluation may ask for: ~1.5 M questions, days on a CPU (+-0.1 % by then)
 
 
 # -- cores -------------------------------------------------------------------------------------
@@ -47,8 +49,54 @@ def check_threads(threads, name: str = "threads") -> int | None:
     return threads
 
 
+def check_compared_steps(n_steps, name: str = "n_steps") -> int:
+    """Steps a comparison records per prompt: a whole number in [1, MAX_COMPARED_STEPS] (each step keeps a row of
+    logits per prompt: an unbounded count fills the memory before the first figure)."""
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or not 1 <= n_steps <= MAX_COMPARED_STEPS:
+        shown = repr(n_steps) if len(repr(n_steps)) <= 30 else repr(n_steps)[:27] + "..."
+        raise UserError(f"{name} = {shown}; pass a whole number of steps from 1 to {MAX_COMPARED_STEPS} (16 is plenty "
+                        "to see a recipe diverge)")
+    return n_steps
+
+
 # -- memory ------------------------------------------------------------------------------------
 def available_memory() -> int | None:
+    """Bytes this process can still get: the machine's (MemAvailable) or, when lower, what its own address-space
+    limit leaves (RLIMIT_AS, `ulimit -v`); None if neither is known."""
+    known = [n for n in (machine_memory(), address_space_left()) if n is not None]
+    return min(known) if known else None
+
+
+def address_space_used() -> int | None:
+    """Bytes of address space this process maps now (what RLIMIT_AS counts); None where unknown."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def address_space_left() -> int | None:
+    """RLIMIT_AS (`ulimit -v`) minus the address space this process already maps; None without a limit."""
+    try:
+        import resource  # noqa: PLC0415 (POSIX only)
+    except ImportError:
+        return None
+    soft, used = resource.getrlimit(resource.RLIMIT_AS)[0], address_space_used()
+    if soft == resource.RLIM_INFINITY or used is None:
+        return None
+    return max(soft - used, 0)
+
+
+def memory_limit_text(available: int) -> str:
+    """'4.0 GB are available' or, when the process limit is what binds, says so (a ulimit, not the machine)."""
+    room = address_space_left()
+    if room is not None and room <= available:
+        return f"{_gb(available)} are left under this process's address-space limit (ulimit -v)"
+    return f"{_gb(available)} are available"
+
+
+def machine_memory() -> int | None:
     """Bytes the kernel can give this process now (MemAvailable), or free physical pages; None if unknown."""
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
@@ -98,7 +146,7 @@ def check_image_memory(height: int, width: int, num_heads: int, patch: int = PAT
     side = largest_side(num_heads, budget, patch)
     fix = f"pass --image_size {side} or smaller (or resize the image)" if side else "free some memory"
     raise UserError(f"{what} {height}x{width} pixels needs about {_gb(need)} of memory in the vision tower "
-                    f"but {_gb(available)} are available; {fix}")
+                    f"but {memory_limit_text(available)}; {fix}")
 
 
 def check_image_size(image_size, num_heads: int, patch: int = PATCH, name: str = "--image_size") -> None:
@@ -122,4 +170,4 @@ def check_pixels(height: int, width: int, frames: int = 1, what: str = "an image
         return
     side = math.isqrt(int(available * MEMORY_SHARE) // (PREPROCESS_BYTES_PER_PIXEL * frames)) // FACTOR * FACTOR
     raise UserError(f"{what} resized to {height}x{width} pixels needs about {_gb(need)} of memory to preprocess "
-                    f"but {_gb(available)} are available; pass --image_size {side} or smaller")
+                    f"but {memory_limit_text(available)}; pass --image_size {side} or smaller")

@@ -306,7 +306,7 @@ def model_config(layout: Layout, genai: dict, decoder: Callable[[], ort.Inferenc
     own = genai.get(OWN_SECTION)
     if isinstance(own, dict):
         try:
-            return ModelConfig.from_dict(own["config"])
+            return ModelConfig.from_dict(own["config"], str(layout.folder / OWN_CONFIG))
         except (KeyError, TypeError) as e:
             raise UserError(f"{layout.folder / OWN_CONFIG} is not a qwen3vl-lab config ({type(e).__name__}: {e}); "
                             "re-run `qwen3vl-lab export`") from None
@@ -329,7 +329,8 @@ def model_config(layout: Layout, genai: dict, decoder: Callable[[], ort.Inferenc
                         "pass the checkpoint folder (with config.json) as --tokenizer_dir")
     text = TextConfig(**numbers, max_position_embeddings=(info and info.context_length) or TextConfig.max_position_embeddings)
     eos = (info and info.eos_token_ids) or ModelConfig.eos_token_ids
-    return ModelConfig(text=text, vision=VisionConfig(deepstack_visual_indexes=()), eos_token_ids=tuple(eos))
+    return ModelConfig(text=text, vision=VisionConfig(deepstack_visual_indexes=()), eos_token_ids=tuple(eos)).checked(
+        str(layout.genai_config or layout.decoder), "fix the export's genai_config.json or re-download it")
 
 
 def load_model(model_dir: str | Path, text_precision: str = "fp32", options: RuntimeOptions | None = None,

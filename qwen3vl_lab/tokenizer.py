@@ -15,10 +15,12 @@ The four steps, in the order a prompt goes through them:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
-import json
 import os
 import re
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
@@ -26,6 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .jsonfile import read_json, try_json
+from .limits import address_space_used
 from .paths import inside
 
 IMAGE_PAD = "<|image_pad|>"
@@ -77,10 +81,19 @@ def _chat_template_from_json(folder: Path) -> str | None:
     path = folder / "chat_template.json"
     if not path.is_file():
         return None
+    return read_json(path, fix="restore the folder's chat_template.json").get("chat_template")
+
+
+def _files_signature(folder: Path) -> tuple:
+    """Name, size and modification time of the folder's text files (tokenizer, template, configs): a tokenizer
+    cached for a folder whose files have changed since (an edited template, a new folder at a reused path)
+    is not handed out again."""
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("chat_template")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return None
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return ()
+    return tuple((e.name, e.stat().st_size, e.stat().st_mtime_ns, e.inode()) for e in entries
+                 if e.name.endswith((".json", ".txt", ".jinja", ".model")) and e.is_file())
 
 
 # The files transformers reads to pick a tokenizer class; an `auto_map` in any of them points at Python code
@@ -101,19 +114,17 @@ def refuse_custom_code(folder: str | Path) -> None:
     never prompts; this check makes the refusal say why, naming the file, instead of transformers' message."""
     for name in CODE_POINTERS:
         path = Path(folder) / name
-        try:
-            data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-        except (OSError, ValueError, RecursionError):
-            continue  # unreadable or not JSON: transformers' own error says so, and runs nothing
+        data = try_json(path)  # missing, unreadable or not JSON: transformers' own error says so, and runs nothing
         if isinstance(data, dict) and "auto_map" in data:
             raise UserError(f"{path} has an \"auto_map\", which points at Python code in {Path(folder).name}/ that "
                             "qwen3vl-lab never runs (trust_remote_code stays off); remove the \"auto_map\" entry (Qwen3-VL's "
                             "tokenizer and config need no code of their own) or use another copy of the model")
 
 
-@functools.lru_cache(maxsize=None)
-def _load_folder(folder: str):
-    """AutoTokenizer for one resolved folder, loaded once per process (~0.2 s, plus ~2 s to import transformers).
+@functools.lru_cache(maxsize=16)
+def _load_folder(folder: str, signature: tuple = ()):
+    """AutoTokenizer for one resolved folder, loaded once per process and content (~0.2 s, plus ~2 s to import
+    transformers); `signature` (`_files_signature`) keys the cache on the files as they are now.
     Never runs code from the folder: `refuse_custom_code`, and trust_remote_code=False (which cannot prompt);
     never reads outside it: none of the files it reads may be a symlink leading out (`paths.inside`)."""
     for name in TOKENIZER_READS if Path(folder) != shipped_tokenizer_dir() else ():  # ours: package data
@@ -141,7 +152,8 @@ def load_tokenizer(model_dir: str | Path | None = None):
     model_dir: a checkpoint folder (tokenizer files in it or in `model_dir/pytorch`), or None.
     Returns a transformers tokenizer. The object is cached per resolved folder and shared: don't mutate it.
     """
-    return _load_folder(str(resolve_tokenizer_dir(model_dir)))
+    folder = resolve_tokenizer_dir(model_dir)
+    return _load_folder(str(folder), _files_signature(folder))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -197,9 +209,117 @@ def format_chat(
         raise UserError(
             "this tokenizer has no chat template; add 'chat_template' to tokenizer_config.json or use raw mode"
         )
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt, add_vision_id=add_vision_id
-    )
+    return render_chat_template(tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                                add_vision_id=add_vision_id)
+
+
+# A chat template is code from the model folder. transformers runs it in jinja's immutable sandbox (no
+# attribute escapes, no file access); what the sandbox does not bound is the work: nested loops that run
+# for hours, `'x' * 10**10`, a macro that calls itself. The rendering gets a time budget (a watchdog raises
+# in the rendering thread), an address-space budget (RLIMIT_AS, raised back afterwards) and a length bound.
+RENDER_SECONDS = 5.0  # Qwen3-VL's template renders a 100-turn chat in ~10 ms
+RENDER_MEMORY = 2 * 2**30  # bytes of address space the rendering may add
+MAX_RENDERED_CHARS = 8 * 2**20  # far beyond any context the model holds
+
+
+class _TemplateTimeout(BaseException):
+    """Raised inside the rendering thread by the watchdog (a BaseException: the template cannot catch it)."""
+
+
+def render_chat_template(tokenizer, messages: list[dict], **kwargs) -> str:
+    """`tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)`, bounded in time, memory and length;
+    every way a template from a folder can fail is one line naming the folder."""
+    template = tokenizer.chat_template
+    where = f"the chat template of {getattr(tokenizer, 'name_or_path', '') or 'this tokenizer'}"
+    fix = "fix or remove chat_template in its tokenizer_config.json / chat_template.jinja"
+    if not isinstance(template, str):
+        shown = repr(template) if len(repr(template)) <= 40 else repr(template)[:37] + "..."
+        raise UserError(f"{where} is {shown} ({type(template).__name__}), not a string of jinja text; {fix}")
+    import jinja2  # noqa: PLC0415 (transformers imports it; so does apply_chat_template)
+
+    try:
+        with _memory_budget(RENDER_MEMORY), _time_budget(RENDER_SECONDS):
+            text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except _TemplateTimeout:
+        raise UserError(f"{where} did not finish rendering in {RENDER_SECONDS:.0f} s (a loop without end?); {fix}") from None
+    except MemoryError:
+        raise UserError(f"{where} needs more than {RENDER_MEMORY // 2**30} GB of memory to render; {fix}") from None
+    except RecursionError:
+        raise UserError(f"{where} calls itself without end (recursion); {fix}") from None
+    except jinja2.exceptions.SecurityError as e:
+        raise UserError(f"{where} tried something the sandbox refuses ({e}); {fix}") from None
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise UserError(f"{where} is not valid jinja (line {e.lineno}: {e.message}); {fix}") from None
+    except jinja2.exceptions.TemplateError as e:  # the template's own raise_exception(...), an undefined call
+        raise UserError(f"{where} refused this chat ({_first_line(e)}); {fix}") from None
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError, ZeroDivisionError) as e:
+        raise UserError(f"{where} failed while rendering ({type(e).__name__}: {_first_line(e)}); {fix}") from None
+    if not isinstance(text, str) or len(text) > MAX_RENDERED_CHARS:
+        size = f"{len(text):,} characters" if isinstance(text, str) else f"a {type(text).__name__}"
+        raise UserError(f"{where} rendered {size}, more than any prompt the model can hold; {fix}")
+    return text
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+@contextlib.contextmanager
+def _time_budget(seconds: float):
+    """Raise _TemplateTimeout in this thread if the block runs longer than `seconds`: a watchdog thread sets an
+    asynchronous exception, delivered at the next Python bytecode (a jinja template is compiled to Python)."""
+    tid, lock, state = threading.get_ident(), threading.Lock(), {"running": True, "fired": False}
+
+    def fire():
+        with lock:
+            if state["running"]:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), ctypes.py_object(_TemplateTimeout))
+                state["fired"] = True
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        try:
+            with lock:
+                state["running"] = False
+                if state["fired"]:  # set but maybe not delivered yet: clear it, and say so ourselves
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), None)
+        except _TemplateTimeout:
+            state["fired"] = True
+    if state["fired"]:
+        raise _TemplateTimeout
+
+
+@contextlib.contextmanager
+def _memory_budget(extra: int):
+    """Lower this process's soft RLIMIT_AS to what it uses now + `extra` for the block (a 10 GB string fails with
+    MemoryError instead of taking the machine); a no-op where the limit cannot be read."""
+    try:
+        import resource  # noqa: PLC0415 (POSIX only)
+    except ImportError:
+        resource = None
+    used = address_space_used()
+    if resource is None or used is None:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    budget = used + extra
+    lowered = (soft == resource.RLIM_INFINITY or soft > budget) and (hard == resource.RLIM_INFINITY or hard >= budget)
+    if lowered:
+        try:
+            resource.setrlimit(resource.RLIMIT_AS, (budget, hard))
+        except (ValueError, OSError):  # a platform that refuses: the time budget still holds
+            lowered = False
+    try:
+        yield
+    finally:
+        if lowered:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 # ---------------------------------------------------------------------------------------------------

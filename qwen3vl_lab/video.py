@@ -24,7 +24,6 @@ as they are decoded, so a long video never sits in memory at its native size.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import numpy as np
 
 from .errors import UserError
 from .image import MAX_ASPECT_RATIO, load_image, rescale_and_normalize, resize_image
+from .jsonfile import read_json
 from .limits import check_pixels
 from .tokenizer import frame_pair_timestamps
 
@@ -84,9 +84,11 @@ class VideoProcessorConfig:
         path = Path(folder) / "video_preprocessor_config.json" if folder is not None else None
         if path is None or not path.is_file():
             return cls()
+        fix = "restore the checkpoint's file"
+        data = read_json(path, fix=fix)
         try:
-            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, AttributeError) as e:
+            return cls.from_dict(data)
+        except (TypeError, ValueError, AttributeError) as e:
             raise UserError(f"{path} is not a valid video preprocessor config ({e}); restore the checkpoint's file") from None
 
 
@@ -197,7 +199,7 @@ def open_video_file(path: Path, fps: float, config: VideoProcessorConfig) -> Vid
         raise UserError(f"{path} does not say its frame rate; re-encode it (e.g. `ffmpeg -i {path.name} -r 30 "
                         "fixed.mp4`) or pass its frames as a folder")
     if total < config.temporal_patch_size or not height or not width:
-        raise UserError(f"{path} holds {total} decodable frame(s) of {width}x{height}; a video needs at least "
+        raise UserError(f"{path} holds {total} decodable frame(s) of {height}x{width} (height x width); a video needs at least "
                         f"{config.temporal_patch_size} (pass a single frame as an image)")
     indices = sample_frame_indices(total, float(rate), fps, config.min_frames, config.max_frames)
 
@@ -211,8 +213,8 @@ def open_video_file(path: Path, fps: float, config: VideoProcessorConfig) -> Vid
                     if i in wanted:
                         rgb = frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8, as transformers' PyAV loader
                         if rgb.shape[:2] != (height, width):
-                            raise UserError(f"{path} changes its frame size at frame {i} ({rgb.shape[1]}x{rgb.shape[0]}, "
-                                            f"was {width}x{height}); re-encode it to one size")
+                            raise UserError(f"{path} changes its frame size at frame {i} ({rgb.shape[0]}x{rgb.shape[1]}, "
+                                            f"was {height}x{width}, height x width); re-encode it to one size")
                         got += 1
                         yield rgb
         except (av.error.FFmpegError, OSError) as e:
@@ -241,12 +243,12 @@ def video_smart_resize(num_frames: int, height: int, width: int, temporal_factor
     """transformers' video `smart_resize` (video_processing_qwen3_vl.py): the budget counts all frames."""
     if num_frames < temporal_factor:
         raise UserError(f"a video needs at least {temporal_factor} frames, got {num_frames}; pass it as an image")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:  # the frames as given, before any upscale
+        raise UserError(f"video frames are {height}x{width} (height x width), aspect ratio above {MAX_ASPECT_RATIO}:1 "
+                        "(transformers refuses it); crop or pad the frames")
     if height < factor or width < factor:
         scale = max(factor / height, factor / width)
         height, width = int(height * scale), int(width * scale)
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise UserError(f"video frames are {height}x{width}, aspect ratio above {MAX_ASPECT_RATIO}:1 "
-                        "(transformers refuses it); crop or pad the frames")
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     t_bar = round(num_frames / temporal_factor) * temporal_factor

@@ -421,6 +421,116 @@ def an_image_pad_typed_into_the_prompt(w):
     return ["generate", "--model_dir", w.onnx, "--image", w.image(), "--prompt", "look <|image_pad|> here"], []
 
 
+# -- issue 22: a hostile folder (classes 4, 5, 7) ---------------------------------------------------
+def with_template(w, text: str) -> Path:
+    """A private export whose precision folder carries `text` as its chat template (chat_template.jinja)."""
+    model = w.clone_onnx(copy=("cpu-fp32/chat_template.jinja",))
+    (model / "cpu-fp32" / "chat_template.jinja").write_text(text)
+    return model
+
+
+@case("chat template", "sandbox refuses", "__class__")
+def a_template_the_sandbox_refuses(w):
+    return gen(with_template(w, "{{ ().__class__.__base__.__subclasses__() }}")), []
+
+
+@case("chat template", "refused this chat", "no tools here")
+def a_template_that_raises(w):
+    return gen(with_template(w, "{{ raise_exception('no tools here') }}")), []
+
+
+@case("chat template", "not valid jinja", "line 1")
+def a_template_with_a_syntax_error(w):
+    return gen(with_template(w, "{% if %}")), []
+
+
+@case("chat template", "not a string", "tokenizer_config.json")
+def a_template_that_is_not_a_string(w):
+    model = w.clone_onnx(copy=("cpu-fp32/tokenizer_config.json",))
+    (model / "cpu-fp32" / "chat_template.jinja").unlink()
+    path = model / "cpu-fp32" / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "chat_template": 5}))
+    return gen(model), []
+
+
+@case("chat template", "did not finish rendering", "5 s")
+def a_template_that_never_ends(w):
+    return gen(with_template(w, "{% for i in range(99999) %}{% for j in range(99999) %}{% for k in range(99999) %}"
+                                "{% endfor %}{% endfor %}{% endfor %}")), []
+
+
+@case("chat template", "more than 2 GB")
+def a_template_that_asks_for_10_gb(w):
+    return gen(with_template(w, "{% set n = 99999 %}{{ ('x' * n) * n }}")), []
+
+
+@case("qwen3vl_lab.json", "eos token id", "1000000000000000000000000000000")
+def an_eos_id_of_10_to_the_30(w):
+    return gen(w.edit_genai(lambda c: c.update(eos_token_ids=[10**30]))), []
+
+
+@case("qwen3vl_lab.json", "eos token id", "'x'")
+def an_eos_id_that_is_a_string(w):
+    return gen(w.edit_genai(lambda c: c.update(eos_token_ids=["x"]))), []
+
+
+@case("qwen3vl_lab.json", "max_position_embeddings is 0", forbidden=("prompt",))
+def a_context_length_of_zero(w):
+    return gen(w.edit_genai(lambda c: c["text"].update(max_position_embeddings=0))), []
+
+
+@case("qwen3vl_lab.json", "max_position_embeddings is -5", forbidden=("prompt",))
+def a_negative_context_length(w):
+    return gen(w.edit_genai(lambda c: c["text"].update(max_position_embeddings=-5))), []
+
+
+@case("qwen3vl_lab.json", "nested deeper than")
+def our_config_200000_deep(w):
+    model = w.clone_onnx(copy=("cpu-fp32/qwen3vl_lab.json",))
+    (model / "cpu-fp32" / "qwen3vl_lab.json").write_text("[" * 200_000 + "]" * 200_000)
+    return gen(model), []
+
+
+@case("genai_config.json", "nested deeper than")
+def genai_config_200000_deep(w):
+    model = w.clone_onnx(copy=("cpu-fp32/genai_config.json",))
+    (model / "cpu-fp32" / "genai_config.json").write_text('{"a": ' * 200_000 + "1" + "}" * 200_000)
+    return gen(model), []
+
+
+@case("config.json", "nested deeper than")
+def a_checkpoint_config_200000_deep(w):
+    """The same reader as the guide's pytorch/config.json (load_hf_config)."""
+    hf = w.clone_hf()
+    (hf / "config.json").write_text('{"text_config": ' * 200_000 + "{}" + "}" * 200_000)
+    return ["export", "--hf_dir", hf, "--output_dir", w.tmp / "out", "--quiet"], [hf]
+
+
+@case("--output_dir", "--hf_dir", "overlap")
+def guide_export_into_the_checkpoint_it_reads(w):
+    hf = w.clone_hf()
+    return ["make-guide-export", "--hf_dir", hf, "--output_dir", hf / "guide"], [hf]
+
+
+@case("--n", "100,000")
+def eval_shapes_with_a_20_digit_count(w):
+    return ["eval-shapes", "--model_dir", w.onnx, "--n", "99999999999999999999"], []
+
+
+@case("--n_steps", "1024")
+def sweep_with_a_20_digit_step_count(w):
+    return ["sweep", "--model_dir", w.onnx, "--n_steps", "99999999999999999999", "--out_dir", w.tmp / "v"], []
+
+
+@case("cpu-fp32", "symbolic link", forbidden=("is a file",))
+def export_where_cpu_fp32_is_a_symlink(w):
+    target = w.user_folder("elsewhere")
+    out = w.tmp / "out"
+    out.mkdir()
+    (out / "cpu-fp32").symlink_to(target, target_is_directory=True)
+    return ["export", "--hf_dir", w.hf, "--output_dir", out, "--quiet"], [target]
+
+
 # -- running the table ---------------------------------------------------------------------------
 def tree_hash(path: Path) -> str:
     """Names and contents of every file below `path` (or of `path` itself)."""
@@ -771,3 +881,95 @@ def test_python_api_errors_name_the_argument(name, pipe, tiny_onnx_fp32_dir):
         call(pipe, tiny_onnx_fp32_dir)
     message = str(e.value)
     assert "\n" not in message and all(n in message for n in needles), message
+
+
+# -- issue 22: settings, identities and limits that need more than one command line ------------------
+@pytest.mark.parametrize("setting", ["/dev/null", "a-file", "a-file/below"])
+def test_a_cache_setting_that_is_not_a_folder_is_one_line_naming_it(setting, tiny_onnx_fp32_dir, tmp_path, monkeypatch,
+                                                                     capsys):
+    (tmp_path / "a-file").write_text("the user's own notes\n")
+    value = setting if setting.startswith("/") else str(tmp_path / setting)
+    monkeypatch.setenv("QWEN3VL_LAB_CACHE", value)
+    before = tree_hash(tmp_path / "a-file")
+    code, _, err = run_cli(capsys, "sweep", "--model_dir", tiny_onnx_fp32_dir, "--out_dir", tmp_path / "v",
+                           "--recipes", "default-b32-sym-acc4-head_int4", "--quiet")
+    assert_one_line_error(code, err, "QWEN3VL_LAB_CACHE", value)
+    assert tree_hash(tmp_path / "a-file") == before
+
+
+@pytest.mark.parametrize("kind", ["decoder", "file", "missing"])
+def test_model_dir_in_a_notebook_is_checked_like_every_export_path(kind, tiny_onnx_fp32_dir, tmp_path, monkeypatch):
+    """Notebook 07 says MODEL_DIR may be a decoder .onnx: every helper it calls accepts one; a file of another
+    kind is called a file, not missing."""
+    from qwen3vl_lab.apps import notebook
+
+    path = {"decoder": tiny_onnx_fp32_dir / "cpu-fp32" / "model.onnx",
+            "file": tiny_onnx_fp32_dir / "cpu-fp32" / "genai_config.json", "missing": tmp_path / "nope"}[kind]
+    monkeypatch.setenv("MODEL_DIR", str(path))
+    if kind == "decoder":
+        assert notebook.doctor_dir() == path and notebook.model_dir() == path and not notebook.is_shapes()
+        return
+    with pytest.raises(UserError) as e:
+        notebook.is_shapes()
+    assert "MODEL_DIR" in str(e.value) and ("is a file" if kind == "file" else "does not exist") in str(e.value)
+
+
+def test_a_precision_export_does_not_write_is_not_suggested(tiny_onnx_fp32_dir):
+    from qwen3vl_lab.model import load_model
+
+    with pytest.raises(UserError) as e:
+        load_model(tiny_onnx_fp32_dir, "int8")
+    assert "--precision int8" not in str(e.value) and "fp32 and int4 only" in str(e.value)
+
+
+def test_two_models_of_other_dimensions_are_named_before_onnxruntime_sees_them(tiny_dir, tiny_deep_dir):
+    from qwen3vl_lab.config import load_hf_config
+    from qwen3vl_lab.debug.identity import check_same_dims
+
+    check_same_dims(load_hf_config(tiny_dir), load_hf_config(tiny_dir), "a", "b")  # the same model: nothing to say
+    with pytest.raises(UserError) as e:
+        check_same_dims(load_hf_config(tiny_dir), load_hf_config(tiny_deep_dir), "--reference B", "--model_dir A")
+    assert "not the same model" in str(e.value) and "num_hidden_layers" in str(e.value)
+
+
+def test_a_checkpoint_of_another_model_of_the_same_shape_is_not_blamed_on_quantization(tiny_dir, tiny_onnx_dir,
+                                                                                       tmp_path):
+    """The INT4 export of the tiny model (seed 0) against its own checkpoint: the same model; against the checkpoint
+    of another tiny model (seed 1, the same dimensions) or that model's export: another model, said so."""
+    from qwen3vl_lab.debug.identity import checkpoint_table, embedding_table, not_the_same_model
+    from qwen3vl_lab.export.exporter import export
+    from qwen3vl_lab.export.tiny import make_tiny
+    from qwen3vl_lab.layouts import find_layout
+
+    other = make_tiny(tmp_path / "seed1", seed=1)
+    tested = embedding_table(find_layout(tiny_onnx_dir, "int4"))
+    assert not_the_same_model(tested, checkpoint_table(tiny_dir), "--hf_dir A") is None
+    assert not_the_same_model(tested, embedding_table(find_layout(tiny_onnx_dir, "fp32")), "its fp32") is None
+    sentence = not_the_same_model(tested, checkpoint_table(other), "--hf_dir B")
+    assert sentence is not None and sentence.startswith("--hf_dir B is not the model that was tested")
+    export(other, tmp_path / "seed1-onnx", progress=False, log=lambda _: None)
+    assert not_the_same_model(tested, embedding_table(find_layout(tmp_path / "seed1-onnx", "fp32")), "B") is not None
+
+
+def test_the_image_size_the_fit_check_recommends_under_ulimit_v_is_checked_again_not_a_traceback(
+        tiny_onnx_fp32_dir, tmp_path):
+    """Under `ulimit -v` the check reads the process limit (RLIMIT_AS), not only MemAvailable: the one line says
+    so and names a size; that size then runs, or is one line again (never a traceback, never the OOM killer)."""
+    import re
+    import resource
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (3000, 3000), (200, 30, 30)).save(big)
+    limit = 4 * 2**30
+
+    def run(*flags):
+        return subprocess.run(cli(*gen(tiny_onnx_fp32_dir, "--image", big, *flags)), capture_output=True, text=True,
+                              timeout=600, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+
+    first = run()
+    assert first.returncode == 2 and "Traceback" not in first.stderr, first.stderr[-2000:]
+    assert "ulimit -v" in first.stderr and len(first.stderr.strip().splitlines()) == 1, first.stderr
+    side = re.search(r"--image_size (\d+)", first.stderr).group(1)
+    second = run("--image_size", side)
+    assert second.returncode in (0, 2) and "Traceback" not in second.stderr, second.stderr[-2000:]
+    assert second.returncode == 0 or len(second.stderr.strip().splitlines()) == 1, second.stderr

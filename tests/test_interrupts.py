@@ -72,7 +72,23 @@ def test_staging_file_replaces_or_leaves_the_original(tmp_path):
                                                                                                 "linked.json"]
 
 
-def test_interruption_point_raises_only_after_sigint_inside_a_deferred_block():
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt, as in a terminal: the state this file asserts on, set up here (pytest
+    started in the background by a shell, or under nohup, inherits SIGINT ignored), and restored after."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture
+def sigint_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_interruption_point_raises_only_after_sigint_inside_a_deferred_block(sigint_raises):
     interruption_point()  # outside any block: nothing to do
     with deferred_interrupt() as stop:
         interruption_point()
@@ -83,6 +99,19 @@ def test_interruption_point_raises_only_after_sigint_inside_a_deferred_block():
     interruption_point()  # the block is closed: nothing pending
     with pytest.raises(KeyboardInterrupt):  # and SIGINT raises again where it lands
         signal.raise_signal(signal.SIGINT)
+
+
+def test_a_deferred_block_in_a_process_that_ignores_sigint_sets_the_flag_and_ignores_it_again(sigint_ignored):
+    """Started with SIGINT ignored (`nohup`, `cmd &`): inside a block Ctrl-C still stops the job at its next
+    interruption point; outside, the process keeps ignoring it, as it was started to."""
+    with deferred_interrupt() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop
+        with pytest.raises(KeyboardInterrupt):
+            interruption_point()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    signal.raise_signal(signal.SIGINT)  # ignored: nothing raises
+    interruption_point()
 
 
 @pytest.mark.parametrize("builder", ["quantize", "simulate"])

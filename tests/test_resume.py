@@ -47,7 +47,7 @@ def jobs(monkeypatch):
 
 
 def _result_file(out, name):
-    return next(p for p in (out / RESULTS_FOLDER).glob("*.json") if json.loads(p.read_text())["recipe"] == name)
+    return next(p for p in (out / RESULTS_FOLDER).glob("*.json") if json.loads(p.read_text())["record"]["recipe"] == name)
 
 
 def test_a_finished_sweep_is_read_back_and_a_deleted_row_alone_is_recomputed(tiny_onnx_fp32_dir, tmp_path, jobs):
@@ -76,6 +76,38 @@ def test_a_finished_sweep_is_read_back_and_a_deleted_row_alone_is_recomputed(tin
     jobs.clear()  # another prompt set is another key: everything is computed again
     other = sweep(tiny_onnx_fp32_dir, RECIPES, ["Hello"], out_dir=out, n_steps=N, progress=False)
     assert sorted(jobs) == sorted(r.name for r in RECIPES) and other.cached == [False, False]
+
+
+def test_cached_results_that_do_not_verify_are_computed_again_and_said(tiny_onnx_fp32_dir, tmp_path, jobs, capsys):
+    """Issue 22: an edited row (mean KL 0, top-1 100 %), a row moved under another row's key, random bytes, a
+    JSON list, an edited fp32 reference record: none is shown as computed; each is computed again (the figures
+    are the first run's) and named on stderr."""
+    out = tmp_path / "sweep"
+    first = sweep(tiny_onnx_fp32_dir, RECIPES, [TEXT], out_dir=out, n_steps=N, progress=False)
+    capsys.readouterr()
+    a, b = (_result_file(out, r.name) for r in RECIPES)
+    entry = json.loads(a.read_text())
+    entry["record"].update(mean_kl=0.0, max_kl=0.0, top1_agreement=1.0)
+    b.write_text(a.read_text())  # a valid sealed row, under the other recipe's key (a swap, half of it)
+    a.write_text(json.dumps(entry))
+    jobs.clear()
+    second = sweep(tiny_onnx_fp32_dir, RECIPES, [TEXT], out_dir=out, n_steps=N, progress=False)
+    assert sorted(jobs) == sorted(r.name for r in RECIPES) and second.cached == [False, False]
+    assert figures(second) == figures(first) and second.reference_cached
+    assert capsys.readouterr().err.count("does not verify") == 2
+
+    a.write_bytes(os.urandom(300))
+    b.write_text("[1, 2, 3]\n")
+    reference = next((out / sweep_module.REFERENCE_FOLDER).iterdir())
+    logits = reference / "logits.npy"
+    edited = logits.read_bytes()
+    logits.write_bytes(edited[:-8] + bytes(8))  # the last logit of the record, zeroed
+    jobs.clear()
+    third = sweep(tiny_onnx_fp32_dir, RECIPES, [TEXT], out_dir=out, n_steps=N, progress=False)
+    assert sorted(jobs) == sorted(r.name for r in RECIPES) and not third.reference_cached  # recorded again
+    assert figures(third) == figures(first) and logits.read_bytes() != edited[:-8] + bytes(8)
+    err = capsys.readouterr().err
+    assert err.count("does not verify") == 3 and str(reference) in err, err
 
 
 def test_an_interrupted_sweep_continues_where_it_stopped(tiny_onnx_fp32_dir, tmp_path, monkeypatch):

@@ -14,12 +14,13 @@ import errno
 import io
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 from ..errors import PROG, ArgumentParser, UserError
-from ..limits import max_threads
+from ..limits import MAX_COMPARED_STEPS, MAX_HELDOUT, address_space_left, max_threads
 from ..paths import existing_dir, existing_file, export_path, os_error_message, output_dir
 from ..signals import Terminated, deferred_interrupt, terminate_as_interrupt
 
@@ -512,7 +513,7 @@ def _drop_oldest_turn(messages: list[dict], images: list, videos: list) -> tuple
 
 
 # -- shapes task -------------------------------------------------------------------------------
-n_scenes_t = _number(int, "--n", lambda v: v >= 1, "an integer >= 1")
+n_scenes_t = _number(int, "--n", lambda v: 1 <= v <= MAX_HELDOUT, f"an integer from 1 to {MAX_HELDOUT:,} (held-out scenes)")
 workers_t = _number(int, "--workers", lambda v: v >= 1, "an integer >= 1")
 task_cpus_t = _number(int, "--task_cpus", lambda v: v >= 1, "an integer >= 1")
 
@@ -648,7 +649,8 @@ def run_train_shapes(a) -> int:
 
 
 # -- doctor / sweep ------------------------------------------------------------------------------
-n_steps_t = _number(int, "--n_steps", lambda v: v >= 1, "an integer >= 1")
+n_steps_t = _number(int, "--n_steps", lambda v: 1 <= v <= MAX_COMPARED_STEPS,
+                    f"an integer from 1 to {MAX_COMPARED_STEPS} (steps compared per prompt)")
 
 
 def _add_prompt_options(p) -> None:
@@ -977,8 +979,28 @@ def main(argv: list[str] | None = None) -> int:
         if message is None:
             raise
         return _error(message)
+    except (MemoryError, RuntimeError) as e:  # onnxruntime's Fail is a RuntimeError
+        message = out_of_memory_message(e)
+        if message is None:
+            raise
+        return _error(message)
     finally:
         sys.stdout = real_stdout
+
+
+_ALLOCATION = re.compile(r"Failed to allocate memory for requested buffer of size (\d+)")
+
+
+def out_of_memory_message(e: BaseException) -> str | None:
+    """Python's MemoryError or onnxruntime's "Failed to allocate memory" -> one line naming the two causes (the
+    machine's memory, or this process's `ulimit -v`) and the fixes; None for any other error."""
+    found = _ALLOCATION.search(str(e))
+    if not isinstance(e, MemoryError) and found is None:
+        return None
+    what = f"a {int(found.group(1)) / 2**20:.0f} MB buffer" if found else "memory"
+    limit = " under this process's address-space limit (ulimit -v)" if address_space_left() is not None else ""
+    return (f"out of memory: could not allocate {what}{limit}; pass a smaller --image_size (or fewer video frames, "
+            "a shorter prompt), free some memory, or raise the limit")
 
 
 if __name__ == "__main__":

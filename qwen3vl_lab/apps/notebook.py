@@ -34,6 +34,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..export.cache import build_once, cache_dir, exporter_hash
+from ..paths import export_path
 
 TINY_SEED = 0
 
@@ -145,10 +146,7 @@ def exported_hf_dir(hf_dir: str | Path) -> Path:
 def user_model_dir() -> Path | None:
     """The folder the user asked for with MODEL_DIR or HF_DIR, or None (then the tiny checkpoint is used)."""
     if os.environ.get("MODEL_DIR"):
-        folder = Path(os.environ["MODEL_DIR"]).expanduser()
-        if not folder.is_dir():
-            raise UserError(f"MODEL_DIR={folder} does not exist; set it to a folder written by `qwen3vl-lab export`")
-        return folder
+        return _model_dir_setting()
     if os.environ.get("HF_DIR"):
         return exported_hf_dir(os.environ["HF_DIR"])
     return None
@@ -159,12 +157,16 @@ def doctor_dir() -> Path:
     trained shapes model (`guide_shapes_dir`; needs the [genai] extra), else -- without the extra -- our own fp32 +
     INT4 export of it (`shapes_int4_dir`). HF_DIR there means that folder's checkpoint (see `doctor_checkpoint`)."""
     if os.environ.get("MODEL_DIR"):
-        folder = Path(os.environ["MODEL_DIR"]).expanduser()
-        if not folder.exists():
-            raise UserError(f"MODEL_DIR={folder} does not exist; set it to an export folder (ours, the guide's, "
-                            "onnxruntime-genai's, onnx-community's) or a decoder .onnx")
-        return folder
+        return _model_dir_setting()
     return guide_shapes_dir() if has_genai() else shapes_int4_dir()
+
+
+def _model_dir_setting() -> Path:
+    """MODEL_DIR, checked as every export path is (paths.export_path): a folder, or a decoder .onnx file; a file
+    of another kind is called a file, a missing path missing."""
+    return export_path(Path(os.environ["MODEL_DIR"]).expanduser(), "MODEL_DIR",
+                       fix="set it to an export folder (ours, the guide's, onnxruntime-genai's, onnx-community's) or a "
+                           "decoder .onnx file")
 
 
 def doctor_checkpoint() -> Path | None:

@@ -38,6 +38,7 @@ from ..paths import existing_dir, export_path
 from .checklist import Checklist, fp32_logits, needs_fp32_logits, run_checklist
 from .compare import Comparison, compare_recorded
 from .export_checks import ImageProbe, probe_prompt, probe_reference
+from .identity import check_same_dims, checkpoint_table, embedding_table, not_the_same_model
 from .inputs import PromptLike, as_model, as_specs, prepare
 from .layers import Capture, LayerReport, capture_prompt, compare_layers
 from .record import RecordedPrompt, RecordedVision, record_prompt, release
@@ -239,12 +240,15 @@ def diagnose(model_dir: Model | str | Path, precision: str = "int4", reference: 
 
     if ckpt_src is not None:  # turn 1: our fp32 export of the checkpoint
         ckpt = _load(ckpt_src, vision)
+        ckpt_config = ckpt.config
         rec.ckpt = _records(ckpt, specs, n_steps, progress, "checkpoint's export")
         rec.probe = probe_reference(ckpt, prompt=image_probe_prompt)
         ckpt_src.done(ckpt)
         del ckpt
 
     ref = _load(ref_src, vision)  # turn 2: the reference
+    if ckpt_src is not None:
+        check_same_dims(ckpt_config, ref.config, f"--hf_dir {checkpoint}", f"the reference {ref_src.folder}")
     ckpt_is_ref = ckpt_src is None and image_probe_prompt is not None  # ours with a vision graph: it probes images
     if ckpt_is_ref:
         rec.probe = probe_reference(ref, prompt=image_probe_prompt)
@@ -259,6 +263,7 @@ def diagnose(model_dir: Model | str | Path, precision: str = "int4", reference: 
     ref_src.done(ref)
 
     test = _load(test_src, vision)  # turn 3: the tested model
+    check_same_dims(ref.config, test.config, f"the reference {ref_src.folder}", f"the tested {test_src.folder}")
     notes = [*test.notices]
     checklist = run_checklist(test, reference=rec.oracle, prompt=CHECKLIST_PROMPT, vision_reference=rec.probe,
                               image=image, image_size=image_size)
@@ -281,6 +286,12 @@ def diagnose(model_dir: Model | str | Path, precision: str = "int4", reference: 
     if rank_on is not None and (recipes if recipes is not None else ckpt_src is not None):
         report.best_recipe, report.recipe_lines = recipe_advice(rank_on, specs, min(n_steps, 8), progress)
     report.advice = advice(report, lacks, checkpoint)
+    other = not_the_same_model(embedding_table(test_src.layout),
+                               checkpoint_table(hf_dir) if hf_dir else embedding_table(ref_src.layout),
+                               f"--hf_dir {hf_dir}" if hf_dir else f"the reference {ref_src.folder}")
+    if other:  # the figures compare two models: nothing is blamed on quantization
+        report.notes.insert(0, other)
+        report.advice = [other]
     return report
 
 

@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..export.files import staging_folder
 from ..generate import Prompt, generate_tokens
+from ..jsonfile import read_json, try_json
+from ..limits import check_compared_steps
 from ..model import Model
 from ..signals import interruption_point
 from .inputs import PromptLike, PromptSpec, as_model, as_specs, label_of, prepare
@@ -157,6 +159,7 @@ def record_prompt(ref: Model, prompt: PromptLike | Prompt, n_steps: int = 16, *,
 def record_reference(ref: Model | str | Path, prompts: Sequence[PromptLike] | PromptLike | None, n_steps: int = 16,
                      *, stop_at_eos: bool = True, progress: bool = False) -> list[RecordedPrompt]:
     """`record_prompt` for every prompt. A folder is loaded, recorded and released before this returns."""
+    check_compared_steps(n_steps)
     owned = not isinstance(ref, Model)
     model = as_model(ref)
     specs = as_specs(prompts)
@@ -219,10 +222,8 @@ def save_records(records: Sequence[RecordedPrompt], folder: str | Path, meta: di
 
 def read_meta(folder: str | Path) -> dict | None:
     """The `meta` a record folder was saved with, or None when the folder is missing or incomplete."""
-    try:
-        return json.loads((Path(folder) / RECORD_FILE).read_text(encoding="utf-8"))["meta"]
-    except (OSError, json.JSONDecodeError, KeyError):
-        return None
+    meta = (try_json(Path(folder) / RECORD_FILE) or {}).get("meta")
+    return meta if isinstance(meta, dict) else None
 
 
 class RecordFolder:
@@ -230,14 +231,16 @@ class RecordFolder:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+        fix = (f"delete {self.folder} (the next run records it again), and put the sweep's --out_dir on a filesystem "
+               "every worker mounts")
         try:
-            data = json.loads((self.folder / RECORD_FILE).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{self.folder} is not a readable reference record ({type(e).__name__}); put the "
-                            "sweep's --out_dir on a filesystem every worker mounts, or delete it to record again") from None
-        self.meta = data["meta"]
-        self.prompts = data["prompts"]
-        lengths = [len(p["tokens"]) for p in self.prompts]
+            data = read_json(self.folder / RECORD_FILE, fix=fix)
+            self.meta, self.prompts = data["meta"], data["prompts"]
+            lengths = [len(p["tokens"]) for p in self.prompts]
+        except OSError as e:
+            raise UserError(f"{self.folder} is not a readable reference record ({e.strerror}); {fix}") from None
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{self.folder} is not a reference record qwen3vl-lab wrote (no {e}); {fix}") from None
         self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
 
     def __len__(self) -> int:

@@ -29,7 +29,6 @@ variants on the shapes task.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import socket
 import time
@@ -43,13 +42,14 @@ from tqdm.auto import tqdm
 from ..errors import UserError
 from ..export.files import folder_or_temporary
 from ..export.quantize import QUANTIZATION_FILE, Int4Recipe
+from ..jsonfile import read_json
 from ..layout import DECODER_FILE
 from ..model import Model, RuntimeOptions
 from .cluster import Backend, connect_ray, error_record, run_jobs
 from .compare import Comparison, compare_recorded
 from .inputs import PromptLike, as_specs, open_model
-from .record import RecordedPrompt, RecordFolder, prompt_digest, read_meta, record_reference, release, save_records
-from .results import ResultCache, result_key, write_json_atomic
+from .record import RecordedPrompt, RecordFolder, prompt_digest, record_reference, release, save_records
+from .results import ResultCache, folder_verifies, result_key, seal_folder, write_json_atomic
 from .simulate import SimRecipe
 from .variants import (
     ASSETS_FOLDER,
@@ -363,12 +363,13 @@ def sweep(model_dir: str | Path, recipes: Sequence[Int4Recipe | SimRecipe] | Non
             sizes = export_sizes(fp32)
             meta = {"source": fingerprint, "prompts": digest}
             ref_folder = _reference_folder(root, fingerprint, digest)
-            if read_meta(ref_folder) != meta:
+            if not folder_verifies(ref_folder, meta):  # an edited record would score every variant wrongly
                 reference_cached = False
                 job = ReferenceJob(str(fp32), str(ref_folder), specs, n_steps, meta, sizes, backend.threads)
                 vision = any(getattr(s, "image", None) is not None for s in specs)
                 run_jobs(run_reference_job, [job], backend, _stop_on_error,
                          memory=[variant_memory(fp32, FP32, vision=vision)], names=["fp32 reference"])
+                seal_folder(ref_folder, meta)
             shared_assets(fp32, root)  # one copy of embedding/vision + pytorch/, linked into each variant
             jobs = [VariantJob(str(fp32), str(root), r, fingerprint, sizes, str(ref_folder), specs, n_steps, keep,
                                backend.threads) for r in todo]
@@ -409,7 +410,7 @@ def _stop_on_error(i: int, record: dict) -> None:
 def read_quantization(folder: str | Path) -> dict | None:
     """A variant's quantization.json (recipe, per-node bits/blocks, timings), or None."""
     path = Path(folder) / QUANTIZATION_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return read_json(path, fix=f"delete the folder {path.parent} to build that variant again") if path.is_file() else None
 
 
 __all__ = ["ReferenceJob", "SweepResult", "SweepRow", "VariantJob", "default_recipes", "evaluate_variant",

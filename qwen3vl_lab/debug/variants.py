@@ -15,6 +15,7 @@ hash) and the builder's version, so a second run reuses it and a new checkpoint 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -29,11 +30,13 @@ from ..errors import UserError
 from ..export import quantize
 from ..export.files import replace_folder, staging_file, staging_folder, stamp_folder
 from ..export.quantize import COPIED_FILES, Int4Recipe, link_or_copy, quantize_folder
+from ..jsonfile import try_json
 from ..layout import DECODER_FILE
 from ..layouts import own_settings, read_export_config
 from ..model import resolve_folder
 from ..signals import interruption_point
 from . import simulate
+from .results import seal
 from .simulate import SimRecipe, simulate_folder
 
 FP32 = "fp32"
@@ -129,15 +132,14 @@ def cached_fingerprint(fp32_folder: Path, root: Path) -> str:
     finished sweep prints its table at once."""
     path = Path(root) / FINGERPRINT_FILE
     stats = _stats(fp32_folder)
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved["files"] == stats:
-            return saved["fingerprint"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        pass
+    saved = try_json(path) or {}
+    if saved.get("files") == stats and isinstance(saved.get("fingerprint"), str) and \
+            hmac.compare_digest(str(saved.get("seal")), seal(saved["fingerprint"], stats)):  # results are keyed by it
+        return saved["fingerprint"]
     fingerprint = source_fingerprint(fp32_folder)
     with staging_file(path) as tmp:
-        tmp.write_text(json.dumps({"fingerprint": fingerprint, "files": stats}) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps({"fingerprint": fingerprint, "files": stats, "seal": seal(fingerprint, stats)}) + "\n",
+                       encoding="utf-8")
     return fingerprint
 
 
@@ -154,10 +156,7 @@ def _stamp(recipe: Int4Recipe | SimRecipe, fingerprint: str) -> dict:
 
 
 def _read_stamp(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / VARIANT_STAMP).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
+    return try_json(folder / VARIANT_STAMP)
 
 
 def _sync_file(src: Path, dst: Path) -> None:

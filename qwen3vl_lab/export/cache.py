@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from ..errors import UserError
 from .exporter import export
 from .files import staging_folder
 
@@ -20,12 +21,25 @@ PACKAGE = Path(__file__).resolve().parents[1]
 
 
 def cache_dir() -> Path:
-    """Where made-on-first-use models live (created if missing)."""
+    """Where made-on-first-use models live (created if missing). A setting that names a file, a device
+    (/dev/null) or a folder that cannot be made is one line naming the environment variable it came from."""
     if os.environ.get("QWEN3VL_LAB_CACHE"):
-        root = Path(os.environ["QWEN3VL_LAB_CACHE"])
+        variable, root = "QWEN3VL_LAB_CACHE", Path(os.environ["QWEN3VL_LAB_CACHE"])
+    elif os.environ.get("XDG_CACHE_HOME"):
+        variable, root = "XDG_CACHE_HOME", Path(os.environ["XDG_CACHE_HOME"]) / "qwen3vl-lab"
     else:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen3vl-lab"
-    root.mkdir(parents=True, exist_ok=True)
+        variable, root = "QWEN3VL_LAB_CACHE", Path.home() / ".cache" / "qwen3vl-lab"  # the one to set instead
+    fix = "set QWEN3VL_LAB_CACHE to a folder you can write to (e.g. export QWEN3VL_LAB_CACHE=~/qwen3vl-cache)"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"the cache folder {root} (from ${variable}) is a file or a device, not a folder; {fix}") from None
+    except NotADirectoryError:
+        raise UserError(f"the cache folder {root} (from ${variable}) cannot be made: a file is in its path; {fix}") from None
+    except OSError as e:
+        raise UserError(f"the cache folder {root} (from ${variable}) cannot be made ({e.strerror}); {fix}") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise UserError(f"the cache folder {root} (from ${variable}) is not writable by you; {fix}")
     return root
 
 

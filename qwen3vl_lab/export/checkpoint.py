@@ -81,7 +81,7 @@ def read_safetensors_header(path: str | Path) -> tuple[dict[str, TensorInfo], di
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: [[[[... 200,000 deep
         raise _corrupt(path, f"header is not JSON: {e}") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "header is not a JSON object")
@@ -112,7 +112,7 @@ def _read_index(index_path: Path) -> dict[str, str]:
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
         weight_map = index["weight_map"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError) as e:
         raise UserError(
             f"{index_path} is not a valid safetensors index ({e!r}); re-download it or delete it to use {SAFETENSORS_NAME}"
         ) from None

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from ..errors import UserError
+from ..jsonfile import try_json
 from ..layout import GENAI_CONFIG
 from ..paths import DISK_FULL, PERMISSION, disk_full_message, size_text
 from ..signals import terminate_as_interrupt
@@ -62,10 +63,7 @@ def add_to_stamp(folder: str | Path, names: Sequence[str]) -> None:
 
 
 def _stamped_files(folder: Path) -> set[str] | None:
-    try:
-        record = json.loads((folder / STAMP).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    record = try_json(folder / STAMP)
     files = record.get("files") if isinstance(record, dict) and record.get("written_by") == "qwen3vl-lab" else None
     return set(files) if isinstance(files, list) else None
 
@@ -80,10 +78,7 @@ def foreign_files(folder: Path, legacy: Sequence[str] = ()) -> list[str]:
 
 def has_genai_marker(folder: Path) -> bool:
     """`folder/genai_config.json` carries our `qwen3vl_lab` section: an export precision folder we wrote."""
-    try:
-        return "qwen3vl_lab" in json.loads((Path(folder) / GENAI_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
-        return False
+    return "qwen3vl_lab" in (try_json(Path(folder) / GENAI_CONFIG) or {})
 
 
 def legacy_precision_patterns(folder: Path) -> tuple[str, ...]:
@@ -97,9 +92,12 @@ def check_replaceable(final: Path, *, name: str = "--output_dir", legacy: Sequen
     final = Path(final)
     if not os.path.lexists(final):
         return
-    if final.is_symlink() or not final.is_dir():
-        raise UserError(f"{final} is a file, where {name} needs to write a folder; move the file away or choose "
-                        f"another {name}")
+    if final.is_symlink():
+        raise UserError(f"{final} is a symbolic link (to {os.readlink(final)}), where {name} needs to write a folder; "
+                        f"nothing is written through a link: remove the link (its target stays) or choose another {name}")
+    if not final.is_dir():
+        raise UserError(f"{final} is a {'file' if final.is_file() else 'device or pipe'}, where {name} needs to write "
+                        f"a folder; move it away or choose another {name}")
     try:
         foreign = foreign_files(final, legacy)
     except PermissionError as e:

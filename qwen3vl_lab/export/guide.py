@@ -35,6 +35,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..errors import UserError
+from ..jsonfile import read_json
 from ..paths import existing_dir
 from ..paths import output_dir as checked_output_dir
 from ..tokenizer import refuse_custom_code
@@ -60,7 +61,7 @@ def _vl_config(hf_dir: Path) -> dict:
     path = hf_dir / "config.json"
     if not path.is_file():
         raise UserError(f"{hf_dir} has no config.json; pass a Qwen3-VL checkpoint folder (config.json + safetensors)")
-    config = json.loads(path.read_text(encoding="utf-8"))
+    config = read_json(path, fix="restore the checkpoint's config.json")
     if "text_config" not in config:
         raise UserError(f"{path} has no text_config: not a Qwen3-VL checkpoint; pass a Qwen3-VL checkpoint folder")
     return config
@@ -185,6 +186,15 @@ def _check_output(out: Path) -> None:
         raise UserError(f"{out} already exists and is not empty; pass a new --output_dir (nothing of yours is overwritten)")
 
 
+def _check_apart(out: Path, hf_dir: Path) -> None:
+    """The export is built beside `out` and copies the checkpoint into pytorch/: an `out` inside the checkpoint
+    would copy its own staging folder into itself (and write into the user's checkpoint)."""
+    o, h = out.resolve(), hf_dir.resolve()
+    if o == h or h in o.parents or o in h.parents:
+        raise UserError(f"--output_dir {out} and --hf_dir {hf_dir} overlap (one is inside the other); pass an "
+                        "--output_dir outside the checkpoint folder")
+
+
 def _build(hf_dir: Path, tmp: Path) -> None:
     text_ckpt = qwen3_text_checkpoint(hf_dir, tmp / ".qwen3-text")
     fp32 = genai_build(text_ckpt, tmp / "cpu-fp32", "fp32", {"exclude_embeds": "true"})
@@ -209,6 +219,7 @@ def make_guide_export(hf_dir: str | Path, out: str | Path) -> Path:
     _vl_config(hf_dir)
     refuse_custom_code(hf_dir)  # onnxruntime-genai's builder loads its config and tokenizer with transformers
     _check_output(out)
+    _check_apart(out, hf_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     weights = _weights_bytes(hf_dir)  # bf16: the Qwen3 copy ~1x, fp32 decoder ~2x, int4 ~0.3x, pytorch/ 1x
     with staging_folder(out.parent, f".{out.name}.tmp-", shown=out, need=weights, estimate=5 * weights) as tmp:

@@ -372,8 +372,7 @@ def recipe_accuracy(model_dir: str | Path, recipes: Sequence[Recipe] | None = No
     backend: where each recipe's job (build, answer, clean up) runs (debug/cluster.py): here (default),
     in local processes or as Ray tasks. keep_variants: keep built variants (default: here yes, else no).
     """
-    if n < 1:
-        raise UserError(f"n = {n} held-out scenes; pass n >= 1")
+    shapes.check_heldout_count(n)
     backend = (backend or Backend()).validate()
     parsed = [parse_recipe(r) for r in (recipes if recipes is not None else contrast_recipes())]
     names = [recipe_name(r) for r in parsed]

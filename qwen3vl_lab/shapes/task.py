@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import UserError
+from ..limits import MAX_HELDOUT
 
 IMAGE_SIZE = 96  # pixels per side
 GRID = 3  # cells per side
@@ -314,9 +315,19 @@ def heldout_scene(i: int, seed: int = 0, n_objects: int | None = None) -> tuple[
     return make_scene(np.random.default_rng([HELDOUT_STREAM, seed, i]), n_objects=n)
 
 
+def check_heldout_count(n, name: str = "n") -> int:
+    """A held-out scene count is a whole number in [1, MAX_HELDOUT]: beyond it the scenes would be built (and held
+    in memory) for hours before the first answer, for an interval no narrower than a useful one."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_HELDOUT:
+        shown = repr(n) if len(repr(n)) <= 30 else repr(n)[:27] + "..."
+        raise UserError(f"{name} = {shown} held-out scenes; pass a whole number from 1 to {MAX_HELDOUT:,} "
+                        "(200 gives accuracy within about +-3 %)")
+    return int(n)
+
+
 def heldout_set(n: int, seed: int = 0, n_objects: int | None = None) -> list[tuple[Image.Image, tuple[ShapeObject, ...]]]:
-    """The first n held-out scenes (deterministic)."""
-    return [heldout_scene(i, seed, n_objects) for i in range(n)]
+    """The first n held-out scenes (deterministic); n is at most MAX_HELDOUT."""
+    return [heldout_scene(i, seed, n_objects) for i in range(check_heldout_count(n))]
 
 
 def training_rng(seed: int, step: int) -> np.random.Generator:
