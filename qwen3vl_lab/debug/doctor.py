@@ -24,27 +24,26 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import VisionConfig
 from ..errors import UserError
 from ..export.cache import reference_export
 from ..export.quantize import Int4Recipe
-from ..generate import Prompt, prepare_prompt
+from ..generate import Prompt
 from ..layouts import Layout, find_layout
 from ..model import Model, load_graph, load_model
 from ..paths import existing_dir, export_path
-from .checklist import Checklist, fp32_logits, needs_fp32_logits, run_checklist
+from .checklist import Checklist, ReferenceRecord, activation_peaks, run_checklist
 from .compare import Comparison, compare_recorded
-from .export_checks import ImageProbe, probe_prompt, probe_reference
+from .export_checks import ImageProbe, answer_probe, probe_prompt, probe_reference
 from .inputs import PromptLike, as_model, as_specs, prepare
 from .layers import Capture, LayerReport, capture_prompt, compare_layers
 from .record import RecordedPrompt, RecordedVision, record_prompt, release
 from .sweep import sweep
 from .weights import WeightReport, compare_weights
 
-CHECKLIST_PROMPT = "Write a haiku about the sea."  # the accuracy_level oracle's prompt (run_checklist's default)
+CHECKLIST_PROMPT = "Write a haiku about the sea."  # the checklist's answer probe (run_checklist's default)
 
 
 @dataclass
@@ -198,7 +197,7 @@ class Recorded:
     ckpt: list[RecordedPrompt] | None = None  # our export of the checkpoint, per prompt: tokens + logits per step
     ref: list[RecordedPrompt] | None = None  # the reference, per prompt
     probe: ImageProbe | None = None  # the image probe through our export of the checkpoint
-    oracle: np.ndarray | None = None  # (S, V) the reference on the test's accuracy_level probe prompt
+    checklist: ReferenceRecord | None = None  # the reference's answer probe and activation peaks, for the checklist
     capture: Capture | None = None  # the reference's residual stream per layer, on the last prompt
     export_comparison: Comparison | None = None  # the reference against our export of the checkpoint
 
@@ -226,12 +225,6 @@ def diagnose(model_dir: Model | str | Path, precision: str = "int4", reference: 
     ckpt_src = Source(None, reference_export(checkpoint, log=log), "fp32") if checkpoint is not None else None
     test_graph = test_src.graph()
     rec = Recorded()
-    accuracy_prompt = None
-    if needs_fp32_logits(test_graph):  # the accuracy_level probe, embedded by the test model's own embedding
-        t = test_src.load(open_decoder=False)
-        accuracy_prompt = prepare_prompt(t, CHECKLIST_PROMPT)
-        test_src.done(t)
-        del t
 
     # turn 0: the vision tower alone (ours: the checkpoint's export, else the reference when it is ours)
     vision_src = ckpt_src or (ref_src if ref_src.layout is not None and ref_src.layout.kind == "qwen3vl-lab" else None)
@@ -252,15 +245,15 @@ def diagnose(model_dir: Model | str | Path, precision: str = "int4", reference: 
     if rec.ckpt is not None:
         rec.export_comparison = compare_recorded(rec.ckpt, ref, specs, n_steps, progress=progress,
                                                  reference=str(ckpt_src.folder))
-    if accuracy_prompt is not None:
-        rec.oracle = fp32_logits(ref, accuracy_prompt)
+    answers = answer_probe(ref, CHECKLIST_PROMPT)  # the checklist's answer probe: fp32's greedy answer and logits
     ref_src.done(ref, keep_vision=True)  # its plain decoder closed before the tapped copy opens
     rec.capture = capture_prompt(ref, specs[-1]) if layers else None  # the image prompt when there is one
+    rec.checklist = ReferenceRecord(answers, activation_peaks(ref, CHECKLIST_PROMPT, "the fp32 reference"))
     ref_src.done(ref)
 
     test = _load(test_src, vision)  # turn 3: the tested model
     notes = [*test.notices]
-    checklist = run_checklist(test, reference=rec.oracle, prompt=CHECKLIST_PROMPT, vision_reference=rec.probe,
+    checklist = run_checklist(test, reference=rec.checklist, prompt=CHECKLIST_PROMPT, vision_reference=rec.probe,
                               image=image, image_size=image_size)
     comparison = compare_recorded(rec.ref, test, specs, n_steps, progress=progress, reference=str(ref_src.folder))
     lacks = test.teaching_decoder.io.missing if test.kind != "qwen3vl-lab" else []
