@@ -6,7 +6,7 @@ the evidence says what was measured and why it is not a failure. SKIP: the line 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnx
 
@@ -18,6 +18,7 @@ class CheckItem:
     status: str  # "pass", "warn", "fail" or "skip"
     evidence: str
     fix: str = ""
+    measured: dict = field(default_factory=dict)  # the figures the status was decided on, for the advice and plots
 
     @property
     def ok(self) -> bool:

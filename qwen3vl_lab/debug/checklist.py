@@ -151,13 +151,15 @@ def check_accuracy_level(model: Model, graph: onnx.ModelProto, probe: AnswerProb
                      f"differ, mean KL {float(kl_divergence(logits0, logits4).mean()):.4g} (no fp32 reference)")
     fix = ("re-export with --accuracy_level 0 (or 1/2) and compare; keep level 4 only where the doctor shows no loss "
            "(microsoft/onnxruntime#29849); on outlier channels `qwen3vl-lab repair` equalises them first")
+    measured = {"channel_ratio": worst.channel_ratio, "node": worst.node, "changed": changed}
     if changed > ACC4_ANSWER_BUDGET:
         return CheckItem("accuracy_level", title, "fail", evidence + f"; level 4 changes {changed:.0%} of the answer "
-                         f"tokens ({budget})", fix)
+                         f"tokens ({budget})", fix, measured)
     if worse:
         return CheckItem("accuracy_level", title, "warn", evidence + f"; it moves the distribution but changes "
-                         f"{max(changed, 0.0):.0%} of the answer tokens ({budget}): a measured cost, not a failure")
-    return CheckItem("accuracy_level", title, "pass", evidence)
+                         f"{max(changed, 0.0):.0%} of the answer tokens ({budget}): a measured cost, not a failure",
+                         measured=measured)
+    return CheckItem("accuracy_level", title, "pass", evidence, measured=measured)
 
 
 def lm_head_node(graph: onnx.GraphProto) -> onnx.NodeProto | None:

@@ -34,7 +34,7 @@ from ..generate import Prompt
 from ..layouts import Layout, find_layout
 from ..model import Model, load_graph, load_model
 from ..paths import existing_dir, export_path
-from .checklist import Checklist, ReferenceRecord, activation_peaks, run_checklist
+from .checklist import OUTLIER_RATIO, Checklist, ReferenceRecord, activation_peaks, run_checklist
 from .compare import Comparison, compare_recorded
 from .export_checks import ImageProbe, answer_probe, probe_prompt, probe_reference
 from .inputs import PromptLike, as_model, as_specs, prepare
@@ -44,6 +44,7 @@ from .sweep import sweep
 from .weights import WeightReport, compare_weights
 
 CHECKLIST_PROMPT = "Write a haiku about the sea."  # the checklist's answer probe (run_checklist's default)
+OUTLIER_AGREEMENT = 0.9  # outliers are named the cause when the tested model agrees with fp32 on fewer top-1 tokens
 
 
 @dataclass
@@ -60,6 +61,12 @@ class DoctorReport:
     best_recipe: str | None = None
     recipe_lines: list[str] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
+
+    @property
+    def export_root(self) -> str:
+        """The export folder the tested precision folder sits in (what `repair --model_dir` takes)."""
+        folder = Path(self.folder)
+        return str(folder.parent if folder.name.startswith("cpu-") else folder)
 
     def verdict(self) -> list[str]:
         """Short findings, most actionable first."""
@@ -177,13 +184,22 @@ def checkpoint_reference(test: Model, hf_dir: str | Path | None, ref: Model,
     return ref if ref.kind == "qwen3vl-lab" and ref.has_vision else None
 
 
+RECIPE_GAIN = 0.8  # a recipe "helps" when its mean KL vs fp32 is at most 80% of the default's, or it agrees more
+
+
 def recipe_advice(root: Path, specs, n_steps: int, progress: bool) -> tuple[str | None, list[str]]:
-    """Rank a few INT4 recipes on our export of the checkpoint (`root`): the one that keeps the reference's answers."""
+    """Rank a few INT4 recipes on our export of the checkpoint (`root`). The best is named only when it helps:
+    more top-1 agreement with fp32 than the default recipe, or at most RECIPE_GAIN of its KL (else None)."""
     recipes = [Int4Recipe(), Int4Recipe(lm_head="int8"), Int4Recipe(accuracy_level=0, lm_head="int8")]
     result = sweep(root, recipes, specs[:1], n_steps=n_steps, progress=progress)
-    best = result.rows[0]
     lines = [f"{r.name}: top-1 agreement {r.agreement:.0%}, mean KL {r.mean_kl:.4g}" for r in result.rows]
-    return best.name, lines
+    ok = [r for r in result.rows if not r.failed]
+    default = next((r for r in ok if r.name == Int4Recipe().name), None)
+    if not ok or default is None:
+        return None, lines
+    best = ok[0]
+    helps = best is not default and (best.agreement > default.agreement or best.mean_kl <= RECIPE_GAIN * default.mean_kl)
+    return (best.name if helps else None), lines
 
 
 def _records(model: Model, specs, n_steps: int, progress: bool, desc: str) -> list[RecordedPrompt]:
@@ -319,20 +335,32 @@ def _load(source: Source, vision: LentVision | None) -> Model:
     return model
 
 
+STRUCTURAL = {"positions", "mrope", "deepstack", "genai_config", "kv_cache", "image_probe", "tied_embeddings", "qk_norm"}
+
+
 def advice(report: DoctorReport, lacks: Sequence[str], hf_dir) -> list[str]:
-    """What to do, in order: the export to make (when this one lacks pieces: `lacks`, what its decoder graph
-    does not have), and the INT4 recipe to use."""
+    """What to do, in order, each only when the report measured that it is needed and that it helps: the export to
+    make (only when this one lacks a piece or a structural line FAILED); `repair` when activation outliers are the
+    cause (no recipe of the ranking helps on them); the INT4 recipe that measurably beats the default."""
     out = []
     failed = {i.key for i in report.checklist.failed}
-    if lacks or failed & {"positions", "deepstack", "genai_config", "kv_cache", "image_probe", "tied_embeddings"}:
+    if lacks or failed & STRUCTURAL:
         src = hf_dir or "CKPT"
         out.append(f"make a correct export: qwen3vl-lab export --hf_dir {src} --output_dir OUT --precision fp32 int4"
                    + (f" (this one lacks {'; '.join(lacks)})" if lacks else ""))
+    acc = next((i for i in report.checklist.items if i.key == "accuracy_level"), None)
+    ratio = acc.measured.get("channel_ratio", 0.0) if acc is not None else 0.0
+    drifts = report.comparison.agreement < OUTLIER_AGREEMENT
+    if ratio >= OUTLIER_RATIO and drifts and not lacks:
+        out.append(f"activation outliers are the cause (an input channel {ratio:.0f}x the median at "
+                   f"{acc.measured.get('node', '?')}; top-1 agreement with fp32 {report.comparison.agreement:.0%}): "
+                   f"qwen3vl-lab repair --model_dir {report.export_root} --output_dir FIXED "
+                   "(equalises the outlier channels into the op before and keeps the sensitive MatMuls at 8 bits)")
     if report.best_recipe:
         out.append(f"the INT4 recipe that keeps the reference's answers best here: {report.best_recipe} "
                    "(`qwen3vl-lab sweep --model_dir OUT` ranks more)")
-    elif "lm_head" in failed:
-        out.append("quantize with --lm_head int8 and compare again (doctor --model_dir OUT)")
+    elif report.recipe_lines:
+        out.append("no INT4 recipe of the ranking above beats the default recipe here: a global recipe is not the fix")
     return out
 
 

@@ -34,6 +34,7 @@ from ..rope import mrope_inv_freq_by_axis
 from ..sampling import forced, greedy
 from .checkitem import CheckItem, attrs
 from .compare import kl_divergence
+from .layers import accuracy_level_decoder
 
 # nats: cached and recomputed next-token distributions agree to kernel rounding. fp32 agrees to ~1e-12; an INT4
 # decoder's prefill and decode kernels differ more (measured 5.5e-4 at 2B dims, top-1 still identical), while a
@@ -107,27 +108,30 @@ def answer_logits(model: Model, probe: AnswerProbe, decoder: OnnxDecoder | None 
     return _prefill_all(model, text_prompt(model, probe.ids[:, :-1]), decoder=decoder)[-probe.n:]
 
 
-def _quantized(model: Model) -> bool:
-    return any(n.op_type == "MatMulNBits" for n in model.graph().graph.node)
+def _cache_gap(model: Model, probe: AnswerProbe, decoder: OnnxDecoder | None = None):
+    """Cached decode vs one prefill of the probe's answer: KL per step (n,), top-1 agreement, max |logit diff|, and
+    the recomputed logits (n, V)."""
+    p = text_prompt(model, probe.ids[:, :-probe.n])
+    records = list(generate_step(model, p, forced(probe.tokens), probe.n, decoder=decoder, eos_token_ids=[]))
+    cached = np.stack([r.logits[0].copy() for r in records])  # (n, V)
+    recomputed = answer_logits(model, probe, decoder)  # (n, V)
+    kl = kl_divergence(recomputed, cached)  # (n,)
+    return kl, float(np.mean(recomputed.argmax(-1) == cached.argmax(-1))), float(np.abs(recomputed - cached).max()), \
+        recomputed
 
 
 def check_kv_cache(model: Model, probe: AnswerProbe | None = None):
     """Decode the probe's answer with the cache (teacher forced), then recompute the whole sequence in one prefill.
 
     probe: the fp32 reference's answer (`answer_probe(reference)`): the difference is then judged against what
-    quantization itself moves at the same positions; None: the tested model's own answer, fixed tolerance."""
+    quantization itself moves at the same positions; None: the tested model's own answer, fixed tolerance. A graph
+    with accuracy_level 4 that misses the tolerance is run again rewritten to level 0 (same graph, same weights):
+    its decode (one row, int8 activations) and prefill kernels round differently, the wiring is the same."""
     title = "KV cache consistent"
     probe = probe if probe is not None else answer_probe(model, keep_logits=False)
-    p = text_prompt(model, probe.ids[:, :-probe.n])
-    records = list(generate_step(model, p, forced(probe.tokens), probe.n, eos_token_ids=[]))
-    cached = np.stack([r.logits[0].copy() for r in records])  # (n, V)
-    recomputed = answer_logits(model, probe)  # (n, V)
-    kl = kl_divergence(recomputed, cached)  # (n,)
-    agree = float(np.mean(recomputed.argmax(-1) == cached.argmax(-1)))
-    worst = int(np.argmax(kl))
+    kl, agree, diff, recomputed = _cache_gap(model, probe)
     evidence = (f"{probe.n} cached decode steps vs one prefill of the same {probe.ids.shape[1] - 1} tokens: max KL "
-                f"{kl.max():.2e} nats (step {worst}), top-1 agreement {agree:.0%}, max |logit diff| "
-                f"{np.abs(recomputed - cached).max():.2e}")
+                f"{kl.max():.2e} nats (step {int(np.argmax(kl))}), top-1 agreement {agree:.0%}, max |logit diff| {diff:.2e}")
     fix = ("the cache the decoder returns is not what it reads back (present/past names or order, a buffer reused "
            "in place, positions of cached tokens): fix the KV wiring; re-export")
     tol, noisy = KV_KL_TOL, False
@@ -137,15 +141,18 @@ def check_kv_cache(model: Model, probe: AnswerProbe | None = None):
         noisy = tol > KV_KL_TOL
         evidence += (f"; quantization noise at the same positions (this model vs fp32, recomputed): max KL "
                      f"{noise:.2e}, tolerance max({KV_KL_TOL:g}, {KV_NOISE_SHARE:g} x noise) = {tol:.2e}")
-    if kl.max() > tol or (agree < 1.0 and not noisy):
-        return CheckItem("kv_cache", title, "fail", evidence, fix)
-    if kl.max() > KV_KL_TOL and probe.logits is None and _quantized(model):
-        return CheckItem("kv_cache", title, "warn", evidence + "; above the fp32 tolerance with every top-1 equal: "
-                         "kernel rounding of a quantized model, or a cache fault too small to change a token; "
-                         "the doctor (with the fp32 reference) tells them apart")
-    if noisy and kl.max() > KV_KL_TOL:
-        evidence += "; within this model's own quantization noise: not a cache fault"
-    return CheckItem("kv_cache", title, "pass", evidence)
+    if kl.max() <= tol and (agree == 1.0 or noisy):
+        if kl.max() > KV_KL_TOL:
+            evidence += "; within this model's own quantization noise: not a cache fault"
+        return CheckItem("kv_cache", title, "pass", evidence)
+    if any(n.op_type == "MatMulNBits" and int(attrs(n).get("accuracy_level", 0)) == 4 for n in model.graph().graph.node):
+        kl0, agree0, diff0, _ = _cache_gap(model, probe, accuracy_level_decoder(model, 0))
+        evidence += (f"; the same graph at accuracy_level 0: max KL {kl0.max():.2e}, top-1 agreement {agree0:.0%}, "
+                     f"max |logit diff| {diff0:.2e}")
+        if kl0.max() <= KV_KL_TOL and agree0 == 1.0:
+            return CheckItem("kv_cache", title, "pass", evidence + ": the cache is wired right; the gap is level 4's "
+                             "int8-activation kernels (decode and prefill round differently), see the accuracy_level line")
+    return CheckItem("kv_cache", title, "fail", evidence, fix)
 
 
 def _decoder_at(model: Model, graph: onnx.ModelProto, so: ort.SessionOptions, level: str) -> OnnxDecoder:
