@@ -32,11 +32,11 @@ def heavy(tiny_onnx_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trace(heavy):
-    from qwen3vl_lab.viz.doctor import Candidate, record_doctor_trace
+    from qwen3vl_lab.viz.doctor import CandidateAnswers, record_doctor_trace
 
     fp32, int4 = (load_model(f) for f in heavy)
     return record_doctor_trace(fp32, int4, n_steps=4, questions=QUESTIONS, reference_answers=FP32,
-                               candidates=[Candidate(k, v, accuracy=np.mean([a == b for a, b in zip(v, FP32)]))
+                               candidates=[CandidateAnswers(k, v, accuracy=np.mean([a == b for a, b in zip(v, FP32)]))
                                            for k, v in CANDIDATES.items()])
 
 
@@ -73,11 +73,11 @@ def _notebook(path: Path, fp32: Path, int4: Path) -> None:
     import nbformat
 
     code = f"""from qwen3vl_lab.model import load_model
-from qwen3vl_lab.viz.doctor import Candidate, record_doctor_trace
+from qwen3vl_lab.viz.doctor import CandidateAnswers, record_doctor_trace
 from qwen3vl_lab.viz.widgets import DoctorExplorer
 trace = record_doctor_trace(load_model({str(fp32)!r}), load_model({str(int4)!r}), n_steps=4,
                             questions={QUESTIONS!r}, reference_answers={FP32!r},
-                            candidates=[Candidate(k, v) for k, v in {CANDIDATES!r}.items()])
+                            candidates=[CandidateAnswers(k, v) for k, v in {CANDIDATES!r}.items()])
 explorer = DoctorExplorer(trace)
 display(explorer)
 print({DONE!r})"""
@@ -143,7 +143,7 @@ def _drive(sync_api, bt, base: str, token: str, tmp_path: Path) -> None:
             page.wait_for_function("() => document.querySelector('.widget-readout').textContent.trim() === '1'",
                                    timeout=30_000)
             second = bt.wait_for_new_image(page, first)
-            page.locator(".widget-dropdown select").nth(2).select_option(label="repaired")  # the candidate
+            page.locator("select", has=page.locator("option", has_text="repaired")).select_option(label="repaired")
             third = bt.wait_for_new_image(page, second)
             assert len({first, second, third}) == 3
             page.screenshot(path=str(tmp_path / "doctor_explorer.png"), full_page=True)

@@ -71,6 +71,9 @@ class DoctorReport:
     def verdict(self) -> list[str]:
         """Short findings, most actionable first."""
         out = [f"checklist: {i.title} FAILED - {i.fix or i.evidence}" for i in self.checklist.failed]
+        if self.checklist.warned:
+            out.append(f"checklist: {len(self.checklist.warned)} WARN ({', '.join(i.key for i in self.checklist.warned)}): "
+                       "known risks measured within their budget here, not failures (evidence above)")
         c = self.comparison
         out.append(f"teacher-forced vs fp32: mean KL {c.mean_kl:.4g} nats, top-1 agreement {c.agreement:.0%}, "
                    f"reference token rank {c.mean_ref_rank:.1f} on average")

@@ -137,7 +137,7 @@ OUTLIER_RATIO = 16.0  # a channel whose largest |x| over the answer is >= 16x th
 
 
 @dataclass
-class Candidate:
+class CandidateAnswers:
     """One model's answers to the explorer's questions (a repair candidate, a recipe, fp32 itself)."""
 
     name: str
@@ -166,7 +166,7 @@ class DoctorTrace:
     outliers: dict[str, tuple[int, ...]]  # matmul -> channels >= OUTLIER_RATIO x the median (largest |x| over the answer)
     questions: list[str] = field(default_factory=list)
     reference: list[str] = field(default_factory=list)  # fp32's answers to the questions
-    candidates: dict[str, Candidate] = field(default_factory=dict)
+    candidates: dict[str, CandidateAnswers] = field(default_factory=dict)
 
     @property
     def n_steps(self) -> int:
@@ -187,7 +187,7 @@ def _outliers(x: np.ndarray) -> tuple[int, ...]:
 
 def record_doctor_trace(reference: Model, test: Model, prompt: str = "Write a haiku about the sea.", n_steps: int = 8,
                         *, questions: Sequence[str] = (), reference_answers: Sequence[str] = (),
-                        candidates: Sequence[Candidate] = ()) -> DoctorTrace:
+                        candidates: Sequence[CandidateAnswers] = ()) -> DoctorTrace:
     """Run fp32's greedy answer to `prompt` through both models, teacher forced, with the residual stream after
     every layer and every weight MatMul's input tapped (inputs of the reference only: the tested model's are the
     same up to its own drift). MatMuls reading one tensor (q/k/v, gate/up) are recorded once, under the first."""
@@ -275,5 +275,5 @@ def doctor_figure(trace: DoctorTrace, step: int, matmul: str | None = None, cand
     return fig
 
 
-__all__ = ["Candidate", "DoctorTrace", "doctor_figure", "plot_comparison", "plot_layers", "plot_sweep", "plot_weights",
+__all__ = ["CandidateAnswers", "DoctorTrace", "doctor_figure", "plot_comparison", "plot_layers", "plot_sweep", "plot_weights",
            "record_doctor_trace", "write_figures"]
