@@ -73,6 +73,9 @@ def add_make_tiny(sub) -> None:
                    help="tiny (default), tiny-deep, shapes, 2b or 4b (real 2B / 4B dimensions, random weights)")
     p.add_argument("--trained", action="store_true",
                    help="the shipped model trained on the shapes task (preset shapes, bf16): it answers correctly")
+    p.add_argument("--outliers", action="store_true",
+                   help="with --trained: plant activation outliers (function-preserving; outliers.json says where): "
+                        "fp32 answers as before, the default INT4 recipe breaks (the `repair` command's teaching model)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weight dtype on disk (default: float32; bfloat16 for the 2b and 4b presets)")
     p.add_argument("--config_style", default="v5", choices=["v5", "legacy"],
@@ -88,10 +91,10 @@ def run_make_tiny(a) -> int:
     t0 = time.perf_counter()
     preset = a.preset or ("shapes" if a.trained else "tiny")
     out = make_tiny(a.output_dir, seed=a.seed, preset=preset, dtype=a.dtype, config_style=a.config_style,
-                    tie_word_embeddings=not a.untied, overwrite=a.overwrite, trained=a.trained,
+                    tie_word_embeddings=not a.untied, overwrite=a.overwrite, trained=a.trained, outliers=a.outliers,
                     max_shard_bytes=int(a.max_shard_mb * 2**20) if a.max_shard_mb else None)
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
-    what = "trained shapes" if a.trained else preset
+    what = ("trained shapes (outliers planted: outliers.json)" if a.outliers else "trained shapes") if a.trained else preset
     print(f"wrote {what} checkpoint to {out} ({size / 2**20:.1f} MB) in {time.perf_counter() - t0:.1f} s")
     return 0
 
