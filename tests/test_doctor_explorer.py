@@ -107,7 +107,7 @@ def test_the_doctor_explorer_in_jupyterlab(heavy, tmp_path):
     with open(tmp_path / "lab.log", "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            browser_test.wait_for_server(f"http://127.0.0.1:{port}/api/status?token={token}", proc)
+            browser_test.wait_for_server(f"http://127.0.0.1:{port}/api/status?token={token}", proc, timeout=240)
             _drive(sync_api, browser_test, f"http://127.0.0.1:{port}", token, tmp_path)
         finally:
             proc.terminate()
