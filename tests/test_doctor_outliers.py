@@ -23,7 +23,7 @@ def outliers_onnx_dir(outliers_hf_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(outliers_onnx_dir):
-    return diagnose(outliers_onnx_dir, "int4", prompts=[TEXT], n_steps=6, weights=False)
+    return diagnose(outliers_onnx_dir, "int4", prompts=[TEXT], n_steps=6)
 
 
 def test_the_doctor_fails_only_what_is_broken(report):
@@ -39,6 +39,31 @@ def test_what_to_do_points_at_repair_and_nothing_that_does_not_help(report, outl
     assert f"qwen3vl-lab repair --model_dir {outliers_onnx_dir} --output_dir FIXED" in text, text
     assert "make a correct export" not in text and "--lm_head int8" not in text, text
     assert "what to do:" in report.render()
+
+
+def test_the_report_names_the_planted_layers_and_channels(report, outliers_hf_dir):
+    """outliers.json (written by the planting) is the ground truth: every consumer of a planted site has the planted
+    channels among its input's outliers, and the report prints them."""
+    planted = read_planted(outliers_hf_dir)
+    stats = {c.weight: c for c in report.channels}
+    for site in planted.sites:
+        for weight in site.consumers:
+            assert set(site.channels) <= set(stats[weight].outliers), (weight, site.channels, stats[weight].outliers)
+    text = report.render()
+    assert "activation outliers per MatMul input" in text and "activation-weighted error" in text
+    down = next(s for s in planted.sites if s.kind == "down_in" and s.layer == 0)
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("layers.0.mlp.down_proj") and "channels" in ln)
+    assert any(f" {k} (" in line for k in down.channels), line
+
+
+def test_the_weighted_error_makes_the_broken_matrices_stand_out(report):
+    """The plain weight error is about the same for every matrix; weighted by the real inputs, the MatMuls whose
+    inputs carry the outliers move their outputs several times more than the rest."""
+    rows = {e.matmul: e for e in report.weighted}
+    down = [e for m, e in rows.items() if m.endswith("down_proj")]
+    clean = [e for m, e in rows.items() if m.endswith("o_proj")]
+    assert max(e.plain for e in down) < 2 * min(e.plain for e in clean)  # the plain table cannot see it
+    assert min(e.weighted / e.plain for e in down) > 2.5 > max(e.weighted / e.plain for e in clean)
 
 
 def test_the_accuracy_level_line_names_a_planted_input(report, outliers_hf_dir):

@@ -34,6 +34,7 @@ from ..generate import Prompt
 from ..layouts import Layout, find_layout
 from ..model import Model, load_graph, load_model
 from ..paths import existing_dir, export_path
+from .activations import ChannelStats, WeightedError, collect_channel_stats, format_weighted, weighted_errors
 from .checklist import OUTLIER_RATIO, Checklist, ReferenceRecord, activation_peaks, run_checklist
 from .compare import Comparison, compare_recorded
 from .export_checks import ImageProbe, answer_probe, probe_prompt, probe_reference
@@ -61,6 +62,21 @@ class DoctorReport:
     best_recipe: str | None = None
     recipe_lines: list[str] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
+    channels: list[ChannelStats] | None = None  # per MatMul input of the fp32 reference: outlier channels
+    weighted: list[WeightedError] | None = None  # per MatMulNBits: plain vs activation-weighted error
+
+    def outlier_inputs(self) -> list[ChannelStats]:
+        """The MatMul inputs carrying outlier channels, the largest ratio first (one per input tensor)."""
+        seen, out = set(), []
+        for c in sorted(self.channels or [], key=lambda c: -c.ratio):
+            if c.outliers and c.tensor not in seen:
+                seen.add(c.tensor)
+                out.append(c)
+        return out
+
+    @property
+    def largest_ratio(self) -> float:
+        return max((c.ratio for c in self.channels or []), default=0.0)
 
     @property
     def export_root(self) -> str:
@@ -84,6 +100,16 @@ class DoctorReport:
         if self.weights is not None and self.weights.rows:
             w = self.weights.worst(1)[0]
             out.append(f"worst weight matrix: {w.name} (relative error {w.rel_error:.3f}, {w.bits} bits, block {w.block_size})")
+        heavy = self.outlier_inputs()
+        if heavy:
+            layers = sorted({int(c.matmul.split(".")[1]) for c in heavy if c.matmul.startswith("layers.")})
+            out.append(f"activation outliers: {len(heavy)} MatMul inputs in layers {layers} carry channels >= "
+                       f"{heavy[0].outlier_ratio:g}x the median, up to {heavy[0].ratio:.0f}x ({heavy[0].matmul} "
+                       f"channels {list(heavy[0].outliers[:4])})")
+        if self.weighted:
+            e = max(self.weighted, key=lambda e: e.weighted)
+            out.append(f"worst activation-weighted error: {e.matmul} |X(W-Q(W))|/|XW| {e.weighted:.3f} where the plain "
+                       f"weight error is {e.plain:.3f}")
         return out
 
     def render(self) -> str:
@@ -104,6 +130,18 @@ class DoctorReport:
         if self.weights is not None:
             parts += ["", f"weights: the {min(8, len(self.weights.rows))} matrices with the largest error "
                           f"(of {len(self.weights.rows)})", self.weights.table(8)]
+        heavy = self.outlier_inputs()
+        if self.channels is not None:
+            parts += ["", f"activation outliers per MatMul input (fp32 reference, the compared prompts): {len(heavy)} of "
+                          f"{len({c.tensor for c in self.channels})} inputs carry channels >= "
+                          f"{self.channels[0].outlier_ratio if self.channels else 0:g}x the median channel"]
+            parts += [f"  {c.matmul:30s} channels {', '.join(f'{k} ({r:.0f}x)' for k, r in _ratios(c))}"
+                      f"{' ...' if len(c.outliers) > 4 else ''}" for c in heavy[:12]]
+        if self.weighted:
+            rows = sorted(self.weighted, key=lambda e: -e.weighted)
+            parts += ["", f"activation-weighted error |X(W-Q(W))|/|XW| beside the plain |W-Q(W)|/|W| (the {min(12, len(rows))} "
+                          f"largest of {len(rows)}; kernel: with accuracy_level 4's int8 inputs)",
+                      format_weighted(rows[:12])]
         if self.export_comparison is not None:
             c = self.export_comparison
             parts += ["", "the reference vs our export of the checkpoint (the export's own error, before quantization):",
@@ -116,6 +154,11 @@ class DoctorReport:
         if self.advice:
             parts += ["", "what to do:"] + [f"  {i + 1}. {a}" for i, a in enumerate(self.advice)]
         return "\n".join(parts)
+
+
+def _ratios(c: ChannelStats, top: int = 4) -> list[tuple[int, float]]:
+    r = c.channel_ratios()
+    return [(k, float(r[k])) for k in c.outliers[:top]]
 
 
 @dataclass
@@ -219,6 +262,7 @@ class Recorded:
     checklist: ReferenceRecord | None = None  # the reference's answer probe and activation peaks, for the checklist
     capture: Capture | None = None  # the reference's residual stream per layer, on the last prompt
     export_comparison: Comparison | None = None  # the reference against our export of the checkpoint
+    channels: list[ChannelStats] | None = None  # the reference's MatMul inputs per channel (activations.py)
 
 
 def diagnose(model_dir: Model | str | Path, precision: str = "int4", reference: Model | str | Path | None = "fp32",
@@ -268,6 +312,7 @@ def diagnose(model_dir: Model | str | Path, precision: str = "int4", reference: 
     ref_src.done(ref, keep_vision=True)  # its plain decoder closed before the tapped copy opens
     rec.capture = capture_prompt(ref, specs[-1]) if layers else None  # the image prompt when there is one
     rec.checklist = ReferenceRecord(answers, activation_peaks(ref, CHECKLIST_PROMPT, "the fp32 reference"))
+    rec.channels = collect_channel_stats(ref, specs) if weights else None  # per MatMul input, with row samples
     ref_src.done(ref)
 
     test = _load(test_src, vision)  # turn 3: the tested model
@@ -282,13 +327,15 @@ def diagnose(model_dir: Model | str | Path, precision: str = "int4", reference: 
 
     has_q = any(n.op_type == "MatMulNBits" for n in test_graph.graph.node)  # then: the files, one matrix at a time
     weight_report = compare_weights(ref, test, hf_dir=hf_dir) if (weights and has_q) else None
+    weighted = weighted_errors(ref, test, stats=rec.channels) if (weights and has_q and rec.channels) else None
     if weights and not has_q:
         notes.append("the test decoder has no MatMulNBits, so there are no quantized weights to compare")
     if image is None:
         notes.append("text prompts only: pass --image to exercise the vision path, DeepStack and 3-D positions")
     recipe = test.genai.get("qwen3vl_lab", {}).get("recipe")
     report = DoctorReport(str(test.folder), str(ref.folder), recipe, checklist, comparison, layer_report,
-                          weight_report, notes, export_comparison=rec.export_comparison)
+                          weight_report, notes, export_comparison=rec.export_comparison, channels=rec.channels,
+                          weighted=weighted)
     rank_on = ckpt_src.folder if ckpt_src is not None else ref.root if ckpt_is_ref else None
     if rank_on is not None and (recipes if recipes is not None else ckpt_src is not None):
         report.best_recipe, report.recipe_lines = recipe_advice(rank_on, specs, min(n_steps, 8), progress)
@@ -352,11 +399,13 @@ def advice(report: DoctorReport, lacks: Sequence[str], hf_dir) -> list[str]:
         out.append(f"make a correct export: qwen3vl-lab export --hf_dir {src} --output_dir OUT --precision fp32 int4"
                    + (f" (this one lacks {'; '.join(lacks)})" if lacks else ""))
     acc = next((i for i in report.checklist.items if i.key == "accuracy_level"), None)
-    ratio = acc.measured.get("channel_ratio", 0.0) if acc is not None else 0.0
+    heavy = report.outlier_inputs()
+    ratio, where = (heavy[0].ratio, heavy[0].matmul) if heavy else \
+        (acc.measured.get("channel_ratio", 0.0), acc.measured.get("node", "?")) if acc is not None else (0.0, "?")
     drifts = report.comparison.agreement < OUTLIER_AGREEMENT
     if ratio >= OUTLIER_RATIO and drifts and not lacks:
         out.append(f"activation outliers are the cause (an input channel {ratio:.0f}x the median at "
-                   f"{acc.measured.get('node', '?')}; top-1 agreement with fp32 {report.comparison.agreement:.0%}): "
+                   f"{where}; top-1 agreement with fp32 {report.comparison.agreement:.0%}): "
                    f"qwen3vl-lab repair --model_dir {report.export_root} --output_dir FIXED "
                    "(equalises the outlier channels into the op before and keeps the sensitive MatMuls at 8 bits)")
     if report.best_recipe:
