@@ -29,7 +29,7 @@ pytest.importorskip("ipykernel")
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 NAMES = ["01_quickstart", "02_mrope_positions", "03_kv_cache", "04_vision_pipeline", "05_int4_debugging",
-         "06_attention", "07_doctor_your_export"]
+         "06_attention", "07_doctor_your_export", "08_int4_gibberish_repaired"]
 HAS_GENAI = importlib.util.find_spec("onnxruntime_genai") is not None  # 07 builds the guide's export with its builder
 
 

@@ -23,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen3vl_lab.apps import notebook
 from qwen3vl_lab.apps.lessons import repair as lesson
 from qwen3vl_lab.debug import run_checklist
-from qwen3vl_lab.debug.weights import compare_weights
+from qwen3vl_lab.debug.activations import format_weighted, weighted_errors
 from qwen3vl_lab.export.cache import build_once, cache_dir, exporter_hash
 from qwen3vl_lab.export.exporter import export
 from qwen3vl_lab.export.outliers import plant_outliers, read_planted
@@ -77,24 +76,30 @@ assert int4_acc < 0.3, "the default INT4 recipe breaks on the outliers"
 
 # %% [markdown]
 # **Predict before you run.** The next cell compares every quantized weight matrix with its fp32 original:
-# |W − Q(W)| / |W|. Will the `q/k/v`, `gate/up` and `down_proj` matrices, whose inputs carry the outliers,
-# have a larger error than `o_proj`, whose input does not?
+# |W − Q(W)| / |W|. Will the `down_proj` matrices, whose inputs carry the largest outliers, have a clearly
+# larger error than `o_proj`, whose input carries none?
 
 # %%
 fp32, int4 = load_model(root, "fp32"), load_model(root, "int4")
-weights = compare_weights(fp32, int4)
-reads_outliers = set(planted.consumers())
-plain = {r.name: r.rel_error for r in weights.rows}
-inside = [e for name, e in plain.items() if any(name in w for w in reads_outliers)]
-outside = [e for name, e in plain.items() if name.endswith("o_proj")]
-print(f"relative weight error: MatMuls reading an outlier channel {np.mean(inside):.3f}, o_proj {np.mean(outside):.3f}")
+errors = weighted_errors(fp32, int4, ["What colour is the circle?", "Where is the square?"])
+by_kind = {k: [e for e in errors if e.matmul.endswith(k)] for k in ("down_proj", "o_proj")}
+for kind, rows in by_kind.items():
+    print(f"{kind:10s} plain |W-Q(W)|/|W| {np.mean([e.plain for e in rows]):.3f}   "
+          f"activation-weighted |X(W-Q(W))|/|XW| {np.mean([e.weighted for e in rows]):.3f}")
+print()
+print(format_weighted(sorted(errors, key=lambda e: -e.weighted)[:8]))
+plain_down, plain_o = (np.mean([e.plain for e in by_kind[k]]) for k in ("down_proj", "o_proj"))
+weighted_down, weighted_o = (np.mean([e.weighted for e in by_kind[k]]) for k in ("down_proj", "o_proj"))
+assert plain_down < 2 * plain_o, "the plain weight error cannot see the cause"
+assert weighted_down > 3 * weighted_o, "weighted by the real inputs, the broken matrices stand out"
 
 # %% [markdown]
-# They do not stand out: every matrix is rounded about as well as any other. The weights the outlier
-# channels multiply were divided by the scale (so the product is unchanged), which makes them tiny
-# next to their block neighbours: 4-bit rounding turns them into zeros, and the plain error barely
-# notices, because they were tiny. What the model feels is the *output* error ‖X(W − Q(W))‖ / ‖XW‖,
-# where the outlier channel multiplies exactly those lost weights.
+# The plain error hardly tells them apart: every matrix is rounded about as well as any other. The weights the
+# outlier channels multiply were divided by the scale (so the product is unchanged), which makes them tiny next
+# to their block neighbours: 4-bit rounding turns them into zeros, and the plain error barely notices, because
+# they were tiny. What the model feels is the *output* error ‖X(W − Q(W))‖ / ‖XW‖ (what GPTQ and AWQ
+# minimise), where the outlier channel multiplies exactly those lost weights: there `down_proj` stands out.
+# (`kernel` adds `accuracy_level 4`'s int8 rounding of X itself.)
 #
 # ## 2. The doctor's views
 #
