@@ -170,7 +170,8 @@ def test_fp16_overflow_warns_on_fp32_and_fails_on_an_fp16_decoder(root, tmp_path
 
 
 # -- KV cache: no false alarm, and a corrupt cache still fails ----------------------------------------
-def _swap_layer_caches(root, dst, precision):
+def swap_layer_caches(root, dst, precision: str = "fp32"):
+    """A copy of the export whose decoder returns layer 1's keys as layer 0's and the other way round."""
     shutil.copytree(root, dst)
     path = dst / f"cpu-{precision}" / DECODER_FILE
     graph = onnx.load(str(path), load_external_data=False)
@@ -179,7 +180,7 @@ def _swap_layer_caches(root, dst, precision):
         node.output[:] = [swap.get(o, o) for o in node.output]
         node.input[:] = [swap.get(i, i) for i in node.input]
     onnx.save(graph, str(path))
-    return load_model(dst, precision)
+    return dst
 
 
 def test_kv_cache_is_judged_against_the_models_own_noise(root, heavy, tmp_path):
@@ -190,7 +191,7 @@ def test_kv_cache_is_judged_against_the_models_own_noise(root, heavy, tmp_path):
     assert alone.status == "pass" and "accuracy_level 0" in alone.evidence, alone.evidence
     # the old fixed tolerance would have blamed the wiring: the gap is real, the wiring is right
     assert float(alone.evidence.split("max KL ")[1].split(" ")[0]) > 1e-2
-    corrupt = _swap_layer_caches(root, tmp_path / "corrupt", "int4")
+    corrupt = load_model(swap_layer_caches(root, tmp_path / "corrupt", "int4"), "int4")
     fp32_probe = answer_probe(load_model(root, "fp32"))
     for item in (check_kv_cache(corrupt, fp32_probe), check_kv_cache(corrupt)):
         assert item.status == "fail" and "fix the KV wiring" in item.fix, item.evidence

@@ -9,15 +9,12 @@ cache is deliberately corrupted, and passes on a correct one.
 
 from __future__ import annotations
 
-import shutil
-
-import onnx
 import pytest
 from helpers import DecoderSessions, grace_hopper, run_cli
+from test_doctor_checks import swap_layer_caches
 
 from qwen3vl_lab.debug.doctor import diagnose
 from qwen3vl_lab.debug.export_checks import check_kv_cache
-from qwen3vl_lab.layout import DECODER_FILE
 from qwen3vl_lab.model import load_model
 
 pytest.importorskip("onnxruntime_genai", reason="the guide's export is built with onnxruntime-genai's builder")
@@ -120,22 +117,9 @@ def test_doctor_on_the_onnx_community_split(community_export_dir):
     assert report.reference.endswith("onnx") and "decoder_model_merged" not in report.folder
 
 
-def _corrupt_cache(src, dst):
-    """A copy of the export whose decoder returns layer 1's keys as layer 0's and the other way round."""
-    shutil.copytree(src, dst)
-    path = dst / "cpu-fp32" / DECODER_FILE
-    graph = onnx.load(str(path), load_external_data=False)
-    swap = {"present.0.key": "present.1.key", "present.1.key": "present.0.key"}
-    for node in graph.graph.node:
-        node.output[:] = [swap.get(o, o) for o in node.output]
-        node.input[:] = [swap.get(i, i) for i in node.input]
-    onnx.save(graph, str(path))
-    return dst
-
-
 def test_kv_cache_check_catches_a_corrupt_cache(tiny_onnx_fp32_dir, tmp_path):
     assert check_kv_cache(load_model(tiny_onnx_fp32_dir)).status == "pass"
-    broken = load_model(_corrupt_cache(tiny_onnx_fp32_dir, tmp_path / "broken"))
+    broken = load_model(swap_layer_caches(tiny_onnx_fp32_dir, tmp_path / "broken"))
     item = check_kv_cache(broken)
     assert item.status == "fail" and "max KL" in item.evidence
 
