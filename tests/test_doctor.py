@@ -213,8 +213,8 @@ def test_doctor_cli_prints_and_writes_figures(root, tmp_path, capsys):
                  "--n_steps", "3", "--report_dir", str(report), "--quiet"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    for needle in ("checklist for", "[FAIL] int4 lm_head", "teacher forced", "[image] Hello", "layer errors",
-                   "weights:", "findings:"):
+    for needle in ("checklist for", "[WARN] int4 lm_head", "teacher forced", "[image] Hello", "layer errors",
+                   "weights:", "activation-weighted error", "findings:"):
         assert needle in out, needle
     pngs = sorted(p.name for p in report.glob("*.png"))
     assert {"kl_per_step.png", "sqnr_per_layer.png", "weight_error.png"} <= set(pngs)
