@@ -64,7 +64,11 @@ def test_doctor_holds_one_decoder_at_a_time(guide_report, guide_export_dir):
 def test_doctor_ends_with_what_to_do(guide_report, guide_export_dir):
     report, _, _ = guide_report
     assert report.advice[0].startswith(f"make a correct export: qwen3vl-lab export --hf_dir {guide_export_dir / 'pytorch'}")
-    assert report.best_recipe and report.best_recipe in report.advice[1]
+    assert report.recipe_lines  # ranked on our export of pytorch/; a recipe is advised only when it beats the default
+    if report.best_recipe:
+        assert report.best_recipe in report.advice[1]
+    else:
+        assert report.advice[1].startswith("no INT4 recipe of the ranking above beats the default recipe")
     text = report.render()
     assert "what to do:" in text and "the reference vs our export of the checkpoint" in text
 
