@@ -54,6 +54,7 @@ def notebook_env(tmp_path_factory) -> dict:
         mp.setenv("QWEN3VL_LAB_CACHE", str(cache))
         notebook.tiny_model_dir()
         notebook.shapes_model_dir()  # notebooks 04 and 06 default to the trained shapes model
+        notebook.outliers_model_dir()  # notebook 08 breaks and repairs it
         if HAS_GENAI:
             notebook.guide_shapes_dir()  # notebook 07 doctors the guide's export of it
     return {"QWEN3VL_LAB_CACHE": str(cache), "MODEL_DIR": None, "HF_DIR": None, "MPLBACKEND": None}

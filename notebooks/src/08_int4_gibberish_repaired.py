@@ -19,34 +19,22 @@
 
 # %%
 # %matplotlib inline
-from pathlib import Path
-
 import numpy as np
 
+from qwen3vl_lab.apps import notebook
 from qwen3vl_lab.apps.lessons import repair as lesson
 from qwen3vl_lab.debug import run_checklist
 from qwen3vl_lab.debug.activations import format_weighted, weighted_errors
-from qwen3vl_lab.export.cache import build_once, cache_dir, exporter_hash
-from qwen3vl_lab.export.exporter import export
-from qwen3vl_lab.export.outliers import plant_outliers, read_planted
+from qwen3vl_lab.export.outliers import read_planted
 from qwen3vl_lab.export.quantize import Int4Recipe
-from qwen3vl_lab.export.tiny import TRAINED_PRESET, make_tiny
 from qwen3vl_lab.model import load_model
 from qwen3vl_lab.shapes.accuracy import recipe_accuracy
 from qwen3vl_lab.stats import format_accuracy
 from qwen3vl_lab.viz.doctor import doctor_figure, record_doctor_trace
 from qwen3vl_lab.viz.widgets import DoctorExplorer
 
-
-def build(tmp: Path) -> None:
-    """The trained shapes checkpoint, outliers planted, exported fp32 + INT4 (the default recipe)."""
-    make_tiny(tmp / "shapes", preset=TRAINED_PRESET, trained=True)
-    plant_outliers(tmp / "shapes", tmp / "hf")
-    export(tmp / "hf", tmp / "onnx", ("fp32", "int4"), progress=False, log=lambda _: None)
-
-
-folder = build_once(cache_dir() / f"outliers-{exporter_hash()}", build)  # made once, reused on re-runs
-root, hf = folder / "onnx", folder / "hf"
+root = notebook.outliers_model_dir()  # made once into the cache (~1 min), reused on re-runs
+hf, variants = root.parent / "hf", root.parent / "variants"
 planted = read_planted(hf)  # the ground truth: which channels were scaled, by how much
 print(f"outlier model: {root}")
 for kind in ("attn_in", "mlp_in", "down_in"):
@@ -63,7 +51,7 @@ N = 8  # held-out scenes: every question of each
 
 # %%
 INT4 = Int4Recipe()
-result = recipe_accuracy(root, ["fp32", INT4], n=N, out_dir=folder / "variants", progress=False)
+result = recipe_accuracy(root, ["fp32", INT4], n=N, out_dir=variants, progress=False)
 total = len(result.questions)
 for name in ("fp32", INT4.name):
     acc = result.row(name).accuracy()
