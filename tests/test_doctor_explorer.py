@@ -121,21 +121,9 @@ def test_the_doctor_explorer_in_jupyterlab(heavy, tmp_path):
 def _drive(sync_api, bt, base: str, token: str, tmp_path: Path) -> None:
     t0 = time.monotonic()
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=bt.CHROMIUM,
-                                                       headless=True, args=bt.CHROME_ARGS,
-                                                       viewport={"width": 1400, "height": 1100})
+        browser = bt.launch(p, tmp_path / "profile", height=1100)
         try:
-            page = browser.new_page()
-            page.goto(f"{base}/lab/tree/{NOTEBOOK}?reset&token={token}")
-            page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=60_000)
-            page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=60_000)
-            done = page.locator(".jp-OutputArea-output", has_text=DONE)
-            bt.run_all(page)
-            try:
-                done.wait_for(timeout=180_000)
-            except sync_api.TimeoutError:  # a Run All issued before the kernel was really ready is dropped
-                bt.run_all(page)
-                done.wait_for(timeout=180_000)
+            page = bt.run_notebook_in_lab(browser, base, token, NOTEBOOK, DONE, timeout=180_000)
             page.locator(".widget-output img").first.wait_for(timeout=30_000)
             first = bt.wait_for_new_image(page, "")
             page.locator(".widget-slider .noUi-handle").first.focus()  # the step slider, one step right
