@@ -1,12 +1,15 @@
 # %% [markdown]
-# # 08 · INT4 gibberish: found, named, repaired
+# # 08 · INT4 gibberish: found, named, and the repair in miniature
 #
 # Notebook 05 ended on a model whose real INT4 keeps fp32's answers: at this scale rounding weights to
 # 4 bits costs nothing. Real Qwen checkpoints are not so kind. They carry **activation outliers**: a few
 # fixed channels whose values are 20–1000x the median channel (LLM.int8(), SmoothQuant, "Massive
 # activations in LLMs"), and those break INT4. This notebook plants them in the trained shapes model
 # (`qwen3vl-lab make-tiny --trained --outliers`: an exactly function-preserving rescaling, fp32 answers
-# unchanged token for token), watches INT4 break, follows the doctor to the cause, and repairs it.
+# unchanged token for token), watches INT4 break, follows the doctor to the cause, and writes the repair's
+# central move by hand (section 3). Running `qwen3vl-lab repair` on the whole export (every candidate built
+# and scored on held-out scenes, the Pareto of accuracy, bytes and tok/s) takes minutes, not a notebook's
+# minute: docs/guides/repair.md.
 #
 # **Questions to keep in mind** (answer them before you run the cells that settle them):
 #
@@ -156,7 +159,13 @@ assert lesson.check_equalise(lesson.equalise)  # the reference passes its own ch
 
 # %% [markdown]
 # This is what `qwen3vl-lab repair` does to the export (SmoothQuant / AWQ's per-channel scales, folded into the
-# op before): see docs/guides/repair.md and docs/guides/fix.md.
+# op before), together with mixed precision for the MatMuls it cannot rescue; the doctor's "what to do" gives the
+# exact command for this model:
+#
+#     qwen3vl-lab repair --model_dir OUT --output_dir FIXED
+#
+# See docs/guides/repair.md (its candidates, the rule that picks the winner, measured accuracies) and
+# docs/guides/fix.md.
 #
 # *08_int4_gibberish_repaired: all checks passed* is printed by the last cell.
 
