@@ -78,15 +78,38 @@ def tiny_onnx_dir(tiny_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def shapes_onnx_fp32_dir(tmp_path_factory) -> Path:
-    """The trained shapes model (make-tiny --trained) exported fp32 only. Shared read-only: copy it before changing anything."""
-    from qwen3vl_lab.export.exporter import export
+def shapes_hf_dir(tmp_path_factory) -> Path:
+    """The trained shapes model's checkpoint (make-tiny --trained). Read-only."""
     from qwen3vl_lab.export.tiny import make_tiny
 
-    base = tmp_path_factory.mktemp("shapes")
-    make_tiny(base / "hf", preset="shapes", trained=True)
-    out = base / "onnx"
-    export(base / "hf", out, progress=False, log=lambda _: None)
+    return make_tiny(tmp_path_factory.mktemp("shapes") / "hf", preset="shapes", trained=True)
+
+
+@pytest.fixture(scope="session")
+def shapes_onnx_fp32_dir(shapes_hf_dir, tmp_path_factory) -> Path:
+    """The trained shapes model (make-tiny --trained) exported fp32 only. Shared read-only: copy it before changing anything."""
+    from qwen3vl_lab.export.exporter import export
+
+    out = tmp_path_factory.mktemp("shapes") / "onnx"
+    export(shapes_hf_dir, out, progress=False, log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def outliers_hf_dir(shapes_hf_dir, tmp_path_factory) -> Path:
+    """The trained shapes model with activation outliers planted (make-tiny --trained --outliers; outliers.json). Read-only."""
+    from qwen3vl_lab.export.outliers import plant_outliers
+
+    return plant_outliers(shapes_hf_dir, tmp_path_factory.mktemp("outliers") / "hf").folder
+
+
+@pytest.fixture(scope="session")
+def outliers_onnx_fp32_dir(outliers_hf_dir, tmp_path_factory) -> Path:
+    """`outliers_hf_dir` exported fp32 only. Shared read-only: copy it before changing anything."""
+    from qwen3vl_lab.export.exporter import export
+
+    out = tmp_path_factory.mktemp("outliers") / "onnx"
+    export(outliers_hf_dir, out, progress=False, log=lambda _: None)
     return out
 
 

@@ -120,25 +120,35 @@ def run_all(page) -> None:
     page.locator("li[data-command='runmenu:run-all']").click()
 
 
+def launch(p, profile: Path, height: int = 1000):
+    """Debian's Chromium, headless, with its own profile folder."""
+    return p.chromium.launch_persistent_context(str(profile), executable_path=CHROMIUM, headless=True, args=CHROME_ARGS,
+                                                viewport={"width": 1400, "height": height})
+
+
+def run_notebook_in_lab(browser, base: str, token: str, notebook: str, done_text: str, timeout: int = 120_000):
+    """Open `notebook` in JupyterLab, wait for the kernel, Run All until a cell prints `done_text`; the page."""
+    page = browser.new_page()
+    page.goto(f"{base}/lab/tree/{notebook}?reset&token={token}")
+    page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=60_000)
+    page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=60_000)
+    done = page.locator(".jp-OutputArea-output", has_text=done_text)
+    run_all(page)
+    try:
+        done.wait_for(timeout=timeout)
+    except sync_api.TimeoutError:  # a Run All issued before the kernel was really ready is dropped
+        run_all(page)
+        done.wait_for(timeout=timeout)
+    return page
+
+
 def test_slider_redraws_the_generation_explorer_in_jupyterlab(lab, tmp_path):
     base, token = lab
     t0 = time.monotonic()
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM,
-                                                       headless=True, args=CHROME_ARGS,
-                                                       viewport={"width": 1400, "height": 1000})
+        browser = launch(p, tmp_path / "profile")
         try:
-            page = browser.new_page()
-            page.goto(f"{base}/lab/tree/{NOTEBOOK}?reset&token={token}")
-            page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=60_000)
-            page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=60_000)
-            done = page.locator(".jp-OutputArea-output", has_text=DONE)
-            run_all(page)
-            try:
-                done.wait_for(timeout=120_000)
-            except sync_api.TimeoutError:  # a Run All issued before the kernel was really ready is dropped
-                run_all(page)
-                done.wait_for(timeout=120_000)
+            page = run_notebook_in_lab(browser, base, token, NOTEBOOK, DONE)
             readout = page.locator(".widget-readout").first
             assert readout.inner_text() == "3"  # the notebook's last cell set step 3
             page.locator(".widget-output img").first.wait_for(timeout=30_000)

@@ -29,7 +29,8 @@ from qwen3vl_lab.steps import prefill
 
 TEXT = "Write a haiku about the sea."
 N = 6  # generated steps compared per prompt
-CHECKS = ("accuracy_level", "lm_head", "tied_embeddings", "qk_norm", "genai_config", "positions", "deepstack", "eos")
+CHECKS = ("accuracy_level", "lm_head", "tied_embeddings", "qk_norm", "genai_config", "positions", "mrope", "deepstack",
+          "kv_cache", "graph_opt", "eos", "generation_eos", "fp16_overflow")
 
 
 @pytest.fixture(scope="module")
@@ -114,22 +115,29 @@ def test_layer_capture_writes_nothing(root, int4):
 # -- checklist -----------------------------------------------------------------------------------
 def test_checklist_passes_fp32_and_flags_the_int4_head(fp32, int4, root, tmp_path):
     # fp32: nothing quantized (recipe: skip) and no reference for the image probe (skip); the cache is consistent
-    assert run_checklist(fp32).status() == {**{k: "pass" for k in CHECKS}, "kv_cache": "pass", "algorithm": "skip",
-                                            "image_probe": "skip"}
+    assert run_checklist(fp32).status() == {**{k: "pass" for k in CHECKS}, "algorithm": "skip", "image_probe": "skip"}
     cl = run_checklist(int4, reference=fp32)
-    assert [i.key for i in cl.failed] == ["lm_head"]
+    # the builder's own INT4 is not broken: no FAIL; the INT4 head is a named risk (WARN), measured elsewhere
+    assert cl.failed == [] and [i.key for i in cl.warned] == ["lm_head"], cl.table()
     assert cl.item("image_probe").status == "pass" and "without DeepStack" in cl.item("image_probe").evidence
-    assert "bits 4" in cl.item("lm_head").evidence and "oracle KL vs fp32" in cl.item("accuracy_level").evidence
+    assert "bits 4" in cl.item("lm_head").evidence and "on fp32's 16-token answer" in cl.item("accuracy_level").evidence
+    assert "quantization noise at the same positions" in cl.item("kv_cache").evidence
     int8_head = quantize_folder(root / "cpu-fp32", tmp_path / "int8-head", Int4Recipe(lm_head="int8"), progress=False)
-    assert run_checklist(int8_head, reference=fp32).passed
+    cl = run_checklist(int8_head, reference=fp32)
+    assert cl.passed and cl.warned == [], cl.table()
 
 
-@pytest.mark.parametrize("kind,key", [("no_qk_norm", "qk_norm"), ("no_deepstack", "deepstack"),
-                                      ("positions_1d", "positions"), ("eos_missing", "eos"),
-                                      ("wrong_type", "genai_config")])
-def test_checklist_flags_each_broken_variant(broken, kind, key):
+@pytest.mark.parametrize("kind,keys", [("no_qk_norm", ["qk_norm"]), ("no_deepstack", ["deepstack"]),
+                                       ("positions_1d", ["positions"]), ("eos_missing", ["eos"]),
+                                       ("wrong_type", ["genai_config"])])
+def test_checklist_flags_each_broken_variant(broken, kind, keys):
+    """Each broken copy fails its own line and no other: 1-D positions are the positions line's, so the MRoPE
+    layout line skips (nothing to read the layout from) instead of blaming it twice."""
     cl = run_checklist(broken(kind))
-    assert [i.key for i in cl.failed] == [key], cl.table()
+    assert [i.key for i in cl.failed] == keys, cl.table()
+    assert cl.warned == [], cl.table()
+    if kind == "positions_1d":
+        assert cl.item("mrope").status == "skip"
 
 
 def test_comparison_flags_broken_graphs(fp32, broken, image_prompt):
@@ -175,7 +183,7 @@ def test_accuracy_level_4_fails_on_massive_activations(root, fp32, tmp_path):
     acc4 = quantize_folder(heavy.folder, tmp_path / "acc4", Int4Recipe(lm_head="fp32"), progress=False)
     acc0 = quantize_folder(heavy.folder, tmp_path / "acc0", Int4Recipe(lm_head="fp32", accuracy_level=0), progress=False)
     item = run_checklist(acc4, reference=heavy).item("accuracy_level")
-    assert item.status == "fail" and "oracle KL" in item.evidence, item.evidence
+    assert item.status == "fail" and "level 4 changes" in item.evidence, item.evidence
     assert run_checklist(acc0, reference=heavy).item("accuracy_level").status == "pass"
     # and the comparison measures what the checklist predicts: level 4 drifts further from fp32
     assert compare(heavy, acc4, [TEXT], N, free=False).mean_kl > 2 * compare(heavy, acc0, [TEXT], N, free=False).mean_kl
@@ -205,8 +213,8 @@ def test_doctor_cli_prints_and_writes_figures(root, tmp_path, capsys):
                  "--n_steps", "3", "--report_dir", str(report), "--quiet"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    for needle in ("checklist for", "[FAIL] int4 lm_head", "teacher forced", "[image] Hello", "layer errors",
-                   "weights:", "findings:"):
+    for needle in ("checklist for", "[WARN] int4 lm_head", "teacher forced", "[image] Hello", "layer errors",
+                   "weights:", "activation-weighted error", "findings:"):
         assert needle in out, needle
     pngs = sorted(p.name for p in report.glob("*.png"))
     assert {"kl_per_step.png", "sqnr_per_layer.png", "weight_error.png"} <= set(pngs)

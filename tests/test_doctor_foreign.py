@@ -9,15 +9,12 @@ cache is deliberately corrupted, and passes on a correct one.
 
 from __future__ import annotations
 
-import shutil
-
-import onnx
 import pytest
 from helpers import DecoderSessions, grace_hopper, run_cli
+from test_doctor_checks import swap_layer_caches
 
 from qwen3vl_lab.debug.doctor import diagnose
 from qwen3vl_lab.debug.export_checks import check_kv_cache
-from qwen3vl_lab.layout import DECODER_FILE
 from qwen3vl_lab.model import load_model
 
 pytest.importorskip("onnxruntime_genai", reason="the guide's export is built with onnxruntime-genai's builder")
@@ -41,7 +38,7 @@ def test_doctor_names_what_the_guide_export_lacks(guide_report):
     status = report.checklist.status()
     assert status["positions"] == "fail" and status["deepstack"] == "fail" and status["image_probe"] == "fail"
     assert status["genai_config"] == "fail" and "'qwen3'" in report.checklist.item("genai_config").evidence
-    assert status["lm_head"] == "fail"  # the guide quantizes the head too
+    assert status["lm_head"] == "warn"  # the guide quantizes the head too: a named risk, not a measured fault
     assert status["kv_cache"] == "pass"
     probe = report.checklist.item("image_probe").evidence
     assert "1-D positions" in probe and "without DeepStack" in probe
@@ -67,7 +64,11 @@ def test_doctor_holds_one_decoder_at_a_time(guide_report, guide_export_dir):
 def test_doctor_ends_with_what_to_do(guide_report, guide_export_dir):
     report, _, _ = guide_report
     assert report.advice[0].startswith(f"make a correct export: qwen3vl-lab export --hf_dir {guide_export_dir / 'pytorch'}")
-    assert report.best_recipe and report.best_recipe in report.advice[1]
+    assert report.recipe_lines  # ranked on our export of pytorch/; a recipe is advised only when it beats the default
+    if report.best_recipe:
+        assert report.best_recipe in report.advice[1]
+    else:
+        assert report.advice[1].startswith("no INT4 recipe of the ranking above beats the default recipe")
     text = report.render()
     assert "what to do:" in text and "the reference vs our export of the checkpoint" in text
 
@@ -120,22 +121,9 @@ def test_doctor_on_the_onnx_community_split(community_export_dir):
     assert report.reference.endswith("onnx") and "decoder_model_merged" not in report.folder
 
 
-def _corrupt_cache(src, dst):
-    """A copy of the export whose decoder returns layer 1's keys as layer 0's and the other way round."""
-    shutil.copytree(src, dst)
-    path = dst / "cpu-fp32" / DECODER_FILE
-    graph = onnx.load(str(path), load_external_data=False)
-    swap = {"present.0.key": "present.1.key", "present.1.key": "present.0.key"}
-    for node in graph.graph.node:
-        node.output[:] = [swap.get(o, o) for o in node.output]
-        node.input[:] = [swap.get(i, i) for i in node.input]
-    onnx.save(graph, str(path))
-    return dst
-
-
 def test_kv_cache_check_catches_a_corrupt_cache(tiny_onnx_fp32_dir, tmp_path):
     assert check_kv_cache(load_model(tiny_onnx_fp32_dir)).status == "pass"
-    broken = load_model(_corrupt_cache(tiny_onnx_fp32_dir, tmp_path / "broken"))
+    broken = load_model(swap_layer_caches(tiny_onnx_fp32_dir, tmp_path / "broken"))
     item = check_kv_cache(broken)
     assert item.status == "fail" and "max KL" in item.evidence
 

@@ -73,6 +73,7 @@ def notebook_env(tmp_path_factory, lab_cache) -> dict:
         mp.setenv("QWEN3VL_LAB_CACHE", str(lab_cache))
         notebook.tiny_model_dir()
         notebook.shapes_model_dir()  # notebooks 04 and 06 default to the trained shapes model
+        notebook.outliers_model_dir()  # notebook 08 breaks and repairs it
         notebook.shapes_int4_dir()  # notebook 07 doctors it on the plain install
         if importlib.util.find_spec("onnxruntime_genai") is not None:
             notebook.guide_shapes_dir()  # and the guide's export of the shapes model with onnxruntime-genai

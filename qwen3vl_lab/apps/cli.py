@@ -74,6 +74,9 @@ def add_make_tiny(sub) -> None:
                    help="tiny (default), tiny-deep, shapes, 2b or 4b (real 2B / 4B dimensions, random weights)")
     p.add_argument("--trained", action="store_true",
                    help="the shipped model trained on the shapes task (preset shapes, bf16): it answers correctly")
+    p.add_argument("--outliers", action="store_true",
+                   help="with --trained: plant activation outliers (function-preserving; outliers.json says where): "
+                        "fp32 answers as before, the default INT4 recipe breaks (the `repair` command's teaching model)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weight dtype on disk (default: float32; bfloat16 for the 2b and 4b presets)")
     p.add_argument("--config_style", default="v5", choices=["v5", "legacy"],
@@ -89,10 +92,10 @@ def run_make_tiny(a) -> int:
     t0 = time.perf_counter()
     preset = a.preset or ("shapes" if a.trained else "tiny")
     out = make_tiny(a.output_dir, seed=a.seed, preset=preset, dtype=a.dtype, config_style=a.config_style,
-                    tie_word_embeddings=not a.untied, overwrite=a.overwrite, trained=a.trained,
+                    tie_word_embeddings=not a.untied, overwrite=a.overwrite, trained=a.trained, outliers=a.outliers,
                     max_shard_bytes=int(a.max_shard_mb * 2**20) if a.max_shard_mb else None)
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
-    what = "trained shapes" if a.trained else preset
+    what = ("trained shapes (outliers planted: outliers.json)" if a.outliers else "trained shapes") if a.trained else preset
     print(f"wrote {what} checkpoint to {out} ({size / 2**20:.1f} MB) in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -811,6 +814,67 @@ def run_sweep(a) -> int:
     return 0
 
 
+# -- repair ------------------------------------------------------------------------------------
+fraction_t = _number(float, "--min_four_bit/--accuracy_budget", lambda v: 0 <= v <= 1, "a fraction from 0 to 1")
+kl_t = _number(float, "--kl_budget", lambda v: v > 0, "a number > 0 (nats)")
+scenes_t = _number(int, "--calibration", lambda v: v >= 1, "a number of scenes >= 1")
+
+
+def add_repair(sub) -> None:
+    p = sub.add_parser("repair", help="build INT4 candidate fixes (accuracy level, lm_head, equalisation, mixed "
+                                      "precision) from an fp32 export, score them against fp32, write the best")
+    p.add_argument("--model_dir", required=True, help="an export folder with cpu-fp32/ (a foreign export: export its "
+                                                      "checkpoint with `qwen3vl-lab export` and repair that)")
+    p.add_argument("--output_dir", required=True, help="where the repaired export goes (cpu-fp32/, cpu-int4/, pytorch/, "
+                                                       "repair.json)")
+    p.add_argument("--prompt", action="append", default=None, type=text_t,
+                   help="a calibration prompt (repeat for several; default: three built-in prompts)")
+    p.add_argument("--image", default=None, help="an image file: every calibration prompt is also run with it")
+    p.add_argument("--image_size", type=image_size_t, default=None, help="resize the image to N x N")
+    p.add_argument("--shapes", type=shapes_t, default=None, metavar="N",
+                   help="the trained shapes model: calibrate on shapes scenes and score every candidate on N held-out "
+                        "scenes (a stream the calibration never sees)")
+    p.add_argument("--calibration", type=scenes_t, default=6, help="with --shapes: calibration scenes (default 6)")
+    p.add_argument("--candidates", nargs="+", default=None, metavar="NAME",
+                   help="only these: default acc0 head_int8 equalised equalised_acc0 int8 nncf_awq mixed_8bit mixed_fp32")
+    p.add_argument("--min_four_bit", type=fraction_t, default=0.9,
+                   help="share of the decoder layers' weight MatMuls a winner keeps at 4 bits (default 0.9)")
+    p.add_argument("--accuracy_budget", type=fraction_t, default=0.03,
+                   help="with --shapes: a winner scores at least fp32's accuracy minus this (default 0.03)")
+    p.add_argument("--kl_budget", type=kl_t, default=0.05, help="without --shapes: a winner's mean KL (default 0.05)")
+    p.add_argument("--work_dir", default=None, help="keep the candidates here (default: a temporary folder)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object (last line)")
+    p.set_defaults(run=run_repair)
+
+
+def run_repair(a) -> int:
+    from ..debug.repair import repair  # noqa: PLC0415 (start-up)
+    export_path(a.model_dir, "--model_dir", fix=MODEL_DIR_FIX)
+    output_dir(a.output_dir, "--output_dir")
+    if a.work_dir is not None:
+        output_dir(a.work_dir, "--work_dir")
+    if a.image is not None:
+        existing_file(a.image, "--image", fix=IMAGE_FIX)
+    prompts, scorer = a.prompt, None
+    if a.shapes is not None:
+        from ..shapes.calibration import calibration_prompts, heldout_scorer  # noqa: PLC0415 (start-up)
+        if a.prompt or a.image:
+            raise UserError("--shapes calibrates on shapes scenes; leave out --prompt and --image")
+        prompts, scorer = calibration_prompts(a.calibration), heldout_scorer(a.shapes)
+    elif a.image is not None:
+        from ..debug.inputs import as_specs  # noqa: PLC0415 (start-up)
+        prompts = as_specs(a.prompt, a.image, a.image_size)
+    log = (lambda _: None) if a.json else (lambda m: print(m, file=sys.stderr))
+    report = repair(a.model_dir, a.output_dir, prompts, scorer=scorer, work_dir=a.work_dir,
+                    min_four_bit=a.min_four_bit, accuracy_budget=a.accuracy_budget, kl_budget=a.kl_budget,
+                    candidates=a.candidates, log=log)
+    print(report.table())
+    print(report.summary())
+    if a.json:
+        print(json.dumps(report.to_json()))
+    return 0
+
+
 # -- bench -------------------------------------------------------------------------------------
 tokens_t = _number(int, "--prompt_tokens/--new_tokens", lambda v: v >= 1, "an integer >= 1")
 runs_t = _number(int, "--runs", lambda v: v >= 1, "an integer >= 1")
@@ -897,6 +961,7 @@ def build_parser() -> Parser:
     add_inspect(sub)
     add_doctor(sub)
     add_sweep(sub)
+    add_repair(sub)
     add_bench(sub)
     return parser
 

@@ -108,6 +108,24 @@ def has_genai() -> bool:
     return importlib.util.find_spec("onnxruntime_genai") is not None
 
 
+def outliers_model_dir() -> Path:
+    """The trained shapes model with activation outliers planted (`make-tiny --trained --outliers`), exported fp32 and
+    INT4 (the default recipe), made on first use; its checkpoint (with outliers.json) is the folder's hf/."""
+    from ..export.exporter import export  # noqa: PLC0415 (a notebook imports the builder only when it makes a model)
+    from ..export.outliers import plant_outliers  # noqa: PLC0415 (a notebook imports the builder only when it makes a model)
+    from ..export.tiny import TRAINED_FILES, TRAINED_PRESET, make_tiny, trained_model_dir  # noqa: PLC0415 (a notebook imports the builder only when it makes a model)
+
+    def build(tmp: Path) -> None:
+        make_tiny(tmp / "shapes", preset=TRAINED_PRESET, trained=True)
+        plant_outliers(tmp / "shapes", tmp / "hf")
+        shutil.rmtree(tmp / "shapes")
+        export(tmp / "hf", tmp / "onnx", ("fp32", "int4"), progress=False, log=_silent)
+
+    shipped = Path(str(trained_model_dir()))
+    weights = [shipped / name for name in TRAINED_FILES if (shipped / name).is_file()]
+    return build_once(cache_dir() / f"shapes-outliers-{exporter_hash(*weights)}", build) / "onnx"
+
+
 def guide_shapes_dir() -> Path:
     """The original guide's export of the trained shapes model (cpu-fp32/, cpu-int4/, pytorch/), made on first use.
 

@@ -1,8 +1,12 @@
-"""One line of the doctor's checklist, and the list: pass / fail / skip with the evidence it was decided on."""
+"""One line of the doctor's checklist, and the list: pass / warn / fail / skip with the evidence it was decided on.
+
+A FAIL means broken: something measured changes the answers (or a piece an image prompt needs is missing).
+A WARN is a known risk that was measured and found not to change the answers beyond the line's stated budget:
+the evidence says what was measured and why it is not a failure. SKIP: the line does not apply here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnx
 
@@ -11,9 +15,10 @@ import onnx
 class CheckItem:
     key: str
     title: str
-    status: str  # "pass", "fail" or "skip"
+    status: str  # "pass", "warn", "fail" or "skip"
     evidence: str
     fix: str = ""
+    measured: dict = field(default_factory=dict)  # the figures the status was decided on, for the advice and plots
 
     @property
     def ok(self) -> bool:
@@ -28,6 +33,10 @@ class Checklist:
     @property
     def failed(self) -> list[CheckItem]:
         return [i for i in self.items if i.status == "fail"]
+
+    @property
+    def warned(self) -> list[CheckItem]:
+        return [i for i in self.items if i.status == "warn"]
 
     @property
     def passed(self) -> bool:
@@ -45,8 +54,8 @@ class Checklist:
             lines.append(f"  [{i.status.upper():4s}] {i.title}: {i.evidence}")
             if i.status == "fail" and i.fix:
                 lines.append(f"         fix: {i.fix}")
-        lines.append(f"  {sum(i.status == 'pass' for i in self.items)} pass, {len(self.failed)} fail, "
-                     f"{sum(i.status == 'skip' for i in self.items)} skip")
+        lines.append(f"  {sum(i.status == 'pass' for i in self.items)} pass, {len(self.warned)} warn, "
+                     f"{len(self.failed)} fail, {sum(i.status == 'skip' for i in self.items)} skip")
         return "\n".join(lines)
 
 

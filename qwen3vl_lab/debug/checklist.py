@@ -3,12 +3,15 @@
     cl = run_checklist("OUT", "int4")              # or run_checklist(model, reference=fp32_model)
     print(cl.table()); cl.failed                    # [CheckItem(key, title, status, evidence, fix), ...]
 
-Each line is pass / fail (or skip when it does not apply) with the evidence it was decided on:
+Each line is pass / warn / fail (or skip when it does not apply) with the evidence it was decided on. FAIL
+means broken (answers change beyond the line's stated budget, or a piece is missing); WARN a known risk
+measured and found within budget, saying what was measured:
 
-    accuracy_level   MatMulNBits accuracy_level 4 quantizes activations to int8 per block: the oracle
-                     (the same graph rewritten to level 0) vs fp32 decides; activation outliers
-                     (largest input channel / median) decide when no fp32 reference is given
-    lm_head          an INT4 lm_head (repetition, onnxruntime#24384)
+    accuracy_level   MatMulNBits accuracy_level 4 quantizes activations to int8 per block: the oracle (the
+                     same graph rewritten to level 0) decides on the fp32 reference's answer tokens; FAIL
+                     when level 4 changes more than ACC4_ANSWER_BUDGET of them beyond what level 0 changes
+    lm_head          an INT4 lm_head (repetition, onnxruntime#24384): a WARN (a risk, not a measured fault:
+                     the doctor's recipe ranking and `repair` measure what an 8-bit head changes)
     tied_embeddings  the embedding table vs the lm_head: equal (within quantization error) iff tied;
                      fails on a head-derived embedding for an untied model (onnxruntime-genai#2306)
                      or on embeddings dequantized from a quantized head
@@ -18,10 +21,19 @@ Each line is pass / fail (or skip when it does not apply) with the evidence it w
     deepstack        decoder input, vision output and qwen3vl_lab.json entry present, and every
                      DeepStack slice changes the decoder's output
     eos              <|im_end|> and <|endoftext|> are end-of-sequence ids
+    generation_eos   every eos id of the checkpoint's generation_config.json is one the runtime and
+                     genai_config.json stop on (runtimes that read one id run on: QwenLM/Qwen3#927)
+    fp16_overflow    the largest activation per layer (fp32 taps: MatMul inputs and residual stream) vs
+                     65504, what a q4f16 / fp16 export of the same model would hit (transformers#33294,
+                     onnxruntime#31626): FAIL when this decoder computes in fp16, else WARN
+    graph_opt, mrope, kv_cache, image_probe, algorithm: export_checks.py
 """
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +48,29 @@ from ..positions import Positions, build_positions, next_positions
 from ..steps import embed, prefill
 from .checkitem import CheckItem, Checklist, attrs
 from .compare import kl_divergence
-from .export_checks import ImageProbe, check_algorithm, check_image_probe, check_kv_cache
+from .export_checks import (
+    AnswerProbe,
+    ImageProbe,
+    answer_logits,
+    answer_probe,
+    check_algorithm,
+    check_graph_optimizations,
+    check_image_probe,
+    check_kv_cache,
+    check_mrope_layout,
+)
 from .inputs import as_model
-from .layers import accuracy_level_decoder, activation_stats
+from .layers import accuracy_level_decoder, activation_stats, capture, matmul_inputs, tap_names
 from .weights import QuantizedMatrix, iter_quantized, short_name
 
 OUTLIER_RATIO = 20.0  # an input channel 20x the median channel: Qwen3-style massive activations
-ACC4_KL_FACTOR = 1.25  # accuracy_level 4 adds >= 25% KL (vs fp32) over the same weights at level 0
+ACC4_KL_FACTOR = 1.25  # accuracy_level 4 adds >= 25% KL (vs fp32) over the same weights at level 0: a WARN
+# accuracy_level 4 is a FAIL when it changes more than this share of the reference's answer tokens (top-1 at the
+# probe's answer positions) beyond what the same weights at level 0 change: 2 of 16 tokens. A level that only
+# moves the distribution (the toolkit's default export of the shapes model: KL 0.021 vs 0.016, 97% of held-out
+# answers equal to fp32's) is a WARN saying so.
+ACC4_ANSWER_BUDGET = 0.1
+FP16_MAX = 65504.0  # the largest finite float16
 TIED_REL_DIFF = 0.7  # embedding rows vs head columns: INT4 error ~0.1, 2-bit ~0.4, unrelated matrices ~1.4
 CHANGE_TOL = 1e-4  # logits "change" when some logit moves by more than this
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
@@ -78,20 +106,18 @@ def _logits(model: Model, p: Prompt, position_ids=None, deepstack=None) -> np.nd
 
 
 def needs_fp32_logits(graph: onnx.ModelProto) -> bool:
-    """Does the accuracy_level check want the fp32 reference's logits (`fp32_logits`)? Only on level-4 MatMulNBits."""
+    """Does the accuracy_level check run its level-0 oracle? Only on level-4 MatMulNBits."""
     return any(n.op_type == "MatMulNBits" and int(attrs(n).get("accuracy_level", 0)) == 4 for n in graph.graph.node)
 
 
 def fp32_logits(reference: Model, probe: Prompt) -> np.ndarray:
-    """(S, V) the reference's logits on the tested model's probe prompt (`prepare_prompt(test, prompt)`): what
-    `check_accuracy_level` compares level 4 and level 0 with. The doctor runs it before the test model loads."""
+    """(S, V) the reference's logits on a prompt (`prepare_prompt(test, prompt)`), every position."""
     return _logits(reference, probe)
 
 
-# -- the checks ----------------------------------------------------------------------------------
-def check_accuracy_level(model: Model, graph: onnx.ModelProto, reference: Model | np.ndarray | None = None,
-                         prompt: str = "Write a haiku about the sea.") -> CheckItem:
-    """reference: the fp32 Model, or its logits on this prompt (the prompt embedded by `model`), or None (judged on outliers)."""
+def check_accuracy_level(model: Model, graph: onnx.ModelProto, probe: AnswerProbe | None = None) -> CheckItem:
+    """probe: the fp32 reference's answer (`answer_probe(reference)`), or None (the tested model's own answer: level 4
+    judged against level 0 alone). Level 4 and the level-0 oracle (same weights) are run teacher forced on it."""
     title = "accuracy_level 4 on activation outliers"
     nodes = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
     if not nodes:
@@ -101,28 +127,39 @@ def check_accuracy_level(model: Model, graph: onnx.ModelProto, reference: Model 
     if n4 == 0:
         return CheckItem("accuracy_level", title, "pass",
                          f"accuracy_level {sorted(set(levels))} on {len(nodes)} MatMulNBits: activations stay float")
-    stats = [s for s in activation_stats(model, prompt) if s.accuracy_level == 4]
+    probe = probe if probe is not None else answer_probe(model, keep_logits=False)
+    stats = [s for s in activation_stats(model, probe.text) if s.accuracy_level == 4]
     worst = max(stats, key=lambda s: s.channel_ratio)
     zeroed = max(s.int8_zeroed for s in stats)
     evidence = (f"{n4}/{len(nodes)} MatMulNBits at level 4; largest activation channel {worst.channel_ratio:.1f}x "
                 f"the median (input of {worst.node}); int8 blocks round up to {zeroed:.0%} of an input to zero")
-    p = prepare_prompt(model, prompt)
-    oracle = accuracy_level_decoder(model, 0)  # the same weights at level 0: does level 4 cause the drift?
-    logits0 = oracle.prefill(oracle.new_cache(1), p.inputs_embeds, p.positions.position_ids, deepstack=p.deepstack,
-                             input_ids=p.input_ids, logits_to_keep=0).logits[0]  # (S, V) same weights, level 0
-    logits4 = _logits(model, p)
-    if reference is not None:  # measured: does level 4 add divergence from fp32 over level 0?
-        ref = reference if isinstance(reference, np.ndarray) else fp32_logits(reference, p)
-        kl4, kl0 = float(kl_divergence(ref, logits4).mean()), float(kl_divergence(ref, logits0).mean())
-        evidence += f"; oracle KL vs fp32 over {len(ref)} positions: level 4 {kl4:.4g}, level 0 {kl0:.4g}"
-        bad = kl4 > ACC4_KL_FACTOR * kl0 + 1e-6
-    else:  # no fp32 at hand: judged on the activation outliers alone
-        evidence += (f"; KL(level 0 || level 4) {float(kl_divergence(logits0, logits4).mean()):.4g} "
-                     f"(no fp32 reference: judged on outliers >= {OUTLIER_RATIO:.0f}x)")
-        bad = worst.channel_ratio >= OUTLIER_RATIO
-    return CheckItem("accuracy_level", title, "fail" if bad else "pass", evidence,
-                     "re-export with --accuracy_level 0 (or 1/2) and compare; keep level 4 only where the doctor "
-                     "shows no loss (microsoft/onnxruntime#29849)")
+    logits4 = answer_logits(model, probe)  # (n, V) teacher forced on the probe's answer
+    logits0 = answer_logits(model, probe, accuracy_level_decoder(model, 0))  # the same weights at level 0
+    top4, top0 = logits4.argmax(-1), logits0.argmax(-1)
+    budget = f"budget {ACC4_ANSWER_BUDGET:.0%} of {probe.n} answer tokens"
+    if probe.logits is not None:  # measured against fp32's answer: does level 4 change answers level 0 keeps?
+        ref = probe.tokens
+        agree4, agree0 = float(np.mean(top4 == ref)), float(np.mean(top0 == ref))
+        kl4, kl0 = float(kl_divergence(probe.logits, logits4).mean()), float(kl_divergence(probe.logits, logits0).mean())
+        evidence += (f"; on fp32's {probe.n}-token answer: top-1 agreement level 4 {agree4:.0%}, level 0 {agree0:.0%}; "
+                     f"mean KL vs fp32 level 4 {kl4:.4g}, level 0 {kl0:.4g}")
+        changed, worse = agree0 - agree4, kl4 > ACC4_KL_FACTOR * kl0 + 1e-6
+    else:  # no fp32 at hand: level 4 against the same weights at level 0
+        changed = float(np.mean(top4 != top0))
+        worse = worst.channel_ratio >= OUTLIER_RATIO
+        evidence += (f"; level 4 vs level 0 on the model's own {probe.n}-token answer: {changed:.0%} of top-1 tokens "
+                     f"differ, mean KL {float(kl_divergence(logits0, logits4).mean()):.4g} (no fp32 reference)")
+    fix = ("re-export with --accuracy_level 0 (or 1/2) and compare; keep level 4 only where the doctor shows no loss "
+           "(microsoft/onnxruntime#29849); on outlier channels `qwen3vl-lab repair` equalises them first")
+    measured = {"channel_ratio": worst.channel_ratio, "node": worst.node, "changed": changed}
+    if changed > ACC4_ANSWER_BUDGET:
+        return CheckItem("accuracy_level", title, "fail", evidence + f"; level 4 changes {changed:.0%} of the answer "
+                         f"tokens ({budget})", fix, measured)
+    if worse:
+        return CheckItem("accuracy_level", title, "warn", evidence + f"; it moves the distribution but changes "
+                         f"{max(changed, 0.0):.0%} of the answer tokens ({budget}): a measured cost, not a failure",
+                         measured=measured)
+    return CheckItem("accuracy_level", title, "pass", evidence, measured=measured)
 
 
 def lm_head_node(graph: onnx.GraphProto) -> onnx.NodeProto | None:
@@ -138,8 +175,11 @@ def check_lm_head(graph: onnx.ModelProto) -> CheckItem:
         a = attrs(node)
         bits = int(a.get("bits", 4))
         ev = f"lm_head is MatMulNBits bits {bits}, block {a.get('block_size')}, accuracy_level {a.get('accuracy_level', 0)}"
-        return CheckItem("lm_head", title, "fail" if bits <= 4 else "pass", ev,
-                         "re-export with --lm_head int8 (or fp32): an INT4 head causes repetition (microsoft/onnxruntime#24384)")
+        if bits > 4:
+            return CheckItem("lm_head", title, "pass", ev)
+        return CheckItem("lm_head", title, "warn", ev + "; an INT4 head made Phi-4-mini repeat itself "
+                         "(microsoft/onnxruntime#24384): a risk, not a measured fault here: the comparison below and "
+                         "the doctor's recipe ranking (an 8-bit head among them) measure what it changes")
     return CheckItem("lm_head", title, "pass", f"lm_head is a {node.op_type} on fp32 weights")
 
 
@@ -369,34 +409,163 @@ def check_eos(model: Model) -> CheckItem:
                      "list both <|im_end|> (151645) and <|endoftext|> (151643) as eos_token_id")
 
 
+def _generation_config(model: Model) -> Path | None:
+    """The export's copy of the checkpoint's generation_config.json: inside the export (pytorch/, the shipped
+    checkpoint, the tokenizer folder or the decoder's folder), never a path the folder names."""
+    root = model.layout.root if model.layout else model.folder
+    for folder in (root / "pytorch", model.layout.hf_dir if model.layout else None,
+                   model.layout.tokenizer_dir if model.layout else None, model.folder, root):
+        if folder is not None and (folder / "generation_config.json").is_file():
+            return folder / "generation_config.json"
+    return None
+
+
+def check_generation_eos(model: Model) -> CheckItem:
+    """Every end-of-sequence id the checkpoint's generation_config.json lists is one generation stops on."""
+    title = "generation_config.json eos ids honoured"
+    path = _generation_config(model)
+    if path is None:
+        return CheckItem("generation_eos", title, "skip", "no generation_config.json in the export")
+    try:
+        if path.stat().st_size > 1 << 20:
+            raise ValueError("larger than 1 MiB")
+        listed = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError, AttributeError) as e:
+        return CheckItem("generation_eos", title, "fail", f"{path.name} is unreadable ({type(e).__name__}: {e})",
+                         "restore the checkpoint's generation_config.json")
+    ids = [i for i in (listed if isinstance(listed, list) else [listed]) if isinstance(i, int)][:64]
+    if not ids:
+        return CheckItem("generation_eos", title, "skip", f"{path.parent.name}/{path.name} lists no eos_token_id")
+    stops = {"the runtime": set(model.config.eos_token_ids)}
+    if model.genai.get("model"):
+        g = model.genai["model"].get("eos_token_id")
+        stops["genai_config.json"] = set(g if isinstance(g, list) else [g])
+    missing = [f"{who} ignores {sorted(set(ids) - have)}" for who, have in stops.items() if set(ids) - have]
+    evidence = (f"{path.parent.name}/{path.name} eos_token_id {ids}; "
+                + "; ".join(f"{who} stops on {sorted(have)}" for who, have in stops.items()))
+    if missing:
+        return CheckItem("generation_eos", title, "fail", evidence + "; " + "; ".join(missing),
+                         "stop on every eos_token_id of generation_config.json (onnxruntime-genai reads genai_config's "
+                         "eos_token_id: list them all there; onnxruntime/mobius PR #521, QwenLM/Qwen3#927); re-export")
+    return CheckItem("generation_eos", title, "pass", evidence)
+
+
+@dataclass
+class ActivationPeaks:
+    """The largest |activation| per decoder layer on one prompt (MatMul inputs and the residual stream), from the
+    fp32 reference's taps: what a float16 export of the same weights would have to hold (a few numbers)."""
+
+    source: str  # which model it was measured on
+    layers: list[tuple[float, str]]  # per layer: (peak, the tensor it is in)
+
+    @property
+    def peak(self) -> tuple[int, float, str]:
+        i = int(np.argmax([v for v, _ in self.layers]))
+        return i, *self.layers[i]
+
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def activation_peaks(model: Model, prompt: str = "Write a haiku about the sea.", source: str = "") -> ActivationPeaks:
+    """Run one prefill with every weight MatMul's input and every hook point tapped; the max |x| per layer."""
+    names = {t: w for _, t, w, _, _ in matmul_inputs(model.graph())}
+    got = capture(model, prompt, [*dict.fromkeys([*names, *tap_names(model)[:-1]])])
+    layers: dict[int, tuple[float, str]] = {}
+    for tensor, x in got.items():
+        m = _LAYER.search(names.get(tensor, tensor))
+        if m is None:
+            continue
+        i, peak = int(m.group(1)), float(np.abs(x).max())
+        where = short_name(names[tensor]) + " input" if tensor in names else tensor
+        if peak > layers.get(i, (-1.0, ""))[0]:
+            layers[i] = (peak, where)
+    return ActivationPeaks(source or str(model.folder), [layers[i] for i in sorted(layers)])
+
+
+def computes_in_fp16(graph: onnx.ModelProto) -> bool:
+    """Does the decoder hold activations in float16 (fp16 / q4f16 exports), inside or at its inputs?"""
+    f16 = onnx.TensorProto.FLOAT16
+    return (any(i.type.tensor_type.elem_type == f16 for i in graph.graph.input)
+            or any(n.op_type == "Cast" and attrs(n).get("to") == f16 for n in graph.graph.node))
+
+
+def check_fp16_overflow(model: Model, graph: onnx.ModelProto, peaks: ActivationPeaks | None = None,
+                        prompt: str = "Write a haiku about the sea.") -> CheckItem:
+    """peaks: measured on the fp32 reference (the doctor's record); None: on this model's own activations."""
+    title = "fp16 overflow risk (largest activation vs 65504)"
+    peaks = peaks if peaks is not None else activation_peaks(model, prompt, "this model")
+    if not peaks.layers:
+        return CheckItem("fp16_overflow", title, "skip", "no per-layer tensors found to measure")
+    layer, value, where = peaks.peak
+    over = [i for i, (v, _) in enumerate(peaks.layers) if v >= FP16_MAX]
+    evidence = (f"largest |activation| per layer on {peaks.source}: max {value:.4g} at layer {layer} ({where}), "
+                f"{FP16_MAX / value:.3g}x below 65504" if not over else
+                f"largest |activation| per layer on {peaks.source}: {value:.4g} at layer {layer} ({where}); layers "
+                f"{over} exceed 65504, the largest float16")
+    if not over:
+        return CheckItem("fp16_overflow", title, "pass", evidence)
+    fix = ("keep the activations fp32 (or bf16), or scale the outlier channels down first (`qwen3vl-lab repair` "
+           "folds them into the op before); fp16 turns them into inf/NaN or silent wrong answers "
+           "(huggingface/transformers#33294, microsoft/onnxruntime#31626)")
+    if computes_in_fp16(graph):
+        return CheckItem("fp16_overflow", title, "fail", evidence + "; this decoder computes in float16", fix)
+    return CheckItem("fp16_overflow", title, "warn", evidence + "; this decoder computes in float32, so it is not "
+                     "affected: a q4f16 / fp16 export of the same weights would overflow", fix)
+
+
+@dataclass
+class ReferenceRecord:
+    """What the checklist needs of the fp32 reference, recorded in its turn (the doctor releases it next)."""
+
+    answers: AnswerProbe  # its greedy answer to the checklist prompt, with its logits
+    peaks: ActivationPeaks  # its largest activation per layer
+    probe: ImageProbe | None = None  # the image probe (when it has a vision graph)
+
+
+def record_reference(reference: Model, prompt: str = "Write a haiku about the sea.") -> ReferenceRecord:
+    return ReferenceRecord(answer_probe(reference, prompt), activation_peaks(reference, prompt, "the fp32 reference"))
+
+
 def run_checklist(model: Model | str | Path, precision: str = "int4",
-                  reference: Model | str | Path | np.ndarray | None = None, prompt: str = "Write a haiku about the sea.",
+                  reference: Model | str | Path | ReferenceRecord | None = None,
+                  prompt: str = "Write a haiku about the sea.",
                   vision_reference: Model | ImageProbe | None = None, image=None, image_size: int | None = None) -> Checklist:
-    """Every check against `model` (a folder or a loaded Model). `reference` (fp32, or its `fp32_logits` on
-    `prompt`) feeds the accuracy_level oracle; `vision_reference` (our export of the checkpoint, or its
-    `probe_reference` record; default: the reference) the image probe."""
+    """Every check against `model` (a folder or a loaded Model). `reference` (fp32, or its `record_reference`)
+    gives the answer the accuracy_level, KV-cache and graph-optimization lines run on, the quantization noise the
+    KV line is judged against, and the fp32 activations of the fp16 line; `vision_reference` (our export of the
+    checkpoint, or its `probe_reference` record; default: the reference) the image probe."""
     model = as_model(model, precision)
-    ref = reference if reference is None or isinstance(reference, (Model, np.ndarray)) else as_model(reference, "fp32")
+    ref = reference if reference is None or isinstance(reference, (Model, ReferenceRecord)) else as_model(reference, "fp32")
     if vision_reference is None and isinstance(ref, Model):
         vision_reference = ref
+    record = record_reference(ref, prompt) if isinstance(ref, Model) else ref
+    answers = record.answers if record is not None else answer_probe(model, prompt, keep_logits=False)
     graph = model.graph()
+    image_probe = check_image_probe(model, vision_reference, image, image_size)
+    probe = vision_reference if isinstance(vision_reference, ImageProbe) else None
     items = [
-        check_accuracy_level(model, graph, ref, prompt),
+        check_accuracy_level(model, graph, answers if record is not None else None),
         check_algorithm(model, graph),
         check_lm_head(graph),
         check_tied_embeddings(model, graph),
         check_qk_norm(model, graph),
         check_genai_config(model),
         check_positions(model),
+        check_mrope_layout(model, probe),
         check_deepstack(model),
-        check_kv_cache(model),
-        check_image_probe(model, vision_reference, image, image_size),
+        check_kv_cache(model, answers),
+        check_graph_optimizations(model, answers),
+        image_probe,
         check_eos(model),
+        check_generation_eos(model),
+        check_fp16_overflow(model, graph, record.peaks if record is not None else None, prompt),
     ]
     return Checklist(str(model.folder), items)
 
 
-__all__ = ["CheckItem", "Checklist", "run_checklist", "live_nodes", "check_accuracy_level", "check_deepstack",
-           "fp32_logits", "needs_fp32_logits",
-           "check_eos", "check_genai_config", "check_lm_head", "check_positions", "check_qk_norm",
-           "check_tied_embeddings", "reference_positions_case"]
+__all__ = ["ActivationPeaks", "CheckItem", "Checklist", "ReferenceRecord", "activation_peaks", "check_accuracy_level",
+           "check_deepstack", "check_eos", "check_fp16_overflow", "check_generation_eos", "check_genai_config",
+           "check_lm_head", "check_positions", "check_qk_norm", "check_tied_embeddings", "computes_in_fp16",
+           "fp32_logits", "live_nodes", "needs_fp32_logits", "record_reference", "reference_positions_case",
+           "run_checklist"]

@@ -24,20 +24,20 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import VisionConfig
 from ..errors import UserError
 from ..export.cache import reference_export
 from ..export.quantize import Int4Recipe
-from ..generate import Prompt, prepare_prompt
+from ..generate import Prompt
 from ..layouts import Layout, find_layout
 from ..model import Model, load_graph, load_model
 from ..paths import existing_dir, export_path
-from .checklist import Checklist, fp32_logits, needs_fp32_logits, run_checklist
+from .activations import ChannelStats, WeightedError, collect_channel_stats, format_weighted, weighted_errors
+from .checklist import OUTLIER_RATIO, Checklist, ReferenceRecord, activation_peaks, run_checklist
 from .compare import Comparison, compare_recorded
-from .export_checks import ImageProbe, probe_prompt, probe_reference
+from .export_checks import ImageProbe, answer_probe, probe_prompt, probe_reference
 from .identity import check_same_dims, checkpoint_table, embedding_table, not_the_same_model
 from .inputs import PromptLike, as_model, as_specs, prepare
 from .layers import Capture, LayerReport, capture_prompt, compare_layers
@@ -45,7 +45,8 @@ from .record import RecordedPrompt, RecordedVision, record_prompt, release
 from .sweep import sweep
 from .weights import WeightReport, compare_weights
 
-CHECKLIST_PROMPT = "Write a haiku about the sea."  # the accuracy_level oracle's prompt (run_checklist's default)
+CHECKLIST_PROMPT = "Write a haiku about the sea."  # the checklist's answer probe (run_checklist's default)
+OUTLIER_AGREEMENT = 0.9  # outliers are named the cause when the tested model agrees with fp32 on fewer top-1 tokens
 
 
 @dataclass
@@ -62,10 +63,34 @@ class DoctorReport:
     best_recipe: str | None = None
     recipe_lines: list[str] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
+    channels: list[ChannelStats] | None = None  # per MatMul input of the fp32 reference: outlier channels
+    weighted: list[WeightedError] | None = None  # per MatMulNBits: plain vs activation-weighted error
+
+    def outlier_inputs(self) -> list[ChannelStats]:
+        """The MatMul inputs carrying outlier channels, the largest ratio first (one per input tensor)."""
+        seen, out = set(), []
+        for c in sorted(self.channels or [], key=lambda c: -c.ratio):
+            if c.outliers and c.tensor not in seen:
+                seen.add(c.tensor)
+                out.append(c)
+        return out
+
+    @property
+    def largest_ratio(self) -> float:
+        return max((c.ratio for c in self.channels or []), default=0.0)
+
+    @property
+    def export_root(self) -> str:
+        """The export folder the tested precision folder sits in (what `repair --model_dir` takes)."""
+        folder = Path(self.folder)
+        return str(folder.parent if folder.name.startswith("cpu-") else folder)
 
     def verdict(self) -> list[str]:
         """Short findings, most actionable first."""
         out = [f"checklist: {i.title} FAILED - {i.fix or i.evidence}" for i in self.checklist.failed]
+        if self.checklist.warned:
+            out.append(f"checklist: {len(self.checklist.warned)} WARN ({', '.join(i.key for i in self.checklist.warned)}): "
+                       "known risks measured within their budget here, not failures (evidence above)")
         c = self.comparison
         out.append(f"teacher-forced vs fp32: mean KL {c.mean_kl:.4g} nats, top-1 agreement {c.agreement:.0%}, "
                    f"reference token rank {c.mean_ref_rank:.1f} on average")
@@ -76,6 +101,16 @@ class DoctorReport:
         if self.weights is not None and self.weights.rows:
             w = self.weights.worst(1)[0]
             out.append(f"worst weight matrix: {w.name} (relative error {w.rel_error:.3f}, {w.bits} bits, block {w.block_size})")
+        heavy = self.outlier_inputs()
+        if heavy:
+            layers = sorted({int(c.matmul.split(".")[1]) for c in heavy if c.matmul.startswith("layers.")})
+            out.append(f"activation outliers: {len(heavy)} MatMul inputs in layers {layers} carry channels >= "
+                       f"{heavy[0].outlier_ratio:g}x the median, up to {heavy[0].ratio:.0f}x ({heavy[0].matmul} "
+                       f"channels {list(heavy[0].outliers[:4])})")
+        if self.weighted:
+            e = max(self.weighted, key=lambda e: e.weighted)
+            out.append(f"worst activation-weighted error: {e.matmul} |X(W-Q(W))|/|XW| {e.weighted:.3f} where the plain "
+                       f"weight error is {e.plain:.3f}")
         return out
 
     def render(self) -> str:
@@ -96,6 +131,18 @@ class DoctorReport:
         if self.weights is not None:
             parts += ["", f"weights: the {min(8, len(self.weights.rows))} matrices with the largest error "
                           f"(of {len(self.weights.rows)})", self.weights.table(8)]
+        heavy = self.outlier_inputs()
+        if self.channels is not None:
+            parts += ["", f"activation outliers per MatMul input (fp32 reference, the compared prompts): {len(heavy)} of "
+                          f"{len({c.tensor for c in self.channels})} inputs carry channels >= "
+                          f"{self.channels[0].outlier_ratio if self.channels else 0:g}x the median channel"]
+            parts += [f"  {c.matmul:30s} channels {', '.join(f'{k} ({r:.0f}x)' for k, r in _ratios(c))}"
+                      f"{' ...' if len(c.outliers) > 4 else ''}" for c in heavy[:12]]
+        if self.weighted:
+            rows = sorted(self.weighted, key=lambda e: -e.weighted)
+            parts += ["", f"activation-weighted error |X(W-Q(W))|/|XW| beside the plain |W-Q(W)|/|W| (the {min(12, len(rows))} "
+                          f"largest of {len(rows)}; kernel: with accuracy_level 4's int8 inputs)",
+                      format_weighted(rows[:12])]
         if self.export_comparison is not None:
             c = self.export_comparison
             parts += ["", "the reference vs our export of the checkpoint (the export's own error, before quantization):",
@@ -108,6 +155,11 @@ class DoctorReport:
         if self.advice:
             parts += ["", "what to do:"] + [f"  {i + 1}. {a}" for i, a in enumerate(self.advice)]
         return "\n".join(parts)
+
+
+def _ratios(c: ChannelStats, top: int = 4) -> list[tuple[int, float]]:
+    r = c.channel_ratios()
+    return [(k, float(r[k])) for k in c.outliers[:top]]
 
 
 @dataclass
@@ -179,13 +231,22 @@ def checkpoint_reference(test: Model, hf_dir: str | Path | None, ref: Model,
     return ref if ref.kind == "qwen3vl-lab" and ref.has_vision else None
 
 
+RECIPE_GAIN = 0.8  # a recipe "helps" when its mean KL vs fp32 is at most 80% of the default's, or it agrees more
+
+
 def recipe_advice(root: Path, specs, n_steps: int, progress: bool) -> tuple[str | None, list[str]]:
-    """Rank a few INT4 recipes on our export of the checkpoint (`root`): the one that keeps the reference's answers."""
+    """Rank a few INT4 recipes on our export of the checkpoint (`root`). The best is named only when it helps:
+    more top-1 agreement with fp32 than the default recipe, or at most RECIPE_GAIN of its KL (else None)."""
     recipes = [Int4Recipe(), Int4Recipe(lm_head="int8"), Int4Recipe(accuracy_level=0, lm_head="int8")]
     result = sweep(root, recipes, specs[:1], n_steps=n_steps, progress=progress)
-    best = result.rows[0]
     lines = [f"{r.name}: top-1 agreement {r.agreement:.0%}, mean KL {r.mean_kl:.4g}" for r in result.rows]
-    return best.name, lines
+    ok = [r for r in result.rows if not r.failed]
+    default = next((r for r in ok if r.name == Int4Recipe().name), None)
+    if not ok or default is None:
+        return None, lines
+    best = ok[0]
+    helps = best is not default and (best.agreement > default.agreement or best.mean_kl <= RECIPE_GAIN * default.mean_kl)
+    return (best.name if helps else None), lines
 
 
 def _records(model: Model, specs, n_steps: int, progress: bool, desc: str) -> list[RecordedPrompt]:
@@ -199,9 +260,10 @@ class Recorded:
     ckpt: list[RecordedPrompt] | None = None  # our export of the checkpoint, per prompt: tokens + logits per step
     ref: list[RecordedPrompt] | None = None  # the reference, per prompt
     probe: ImageProbe | None = None  # the image probe through our export of the checkpoint
-    oracle: np.ndarray | None = None  # (S, V) the reference on the test's accuracy_level probe prompt
+    checklist: ReferenceRecord | None = None  # the reference's answer probe and activation peaks, for the checklist
     capture: Capture | None = None  # the reference's residual stream per layer, on the last prompt
     export_comparison: Comparison | None = None  # the reference against our export of the checkpoint
+    channels: list[ChannelStats] | None = None  # the reference's MatMul inputs per channel (activations.py)
 
 
 def diagnose(model_dir: Model | str | Path, precision: str = "int4", reference: Model | str | Path | None = "fp32",
@@ -227,12 +289,6 @@ def diagnose(model_dir: Model | str | Path, precision: str = "int4", reference: 
     ckpt_src = Source(None, reference_export(checkpoint, log=log), "fp32") if checkpoint is not None else None
     test_graph = test_src.graph()
     rec = Recorded()
-    accuracy_prompt = None
-    if needs_fp32_logits(test_graph):  # the accuracy_level probe, embedded by the test model's own embedding
-        t = test_src.load(open_decoder=False)
-        accuracy_prompt = prepare_prompt(t, CHECKLIST_PROMPT)
-        test_src.done(t)
-        del t
 
     # turn 0: the vision tower alone (ours: the checkpoint's export, else the reference when it is ours)
     vision_src = ckpt_src or (ref_src if ref_src.layout is not None and ref_src.layout.kind == "qwen3vl-lab" else None)
@@ -256,16 +312,17 @@ def diagnose(model_dir: Model | str | Path, precision: str = "int4", reference: 
     if rec.ckpt is not None:
         rec.export_comparison = compare_recorded(rec.ckpt, ref, specs, n_steps, progress=progress,
                                                  reference=str(ckpt_src.folder))
-    if accuracy_prompt is not None:
-        rec.oracle = fp32_logits(ref, accuracy_prompt)
+    answers = answer_probe(ref, CHECKLIST_PROMPT)  # the checklist's answer probe: fp32's greedy answer and logits
     ref_src.done(ref, keep_vision=True)  # its plain decoder closed before the tapped copy opens
     rec.capture = capture_prompt(ref, specs[-1]) if layers else None  # the image prompt when there is one
+    rec.checklist = ReferenceRecord(answers, activation_peaks(ref, CHECKLIST_PROMPT, "the fp32 reference"))
+    rec.channels = collect_channel_stats(ref, specs) if weights else None  # per MatMul input, with row samples
     ref_src.done(ref)
 
     test = _load(test_src, vision)  # turn 3: the tested model
     check_same_dims(ref.config, test.config, f"the reference {ref_src.folder}", f"the tested {test_src.folder}")
     notes = [*test.notices]
-    checklist = run_checklist(test, reference=rec.oracle, prompt=CHECKLIST_PROMPT, vision_reference=rec.probe,
+    checklist = run_checklist(test, reference=rec.checklist, prompt=CHECKLIST_PROMPT, vision_reference=rec.probe,
                               image=image, image_size=image_size)
     comparison = compare_recorded(rec.ref, test, specs, n_steps, progress=progress, reference=str(ref_src.folder))
     lacks = test.teaching_decoder.io.missing if test.kind != "qwen3vl-lab" else []
@@ -275,13 +332,15 @@ def diagnose(model_dir: Model | str | Path, precision: str = "int4", reference: 
 
     has_q = any(n.op_type == "MatMulNBits" for n in test_graph.graph.node)  # then: the files, one matrix at a time
     weight_report = compare_weights(ref, test, hf_dir=hf_dir) if (weights and has_q) else None
+    weighted = weighted_errors(ref, test, stats=rec.channels) if (weights and has_q and rec.channels) else None
     if weights and not has_q:
         notes.append("the test decoder has no MatMulNBits, so there are no quantized weights to compare")
     if image is None:
         notes.append("text prompts only: pass --image to exercise the vision path, DeepStack and 3-D positions")
     recipe = test.genai.get("qwen3vl_lab", {}).get("recipe")
     report = DoctorReport(str(test.folder), str(ref.folder), recipe, checklist, comparison, layer_report,
-                          weight_report, notes, export_comparison=rec.export_comparison)
+                          weight_report, notes, export_comparison=rec.export_comparison, channels=rec.channels,
+                          weighted=weighted)
     rank_on = ckpt_src.folder if ckpt_src is not None else ref.root if ckpt_is_ref else None
     if rank_on is not None and (recipes if recipes is not None else ckpt_src is not None):
         report.best_recipe, report.recipe_lines = recipe_advice(rank_on, specs, min(n_steps, 8), progress)
@@ -337,20 +396,34 @@ def _load(source: Source, vision: LentVision | None) -> Model:
     return model
 
 
+STRUCTURAL = {"positions", "mrope", "deepstack", "genai_config", "kv_cache", "image_probe", "tied_embeddings", "qk_norm"}
+
+
 def advice(report: DoctorReport, lacks: Sequence[str], hf_dir) -> list[str]:
-    """What to do, in order: the export to make (when this one lacks pieces: `lacks`, what its decoder graph
-    does not have), and the INT4 recipe to use."""
+    """What to do, in order, each only when the report measured that it is needed and that it helps: the export to
+    make (only when this one lacks a piece or a structural line FAILED); `repair` when activation outliers are the
+    cause (no recipe of the ranking helps on them); the INT4 recipe that measurably beats the default."""
     out = []
     failed = {i.key for i in report.checklist.failed}
-    if lacks or failed & {"positions", "deepstack", "genai_config", "kv_cache", "image_probe", "tied_embeddings"}:
+    if lacks or failed & STRUCTURAL:
         src = hf_dir or "CKPT"
         out.append(f"make a correct export: qwen3vl-lab export --hf_dir {src} --output_dir OUT --precision fp32 int4"
                    + (f" (this one lacks {'; '.join(lacks)})" if lacks else ""))
+    acc = next((i for i in report.checklist.items if i.key == "accuracy_level"), None)
+    heavy = report.outlier_inputs()
+    ratio, where = (heavy[0].ratio, heavy[0].matmul) if heavy else \
+        (acc.measured.get("channel_ratio", 0.0), acc.measured.get("node", "?")) if acc is not None else (0.0, "?")
+    drifts = report.comparison.agreement < OUTLIER_AGREEMENT
+    if ratio >= OUTLIER_RATIO and drifts and not lacks:
+        out.append(f"activation outliers are the cause (an input channel {ratio:.0f}x the median at "
+                   f"{where}; top-1 agreement with fp32 {report.comparison.agreement:.0%}): "
+                   f"qwen3vl-lab repair --model_dir {report.export_root} --output_dir FIXED "
+                   "(equalises the outlier channels into the op before and keeps the sensitive MatMuls at 8 bits)")
     if report.best_recipe:
         out.append(f"the INT4 recipe that keeps the reference's answers best here: {report.best_recipe} "
                    "(`qwen3vl-lab sweep --model_dir OUT` ranks more)")
-    elif "lm_head" in failed:
-        out.append("quantize with --lm_head int8 and compare again (doctor --model_dir OUT)")
+    elif report.recipe_lines:
+        out.append("no INT4 recipe of the ranking above beats the default recipe here: a global recipe is not the fix")
     return out
 
 

@@ -189,7 +189,7 @@ def shared_assets(fp32_folder: Path, root: Path) -> Path:
     return assets
 
 
-def _link_processor_files(assets: Path, folder: Path) -> None:
+def link_processor_files(assets: Path, folder: Path) -> None:
     """A variant folder is its own export root (`Model.root`): it needs pytorch/ beside its graphs, or images
     would be preprocessed with default settings instead of the checkpoint's."""
     src = Path(assets) / PROCESSOR_FOLDER
@@ -225,7 +225,7 @@ def build_variant(fp32_folder: Path, root: Path, recipe: Int4Recipe | SimRecipe,
             simulate_folder(fp32_folder, built, recipe, link=True, assets=assets)
         else:
             quantize_folder(fp32_folder, built, recipe, progress=False, link=True, assets=assets)
-        _link_processor_files(assets, built)
+        link_processor_files(assets, built)
         seconds = time.perf_counter() - t0
         stamp["build_seconds"] = round(seconds, 3)
         stamp_folder(built, "sweep variant", extra=[VARIANT_STAMP])  # pytorch/ is ours too: a rebuild may replace it

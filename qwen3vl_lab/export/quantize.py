@@ -30,7 +30,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Mapping
 
 import numpy as np
 import onnx
@@ -331,10 +331,27 @@ def matmul_weights(graph: onnx.GraphProto, inits: dict[str, TensorProto]) -> dic
     return out
 
 
-def _node_bits(node: onnx.NodeProto, recipe: Int4Recipe) -> int | None:
+def _node_bits(node: onnx.NodeProto, recipe: Int4Recipe, weight: str, bits_for: Mapping[str, int | None]) -> int | None:
+    """The bits of one MatMul: `bits_for[weight]` when given (None = left fp32), else the recipe's."""
+    if weight in bits_for:
+        return bits_for[weight]
     if LM_HEAD_OUTPUT in node.output:
         return recipe.head_bits
     return recipe.bits
+
+
+def check_bits_for(bits_for: Mapping[str, int | None], weights) -> dict[str, int | None]:
+    """A per-weight precision map (mixed precision: weight name -> 2, 4, 8 or None for fp32), checked."""
+    bits_for = dict(bits_for or {})
+    unknown = sorted(set(bits_for) - set(weights))
+    if unknown:
+        raise UserError(f"bits_for names {unknown[0]!r}, which is not a MatMul weight of the decoder "
+                        f"({len(unknown)} unknown); use the weight names of the fp32 graph")
+    bad = {w: b for w, b in bits_for.items() if b is not None and b not in BITS}
+    if bad:
+        raise UserError(f"bits_for gives {next(iter(bad.values()))} bits; MatMulNBits takes {', '.join(map(str, BITS))} "
+                        "(or None: leave the MatMul fp32)")
+    return bits_for
 
 
 def _node_record(nodes: list[onnx.NodeProto], weight: str, inits: list[TensorProto]) -> dict:
@@ -346,13 +363,18 @@ def _node_record(nodes: list[onnx.NodeProto], weight: str, inits: list[TensorPro
             "bytes": int(sum(len(t.raw_data) for t in inits))}
 
 
-def quantize_decoder(src_folder: Path, dst_folder: Path, recipe: Int4Recipe, progress: bool = True) -> dict:
-    """src/model.onnx (fp32, external data) -> dst/model.onnx with MatMulNBits; returns the per-node record."""
+def quantize_decoder(src_folder: Path, dst_folder: Path, recipe: Int4Recipe, progress: bool = True,
+                     bits_for: Mapping[str, int | None] | None = None) -> dict:
+    """src/model.onnx (fp32, external data) -> dst/model.onnx with MatMulNBits; returns the per-node record.
+
+    bits_for: weight name -> bits (or None: stays fp32) for the MatMuls that differ from the recipe (mixed
+    precision); a q/k/v or gate/up group with mixed bits is left unfused by the fast decoder."""
     src_folder, dst_folder = Path(src_folder), Path(dst_folder)
     model = onnx.load(str(src_folder / DECODER_FILE), load_external_data=False)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     targets = matmul_weights(graph, inits)
+    bits_for = check_bits_for(bits_for or {}, targets.values())
     groups = {w: group for group in fusion_groups(targets.values()) for w in group}  # weight -> its q/k/v or gate/up
     pending: dict[tuple[str, ...], dict[str, tuple]] = {}  # quantized group members waiting for the rest
     data = ExternalData(dst_folder / (DECODER_FILE + ".data"))
@@ -361,7 +383,7 @@ def quantize_decoder(src_folder: Path, dst_folder: Path, recipe: Int4Recipe, pro
         with tqdm(total=len(targets), desc=f"quantize {recipe.name}", unit="matmul", disable=not progress) as bar:
             for node in graph.node:
                 interruption_point()  # a cancelled sweep job stops between matrices (signals.py)
-                bits = _node_bits(node, recipe) if node.name in targets else None
+                bits = _node_bits(node, recipe, targets[node.name], bits_for) if node.name in targets else None
                 if bits is None:
                     if node.name in targets:
                         excluded.append(node.name)
@@ -470,7 +492,8 @@ def _folder_bytes(folder: Path, names) -> int:
 
 
 def quantize_folder(fp32_folder: str | Path, out_folder: str | Path, recipe: Int4Recipe | None = None, *,
-                    progress: bool = True, link: bool = False, assets: str | Path | None = None) -> Path:
+                    progress: bool = True, link: bool = False, assets: str | Path | None = None,
+                    bits_for: Mapping[str, int | None] | None = None) -> Path:
     """An fp32 precision folder (OUT/cpu-fp32) -> a runnable INT4 folder: decoder, fp32 embedding/vision,
     genai_config.json, qwen3vl_lab.json (precision int4, the recipe) and quantization.json.
 
@@ -478,6 +501,7 @@ def quantize_folder(fp32_folder: str | Path, out_folder: str | Path, recipe: Int
     files come from `assets` (default: the fp32 folder): copied, or with link=True hard-linked where
     the filesystem allows (`link_or_copy`; `qwen3vl-lab export` links, so cpu-int4/ adds no second copy
     of them; a recipe sweep links its variants to one private copy instead of the export's files).
+    bits_for: per-weight exceptions to the recipe (mixed precision, `quantize_decoder`), kept in qwen3vl_lab.json.
     """
     recipe = (recipe or Int4Recipe()).validate()
     src, out = Path(fp32_folder), Path(out_folder)
@@ -492,7 +516,7 @@ def quantize_folder(fp32_folder: str | Path, out_folder: str | Path, recipe: Int
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with staging_folder(out.parent, f".{out.name}-", name="the int4 folder", shown=out) as staging:
-        nodes = quantize_decoder(src, staging, recipe, progress)
+        nodes = quantize_decoder(src, staging, recipe, progress, bits_for)
         shared = Path(assets) if assets is not None else src
         for name in COPIED_FILES:
             if (shared / name).is_file():
@@ -500,6 +524,8 @@ def quantize_folder(fp32_folder: str | Path, out_folder: str | Path, recipe: Int
         seconds = time.perf_counter() - t0
         genai["qwen3vl_lab"]["precision"] = "int4"
         genai["qwen3vl_lab"]["recipe"] = recipe.to_dict()
+        if bits_for:
+            genai["qwen3vl_lab"]["bits_for"] = dict(bits_for)  # mixed precision: these MatMuls differ from the recipe
         gc.write_genai_config(staging, genai)
         decoder_files = (DECODER_FILE, DECODER_FILE + ".data")
         (staging / QUANTIZATION_FILE).write_text(json.dumps(quantization_record(

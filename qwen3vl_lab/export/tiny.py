@@ -37,6 +37,7 @@ from ..errors import UserError
 from ..paths import output_dir as checked_output_dir
 from .checkpoint import SAVE_DTYPES, Checkpoint, LazyTensor, save_checkpoint_weights
 from .files import check_replaceable, replace_folder, staging_folder
+from .outliers import OutlierPlan, plant_outliers
 
 CONFIG_STYLES = ("v5", "legacy")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "chat_template.json", "PROVENANCE.md")
@@ -421,6 +422,7 @@ def make_tiny(
     max_shard_bytes: int | None = None,
     overwrite: bool = False,
     trained: bool = False,
+    outliers: bool | OutlierPlan = False,
 ) -> Path:
     """Write a random-weight Qwen3-VL checkpoint folder in the Hugging Face layout and return its path.
 
@@ -432,11 +434,17 @@ def make_tiny(
 
     trained=True (preset "shapes" only): the weights trained on the shapes task (qwen3vl_lab/shapes.py)
     that ship with the package, bf16 unless another dtype is asked for; seed is then unused.
+
+    outliers=True (or an `OutlierPlan`): activation outliers planted by an exactly function-preserving
+    rescaling (export/outliers.py), recorded in `outliers.json`: fp32 answers stay the same, INT4 breaks.
     """
     _check_args(preset, dtype, config_style, seed)
     if trained and preset != TRAINED_PRESET:
         raise UserError(f"trained weights exist only for preset {TRAINED_PRESET!r}, not {preset!r}; "
                         "leave out --preset")
+    if outliers is not False and not trained:
+        raise UserError("--outliers plants outliers in the trained shapes model (an untrained one has no answers to "
+                        "lose); add --trained")
     output_dir = checked_output_dir(output_dir, "--output_dir")
     _check_target(output_dir, overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -447,5 +455,8 @@ def make_tiny(
             _write_trained_folder(tmp, dtype, config_style, tie_word_embeddings, max_shard_bytes)
         else:
             _write_folder(tmp, preset, int(seed), weights_dtype, config_style, tie_word_embeddings, max_shard_bytes)
+        if outliers is not False:  # planted from the staged copy straight into place (its own staging folder)
+            plant_outliers(tmp, output_dir, None if outliers is True else outliers, overwrite=overwrite)
+            return output_dir
         replace_folder(tmp, output_dir, what="make-tiny checkpoint")
     return output_dir

@@ -5,6 +5,9 @@
     fig = plot_weights(report.weights)           # relative error per weight matrix
     fig = plot_sweep(result)                     # mean KL per recipe, best first
 
+    trace = record_doctor_trace(fp32, int4, "Write a haiku about the sea.", candidates=[...])
+    doctor_figure(trace, step=3, matmul="layers.1.mlp.down_proj", candidate="repaired")   # DoctorExplorer's view
+
 The step and layer figures are the notebooks' own (`viz/int4.py`); the weight and sweep figures are
 drawn here. The doctor (`debug/`) computes, viz draws: debug never imports viz.
 Figures are created detached from pyplot (`matplotlib.figure.Figure`), so nothing pops up or leaks.
@@ -21,16 +24,19 @@ import hashlib
 import json
 import os
 import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..debug.compare import Comparison
-from ..debug.layers import KINDS, LayerReport
-from ..debug.weights import WeightReport
+from ..debug.compare import Comparison, kl_divergence
+from ..debug.export_checks import answer_probe
+from ..debug.layers import KINDS, LayerReport, capture, matmul_inputs, relative_error
+from ..debug.weights import WeightReport, short_name
 from ..errors import UserError
+from ..model import Model
 from .int4 import plot_layer_divergence, plot_step_divergence
 
 
@@ -193,4 +199,148 @@ def write_figures(report=None, out_dir: str | Path = "report", sweep=None) -> li
     return paths
 
 
-__all__ = ["plot_comparison", "plot_layers", "plot_sweep", "plot_weights", "write_figures"]
+# -- the DoctorExplorer's record ------------------------------------------------------------------------
+OUTLIER_RATIO = 16.0  # a channel whose largest |x| over the answer is >= 16x the median channel's is drawn as an outlier
+
+
+@dataclass
+class CandidateAnswers:
+    """One model's answers to the explorer's questions (a repair candidate, a recipe, fp32 itself)."""
+
+    name: str
+    answers: list[str]  # one per question, in the order of DoctorTrace.questions
+    accuracy: float | None = None  # share of right answers where there is a key (the shapes model), else None
+    nbytes: int | None = None  # decoder weights on disk
+    tok_s: float | None = None  # decode tokens per second
+
+
+@dataclass
+class DoctorTrace:
+    """fp32 vs a tested model on one answer, recorded once (teacher forced on fp32's greedy answer): the widget
+    only indexes these arrays.
+
+    step s is the s-th answer token: fp32 chose tokens[s]; the tested model's top-1 there is test_tokens[s]."""
+
+    prompt: str
+    labels: list[str]  # (n,) fp32's answer tokens as text
+    tokens: np.ndarray  # (n,) fp32's greedy answer
+    test_tokens: np.ndarray  # (n,) the tested model's top-1 at each answer position
+    test_labels: list[str]
+    kl: np.ndarray  # (n,) KL(fp32 || test) of the next-token distributions
+    layer_error: np.ndarray  # (n, L) |h_fp32 - h_test| / |h_fp32| of the residual stream after each layer, per step
+    matmuls: list[str]  # the weight MatMuls whose inputs are recorded, e.g. "layers.1.mlp.down_proj"
+    channels: dict[str, np.ndarray]  # matmul -> (n, K) |x| of its fp32 input per channel at each step
+    outliers: dict[str, tuple[int, ...]]  # matmul -> channels >= OUTLIER_RATIO x the median (largest |x| over the answer)
+    questions: list[str] = field(default_factory=list)
+    reference: list[str] = field(default_factory=list)  # fp32's answers to the questions
+    candidates: dict[str, CandidateAnswers] = field(default_factory=dict)
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.tokens)
+
+    def ratio(self, matmul: str) -> float:
+        m = self.channels[matmul].max(axis=0)  # (K,)
+        med = float(np.median(m))
+        return float(m.max() / med) if med > 0 else float("inf")
+
+
+def _outliers(x: np.ndarray) -> tuple[int, ...]:
+    """Channels whose largest |x| is >= OUTLIER_RATIO x the median channel's, largest first. x: (n, K)."""
+    m = x.max(axis=0)
+    med = float(np.median(m))
+    return tuple(int(k) for k in np.argsort(-m) if med > 0 and m[k] >= OUTLIER_RATIO * med)
+
+
+def record_doctor_trace(reference: Model, test: Model, prompt: str = "Write a haiku about the sea.", n_steps: int = 8,
+                        *, questions: Sequence[str] = (), reference_answers: Sequence[str] = (),
+                        candidates: Sequence[CandidateAnswers] = ()) -> DoctorTrace:
+    """Run fp32's greedy answer to `prompt` through both models, teacher forced, with the residual stream after
+    every layer and every weight MatMul's input tapped (inputs of the reference only: the tested model's are the
+    same up to its own drift). MatMuls reading one tensor (q/k/v, gate/up) are recorded once, under the first."""
+    probe = answer_probe(reference, prompt, n_steps)
+    forced = [int(t) for t in probe.tokens[:-1]]
+    layers = reference.config.text.num_hidden_layers
+    hidden = [f"layers.{i}.hidden" for i in range(layers)]
+    inputs: dict[str, str] = {}
+    for _, tensor, weight, _, _ in matmul_inputs(reference.graph()):
+        name = short_name(weight)
+        if ".layers." in f".{name}" and tensor not in inputs.values():
+            inputs[name] = tensor
+    ref = capture(reference, prompt, [*hidden, *inputs.values()], tokens=forced)
+    got = capture(test, prompt, [*hidden, "logits"], tokens=forced)
+    rows = slice(-probe.n, None)  # the answer positions
+    test_logits = got["logits"][0, rows] if got["logits"].ndim == 3 else got["logits"][rows]  # (n, V)
+    errors = np.array([[relative_error(ref[h][0, r], got[h][0, r]) for h in hidden]
+                       for r in range(ref[hidden[0]].shape[1] - probe.n, ref[hidden[0]].shape[1])])  # (n, L)
+    channels = {m: np.abs(ref[t][0, rows]).astype(np.float32) for m, t in inputs.items()}  # (n, K)
+    tok = reference.tokenizer
+    test_tokens = test_logits.argmax(-1)
+    return DoctorTrace(prompt, [tok.decode([int(t)]) for t in probe.tokens], probe.tokens, test_tokens,
+                       [tok.decode([int(t)]) for t in test_tokens], kl_divergence(probe.logits, test_logits), errors,
+                       list(inputs), channels, {m: _outliers(x) for m, x in channels.items()}, list(questions),
+                       list(reference_answers), {c.name: c for c in candidates})
+
+
+def doctor_figure(trace: DoctorTrace, step: int, matmul: str | None = None, candidate: str | None = None):
+    """One answer step of fp32 vs the tested model: KL per step (this one marked), the residual stream's error per
+    layer at this step, |x| per input channel of one MatMul at this step (outlier channels in red), and a repair
+    candidate's answers beside fp32's."""
+    from .figure import new_figure  # noqa: PLC0415 (pyplot only when drawing)
+
+    if not 0 <= step < trace.n_steps:
+        raise UserError(f"step {step} is out of range; the answer has steps 0..{trace.n_steps - 1}")
+    matmul = matmul or max(trace.matmuls, key=trace.ratio)
+    if matmul not in trace.channels:
+        raise UserError(f"no MatMul {matmul!r} recorded; choose one of {', '.join(trace.matmuls[:6])} ...")
+    fig, axes = new_figure(nrows=2, ncols=2, figsize=(13.0, 7.6))
+    ax = axes[0, 0]
+    x = np.arange(trace.n_steps)
+    differ = trace.tokens != trace.test_tokens
+    ax.bar(x, trace.kl, color=np.where(differ, "#c44e52", "#4c72b0"))
+    ax.bar([step], [trace.kl[step]], fill=False, edgecolor="black", linewidth=2)
+    ax.set_xticks(x)
+    ax.set_xticklabels([repr(t)[1:-1][:8] for t in trace.labels], rotation=60, fontsize=7)
+    ax.set_ylabel("KL(fp32 || test), nats")
+    ax.set_title(f"step {step}: fp32 says {trace.labels[step]!r}, the tested model {trace.test_labels[step]!r} "
+                 "(red: top-1 differs)", fontsize=9)
+    ax = axes[0, 1]
+    err = trace.layer_error[step]
+    ax.bar(np.arange(err.size), err, color="#55a868")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("relative error of the residual stream")
+    ax.set_xticks(np.arange(err.size))
+    ax.set_title(f"step {step}: where the error grows (layer {int(np.argmax(np.diff(err, prepend=0.0)))} adds most)",
+                 fontsize=9)
+    ax = axes[1, 0]
+    xs = trace.channels[matmul][step]
+    out = list(trace.outliers[matmul])
+    ax.bar(np.arange(xs.size), xs, color="#8c8c8c", width=1.0)
+    if out:
+        ax.bar(out, xs[out], color="#c44e52", width=max(1.0, xs.size / 200))
+    ax.set_yscale("symlog", linthresh=max(float(np.median(xs)), 1e-6))
+    ax.set_xlabel("input channel")
+    ax.set_ylabel("|x| (fp32)")
+    ax.set_title(f"{matmul} input at step {step}: {len(out)} outlier channel(s) {out[:4]} (red), "
+                 f"max {trace.ratio(matmul):.0f}x the median", fontsize=9)
+    ax = axes[1, 1]
+    ax.axis("off")
+    if trace.candidates:
+        c = trace.candidates.get(candidate) or next(iter(trace.candidates.values()))
+        head = c.name + (f": accuracy {c.accuracy:.0%}" if c.accuracy is not None else "") + \
+            (f", {c.nbytes / 2 ** 20:.1f} MiB" if c.nbytes else "") + (f", {c.tok_s:.0f} tok/s" if c.tok_s else "")
+        lines = [head, ""]
+        for i, (q, a) in enumerate(zip(trace.questions, c.answers)):
+            ref = trace.reference[i] if i < len(trace.reference) else ""
+            lines += [f"Q: {q[:60]}", f"   fp32: {ref[:60]}", f"   {'same' if a == ref else 'this'}: {a[:60]}"]
+            if len(lines) > 22:
+                break
+        ax.text(0.0, 1.0, "\n".join(lines), va="top", family="monospace", fontsize=8)
+    else:
+        ax.text(0.0, 0.5, "no repair candidates recorded (record_doctor_trace(..., candidates=[...]))", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+__all__ = ["CandidateAnswers", "DoctorTrace", "doctor_figure", "plot_comparison", "plot_layers", "plot_sweep", "plot_weights",
+           "record_doctor_trace", "write_figures"]

@@ -1,8 +1,11 @@
-"""Three thin ipywidgets explorers over a recorded GenerationTrace.
+"""Thin ipywidgets explorers over recorded traces.
 
     GenerationExplorer(trace)   a slider over the steps: attention of that step's token, top-k, cache size
     PositionExplorer(trace)     pick a token: its (t, h, w), and for an image token its cell on the image
     AttentionExplorer(trace)    pick a layer and a head: token x token attention over the whole sequence
+    DoctorExplorer(trace)       fp32 vs INT4 (a DoctorTrace): pick a decode step, see the error per layer and
+                                the per-channel activations of a MatMul at that step; pick a repair candidate,
+                                see its answers (`viz.doctor.doctor_figure`)
 
 Each draws with a pure function of (trace, choices) -> Figure (`generation_figure`,
 `position_figure`, `attention_figure`), so they are testable without a browser, and the plots work
@@ -19,6 +22,7 @@ import numpy as np
 from ..errors import UserError
 from .attention import plot_attention, plot_attention_on_image, plot_attention_row
 from .cache import plot_cache_length
+from .doctor import DoctorTrace, doctor_figure
 from .figure import empty_figure, new_figure
 from .positions import plot_image_positions, plot_positions, plot_token_on_image
 from .probs import plot_top_k
@@ -219,3 +223,23 @@ class AttentionExplorer(_Explorer):
 
     def draw(self):
         return attention_figure(self.trace, self.layer.value, self.head.value)
+
+
+class DoctorExplorer(_Explorer):
+    """A slider over fp32's answer steps, a MatMul picker (default: the one with the largest outlier ratio) and a
+    repair-candidate picker. `explorer.step.value = 3` redraws, as in the browser."""
+
+    def __init__(self, trace: DoctorTrace, step: int = 0, matmul: str | None = None, candidate: str | None = None):
+        import ipywidgets as w  # noqa: PLC0415 (ipywidgets only where a widget is shown)
+
+        self.trace = trace
+        order = sorted(trace.matmuls, key=trace.ratio, reverse=True)  # the outlier-heaviest first
+        self.step = w.IntSlider(value=step, min=0, max=trace.n_steps - 1, description="step", continuous_update=False)
+        self.matmul = w.Dropdown(options=order, value=matmul or order[0], description="MatMul")
+        names = list(trace.candidates) or ["(none)"]
+        self.candidate = w.Dropdown(options=names, value=candidate or names[0], description="candidate")
+        self._build([self.step, self.matmul, self.candidate])
+
+    def draw(self):
+        return doctor_figure(self.trace, self.step.value, self.matmul.value,
+                             None if self.candidate.value == "(none)" else self.candidate.value)
