@@ -57,24 +57,24 @@ def hf_model_factory():
     return load
 
 
+def _exported(hf_dir: Path, out: Path, precisions=("fp32",)) -> Path:
+    """`qwen3vl-lab export` of a checkpoint into `out`, quietly."""
+    from qwen3vl_lab.export.exporter import export
+
+    export(hf_dir, out, list(precisions), progress=False, log=lambda _: None)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_onnx_fp32_dir(tiny_dir, tmp_path_factory) -> Path:
     """`tiny_dir` exported fp32 only (no cpu-int4/). Shared read-only: copy it before changing anything."""
-    from qwen3vl_lab.export.exporter import export
-
-    out = tmp_path_factory.mktemp("onnx") / "tiny-fp32"
-    export(tiny_dir, out, progress=False, log=lambda _: None)
-    return out
+    return _exported(tiny_dir, tmp_path_factory.mktemp("onnx") / "tiny-fp32")
 
 
 @pytest.fixture(scope="session")
 def tiny_onnx_dir(tiny_dir, tmp_path_factory) -> Path:
     """`tiny_dir` exported fp32 + int4 (the builder's recipe). Shared read-only: copy it before changing anything."""
-    from qwen3vl_lab.export.exporter import export
-
-    out = tmp_path_factory.mktemp("onnx") / "tiny-fp32-int4"
-    export(tiny_dir, out, ["fp32", "int4"], progress=False, log=lambda _: None)
-    return out
+    return _exported(tiny_dir, tmp_path_factory.mktemp("onnx") / "tiny-fp32-int4", ["fp32", "int4"])
 
 
 @pytest.fixture(scope="session")
@@ -88,11 +88,7 @@ def shapes_hf_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def shapes_onnx_fp32_dir(shapes_hf_dir, tmp_path_factory) -> Path:
     """The trained shapes model (make-tiny --trained) exported fp32 only. Shared read-only: copy it before changing anything."""
-    from qwen3vl_lab.export.exporter import export
-
-    out = tmp_path_factory.mktemp("shapes") / "onnx"
-    export(shapes_hf_dir, out, progress=False, log=lambda _: None)
-    return out
+    return _exported(shapes_hf_dir, tmp_path_factory.mktemp("shapes") / "onnx")
 
 
 @pytest.fixture(scope="session")
@@ -106,11 +102,7 @@ def outliers_hf_dir(shapes_hf_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def outliers_onnx_fp32_dir(outliers_hf_dir, tmp_path_factory) -> Path:
     """`outliers_hf_dir` exported fp32 only. Shared read-only: copy it before changing anything."""
-    from qwen3vl_lab.export.exporter import export
-
-    out = tmp_path_factory.mktemp("outliers") / "onnx"
-    export(outliers_hf_dir, out, progress=False, log=lambda _: None)
-    return out
+    return _exported(outliers_hf_dir, tmp_path_factory.mktemp("outliers") / "onnx")
 
 
 # ---------------------------------------------------------------------------------------------------

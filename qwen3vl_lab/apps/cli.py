@@ -870,6 +870,8 @@ def run_repair(a) -> int:
                     candidates=a.candidates, log=log)
     print(report.table())
     print(report.summary())
+    for note in report.notes:
+        print(f"{PROG}: note: {note}", file=sys.stderr)
     if a.json:
         print(json.dumps(report.to_json()))
     return 0

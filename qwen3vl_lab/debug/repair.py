@@ -562,6 +562,7 @@ class RepairReport:
     sites: list[SiteScales] = field(default_factory=list)
     stats: list[ChannelStats] = field(default_factory=list, repr=False)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # what the written export lacks, said on stderr and in --json
 
     @property
     def fp32_accuracy(self) -> float | None:
@@ -604,7 +605,7 @@ class RepairReport:
                 "outlier_inputs": [{**s.to_json(), "outliers": list(s.outliers[:16]),
                                     "outlier_absmax": [float(s.absmax[k]) for k in s.outliers[:16]]}
                                    for s in self.stats if s.outliers],
-                "seconds": self.seconds}
+                "seconds": self.seconds, "notes": self.notes}
 
 
 # -- writing the winner -----------------------------------------------------------------------------------
@@ -617,7 +618,10 @@ def _write_export(out: Path, fp32_src: Path, int4_src: Path, processor: Path | N
             shutil.copytree(src, tmp / name, copy_function=shutil.copy2, ignore=shutil.ignore_patterns(PROCESSOR_FOLDER))
         if processor is not None and processor.is_dir():
             shutil.copytree(processor, tmp / PROCESSOR_FOLDER)
-        write_fast_decoder(tmp / "cpu-int4")
+        try:
+            write_fast_decoder(tmp / "cpu-int4")
+        except UserError as e:  # a graph another library wrote (nncf_awq): it runs, but not through --fast
+            report.notes.append(f"cpu-int4 has no model-fast.onnx, so `generate --fast` refuses it ({e})")
         (tmp / REPAIR_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
         replace_folder(tmp, out, what="repaired export")
 
