@@ -376,6 +376,40 @@ def test_floor_is_the_sustained_bandwidth_and_never_above_100_percent():
     assert steady.fraction == pytest.approx(0.5)
 
 
+def test_profile_summary_attributes_each_kernel_to_its_step():
+    """summarize(): kernel events sum per op within their model_run, median over steps; warm-up runs are dropped."""
+    from qwen3vl_lab.apps.bench_profile import summarize
+
+    def run(ts, dur):
+        return {"cat": "Session", "name": "model_run", "ts": ts, "dur": dur}
+
+    def kernel(ts, dur, op):
+        return {"cat": "Node", "name": f"n{ts}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
+
+    trace = [run(0, 900), kernel(10, 800, "MatMulNBits"),  # warm-up: not counted
+             run(1000, 500), kernel(1010, 100, "MatMulNBits"), kernel(1200, 100, "MatMulNBits"), kernel(1300, 50, "Add"),
+             run(2000, 400), kernel(2010, 300, "MatMulNBits"), kernel(2350, 30, "Add"),
+             run(3000, 9000), kernel(3010, 8000, "MatMulNBits"), kernel(3100, 40, "Add")]  # a preempted step
+    p = summarize(trace, 3, "g")
+    ops = {o.op: o for o in p.ops}
+    assert ops["MatMulNBits"].ms_per_step == pytest.approx(0.3) and ops["MatMulNBits"].nodes_per_step == 4 / 3
+    assert ops["Add"].ms_per_step == pytest.approx(0.04) and p.ops[0].op == "MatMulNBits"
+    assert p.step_ms == pytest.approx(0.5) and p.kernel_ms == pytest.approx(0.33) and p.other_ms == pytest.approx(0.17)
+
+
+def test_bench_profile_prints_op_times_of_every_node(onnx_dir):
+    """`bench --profile` on the tiny INT4 export: each MatMulNBits of model-fast.onnx is counted once per step."""
+    out = subprocess.run([sys.executable, "-m", "qwen3vl_lab", "bench", "--model_dir", str(onnx_dir),
+                          "--text_precision", "int4", "--profile", "--runs", "1", "--threads", "1", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ours = json.loads(out.stdout.strip().splitlines()[-1])["profile"]["ours"]
+    graph = onnx.load(str(onnx_dir / "cpu-int4" / FAST_DECODER_FILE), load_external_data=False).graph
+    assert ours["ops"]["MatMulNBits"]["nodes_per_step"] == sum(n.op_type == "MatMulNBits" for n in graph.node)
+    assert 0 < ours["kernel_ms"] <= ours["step_ms"]
+    assert "| MatMulNBits |" in out.stdout and "| step (model_run) |" in out.stdout
+
+
 def test_bandwidth_probe_is_an_onnxruntime_gemv_over_its_whole_weight(tmp_path):
     """What `bench` times for the bandwidth: x (1, K) @ W (K, N), W a prepacked initializer read whole each run."""
     import onnxruntime as ort

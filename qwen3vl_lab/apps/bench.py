@@ -56,6 +56,7 @@ from ..layout import FAST_DECODER_FILE
 from ..model import RuntimeOptions, load_model
 from ..sampling import greedy
 from ..steps import build_positions, embed
+from .bench_profile import ProfileConfig, profile
 from .bench_workers import GEMV_K, peak_rss_bytes, reset_peak_rss
 
 GB = 1e9
@@ -77,6 +78,7 @@ class BenchConfig:
     image_size: int = 448  # the vision-encode timing image (0 skips it)
     seed: int = 0
     spinning: bool = False  # onnxruntime's thread spinning for our sessions (RuntimeOptions.allow_spinning)
+    profile: bool = False  # per-op profile of one decode step (bench_profile.py) instead of the timed runs
 
 
 # -- the machine ------------------------------------------------------------------------------------
@@ -292,6 +294,8 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     check_config(cfg)
     threads = cfg.threads or default_threads()
     options = RuntimeOptions(threads=threads, allow_spinning=cfg.spinning)
+    if cfg.profile:
+        return profile_decode(cfg, options, log)
     model = load_model(cfg.model_dir, cfg.precision, options, open_decoder=False)
     if cfg.prompt_tokens + cfg.new_tokens > model.context_length:
         raise UserError(f"--prompt_tokens + --new_tokens = {cfg.prompt_tokens + cfg.new_tokens} exceeds the model's "
@@ -388,6 +392,21 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         result["matched_prefill_ratio"] = result["prefill_tok_s"] / result["genai_matched_prefill_tok_s"]
     log_report(result, cfg, log)
     return result
+
+
+def profile_decode(cfg: BenchConfig, options: RuntimeOptions, log: Callable[[str], None]) -> dict:
+    """`--profile`: op type -> ms per decode step of our fast graph (and genai's with --vs genai), same options."""
+    if cfg.vs == "torch":
+        raise UserError("--profile compares onnxruntime graphs (ours, genai's); drop --vs torch")
+    model = load_model(cfg.model_dir, cfg.precision, options, open_decoder=False)
+    graphs = [("ours", model.fast_decoder_file())]
+    if cfg.vs == "genai":
+        graphs.append(("genai", genai_folder(cfg, log) / "model.onnx"))
+    pcfg = ProfileConfig(context=cfg.prompt_tokens, steps=10 * cfg.runs, batch_size=cfg.batch_size)
+    profiles = profile(graphs, model.config.text, options, pcfg, log)
+    return {"precision": cfg.precision, "context": pcfg.context, "batch_size": pcfg.batch_size, "steps": pcfg.steps,
+            "threads": options.threads, "spinning": options.allow_spinning,
+            "profile": {p.graph: p.as_dict() for p in profiles}}
 
 
 def log_report(r: dict, cfg: BenchConfig, log: Callable[[str], None]) -> None:

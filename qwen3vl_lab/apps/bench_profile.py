@@ -1,0 +1,197 @@
+"""`qwen3vl-lab bench --profile`: where a decode step's time goes, op type by op type.
+
+    qwen3vl-lab bench --model_dir OUT --text_precision int4 --profile [--vs genai --hf_dir CKPT] [--spinning]
+
+Each decoder graph (our `model-fast.onnx`, and with `--vs genai` onnxruntime-genai's `model.onnx`) runs
+alone in a plain onnxruntime session with the same session options (our RuntimeOptions: threads,
+spinning) and onnxruntime's profiler on, for `warmup` + `steps` decode steps of one token at the same
+cache length. Both graphs get their KV buffers as onnxruntime-genai runs its own (`past_present_share_buffer`):
+one preallocated buffer per layer bound as past and present (IOBinding), so both GroupQueryAttention
+kernels write in place and the steps compare graph with graph, not Python loop with C++ loop.
+
+The profile's kernel events ("Node" category, `args.op_name`) of the timed steps are summed by op type and
+attributed to their step: op type -> the median over steps of its ms in a step, with the number of nodes of
+that type run per step; `step_ms` is the median `model_run` event, `kernel_ms` the median of the kernels'
+sum per step, `other_ms` the difference (the executor, thread hand-offs). All graphs are open at once and
+their steps alternate, so load on a shared machine falls on each alike (2B dims INT4: ~3.5 GB for two
+graphs; in fp32, 14 GB). The profiler adds a little time per node to every graph alike.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnxruntime as ort
+
+from ..config import TextConfig
+from ..decoder import DecoderIO
+from ..layout import COS_CACHE, SEQLENS_K, SIN_CACHE, TOTAL_SEQUENCE_LENGTH
+from ..model import RuntimeOptions
+from ..rope import rope_cache
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    context: int = 32  # cache length before the profiled steps
+    warmup: int = 3
+    steps: int = 10
+    batch_size: int = 1
+
+
+@dataclass(frozen=True)
+class OpTime:
+    op: str
+    ms_per_step: float
+    nodes_per_step: float
+
+
+@dataclass(frozen=True)
+class StepProfile:
+    graph: str
+    step_ms: float  # median model_run of the profiled steps
+    kernel_ms: float  # median over steps of the kernels' sum
+    ops: tuple[OpTime, ...]  # slowest first
+
+    @property
+    def other_ms(self) -> float:
+        return self.step_ms - self.kernel_ms
+
+    def as_dict(self) -> dict:
+        return {"graph": self.graph, "step_ms": self.step_ms, "kernel_ms": self.kernel_ms, "other_ms": self.other_ms,
+                "ops": {o.op: {"ms_per_step": o.ms_per_step, "nodes_per_step": o.nodes_per_step} for o in self.ops}}
+
+
+# -- feeding one decode step to any of the decoders -----------------------------------------------------
+def decode_feeds(session: ort.InferenceSession, text: TextConfig, cfg: ProfileConfig) -> tuple[dict, dict]:
+    """(inputs, outputs) arrays for a one-token decode step at cache length cfg.context: every input the graph
+    declares, the KV buffers (B, kv, capacity, hd) shared between past and present."""
+    io = DecoderIO.read(session)
+    B, P, C = cfg.batch_size, cfg.context, cfg.context + cfg.warmup + cfg.steps + 1
+    rng = np.random.default_rng(0)
+    inputs: dict[str, np.ndarray] = {}
+    if io.token_input == "input_ids":
+        inputs["input_ids"] = rng.integers(0, 1000, (B, 1), dtype=np.int64)  # (B, 1)
+    else:
+        inputs[io.token_input] = 0.02 * rng.standard_normal((B, 1, text.hidden_size), dtype=np.float32)  # (B, 1, H)
+    if io.positions != "none":
+        inputs["position_ids"] = np.full((3, B, 1) if io.positions == "3d" else (B, 1), P, np.int64)
+    declared = {i.name for i in [*session.get_inputs(), *session.get_overridable_initializers()]}
+    if io.attention_mask in declared:
+        inputs[io.attention_mask] = np.ones((B, P + 1), np.int64)  # (B, total): the filled length, not the capacity
+    cos, sin = rope_cache(text, C)
+    extra = {SEQLENS_K: np.full((B,), P, np.int32), TOTAL_SEQUENCE_LENGTH: np.array(P + 1, np.int32),
+             COS_CACHE: cos, SIN_CACHE: sin}
+    inputs.update({k: v for k, v in extra.items() if k in declared})
+    if io.deepstack:
+        num = session.get_inputs()[[i.name for i in session.get_inputs()].index(io.deepstack)].shape[0]
+        inputs[io.deepstack] = np.zeros((num, B, 1, text.hidden_size), np.float32)
+    if io.logits_to_keep:
+        inputs[io.logits_to_keep] = np.array(1, np.int64)
+    outputs = {io.logits: np.zeros((B, 1, text.vocab_size), np.float32)}
+    kv_shape = (B, text.num_key_value_heads, C, text.head_dim)  # (B, kv, C, hd)
+    for past, present in zip(io.past, io.present):
+        for p, q in zip(past, present):
+            inputs[p] = outputs[q] = np.zeros(kv_shape, np.float32)  # one buffer: past and present
+    return inputs, outputs
+
+
+# -- profiling ------------------------------------------------------------------------------------------------
+class ProfiledGraph:
+    """One decoder session under onnxruntime's profiler, its decode-step inputs and outputs bound once."""
+
+    def __init__(self, label: str, path: Path, text: TextConfig, options: RuntimeOptions, cfg: ProfileConfig,
+                 folder: Path):
+        so = options.session_options()
+        so.enable_profiling = True
+        so.profile_file_prefix = str(folder / label)
+        self.label = label
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        inputs, outputs = decode_feeds(self.session, text, cfg)
+        self.binding, self.alive = self.session.io_binding(), {}  # one OrtValue per array (a KV buffer is bound twice)
+        for name, array in inputs.items():
+            self.alive[id(array)] = ort.OrtValue.ortvalue_from_numpy(array)
+            self.binding.bind_ortvalue_input(name, self.alive[id(array)])
+        for name, array in outputs.items():
+            self.alive.setdefault(id(array), ort.OrtValue.ortvalue_from_numpy(array))
+            self.binding.bind_ortvalue_output(name, self.alive[id(array)])
+
+    def step(self) -> None:
+        self.session.run_with_iobinding(self.binding)  # the same position each time: the same work
+
+    def finish(self, steps: int) -> StepProfile:
+        trace = json.loads(Path(self.session.end_profiling()).read_text())
+        return summarize(trace, steps, self.label)
+
+
+def profile_graphs(graphs: list[tuple[str, Path]], text: TextConfig, options: RuntimeOptions,
+                   cfg: ProfileConfig) -> list[StepProfile]:
+    """Every graph open at once, their decode steps alternating (ABBA), so a burst of load on a shared machine
+    falls on all of them; each figure is a median over the profiled steps."""
+    with tempfile.TemporaryDirectory(prefix="qwen3vl-profile-") as tmp:
+        opened = [ProfiledGraph(label, path, text, options, cfg, Path(tmp)) for label, path in graphs]
+        for _ in range(cfg.warmup):
+            for g in opened:
+                g.step()
+        for s in range(cfg.steps):
+            for g in opened if s % 2 == 0 else reversed(opened):
+                g.step()
+        profiles = [g.finish(cfg.steps) for g in opened]
+        del opened
+    return profiles
+
+
+def summarize(trace: list[dict], steps: int, graph: str) -> StepProfile:
+    """op type -> median ms per step over the last `steps` model_run events of an onnxruntime profile."""
+    runs = sorted((e for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                  key=lambda e: e["ts"])[-steps:]
+    if len(runs) < steps:
+        raise ValueError(f"the profile has {len(runs)} model_run events, expected {steps}")
+    starts = np.array([r["ts"] for r in runs])
+    per_step: dict[str, np.ndarray] = {}  # op -> (steps,) ms
+    nodes: dict[str, int] = {}
+    for e in trace:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time") or e["ts"] < starts[0]:
+            continue
+        op, i = e.get("args", {}).get("op_name", "?"), int(np.searchsorted(starts, e["ts"], side="right")) - 1
+        per_step.setdefault(op, np.zeros(steps))[i] += e["dur"] / 1e3
+        nodes[op] = nodes.get(op, 0) + 1
+    ops = tuple(sorted((OpTime(op, float(np.median(t)), nodes[op] / steps) for op, t in per_step.items()),
+                       key=lambda o: -o.ms_per_step))
+    kernels = sum(per_step.values()) if per_step else np.zeros(steps)
+    return StepProfile(graph, float(np.median([r["dur"] / 1e3 for r in runs])), float(np.median(kernels)), ops)
+
+
+def profile_table(profiles: list[StepProfile]) -> list[str]:
+    """A Markdown table: op type, then ms per step (nodes per step) of each graph."""
+    ops: list[str] = []
+    for p in profiles:
+        ops += [o.op for o in p.ops if o.op not in ops]
+    head = "| op type | " + " | ".join(f"{p.graph} ms/step (nodes)" for p in profiles) + " |"
+    lines = [head, "|---|" + "---|" * len(profiles)]
+    for op in ops:
+        cells = []
+        for p in profiles:
+            o = next((o for o in p.ops if o.op == op), None)
+            cells.append(f"{o.ms_per_step:.3f} ({o.nodes_per_step:g})" if o else "—")
+        lines.append(f"| {op} | " + " | ".join(cells) + " |")
+    lines.append("| kernels, total | " + " | ".join(f"{p.kernel_ms:.3f}" for p in profiles) + " |")
+    lines.append("| outside kernels | " + " | ".join(f"{p.other_ms:.3f}" for p in profiles) + " |")
+    lines.append("| step (model_run) | " + " | ".join(f"{p.step_ms:.3f}" for p in profiles) + " |")
+    return lines
+
+
+def profile(graphs: list[tuple[str, Path]], text: TextConfig, options: RuntimeOptions, cfg: ProfileConfig,
+            log: Callable[[str], None] = print) -> list[StepProfile]:
+    """Profile each (label, graph path) in turn (one session open at a time) and log the table."""
+    profiles = profile_graphs(graphs, text, options, cfg)
+    log(f"one decode step at cache length {cfg.context}, batch {cfg.batch_size}, {options.threads} threads, spinning "
+        f"{'on' if options.allow_spinning else 'off'}: {cfg.steps} profiled steps, "
+        "graphs alternating (onnxruntime's profiler): median ms per step")
+    for line in profile_table(profiles):
+        log(line)
+    return profiles
