@@ -376,6 +376,22 @@ def test_floor_is_the_sustained_bandwidth_and_never_above_100_percent():
     assert steady.fraction == pytest.approx(0.5)
 
 
+def test_spinning_default_follows_the_load():
+    """allow_spinning=None spins only when the load average leaves each of our threads a core; set, it is obeyed."""
+    from qwen3vl_lab.model import RuntimeOptions, spinning_pays
+
+    assert spinning_pays(2, load=0.1, cores=2) and spinning_pays(2, load=0.7, cores=2)  # quiet (our own start-up)
+    assert not spinning_pays(2, load=1.5, cores=2) and not spinning_pays(2, load=12.0, cores=2)  # others want cores
+    assert spinning_pays(1, load=1.2, cores=2) and not spinning_pays(None, load=1.2, cores=2)  # None: a thread per core
+    auto = RuntimeOptions(threads=1)
+    assert auto.allow_spinning is None and auto.resolved().allow_spinning == auto.spinning()
+    assert RuntimeOptions(allow_spinning=True).resolved().allow_spinning is True
+    for forced in (True, False):
+        entry = RuntimeOptions(allow_spinning=forced).session_options().get_session_config_entry(
+            "session.intra_op.allow_spinning")
+        assert entry == ("1" if forced else "0")
+
+
 def test_profile_summary_attributes_each_kernel_to_its_step():
     """summarize(): kernel events sum per op within their model_run, median over steps; warm-up runs are dropped."""
     from qwen3vl_lab.apps.bench_profile import summarize
@@ -434,13 +450,13 @@ def test_bench_against_another_engine_prints_the_ratio(onnx_dir, tiny_dir, tmp_p
     out = subprocess.run([sys.executable, "-m", "qwen3vl_lab", "bench", "--model_dir", str(onnx_dir),
                           "--text_precision", precision, "--prompt_tokens", "8", "--new_tokens", "4", "--runs", "1",
                           "--threads", "1", "--image_size", "0", "--vs", engine, "--hf_dir", str(tiny_dir),
-                          "--genai_dir", str(tmp_path / "genai"), "--json"],
+                          "--genai_dir", str(tmp_path / "genai"), "--spinning", "off", "--json"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result[f"{engine}_decode_tok_s"] > 0 and result["ratio"] > 0
     assert f"vs {engine}" in out.stdout
-    if engine == "genai":  # at its defaults (onnxruntime's spinning) and with our spinning setting (off)
+    if engine == "genai":  # at its defaults (onnxruntime's spinning) and with our spinning setting (off, as asked)
         assert result["genai_matched_decode_tok_s"] > 0 and result["matched_ratio"] > 0
         assert result["genai_matched_spinning"] == "off" and "vs genai (spinning off, as ours)" in out.stdout
     if engine == "genai":  # its builder's export of the same checkpoint, with our INT4 recipe

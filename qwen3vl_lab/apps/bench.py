@@ -56,7 +56,7 @@ from ..layout import FAST_DECODER_FILE
 from ..model import RuntimeOptions, load_model
 from ..sampling import greedy
 from ..steps import build_positions, embed
-from .bench_profile import ProfileConfig, profile
+from .bench_profile import Graph, ProfileConfig, fast_variants, profile
 from .bench_workers import GEMV_K, peak_rss_bytes, reset_peak_rss
 
 GB = 1e9
@@ -77,8 +77,9 @@ class BenchConfig:
     threads: int | None = None  # onnxruntime / torch intra-op threads (default: one per core)
     image_size: int = 448  # the vision-encode timing image (0 skips it)
     seed: int = 0
-    spinning: bool = False  # onnxruntime's thread spinning for our sessions (RuntimeOptions.allow_spinning)
+    spinning: bool | None = None  # our sessions' thread spinning; None: decided from the load (model.spinning_pays)
     profile: bool = False  # per-op profile of one decode step (bench_profile.py) instead of the timed runs
+    variants: bool = False  # --profile also our graph's other builds (separate projections, Sigmoid*Mul)
 
 
 # -- the machine ------------------------------------------------------------------------------------
@@ -293,7 +294,9 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     """Run the benchmark, log a readable report, return the figures (the JSON object)."""
     check_config(cfg)
     threads = cfg.threads or default_threads()
-    options = RuntimeOptions(threads=threads, allow_spinning=cfg.spinning)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    options = RuntimeOptions(threads=threads, allow_spinning=cfg.spinning).resolved()  # one decision for the run
+    spinning = options.allow_spinning
     if cfg.profile:
         return profile_decode(cfg, options, log)
     model = load_model(cfg.model_dir, cfg.precision, options, open_decoder=False)
@@ -309,13 +312,13 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     others: dict[str, Worker] = {}  # name -> worker, run in this order (reversed every other run)
     probe = None
     try:
-        probe = Worker("gemv", None, threads, cfg.spinning, ("--bytes", str(bandwidth_buffer_bytes())),
+        probe = Worker("gemv", None, threads, spinning, ("--bytes", str(bandwidth_buffer_bytes())),
                        name="bandwidth probe")
         gemv_s = probe.request({"runs": PROBE_RUNS})["seconds"]
         if cfg.vs == "genai":
             folder = genai_folder(cfg, log)
             others["genai"] = Worker("genai", folder, threads)  # its defaults: onnxruntime's thread spinning
-            others["genai_matched"] = Worker("genai", folder, threads, cfg.spinning, name="genai (matched)")
+            others["genai_matched"] = Worker("genai", folder, threads, spinning, name="genai (matched)")
         elif cfg.vs == "torch":
             others["torch"] = Worker("torch", Path(cfg.hf_dir), threads)
         warm = min(4, cfg.new_tokens)
@@ -351,7 +354,8 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     samples = np.asarray(floor.probe_samples) / GB
     result = {
         "precision": cfg.precision, "batch_size": B, "prompt_tokens": S, "new_tokens": cfg.new_tokens,
-        "runs": cfg.runs, "threads": threads, "spinning": cfg.spinning,
+        "runs": cfg.runs, "threads": threads, "spinning": spinning,
+        "spinning_choice": "auto" if cfg.spinning is None else "set", "load_average_1min": load,
         "decode_tok_s": decode,
         "decode_tok_s_runs": [_decode_rate(o, B) for o in ours],
         "prefill_tok_s": _median(B * S / o["prefill_s"] for o in ours),
@@ -364,7 +368,7 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         "bandwidth_gb_s_samples": samples.tolist(),
         "bandwidth_probe_spread_gb_s": [float(samples.min()), float(np.median(samples)), float(samples.max())],
         "bandwidth_probe": f"onnxruntime fp32 MatMul 1x{GEMV_K} @ {GEMV_K}x{probe_bytes // (4 * GEMV_K)} "
-                           f"({probe_bytes / 2**20:.0f} MiB), {threads} threads, spinning {'on' if cfg.spinning else 'off'}",
+                           f"({probe_bytes / 2**20:.0f} MiB), {threads} threads, spinning {'on' if spinning else 'off'}",
         "floor_ms_per_token": 1e3 * floor.seconds,
         "floor_tok_s": B / floor.seconds,
         "floor_fraction": floor.fraction,
@@ -387,7 +391,7 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         result["prefill_ratio"] = result["prefill_tok_s"] / result[f"{cfg.vs}_prefill_tok_s"]
     if cfg.vs == "genai":
         result["genai_spinning"] = "onnxruntime's default (on)"
-        result["genai_matched_spinning"] = "on" if cfg.spinning else "off"
+        result["genai_matched_spinning"] = "on" if spinning else "off"
         result["matched_ratio"] = decode / result["genai_matched_decode_tok_s"]
         result["matched_prefill_ratio"] = result["prefill_tok_s"] / result["genai_matched_prefill_tok_s"]
     log_report(result, cfg, log)
@@ -399,9 +403,11 @@ def profile_decode(cfg: BenchConfig, options: RuntimeOptions, log: Callable[[str
     if cfg.vs == "torch":
         raise UserError("--profile compares onnxruntime graphs (ours, genai's); drop --vs torch")
     model = load_model(cfg.model_dir, cfg.precision, options, open_decoder=False)
-    graphs = [("ours", model.fast_decoder_file())]
+    graphs = [Graph("ours", model.fast_decoder_file())]
+    if cfg.variants:
+        graphs += fast_variants(model.folder, model.config)
     if cfg.vs == "genai":
-        graphs.append(("genai", genai_folder(cfg, log) / "model.onnx"))
+        graphs.append(Graph("genai", genai_folder(cfg, log) / "model.onnx"))
     pcfg = ProfileConfig(context=cfg.prompt_tokens, steps=10 * cfg.runs, batch_size=cfg.batch_size)
     profiles = profile(graphs, model.config.text, options, pcfg, log)
     return {"precision": cfg.precision, "context": pcfg.context, "batch_size": pcfg.batch_size, "steps": pcfg.steps,
@@ -409,11 +415,18 @@ def profile_decode(cfg: BenchConfig, options: RuntimeOptions, log: Callable[[str
             "profile": {p.graph: p.as_dict() for p in profiles}}
 
 
+def spin_reason(r: dict) -> str:
+    if r["spinning_choice"] != "auto":
+        return " (as asked)"
+    load = "unknown" if r["load_average_1min"] is None else f"{r['load_average_1min']:.2f}"
+    return f" (auto: 1-minute load {load} on {default_threads()} cores; --spinning on/off to force)"
+
+
 def log_report(r: dict, cfg: BenchConfig, log: Callable[[str], None]) -> None:
     gb = lambda n: f"{n / GB:.2f} GB" if n else "n/a"  # noqa: E731
     log(f"qwen3vl-lab bench: {cfg.model_dir} {r['precision']}, batch {r['batch_size']}, {r['prompt_tokens']} prompt "
         f"+ {r['new_tokens']} new tokens, {r['runs']} runs, {r['threads']} threads, spinning "
-        f"{'on' if r['spinning'] else 'off'}")
+        f"{'on' if r['spinning'] else 'off'}{spin_reason(r)}")
     log(f"  prefill     {r['prefill_tok_s']:10.1f} tok/s   ({r['prefill_s'] * 1e3:.1f} ms to the first token)")
     log(f"  decode      {r['decode_tok_s']:10.2f} tok/s   ({r['ms_per_token']:.2f} ms per step, runs "
         + ", ".join(f"{x:.2f}" for x in r["decode_tok_s_runs"]) + ")")

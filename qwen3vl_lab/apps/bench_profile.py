@@ -1,6 +1,6 @@
 """`qwen3vl-lab bench --profile`: where a decode step's time goes, op type by op type.
 
-    qwen3vl-lab bench --model_dir OUT --text_precision int4 --profile [--vs genai --hf_dir CKPT] [--spinning]
+    qwen3vl-lab bench --model_dir OUT --text_precision int4 --profile [--variants] [--vs genai --hf_dir CKPT] [--spinning]
 
 Each decoder graph (our `model-fast.onnx`, and with `--vs genai` onnxruntime-genai's `model.onnx`) runs
 alone in a plain onnxruntime session with the same session options (our RuntimeOptions: threads,
@@ -8,6 +8,8 @@ spinning) and onnxruntime's profiler on, for `warmup` + `steps` decode steps of 
 cache length. Both graphs get their KV buffers as onnxruntime-genai runs its own (`past_present_share_buffer`):
 one preallocated buffer per layer bound as past and present (IOBinding), so both GroupQueryAttention
 kernels write in place and the steps compare graph with graph, not Python loop with C++ loop.
+`--variants` adds our graph built the other ways (separate projections, SiLU as Sigmoid + Mul: `fast_variants`)
+to the same interleaved run: an A/B of each graph choice.
 
 The profile's kernel events ("Node" category, `args.op_name`) of the timed steps are summed by op type and
 attributed to their step: op type -> the median over steps of its ms in a step, with the number of nodes of
@@ -26,11 +28,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
-from ..config import TextConfig
+from ..config import ModelConfig, TextConfig
 from ..decoder import DecoderIO
-from ..layout import COS_CACHE, SEQLENS_K, SIN_CACHE, TOTAL_SEQUENCE_LENGTH
+from ..export.decoder_fast import build_fast_decoder
+from ..layout import COS_CACHE, DECODER_FILE, FAST_DECODER_FILE, SEQLENS_K, SIN_CACHE, TOTAL_SEQUENCE_LENGTH
 from ..model import RuntimeOptions
 from ..rope import rope_cache
 
@@ -101,16 +105,42 @@ def decode_feeds(session: ort.InferenceSession, text: TextConfig, cfg: ProfileCo
 
 
 # -- profiling ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Graph:
+    """A decoder to profile: the file at `path`, or `model` (serialized) whose external data lies beside `path`."""
+
+    label: str
+    path: Path
+    model: bytes | None = None
+
+
+def fast_variants(folder: Path, config: ModelConfig) -> list[Graph]:
+    """The fast decoder of `folder` built the other ways an A/B asks about, in memory over the same weight bytes:
+    separate q/k/v and gate/up projections (genai's layout) and SiLU as Sigmoid + Mul (genai's form). A variant
+    that would need weights of its own (a fused fp32 graph) is left out."""
+    source = onnx.load(str(folder / DECODER_FILE), load_external_data=False)
+    out = []
+    with tempfile.TemporaryDirectory(prefix="qwen3vl-variant-") as tmp:
+        for label, kwargs in (("ours, separate projections", {"fuse": False}), ("ours, Sigmoid*Mul", {"silu": "sigmoid"})):
+            model = build_fast_decoder(config, source, folder, data_dir=Path(tmp), **kwargs)
+            if not any(Path(tmp).iterdir()):  # every weight is a reference into folder's files
+                out.append(Graph(label, folder / FAST_DECODER_FILE, model.SerializeToString()))
+    return out
+
+
 class ProfiledGraph:
     """One decoder session under onnxruntime's profiler, its decode-step inputs and outputs bound once."""
 
-    def __init__(self, label: str, path: Path, text: TextConfig, options: RuntimeOptions, cfg: ProfileConfig,
-                 folder: Path):
+    def __init__(self, graph: Graph, text: TextConfig, options: RuntimeOptions, cfg: ProfileConfig, folder: Path):
         so = options.session_options()
         so.enable_profiling = True
-        so.profile_file_prefix = str(folder / label)
-        self.label = label
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        so.profile_file_prefix = str(folder / f"graph{len(list(folder.iterdir()))}")
+        self.label = graph.label
+        if graph.model is None:
+            self.session = ort.InferenceSession(str(graph.path), so, providers=["CPUExecutionProvider"])
+        else:  # from memory: its external data is read from the folder of `path`
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.path.parent))
+            self.session = ort.InferenceSession(graph.model, so, providers=["CPUExecutionProvider"])
         inputs, outputs = decode_feeds(self.session, text, cfg)
         self.binding, self.alive = self.session.io_binding(), {}  # one OrtValue per array (a KV buffer is bound twice)
         for name, array in inputs.items():
@@ -128,12 +158,12 @@ class ProfiledGraph:
         return summarize(trace, steps, self.label)
 
 
-def profile_graphs(graphs: list[tuple[str, Path]], text: TextConfig, options: RuntimeOptions,
+def profile_graphs(graphs: list[Graph], text: TextConfig, options: RuntimeOptions,
                    cfg: ProfileConfig) -> list[StepProfile]:
     """Every graph open at once, their decode steps alternating (ABBA), so a burst of load on a shared machine
     falls on all of them; each figure is a median over the profiled steps."""
     with tempfile.TemporaryDirectory(prefix="qwen3vl-profile-") as tmp:
-        opened = [ProfiledGraph(label, path, text, options, cfg, Path(tmp)) for label, path in graphs]
+        opened = [ProfiledGraph(graph, text, options, cfg, Path(tmp)) for graph in graphs]
         for _ in range(cfg.warmup):
             for g in opened:
                 g.step()
@@ -185,9 +215,9 @@ def profile_table(profiles: list[StepProfile]) -> list[str]:
     return lines
 
 
-def profile(graphs: list[tuple[str, Path]], text: TextConfig, options: RuntimeOptions, cfg: ProfileConfig,
+def profile(graphs: list[Graph], text: TextConfig, options: RuntimeOptions, cfg: ProfileConfig,
             log: Callable[[str], None] = print) -> list[StepProfile]:
-    """Profile each (label, graph path) in turn (one session open at a time) and log the table."""
+    """Profile the graphs (steps alternating) and log the table."""
     profiles = profile_graphs(graphs, text, options, cfg)
     log(f"one decode step at cache length {cfg.context}, batch {cfg.batch_size}, {options.threads} threads, spinning "
         f"{'on' if options.allow_spinning else 'off'}: {cfg.steps} profiled steps, "

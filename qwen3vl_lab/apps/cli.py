@@ -811,11 +811,14 @@ def add_bench(sub) -> None:
                    help="where onnxruntime-genai's export lives / is built (default MODEL_DIR/genai-cpu-PRECISION)")
     p.add_argument("--threads", type=threads_t, default=None, help="intra-op threads for every engine (default: cores)")
     p.add_argument("--image_size", type=bench_image_t, default=448, help="vision timing image, N x N (0 skips)")
-    p.add_argument("--spinning", action="store_true",
-                   help="let our onnxruntime threads spin between ops (onnxruntime's default; ours is off)")
+    p.add_argument("--spinning", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                   help="our onnxruntime threads spin between ops: auto (default: on when the load average leaves "
+                        "each thread a core), on, off")
     p.add_argument("--profile", action="store_true",
                    help="instead of timing runs: onnxruntime's per-op profile of one decode step (op type -> ms per "
                         "step) of our graph, and of genai's with --vs genai, same threads and spinning")
+    p.add_argument("--variants", action="store_true",
+                   help="with --profile: also our graph with separate projections and with SiLU as Sigmoid*Mul")
     p.add_argument("--json", action="store_true", help="print all figures as one JSON object (last line)")
     p.set_defaults(run=run_bench)
 
@@ -829,8 +832,9 @@ def run_bench(a) -> int:
         output_dir(a.genai_dir, "--genai_dir")
     cfg = BenchConfig(model_dir=a.model_dir, precision=a.text_precision, prompt_tokens=a.prompt_tokens,
                       new_tokens=a.new_tokens, runs=a.runs, batch_size=a.batch_size, vs=a.vs, hf_dir=a.hf_dir,
-                      genai_dir=a.genai_dir, threads=a.threads, image_size=a.image_size, spinning=a.spinning,
-                      profile=a.profile)
+                      genai_dir=a.genai_dir, threads=a.threads, image_size=a.image_size,
+                      spinning={"auto": None, "on": True, "off": False}[a.spinning],
+                      profile=a.profile, variants=a.variants)
     result = bench(cfg)
     if a.json:
         print(json.dumps(result))

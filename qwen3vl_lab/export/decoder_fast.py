@@ -61,6 +61,7 @@ from .files import add_to_stamp, staging_folder
 from .onnx_graph import FLOAT, INT64, MS_DOMAIN, GraphBuilder
 
 INT32 = TensorProto.INT32
+SILU_FORMS = ("quickgelu", "sigmoid")  # SiLU as one QuickGelu(alpha=1), or Sigmoid + Mul
 LINEAR_OPS = ("MatMul", "MatMulNBits", "FusedMatMul", "Gemm")
 # onnxruntime's quantizer names the packed tensors after the weight: W_Q4, W_Q8G32, W_scales, W_zp, ...
 QUANT_SUFFIX = re.compile(r"_(Q\d+(G\d+)?|scales?|zp|zero_points)$")
@@ -119,9 +120,12 @@ class FastGraph(GraphBuilder):
     measured on the 2B dimensions (2 cores), fusing gave ~8-11% faster INT4 decode and nothing
     measurable in fp32, where it would cost a second copy of 55% of the weights on disk."""
 
-    def __init__(self, source: SourceDecoder, data_path: Path | None = None, fuse: bool | None = None):
+    def __init__(self, source: SourceDecoder, data_path: Path | None = None, fuse: bool | None = None,
+                 silu: str = "quickgelu"):
         super().__init__("qwen3vl_text_decoder_fast", data_path)
-        self.source, self.fuse = source, fuse
+        if silu not in SILU_FORMS:
+            raise ValueError(f"silu {silu!r} is not one of {SILU_FORMS}")
+        self.source, self.fuse, self.silu = source, fuse, silu
         self._shared: set[str] = set()
 
     def shared(self, name: str) -> str:
@@ -260,16 +264,24 @@ def attention(g: FastGraph, h: str, i: int, cfg: TextConfig) -> str:
     return g.linear(ctx, f"{p}.o_proj.weight")  # (B, S, H)
 
 
+def silu(g: FastGraph, x: str) -> str:
+    """x * sigmoid(x): QuickGelu with alpha 1 (one op), or Sigmoid then Mul (onnxruntime-genai's builder's form)."""
+    if g.silu == "quickgelu":
+        return g.op("QuickGelu", [x], domain=MS_DOMAIN, alpha=1.0)
+    return g.op("Mul", [x, g.op("Sigmoid", [x])])
+
+
 def mlp(g: FastGraph, h: str, i: int) -> str:
-    """down(silu(gate(h)) * up(h)); QuickGelu with alpha 1 is x * sigmoid(x) = SiLU."""
+    """down(silu(gate(h)) * up(h))."""
     p = f"{PREFIX}.layers.{i}.mlp"
     gate, up = g.linears(h, [f"{p}.gate_proj.weight", f"{p}.up_proj.weight"])  # (B, S, I) each
-    act = g.op("QuickGelu", [gate], domain=MS_DOMAIN, alpha=1.0)
+    act = silu(g, gate)
     return g.linear(g.op("Mul", [act, up]), f"{p}.down_proj.weight")
 
 
 def build_fast_decoder(cfg: ModelConfig, source: onnx.ModelProto, folder: Path | None = None,
-                       fuse: bool | None = None, data_dir: Path | None = None) -> onnx.ModelProto:
+                       fuse: bool | None = None, data_dir: Path | None = None,
+                       silu: str = "quickgelu") -> onnx.ModelProto:
     """The fused decoder graph over `source`'s weights (source loaded with load_external_data=False).
 
     fuse (True / None = quantized layers only / False) also concatenates q/k/v and gate/up weights
@@ -279,7 +291,7 @@ def build_fast_decoder(cfg: ModelConfig, source: onnx.ModelProto, folder: Path |
     data = None
     if fuse is not False and folder is not None:
         data = Path(data_dir or folder) / (FAST_DECODER_FILE + ".data")
-    g = FastGraph(SourceDecoder(source, folder), data, fuse=fuse)
+    g = FastGraph(SourceDecoder(source, folder), data, fuse=fuse, silu=silu)
     B, S, C = "batch_size", "sequence_length", "kv_capacity"
     x = g.input(INPUTS_EMBEDS, FLOAT, [B, S, text.hidden_size])
     g.input(POSITION_IDS, INT64, [3, B, S])
