@@ -426,6 +426,30 @@ def test_bench_profile_prints_op_times_of_every_node(onnx_dir):
     assert "| MatMulNBits |" in out.stdout and "| step (model_run) |" in out.stdout
 
 
+def test_bench_grid_times_each_cell_or_says_why_not(onnx_dir, tmp_path):
+    """`bench --grid`: every (context, batch) cell is timed, or skipped with the reason when its KV buffers exceed
+    --grid_memory; the figure is written where --plot says."""
+    from qwen3vl_lab.apps.bench_profile import GRID_BATCHES, GRID_CONTEXTS, kv_bytes
+    from qwen3vl_lab.config import ModelConfig
+
+    out = subprocess.run([sys.executable, "-m", "qwen3vl_lab", "bench", "--model_dir", str(onnx_dir),
+                          "--text_precision", "int4", "--grid", "--grid_memory", "0.0025", "--runs", "1",
+                          "--threads", "1", "--plot", str(tmp_path / "grid.png"), "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])["grid"]
+    assert [(r["context"], r["batch_size"]) for r in rows] == [(c, b) for c in GRID_CONTEXTS for b in GRID_BATCHES]
+    text = ModelConfig.from_dict(json.loads((onnx_dir / "cpu-int4" / "qwen3vl_lab.json").read_text())["config"]).text
+    for r in rows:
+        assert r["kv_bytes"] == kv_bytes(text, r["context"], r["batch_size"])
+        if r["kv_bytes"] > 0.0025e9:
+            assert "skipped" in r and "ours" not in r and "--grid_memory" in r["skipped"]
+        else:
+            assert r["ours"]["tok_s"] == pytest.approx(r["batch_size"] * 1e3 / r["ours"]["ms_per_step"])
+    assert any("skipped" in r for r in rows) and any("ours" in r for r in rows)
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_bandwidth_probe_is_an_onnxruntime_gemv_over_its_whole_weight(tmp_path):
     """What `bench` times for the bandwidth: x (1, K) @ W (K, N), W a prepacked initializer read whole each run."""
     import onnxruntime as ort

@@ -56,7 +56,7 @@ from ..layout import FAST_DECODER_FILE
 from ..model import RuntimeOptions, load_model
 from ..sampling import greedy
 from ..steps import build_positions, embed
-from .bench_profile import Graph, ProfileConfig, fast_variants, profile
+from .bench_profile import Graph, ProfileConfig, fast_variants, plot_grid, profile, step_grid
 from .bench_workers import GEMV_K, peak_rss_bytes, reset_peak_rss
 
 GB = 1e9
@@ -80,6 +80,9 @@ class BenchConfig:
     spinning: bool | None = None  # our sessions' thread spinning; None: decided from the load (model.spinning_pays)
     profile: bool = False  # per-op profile of one decode step (bench_profile.py) instead of the timed runs
     variants: bool = False  # --profile also our graph's other builds (separate projections, Sigmoid*Mul)
+    grid: bool = False  # decode step time over context x batch (bench_profile.step_grid) instead of the timed runs
+    grid_memory_gb: float = 6.0  # the grid skips cells whose KV buffers (all graphs) would exceed this
+    plot: str | None = None  # --grid: write the figure (PNG) here
 
 
 # -- the machine ------------------------------------------------------------------------------------
@@ -286,6 +289,14 @@ def check_config(cfg: BenchConfig) -> None:
     if cfg.vs and not (Path(cfg.hf_dir) / "config.json").is_file():
         raise UserError(f"--hf_dir {cfg.hf_dir} has no config.json; pass the checkpoint folder the export was "
                         "made from")
+    if cfg.profile and cfg.grid:
+        raise UserError("--profile and --grid are two separate runs; pass one of them")
+    if cfg.variants and not cfg.profile:
+        raise UserError("--variants adds graphs to --profile; pass --profile too")
+    if cfg.plot and not cfg.grid:
+        raise UserError("--plot draws the --grid figure; pass --grid too")
+    if cfg.plot and not Path(cfg.plot).resolve().parent.is_dir():
+        raise UserError(f"--plot {cfg.plot}: its folder does not exist; create it or pass another path")
     if cfg.vs == "torch" and cfg.precision != "fp32":
         raise UserError("--vs torch compares fp32 only (transformers' model is fp32 here); use --text_precision fp32")
 
@@ -297,7 +308,7 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     options = RuntimeOptions(threads=threads, allow_spinning=cfg.spinning).resolved()  # one decision for the run
     spinning = options.allow_spinning
-    if cfg.profile:
+    if cfg.profile or cfg.grid:
         return profile_decode(cfg, options, log)
     model = load_model(cfg.model_dir, cfg.precision, options, open_decoder=False)
     if cfg.prompt_tokens + cfg.new_tokens > model.context_length:
@@ -399,15 +410,24 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
 
 
 def profile_decode(cfg: BenchConfig, options: RuntimeOptions, log: Callable[[str], None]) -> dict:
-    """`--profile`: op type -> ms per decode step of our fast graph (and genai's with --vs genai), same options."""
+    """`--profile`: op type -> ms per decode step of our fast graph (and genai's with --vs genai), same options;
+    `--grid`: the median step time of each over context x batch."""
     if cfg.vs == "torch":
-        raise UserError("--profile compares onnxruntime graphs (ours, genai's); drop --vs torch")
+        raise UserError("--profile and --grid compare onnxruntime graphs (ours, genai's); drop --vs torch")
     model = load_model(cfg.model_dir, cfg.precision, options, open_decoder=False)
     graphs = [Graph("ours", model.fast_decoder_file())]
     if cfg.variants:
         graphs += fast_variants(model.folder, model.config)
     if cfg.vs == "genai":
         graphs.append(Graph("genai", genai_folder(cfg, log) / "model.onnx"))
+    if cfg.grid:
+        log(f"decode step time over context x batch, {options.threads} threads, spinning "
+            f"{'on' if options.allow_spinning else 'off'}: median of {5 * cfg.runs} steps per cell, graphs alternating")
+        rows = step_grid(graphs, model.config.text, options, 5 * cfg.runs, int(cfg.grid_memory_gb * GB), log=log)
+        if cfg.plot:
+            log(f"wrote {plot_grid(rows, [g.label for g in graphs], Path(cfg.plot))}")
+        return {"precision": cfg.precision, "threads": options.threads, "spinning": options.allow_spinning,
+                "grid": rows}
     pcfg = ProfileConfig(context=cfg.prompt_tokens, steps=10 * cfg.runs, batch_size=cfg.batch_size)
     profiles = profile(graphs, model.config.text, options, pcfg, log)
     return {"precision": cfg.precision, "context": pcfg.context, "batch_size": pcfg.batch_size, "steps": pcfg.steps,

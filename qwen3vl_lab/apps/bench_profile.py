@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -75,7 +76,7 @@ def decode_feeds(session: ort.InferenceSession, text: TextConfig, cfg: ProfileCo
     """(inputs, outputs) arrays for a one-token decode step at cache length cfg.context: every input the graph
     declares, the KV buffers (B, kv, capacity, hd) shared between past and present."""
     io = DecoderIO.read(session)
-    B, P, C = cfg.batch_size, cfg.context, cfg.context + cfg.warmup + cfg.steps + 1
+    B, P, C = cfg.batch_size, cfg.context, cfg.context + 1  # every step writes position P again
     rng = np.random.default_rng(0)
     inputs: dict[str, np.ndarray] = {}
     if io.token_input == "input_ids":
@@ -128,21 +129,26 @@ def fast_variants(folder: Path, config: ModelConfig) -> list[Graph]:
     return out
 
 
-class ProfiledGraph:
-    """One decoder session under onnxruntime's profiler, its decode-step inputs and outputs bound once."""
-
-    def __init__(self, graph: Graph, text: TextConfig, options: RuntimeOptions, cfg: ProfileConfig, folder: Path):
-        so = options.session_options()
+def open_graph(graph: Graph, options: RuntimeOptions, profile_prefix: Path | None = None) -> ort.InferenceSession:
+    """The graph's session with our session options (and onnxruntime's profiler on, given a file prefix)."""
+    so = options.session_options()
+    if profile_prefix is not None:
         so.enable_profiling = True
-        so.profile_file_prefix = str(folder / f"graph{len(list(folder.iterdir()))}")
-        self.label = graph.label
-        if graph.model is None:
-            self.session = ort.InferenceSession(str(graph.path), so, providers=["CPUExecutionProvider"])
-        else:  # from memory: its external data is read from the folder of `path`
-            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.path.parent))
-            self.session = ort.InferenceSession(graph.model, so, providers=["CPUExecutionProvider"])
-        inputs, outputs = decode_feeds(self.session, text, cfg)
-        self.binding, self.alive = self.session.io_binding(), {}  # one OrtValue per array (a KV buffer is bound twice)
+        so.profile_file_prefix = str(profile_prefix)
+    if graph.model is None:
+        return ort.InferenceSession(str(graph.path), so, providers=["CPUExecutionProvider"])
+    # from memory: its external data is read from the folder of `path`
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.path.parent))
+    return ort.InferenceSession(graph.model, so, providers=["CPUExecutionProvider"])
+
+
+class BoundStep:
+    """One decode step of a session at cfg's cache length and batch, its inputs and outputs bound once."""
+
+    def __init__(self, session: ort.InferenceSession, text: TextConfig, cfg: ProfileConfig):
+        self.session = session
+        inputs, outputs = decode_feeds(session, text, cfg)
+        self.binding, self.alive = session.io_binding(), {}  # one OrtValue per array (a KV buffer is bound twice)
         for name, array in inputs.items():
             self.alive[id(array)] = ort.OrtValue.ortvalue_from_numpy(array)
             self.binding.bind_ortvalue_input(name, self.alive[id(array)])
@@ -150,12 +156,25 @@ class ProfiledGraph:
             self.alive.setdefault(id(array), ort.OrtValue.ortvalue_from_numpy(array))
             self.binding.bind_ortvalue_output(name, self.alive[id(array)])
 
-    def step(self) -> None:
-        self.session.run_with_iobinding(self.binding)  # the same position each time: the same work
+    def run(self) -> float:
+        """Seconds for one step (the same position each time: the same work)."""
+        t0 = time.perf_counter()
+        self.session.run_with_iobinding(self.binding)
+        return time.perf_counter() - t0
 
-    def finish(self, steps: int) -> StepProfile:
-        trace = json.loads(Path(self.session.end_profiling()).read_text())
-        return summarize(trace, steps, self.label)
+
+def alternate(steps: list[BoundStep], warmup: int, n: int) -> list[list[float]]:
+    """`warmup` untimed rounds, then n rounds of one step each, the order reversed every other round (ABBA):
+    per step the seconds of its n runs."""
+    for _ in range(warmup):
+        for b in steps:
+            b.run()
+    seconds: list[list[float]] = [[] for _ in steps]
+    for r in range(n):
+        order = list(range(len(steps)))
+        for i in order if r % 2 == 0 else reversed(order):
+            seconds[i].append(steps[i].run())
+    return seconds
 
 
 def profile_graphs(graphs: list[Graph], text: TextConfig, options: RuntimeOptions,
@@ -163,16 +182,50 @@ def profile_graphs(graphs: list[Graph], text: TextConfig, options: RuntimeOption
     """Every graph open at once, their decode steps alternating (ABBA), so a burst of load on a shared machine
     falls on all of them; each figure is a median over the profiled steps."""
     with tempfile.TemporaryDirectory(prefix="qwen3vl-profile-") as tmp:
-        opened = [ProfiledGraph(graph, text, options, cfg, Path(tmp)) for graph in graphs]
-        for _ in range(cfg.warmup):
-            for g in opened:
-                g.step()
-        for s in range(cfg.steps):
-            for g in opened if s % 2 == 0 else reversed(opened):
-                g.step()
-        profiles = [g.finish(cfg.steps) for g in opened]
-        del opened
-    return profiles
+        sessions = [open_graph(g, options, Path(tmp) / f"graph{i}") for i, g in enumerate(graphs)]
+        alternate([BoundStep(s, text, cfg) for s in sessions], cfg.warmup, cfg.steps)
+        traces = [json.loads(Path(s.end_profiling()).read_text()) for s in sessions]
+        del sessions
+    return [summarize(trace, cfg.steps, g.label) for trace, g in zip(traces, graphs)]
+
+
+# -- how cost grows: decode step time over context x batch -------------------------------------------------------
+GRID_CONTEXTS = (256, 2048, 8192)
+GRID_BATCHES = (1, 4, 8)
+
+
+def kv_bytes(text: TextConfig, context: int, batch: int) -> int:
+    """One graph's KV buffers at that context and batch: 2 x layers x (B, kv, C, hd) float32."""
+    return 2 * text.num_hidden_layers * batch * text.num_key_value_heads * (context + 1) * text.head_dim * 4
+
+
+def step_grid(graphs: list[Graph], text: TextConfig, options: RuntimeOptions, steps: int, budget_bytes: int,
+              contexts=GRID_CONTEXTS, batches=GRID_BATCHES, log: Callable[[str], None] = print) -> list[dict]:
+    """Median decode-step time of each graph at every (context, batch), steps alternating between graphs;
+    a cell whose KV buffers (all graphs together) would exceed `budget_bytes` is skipped and said so."""
+    sessions = [open_graph(g, options) for g in graphs]
+    rows = []
+    for context in contexts:
+        for batch in batches:
+            need = len(graphs) * kv_bytes(text, context, batch)
+            row = {"context": context, "batch_size": batch, "kv_bytes": need}
+            if need > budget_bytes:
+                row["skipped"] = f"KV buffers {need / 1e9:.1f} GB > the {budget_bytes / 1e9:.1f} GB budget (--grid_memory)"
+                log(f"  context {context:5d} batch {batch}: skipped ({row['skipped']})")
+                rows.append(row)
+                continue
+            cfg = ProfileConfig(context=context, warmup=2, steps=steps, batch_size=batch)
+            seconds = alternate([BoundStep(s, text, cfg) for s in sessions], cfg.warmup, cfg.steps)
+            for g, sec in zip(graphs, seconds):
+                ms = 1e3 * np.asarray(sec)
+                row[g.label] = {"ms_per_step": float(np.median(ms)), "tok_s": batch * 1e3 / float(np.median(ms)),
+                                "ms_spread": [float(ms.min()), float(ms.max())]}
+            log(f"  context {context:5d} batch {batch}: " + "; ".join(
+                f"{g.label} {row[g.label]['tok_s']:.2f} tok/s ({row[g.label]['ms_per_step']:.1f} ms/step)"
+                for g in graphs))
+            rows.append(row)
+    del sessions
+    return rows
 
 
 def summarize(trace: list[dict], steps: int, graph: str) -> StepProfile:
@@ -225,3 +278,30 @@ def profile(graphs: list[Graph], text: TextConfig, options: RuntimeOptions, cfg:
     for line in profile_table(profiles):
         log(line)
     return profiles
+
+
+def plot_grid(rows: list[dict], labels: list[str], path: Path) -> Path:
+    """decode tok/s against context, one line per graph and batch size (log-x), saved as a PNG."""
+    import matplotlib  # noqa: PLC0415 (start-up: only --grid --plot draws)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (see above)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    styles = ["-", "--", ":", "-."]
+    for j, label in enumerate(labels):
+        for batch in sorted({r["batch_size"] for r in rows}):
+            cells = [r for r in rows if r["batch_size"] == batch and label in r]
+            if cells:
+                ax.plot([r["context"] for r in cells], [r[label]["tok_s"] for r in cells], styles[j % 4], marker="o",
+                        label=f"{label}, batch {batch}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (cached tokens)")
+    ax.set_ylabel("decode tok/s (all rows)")
+    ax.set_title("decode step cost as the context and the batch grow")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -791,6 +791,7 @@ def run_sweep(a) -> int:
 tokens_t = _number(int, "--prompt_tokens/--new_tokens", lambda v: v >= 1, "an integer >= 1")
 runs_t = _number(int, "--runs", lambda v: v >= 1, "an integer >= 1")
 batch_t = _number(int, "--batch_size", lambda v: v >= 1, "an integer >= 1")
+grid_memory_t = _number(float, "--grid_memory", lambda v: v > 0, "a number of GB > 0")
 bench_image_t = _number(int, "--image_size", lambda v: v == 0 or (v >= 32 and v % 32 == 0),
                         "0 (skip) or a positive multiple of 32")
 
@@ -819,6 +820,12 @@ def add_bench(sub) -> None:
                         "step) of our graph, and of genai's with --vs genai, same threads and spinning")
     p.add_argument("--variants", action="store_true",
                    help="with --profile: also our graph with separate projections and with SiLU as Sigmoid*Mul")
+    p.add_argument("--grid", action="store_true",
+                   help="instead of timing runs: decode step time at context 256/2k/8k x batch 1/4/8 of our graph "
+                        "(and genai's with --vs genai), steps alternating")
+    p.add_argument("--grid_memory", type=grid_memory_t, default=6.0,
+                   help="GB the grid's KV buffers may take; larger cells are skipped and said so (default 6)")
+    p.add_argument("--plot", default=None, help="with --grid: write the figure to this PNG file")
     p.add_argument("--json", action="store_true", help="print all figures as one JSON object (last line)")
     p.set_defaults(run=run_bench)
 
@@ -834,7 +841,8 @@ def run_bench(a) -> int:
                       new_tokens=a.new_tokens, runs=a.runs, batch_size=a.batch_size, vs=a.vs, hf_dir=a.hf_dir,
                       genai_dir=a.genai_dir, threads=a.threads, image_size=a.image_size,
                       spinning={"auto": None, "on": True, "off": False}[a.spinning],
-                      profile=a.profile, variants=a.variants)
+                      profile=a.profile, variants=a.variants, grid=a.grid, grid_memory_gb=a.grid_memory,
+                      plot=a.plot)
     result = bench(cfg)
     if a.json:
         print(json.dumps(result))
