@@ -306,6 +306,49 @@ def test_fast_text_parity_with_transformers(preset, models, tiny_deep_fp32, tiny
         assert list(generate_tokens(model, p, greedy, N_NEW, eos_token_ids=[], fast=True)) == ref_tokens.tolist()
 
 
+@pytest.fixture(scope="module")
+def rotary_in_gqa(onnx_dir, tmp_path_factory):
+    """The fp32 fast decoder built with RoPE inside GroupQueryAttention (rotary="gqa"), projections separate."""
+    import shutil
+
+    from qwen3vl_lab.export.decoder_fast import build_fast_decoder
+
+    folder = tmp_path_factory.mktemp("fast") / "gqa-rotary" / "cpu-fp32"
+    shutil.copytree(onnx_dir / "cpu-fp32", folder)
+    model = load_model(folder, "fp32", open_decoder=False)
+    source = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    graph = build_fast_decoder(model.config, source, folder, fuse=False, rotary="gqa")
+    assert {n.op_type for n in graph.graph.node}.isdisjoint({"MRotaryEmbedding"})
+    onnx.save_model(graph, str(folder / FAST_DECODER_FILE))
+    return load_model(folder, "fp32", open_decoder=False)
+
+
+def test_rotary_in_gqa_text_parity_with_transformers(rotary_in_gqa, tiny_dir, hf_model_factory):
+    """A text token has t = h = w, so its MRoPE is the 1-D rotation GroupQueryAttention's do_rotary applies at
+    row 0 of position_ids: logits within 1e-4 of transformers at every step, the same greedy tokens."""
+    pytest.importorskip("torch")
+    hf = hf_model_factory(tiny_dir)
+    for text in PROMPTS:
+        p = prepare_prompt(rotary_in_gqa, text)
+        ref_tokens, ref_logits = hf_greedy(hf, p.input_ids, N_NEW)
+        assert np.abs(fast_teacher_forced(rotary_in_gqa, p, ref_tokens) - ref_logits).max() <= TOL
+        assert list(generate_tokens(rotary_in_gqa, p, greedy, N_NEW, eos_token_ids=[], fast=True)) == ref_tokens.tolist()
+
+
+def test_rotary_in_gqa_decodes_at_cache_length_plus_rope_delta(rotary_in_gqa, models):
+    """After an image the decode position is cache length + rope_delta (delta < 0): the GQA rotation there equals
+    MRotaryEmbedding's with three equal rows (the graph the image parity test checks against transformers)."""
+    p = prepare_prompt(models["fp32"], PROMPTS[0])
+    logits = []
+    for model in (models["fp32"], rotary_in_gqa):
+        dec = FastDecoder(model)
+        step = dec.prefill(dec.new_cache(1, p.length + 4), p.inputs_embeds, p.positions.position_ids)
+        for token in (11, 42, 7):
+            step = dec.decode(step.cache, np.array([token]), np.array([[-5]]))
+        logits.append(step.logits.copy())
+    assert np.abs(logits[0] - logits[1]).max() <= 1e-5
+
+
 def test_fast_image_parity_with_transformers_incl_deepstack(models, tiny_dir, hf_model_factory):
     torch = pytest.importorskip("torch")
     from matplotlib import cbook

@@ -117,12 +117,14 @@ class Graph:
 
 def fast_variants(folder: Path, config: ModelConfig) -> list[Graph]:
     """The fast decoder of `folder` built the other ways an A/B asks about, in memory over the same weight bytes:
-    separate q/k/v and gate/up projections (genai's layout) and SiLU as Sigmoid + Mul (genai's form). A variant
+    separate q/k/v and gate/up projections (genai's layout), SiLU as Sigmoid + Mul (genai's form), and RoPE inside
+    GroupQueryAttention instead of MRotaryEmbedding (exact for decode steps, which are text). A variant
     that would need weights of its own (a fused fp32 graph) is left out."""
     source = onnx.load(str(folder / DECODER_FILE), load_external_data=False)
     out = []
     with tempfile.TemporaryDirectory(prefix="qwen3vl-variant-") as tmp:
-        for label, kwargs in (("ours, separate projections", {"fuse": False}), ("ours, Sigmoid*Mul", {"silu": "sigmoid"})):
+        for label, kwargs in (("ours, separate projections", {"fuse": False}), ("ours, Sigmoid*Mul", {"silu": "sigmoid"}),
+                              ("ours, rotary in GQA", {"rotary": "gqa"})):
             model = build_fast_decoder(config, source, folder, data_dir=Path(tmp), **kwargs)
             if not any(Path(tmp).iterdir()):  # every weight is a reference into folder's files
                 out.append(Graph(label, folder / FAST_DECODER_FILE, model.SerializeToString()))
