@@ -3,6 +3,10 @@
     qwen3vl-lab bench --model_dir OUT --text_precision int4 --prompt_tokens 32 --new_tokens 32 --runs 3
     qwen3vl-lab bench --model_dir OUT --text_precision fp32 --vs genai --hf_dir CKPT --json
     qwen3vl-lab bench --model_dir OUT --text_precision fp32 --vs torch --hf_dir CKPT
+    qwen3vl-lab bench --model_dir OUT --text_precision int4 --profile [--variants] [--vs genai --hf_dir CKPT]
+    qwen3vl-lab bench --model_dir OUT --text_precision int4 --grid [--vs genai --hf_dir CKPT] [--plot grid.png]
+
+`--profile` and `--grid` time the decoder graphs alone, in onnxruntime, instead (`bench_profile.py`).
 
 Decoding a token reads every decoder weight once (lm_head included), so a decode step cannot be
 faster than weight bytes / memory bandwidth. The bandwidth is measured the way decode reads its
@@ -13,7 +17,7 @@ counted as ours), sampled before every engine's run, interleaved with the timed 
 floor divides by is what the machine can sustain, as STREAM reports it: the best of all those samples
 (`sustained_bandwidth`). A median moves with the load of the moment (on a shared 2-core VM two
 back-to-back benches read 26.8 and 16.2 GB/s and printed 63% and 123% of the floor); the best of many
-runs holds still, and the spread is printed beside it. A decode step also reads every weight, so the
+runs is what the machine sustains (under heavy load even it moves: the probe's spread is printed beside it). A decode step also reads every weight, so the
 machine sustained at least weight bytes / the fastest step: when that beats the probe, it is the
 bandwidth (and the report says so), so the share can never exceed 100%.
 `floor_ms_per_token` = weight bytes / bandwidth; `floor_fraction` = floor_ms_per_token /
@@ -23,7 +27,7 @@ ms_per_token (the median decode step), i.e. the share of the bandwidth floor ach
 `--vs genai` builds onnxruntime-genai's own export of the same checkpoint (its model builder, same
 precision, same INT4 recipe: block 32, symmetric, accuracy_level 4) and runs it twice: at its session
 defaults (onnxruntime's: threads spin between ops) and with our spinning setting (`genai_matched_*`,
-`matched_ratio`). `--vs torch` loads transformers' PyTorch model (fp32). Each runs in a worker process
+`matched_ratio`; ours is `--spinning`, by default decided from the load average: `model.spinning_pays`). `--vs torch` loads transformers' PyTorch model (fp32). Each runs in a worker process
 (`bench_workers.py`) and the runs alternate (ABBA order) in the same command, so every side sees the
 same machine load. Every figure is a median over `--runs`; prefill = prompt in -> first token out;
 decode = the following steps (forced length, greedy). Nothing here asserts a speed: the command
