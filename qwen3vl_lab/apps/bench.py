@@ -28,7 +28,8 @@ ms_per_token (the median decode step), i.e. the share of the bandwidth floor ach
 precision, same INT4 recipe: block 32, symmetric, accuracy_level 4) and runs it twice: at its session
 defaults (onnxruntime's: threads spin between ops) and with our spinning setting (`genai_matched_*`,
 `matched_ratio`; ours is `--spinning`, by default decided from the load average: `model.spinning_pays`). `--vs torch` loads transformers' PyTorch model (fp32). Each runs in a worker process
-(`bench_workers.py`) and the runs alternate (ABBA order) in the same command, so every side sees the
+(`bench_workers.py`) and the runs alternate (each run starts one engine later: ABC BCA CAB; with two
+engines, ABBA) in the same command, so every side sees the
 same machine load. Every figure is a median over `--runs`; prefill = prompt in -> first token out;
 decode = the following steps (forced length, greedy). Nothing here asserts a speed: the command
 prints figures.
@@ -342,9 +343,9 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
             w.run(ids, warm)
         ours, peaks = [], []
         theirs: dict[str, list] = {name: [] for name in others}
-        for r in range(cfg.runs):  # ABBA: the order of the engines reverses every other run
-            order = ["ours", *others] if r % 2 == 0 else [*reversed(others), "ours"]
-            for side in order:
+        sides = ["ours", *others]
+        for r in range(cfg.runs):  # each run starts one engine later: every engine in every position alike
+            for side in sides[r % len(sides):] + sides[:r % len(sides)]:  # (two engines: ABBA)
                 gemv_s += probe.request({"runs": PROBE_RUNS})["seconds"]  # interleaved with every timed run
                 if side == "ours":
                     reset_peak_rss()

@@ -166,22 +166,24 @@ class BoundStep:
 
 
 def alternate(steps: list[BoundStep], warmup: int, n: int) -> list[list[float]]:
-    """`warmup` untimed rounds, then n rounds of one step each, the order reversed every other round (ABBA):
-    per step the seconds of its n runs."""
+    """`warmup` untimed rounds, then n rounds of one step each, each round starting one graph later (ABC BCA
+    CAB: every graph in every position equally often; with two graphs this is ABBA): per step the seconds of
+    its n runs. (Reversing the order every round instead, ABC CBA, runs the end graphs twice in a row and the
+    middle one never: in two such runs under load the middle graph was the fastest both times.)"""
     for _ in range(warmup):
         for b in steps:
             b.run()
     seconds: list[list[float]] = [[] for _ in steps]
     for r in range(n):
-        order = list(range(len(steps)))
-        for i in order if r % 2 == 0 else reversed(order):
+        for k in range(len(steps)):
+            i = (r + k) % len(steps)
             seconds[i].append(steps[i].run())
     return seconds
 
 
 def profile_graphs(graphs: list[Graph], text: TextConfig, options: RuntimeOptions,
                    cfg: ProfileConfig) -> list[StepProfile]:
-    """Every graph open at once, their decode steps alternating (ABBA), so a burst of load on a shared machine
+    """Every graph open at once, their decode steps alternating (`alternate`), so a burst of load on a shared machine
     falls on all of them; each figure is a median over the profiled steps."""
     with tempfile.TemporaryDirectory(prefix="qwen3vl-profile-") as tmp:
         sessions = [open_graph(g, options, Path(tmp) / f"graph{i}") for i, g in enumerate(graphs)]
