@@ -169,7 +169,8 @@ def alternate(steps: list[BoundStep], warmup: int, n: int) -> list[list[float]]:
     """`warmup` untimed rounds, then n rounds of one step each, each round starting one graph later (ABC BCA
     CAB: every graph in every position equally often; with two graphs this is ABBA): per step the seconds of
     its n runs. (Reversing the order every round instead, ABC CBA, runs the end graphs twice in a row and the
-    middle one never: in two such runs under load the middle graph was the fastest both times.)"""
+    middle one never; under load such a run once put its middle graph 1.8x ahead, which reversing the order
+    took away.)"""
     for _ in range(warmup):
         for b in steps:
             b.run()
