@@ -84,7 +84,7 @@ class BenchConfig:
     seed: int = 0
     spinning: bool | None = None  # our sessions' thread spinning; None: decided from the load (model.spinning_pays)
     profile: bool = False  # per-op profile of one decode step (bench_profile.py) instead of the timed runs
-    variants: bool = False  # --profile also our graph's other builds (separate projections, Sigmoid*Mul)
+    variants: bool = False  # --profile also our graph's other builds (separate projections, Sigmoid*Mul, GQA rotary)
     grid: bool = False  # decode step time over context x batch (bench_profile.step_grid) instead of the timed runs
     grid_memory_gb: float = 6.0  # the grid skips cells whose KV buffers (all graphs) would exceed this
     plot: str | None = None  # --grid: write the figure (PNG) here

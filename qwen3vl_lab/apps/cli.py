@@ -819,7 +819,8 @@ def add_bench(sub) -> None:
                    help="instead of timing runs: onnxruntime's per-op profile of one decode step (op type -> ms per "
                         "step) of our graph, and of genai's with --vs genai, same threads and spinning")
     p.add_argument("--variants", action="store_true",
-                   help="with --profile: also our graph with separate projections and with SiLU as Sigmoid*Mul")
+                   help="with --profile: also our graph with separate projections, with SiLU as Sigmoid*Mul and "
+                        "with RoPE inside GroupQueryAttention")
     p.add_argument("--grid", action="store_true",
                    help="instead of timing runs: decode step time at context 256/2k/8k x batch 1/4/8 of our graph "
                         "(and genai's with --vs genai), steps alternating")
