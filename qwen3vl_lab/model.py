@@ -39,9 +39,30 @@ from .layout import (
     VISION_FILE,
 )
 from .layouts import Layout, external_files, find_layout, read_export_config, read_genai_config
-from .limits import check_threads
+from .limits import check_threads, max_threads
 from .paths import existing_dir, export_path, readable_file
 from .tokenizer import load_tokenizer  # cheap: transformers itself is imported when a tokenizer loads
+
+# Spinning is on when the 1-minute load average leaves each of our threads a core: load + threads <= cores + slack.
+# The slack lets our own start-up (loading weights raises the average for a minute) count as quiet.
+SPIN_LOAD_SLACK = 0.75
+
+
+def spinning_pays(threads: int | None, load: float | None = None, cores: int | None = None) -> bool:
+    """Whether onnxruntime's worker threads should spin between ops: only on cores nobody else wants.
+
+    Measured on a 2-core VM with the 2B dimensions in INT4 (alternating runs in one `bench`): on a quiet
+    machine spinning made decode ~16-19% faster (15.4 -> 18.3 tok/s); with other processes running, steps took
+    up to 1.6x longer with it (a spinning thread holds a core the others need, and is preempted mid-op).
+    `load` (default: os.getloadavg's 1-minute figure, runnable processes) and `cores` (default: this process's)
+    decide: spin when load + threads <= cores + SPIN_LOAD_SLACK."""
+    cores = cores or max_threads()
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:  # unknown (not Linux/macOS): sleep, the safe choice on a shared machine
+            return False
+    return load + (threads or cores) <= cores + SPIN_LOAD_SLACK
 
 
 @dataclass(frozen=True)
@@ -49,20 +70,27 @@ class RuntimeOptions:
     """onnxruntime session settings. threads=None uses onnxruntime's default (one per core).
 
     The defaults suit decoding on a CPU: all graph optimisations (fusions, constant folding, weight
-    prepacking), the memory arena (decode steps reuse the same buffers), and worker threads that
-    sleep between ops instead of spinning. Spinning (onnxruntime's own default) only pays on cores
-    nobody else wants: on the shared 2-core VM this was measured on, with other processes running,
-    decode steps took 1.6x (2B dims, INT4) to 2x (tiny model) longer with spinning, in alternating
-    runs of two processes. Set allow_spinning=True on a machine of your own to try it."""
+    prepacking) and the memory arena (decode steps reuse the same buffers). allow_spinning=None
+    (the default) decides when sessions are made whether worker threads spin between ops or sleep
+    (`spinning_pays`: spin on a quiet machine, sleep when other processes want the cores); True / False
+    force it."""
 
     threads: int | None = None
     graph_optimization: str = "all"  # "disable", "basic", "extended", "all"
     memory_arena: bool = True
-    allow_spinning: bool = False
+    allow_spinning: bool | None = None  # None: decided from the machine's load (spinning_pays)
     log_severity: int = 3  # errors only: onnxruntime's warnings are noise for users
 
     def __post_init__(self):
         check_threads(self.threads, "threads")  # more threads than cores: refused here (limits.py)
+
+    def spinning(self) -> bool:
+        """allow_spinning, or when it is None what the machine's load says now (spinning_pays)."""
+        return self.allow_spinning if self.allow_spinning is not None else spinning_pays(self.threads)
+
+    def resolved(self) -> "RuntimeOptions":
+        """These options with the spinning decision taken now (so several sessions share one decision)."""
+        return replace(self, allow_spinning=self.spinning())
 
     def session_options(self) -> ort.SessionOptions:
         so = ort.SessionOptions()
@@ -76,7 +104,7 @@ class RuntimeOptions:
         if self.threads:
             so.intra_op_num_threads = self.threads
         so.enable_cpu_mem_arena = self.memory_arena
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning() else "0")
         so.log_severity_level = self.log_severity
         return so
 
@@ -342,7 +370,7 @@ def load_model(model_dir: str | Path, text_precision: str = "fp32", options: Run
     open_decoder=False defers model.onnx until `.decoder` is used (the fast path needs only model-fast.onnx).
     tokenizer_dir: where the tokenizer is when the export has none. accept_missing: run prompts that need
     a piece the decoder lacks (3-D positions, DeepStack), saying so (`model.notices`, `decoder.missing_used`)."""
-    options = options or RuntimeOptions()
+    options = (options or RuntimeOptions()).resolved()  # one spinning decision for all its sessions
     path = export_path(model_dir, "--model_dir", fix="pass an export folder or a decoder .onnx file")
     layout = find_layout(path, text_precision, tokenizer_dir=tokenizer_dir)
     if layout.genai_config:

@@ -3,13 +3,23 @@
     qwen3vl-lab bench --model_dir OUT --text_precision int4 --prompt_tokens 32 --new_tokens 32 --runs 3
     qwen3vl-lab bench --model_dir OUT --text_precision fp32 --vs genai --hf_dir CKPT --json
     qwen3vl-lab bench --model_dir OUT --text_precision fp32 --vs torch --hf_dir CKPT
+    qwen3vl-lab bench --model_dir OUT --text_precision int4 --profile [--variants] [--vs genai --hf_dir CKPT]
+    qwen3vl-lab bench --model_dir OUT --text_precision int4 --grid [--vs genai --hf_dir CKPT] [--plot grid.png]
+
+`--profile` and `--grid` time the decoder graphs alone, in onnxruntime, instead (`bench_profile.py`).
 
 Decoding a token reads every decoder weight once (lm_head included), so a decode step cannot be
 faster than weight bytes / memory bandwidth. The bandwidth is measured the way decode reads its
 weights: onnxruntime's own fp32 MatMul, a GEMV (1 x K @ K x N) over a prepacked weight larger than
 the caches (`bandwidth_buffer_bytes`: >= 256 MiB, 8x the largest CPU cache), with the decoder's
 thread count and spinning setting, in a worker process (`bench_workers.py gemv`, so its memory is not
-counted as ours), sampled before every run; the bandwidth is the median of all samples.
+counted as ours), sampled before every engine's run, interleaved with the timed runs. The bandwidth the
+floor divides by is what the machine can sustain, as STREAM reports it: the best of all those samples
+(`sustained_bandwidth`). A median moves with the load of the moment (on a shared 2-core VM two
+back-to-back benches read 26.8 and 16.2 GB/s and printed 63% and 123% of the floor); the best of many
+runs is what the machine sustains (under heavy load even it moves: the probe's spread is printed beside it). A decode step also reads every weight, so the
+machine sustained at least weight bytes / the fastest step: when that beats the probe, it is the
+bandwidth (and the report says so), so the share can never exceed 100%.
 `floor_ms_per_token` = weight bytes / bandwidth; `floor_fraction` = floor_ms_per_token /
 ms_per_token (the median decode step), i.e. the share of the bandwidth floor achieved
 (`best_run_floor_fraction`: over the fastest run's mean step).
@@ -17,8 +27,9 @@ ms_per_token (the median decode step), i.e. the share of the bandwidth floor ach
 `--vs genai` builds onnxruntime-genai's own export of the same checkpoint (its model builder, same
 precision, same INT4 recipe: block 32, symmetric, accuracy_level 4) and runs it twice: at its session
 defaults (onnxruntime's: threads spin between ops) and with our spinning setting (`genai_matched_*`,
-`matched_ratio`). `--vs torch` loads transformers' PyTorch model (fp32). Each runs in a worker process
-(`bench_workers.py`) and the runs alternate (ABBA order) in the same command, so every side sees the
+`matched_ratio`; ours is `--spinning`, by default decided from the load average: `model.spinning_pays`). `--vs torch` loads transformers' PyTorch model (fp32). Each runs in a worker process
+(`bench_workers.py`) and the runs alternate (each run starts one engine later: ABC BCA CAB; with two
+engines, ABBA) in the same command, so every side sees the
 same machine load. Every figure is a median over `--runs`; prefill = prompt in -> first token out;
 decode = the following steps (forced length, greedy). Nothing here asserts a speed: the command
 prints figures.
@@ -26,8 +37,10 @@ prints figures.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,9 +61,11 @@ from ..layout import FAST_DECODER_FILE
 from ..model import RuntimeOptions, load_model
 from ..sampling import greedy
 from ..steps import build_positions, embed
+from .bench_profile import Graph, ProfileConfig, fast_variants, plot_grid, profile, step_grid
 from .bench_workers import GEMV_K, peak_rss_bytes, reset_peak_rss
 
 GB = 1e9
+PROBE_RUNS = 5  # bandwidth probe runs before each timed run (and before the first)
 
 
 @dataclass(frozen=True)
@@ -67,7 +82,12 @@ class BenchConfig:
     threads: int | None = None  # onnxruntime / torch intra-op threads (default: one per core)
     image_size: int = 448  # the vision-encode timing image (0 skips it)
     seed: int = 0
-    spinning: bool = False  # onnxruntime's thread spinning for our sessions (RuntimeOptions.allow_spinning)
+    spinning: bool | None = None  # our sessions' thread spinning; None: decided from the load (model.spinning_pays)
+    profile: bool = False  # per-op profile of one decode step (bench_profile.py) instead of the timed runs
+    variants: bool = False  # --profile also our graph's other builds (separate projections, Sigmoid*Mul, GQA rotary)
+    grid: bool = False  # decode step time over context x batch (bench_profile.step_grid) instead of the timed runs
+    grid_memory_gb: float = 6.0  # the grid skips cells whose KV buffers (all graphs) would exceed this
+    plot: str | None = None  # --grid: write the figure (PNG) here
 
 
 # -- the machine ------------------------------------------------------------------------------------
@@ -105,6 +125,33 @@ def graph_weight_bytes(path: Path) -> int:
 
 def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Floor:
+    """The bandwidth floor of a decode step: `weight_bytes` read once at the sustained bandwidth."""
+
+    bandwidth: float  # bytes/s: the best probe sample, or the fastest decode step's when that is higher
+    source: str  # "probe" or "decode step"
+    probe_samples: tuple[float, ...]  # bytes/s, every probe run
+    seconds: float  # weight_bytes / bandwidth: a step that only streamed the weights once
+    fraction: float  # seconds / the median decode step (<= 1)
+    best_run_fraction: float  # seconds / the fastest run's mean step (<= 1)
+
+
+def sustained_bandwidth(weight_bytes: int, probe_bytes: int, probe_seconds: list[float],
+                        step_seconds: list[float], run_mean_seconds: list[float]) -> Floor:
+    """The floor from the probe's timings and the decode steps' (all in seconds).
+
+    Sustained bandwidth = max(best probe run, weight_bytes / fastest decode step): a decode step reads every
+    weight once, so it is itself a (lower) bandwidth measurement; the floor is never slower than a step
+    that happened, and its share of any step is at most 100%."""
+    samples = tuple(probe_bytes / t for t in probe_seconds)
+    probe, decode = max(samples), weight_bytes / min(step_seconds)
+    bandwidth, source = (probe, "probe") if probe >= decode else (decode, "decode step")
+    floor_s = weight_bytes / bandwidth
+    return Floor(bandwidth, source, samples, floor_s, floor_s / float(np.median(step_seconds)),
+                 floor_s / min(run_mean_seconds))
 
 
 # -- our fast path ------------------------------------------------------------------------------------
@@ -183,16 +230,25 @@ class Worker:
         self.stderr.close()
 
 
+# what `--vs genai` imports: onnxruntime-genai, and its model builder's imports (onnx_ir, torch, transformers)
+BUILDER_PACKAGES = ("onnxruntime_genai", "onnx_ir", "torch", "transformers")
+MISSING_MODULE = re.compile(r"ModuleNotFoundError: No module named '([\w.]+)'")
+
+
+def missing_package(module: str) -> str:
+    """The one line for a package `--vs genai` needs that is not installed."""
+    return (f"--vs genai needs the Python package {module!r} (onnxruntime-genai's model builder imports it), which is "
+            "not installed; pip install 'qwen3vl-lab[bench]' (torch pinned to 2.13.0, the CPU build)")
+
+
 def genai_folder(cfg: BenchConfig, log: Callable[[str], None]) -> Path:
     """onnxruntime-genai's builder export of --hf_dir (same precision and INT4 recipe), built once; used as it is
     (the engine sets its threads over the genai_config.json, never in it)."""
     out = Path(cfg.genai_dir) if cfg.genai_dir else Path(cfg.model_dir) / f"genai-cpu-{cfg.precision}"
     if not (out / "genai_config.json").is_file():
-        try:
-            import onnxruntime_genai  # noqa: F401, PLC0415
-        except ImportError:
-            raise UserError("--vs genai needs onnxruntime-genai; pip install onnxruntime-genai onnx_ir "
-                            "(or pip install 'qwen3vl-lab[bench]')") from None
+        for package in BUILDER_PACKAGES:  # found, not imported: torch never enters this process
+            if importlib.util.find_spec(package) is None:
+                raise UserError(missing_package(package))
         check_replaceable(out, name="--genai_dir")  # before minutes of building: a folder of the user's is never replaced
         out.parent.mkdir(parents=True, exist_ok=True)
         with staging_folder(out.parent, f".{out.name}-", name="--genai_dir", shown=out) as staging:
@@ -205,6 +261,9 @@ def genai_folder(cfg: BenchConfig, log: Callable[[str], None]) -> Path:
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0 or not (staging / "genai_config.json").is_file():
                 tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                missing = MISSING_MODULE.search(done.stderr)
+                if missing:  # an environment without a package: not the checkpoint's fault
+                    raise UserError(missing_package(missing[1].split(".")[0]))
                 raise UserError(f"onnxruntime-genai's builder failed on {cfg.hf_dir} ({tail[:300]}); pass --hf_dir "
                                 "the Hugging Face checkpoint this export was made from")
             shutil.rmtree(staging / "cache", ignore_errors=True)
@@ -235,6 +294,14 @@ def check_config(cfg: BenchConfig) -> None:
     if cfg.vs and not (Path(cfg.hf_dir) / "config.json").is_file():
         raise UserError(f"--hf_dir {cfg.hf_dir} has no config.json; pass the checkpoint folder the export was "
                         "made from")
+    if cfg.profile and cfg.grid:
+        raise UserError("--profile and --grid are two separate runs; pass one of them")
+    if cfg.variants and not cfg.profile:
+        raise UserError("--variants adds graphs to --profile; pass --profile too")
+    if cfg.plot and not cfg.grid:
+        raise UserError("--plot draws the --grid figure; pass --grid too")
+    if cfg.plot and not Path(cfg.plot).resolve().parent.is_dir():
+        raise UserError(f"--plot {cfg.plot}: its folder does not exist; create it or pass another path")
     if cfg.vs == "torch" and cfg.precision != "fp32":
         raise UserError("--vs torch compares fp32 only (transformers' model is fp32 here); use --text_precision fp32")
 
@@ -243,7 +310,11 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     """Run the benchmark, log a readable report, return the figures (the JSON object)."""
     check_config(cfg)
     threads = cfg.threads or default_threads()
-    options = RuntimeOptions(threads=threads, allow_spinning=cfg.spinning)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    options = RuntimeOptions(threads=threads, allow_spinning=cfg.spinning).resolved()  # one decision for the run
+    spinning = options.allow_spinning
+    if cfg.profile or cfg.grid:
+        return profile_decode(cfg, options, log)
     model = load_model(cfg.model_dir, cfg.precision, options, open_decoder=False)
     if cfg.prompt_tokens + cfg.new_tokens > model.context_length:
         raise UserError(f"--prompt_tokens + --new_tokens = {cfg.prompt_tokens + cfg.new_tokens} exceeds the model's "
@@ -257,13 +328,13 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     others: dict[str, Worker] = {}  # name -> worker, run in this order (reversed every other run)
     probe = None
     try:
-        probe = Worker("gemv", None, threads, cfg.spinning, ("--bytes", str(bandwidth_buffer_bytes())),
+        probe = Worker("gemv", None, threads, spinning, ("--bytes", str(bandwidth_buffer_bytes())),
                        name="bandwidth probe")
-        gemv_s = probe.request({"runs": 5})["seconds"]
+        gemv_s = probe.request({"runs": PROBE_RUNS})["seconds"]
         if cfg.vs == "genai":
             folder = genai_folder(cfg, log)
             others["genai"] = Worker("genai", folder, threads)  # its defaults: onnxruntime's thread spinning
-            others["genai_matched"] = Worker("genai", folder, threads, cfg.spinning, name="genai (matched)")
+            others["genai_matched"] = Worker("genai", folder, threads, spinning, name="genai (matched)")
         elif cfg.vs == "torch":
             others["torch"] = Worker("torch", Path(cfg.hf_dir), threads)
         warm = min(4, cfg.new_tokens)
@@ -272,10 +343,10 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
             w.run(ids, warm)
         ours, peaks = [], []
         theirs: dict[str, list] = {name: [] for name in others}
-        for r in range(cfg.runs):  # ABBA: the order of the engines reverses every other run
-            gemv_s += probe.request({"runs": 3})["seconds"]
-            order = ["ours", *others] if r % 2 == 0 else [*reversed(others), "ours"]
-            for side in order:
+        sides = ["ours", *others]
+        for r in range(cfg.runs):  # each run starts one engine later: every engine in every position alike
+            for side in sides[r % len(sides):] + sides[:r % len(sides)]:  # (two engines: ABBA)
+                gemv_s += probe.request({"runs": PROBE_RUNS})["seconds"]  # interleaved with every timed run
                 if side == "ours":
                     reset_peak_rss()
                     ours.append(run_ours(model, ids, cfg.new_tokens))
@@ -292,13 +363,15 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
 
     B, S = ids.shape
     decode = _median(_decode_rate(o, B) for o in ours)
-    bandwidth = _median(probe_bytes / t for t in gemv_s)  # bytes/s: median over every GEMV run
-    step_s = _median(x for o in ours for x in o["decode_s"])  # the median decode step
-    floor_s = weight_bytes / bandwidth  # a step that only streamed the weights once
-    fastest_run_step_s = min(sum(o["decode_s"]) / len(o["decode_s"]) for o in ours)
+    steps = [x for o in ours for x in o["decode_s"]]
+    step_s = _median(steps)  # the median decode step
+    floor = sustained_bandwidth(weight_bytes, probe_bytes, gemv_s, steps,
+                                [sum(o["decode_s"]) / len(o["decode_s"]) for o in ours])
+    samples = np.asarray(floor.probe_samples) / GB
     result = {
         "precision": cfg.precision, "batch_size": B, "prompt_tokens": S, "new_tokens": cfg.new_tokens,
-        "runs": cfg.runs, "threads": threads, "spinning": cfg.spinning,
+        "runs": cfg.runs, "threads": threads, "spinning": spinning,
+        "spinning_choice": "auto" if cfg.spinning is None else "set", "load_average_1min": load,
         "decode_tok_s": decode,
         "decode_tok_s_runs": [_decode_rate(o, B) for o in ours],
         "prefill_tok_s": _median(B * S / o["prefill_s"] for o in ours),
@@ -306,14 +379,16 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         "overhead_ms_per_token": 1e3 * _median(x for o in ours for x in o["overhead_s"]),
         "ms_per_token": 1e3 * step_s,
         "weight_bytes": weight_bytes,
-        "bandwidth_gb_s": bandwidth / GB,
-        "bandwidth_gb_s_samples": [probe_bytes / t / GB for t in gemv_s],
+        "bandwidth_gb_s": floor.bandwidth / GB,
+        "bandwidth_source": floor.source,
+        "bandwidth_gb_s_samples": samples.tolist(),
+        "bandwidth_probe_spread_gb_s": [float(samples.min()), float(np.median(samples)), float(samples.max())],
         "bandwidth_probe": f"onnxruntime fp32 MatMul 1x{GEMV_K} @ {GEMV_K}x{probe_bytes // (4 * GEMV_K)} "
-                           f"({probe_bytes / 2**20:.0f} MiB), {threads} threads, spinning {'on' if cfg.spinning else 'off'}",
-        "floor_ms_per_token": 1e3 * floor_s,
-        "floor_tok_s": B / floor_s,
-        "floor_fraction": floor_s / step_s,
-        "best_run_floor_fraction": floor_s / fastest_run_step_s,
+                           f"({probe_bytes / 2**20:.0f} MiB), {threads} threads, spinning {'on' if spinning else 'off'}",
+        "floor_ms_per_token": 1e3 * floor.seconds,
+        "floor_tok_s": B / floor.seconds,
+        "floor_fraction": floor.fraction,
+        "best_run_floor_fraction": floor.best_run_fraction,
         "load_s": load_s,
         "load_peak_rss_bytes": load_peak,
         "peak_rss_bytes": run_peak,
@@ -332,24 +407,60 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         result["prefill_ratio"] = result["prefill_tok_s"] / result[f"{cfg.vs}_prefill_tok_s"]
     if cfg.vs == "genai":
         result["genai_spinning"] = "onnxruntime's default (on)"
-        result["genai_matched_spinning"] = "on" if cfg.spinning else "off"
+        result["genai_matched_spinning"] = "on" if spinning else "off"
         result["matched_ratio"] = decode / result["genai_matched_decode_tok_s"]
         result["matched_prefill_ratio"] = result["prefill_tok_s"] / result["genai_matched_prefill_tok_s"]
     log_report(result, cfg, log)
     return result
 
 
+def profile_decode(cfg: BenchConfig, options: RuntimeOptions, log: Callable[[str], None]) -> dict:
+    """`--profile`: op type -> ms per decode step of our fast graph (and genai's with --vs genai), same options;
+    `--grid`: the median step time of each over context x batch."""
+    if cfg.vs == "torch":
+        raise UserError("--profile and --grid compare onnxruntime graphs (ours, genai's); drop --vs torch")
+    model = load_model(cfg.model_dir, cfg.precision, options, open_decoder=False)
+    graphs = [Graph("ours", model.fast_decoder_file())]
+    if cfg.variants:
+        graphs += fast_variants(model.folder, model.config)
+    if cfg.vs == "genai":
+        graphs.append(Graph("genai", genai_folder(cfg, log) / "model.onnx"))
+    if cfg.grid:
+        log(f"decode step time over context x batch, {options.threads} threads, spinning "
+            f"{'on' if options.allow_spinning else 'off'}: median of {5 * cfg.runs} steps per cell, graphs alternating")
+        rows = step_grid(graphs, model.config.text, options, 5 * cfg.runs, int(cfg.grid_memory_gb * GB), log=log)
+        if cfg.plot:
+            log(f"wrote {plot_grid(rows, [g.label for g in graphs], Path(cfg.plot))}")
+        return {"precision": cfg.precision, "threads": options.threads, "spinning": options.allow_spinning,
+                "grid": rows}
+    pcfg = ProfileConfig(context=cfg.prompt_tokens, steps=10 * cfg.runs, batch_size=cfg.batch_size)
+    profiles = profile(graphs, model.config.text, options, pcfg, log)
+    return {"precision": cfg.precision, "context": pcfg.context, "batch_size": pcfg.batch_size, "steps": pcfg.steps,
+            "threads": options.threads, "spinning": options.allow_spinning,
+            "profile": {p.graph: p.as_dict() for p in profiles}}
+
+
+def spin_reason(r: dict) -> str:
+    if r["spinning_choice"] != "auto":
+        return " (as asked)"
+    load = "unknown" if r["load_average_1min"] is None else f"{r['load_average_1min']:.2f}"
+    return f" (auto: 1-minute load {load} on {default_threads()} cores; --spinning on/off to force)"
+
+
 def log_report(r: dict, cfg: BenchConfig, log: Callable[[str], None]) -> None:
     gb = lambda n: f"{n / GB:.2f} GB" if n else "n/a"  # noqa: E731
     log(f"qwen3vl-lab bench: {cfg.model_dir} {r['precision']}, batch {r['batch_size']}, {r['prompt_tokens']} prompt "
         f"+ {r['new_tokens']} new tokens, {r['runs']} runs, {r['threads']} threads, spinning "
-        f"{'on' if r['spinning'] else 'off'}")
+        f"{'on' if r['spinning'] else 'off'}{spin_reason(r)}")
     log(f"  prefill     {r['prefill_tok_s']:10.1f} tok/s   ({r['prefill_s'] * 1e3:.1f} ms to the first token)")
     log(f"  decode      {r['decode_tok_s']:10.2f} tok/s   ({r['ms_per_token']:.2f} ms per step, runs "
         + ", ".join(f"{x:.2f}" for x in r["decode_tok_s_runs"]) + ")")
     log(f"  overhead    {r['overhead_ms_per_token']:10.3f} ms/token outside onnxruntime (sampling, bookkeeping)")
-    log(f"  bandwidth   {r['bandwidth_gb_s']:.1f} GB/s (median of {len(r['bandwidth_gb_s_samples'])} runs of "
-        f"{r['bandwidth_probe']})")
+    low, mid, high = r["bandwidth_probe_spread_gb_s"]
+    source = ("best" if r["bandwidth_source"] == "probe" else
+              "below what the fastest decode step read, which is used instead; best")
+    log(f"  bandwidth   {r['bandwidth_gb_s']:.1f} GB/s sustained ({source} of {len(r['bandwidth_gb_s_samples'])} "
+        f"runs of {r['bandwidth_probe']}; spread {low:.1f} / {mid:.1f} / {high:.1f} GB/s min / median / max)")
     log(f"  floor       {gb(r['weight_bytes'])} read per decode step / {r['bandwidth_gb_s']:.1f} GB/s = "
         f"{r['floor_ms_per_token']:.2f} ms per step; measured {r['ms_per_token']:.2f} ms -> "
         f"{100 * r['floor_fraction']:.0f}% of the floor (fastest run {100 * r['best_run_floor_fraction']:.0f}%)")

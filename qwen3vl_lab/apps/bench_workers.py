@@ -14,8 +14,9 @@ alternate A/B runs in one command and report each side's own peak RSS.
 weight larger than the caches, with the session options our decoder uses; it answers `{"runs": n}`
 with `{"seconds": [t, ...], "bytes": weight bytes}`.
 
-onnxruntime-genai is the optional `bench` extra (`pip install onnxruntime-genai onnx_ir`); torch
-(transformers' PyTorch model) is only imported by `--vs torch`, like the training extra.
+onnxruntime-genai is the optional `bench` extra (`pip install 'qwen3vl-lab[bench]'`: onnxruntime-genai, onnx_ir
+and torch==2.13.0, which its model builder imports); torch (transformers' PyTorch model) is only imported by the
+`--vs torch` worker, like the training extra.
 """
 
 from __future__ import annotations

@@ -881,6 +881,7 @@ def run_repair(a) -> int:
 tokens_t = _number(int, "--prompt_tokens/--new_tokens", lambda v: v >= 1, "an integer >= 1")
 runs_t = _number(int, "--runs", lambda v: v >= 1, "an integer >= 1")
 batch_t = _number(int, "--batch_size", lambda v: v >= 1, "an integer >= 1")
+grid_memory_t = _number(float, "--grid_memory", lambda v: v > 0, "a number of GB > 0")
 bench_image_t = _number(int, "--image_size", lambda v: v == 0 or (v >= 32 and v % 32 == 0),
                         "0 (skip) or a positive multiple of 32")
 
@@ -901,8 +902,21 @@ def add_bench(sub) -> None:
                    help="where onnxruntime-genai's export lives / is built (default MODEL_DIR/genai-cpu-PRECISION)")
     p.add_argument("--threads", type=threads_t, default=None, help="intra-op threads for every engine (default: cores)")
     p.add_argument("--image_size", type=bench_image_t, default=448, help="vision timing image, N x N (0 skips)")
-    p.add_argument("--spinning", action="store_true",
-                   help="let our onnxruntime threads spin between ops (onnxruntime's default; ours is off)")
+    p.add_argument("--spinning", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                   help="our onnxruntime threads spin between ops: auto (default: on when the load average leaves "
+                        "each thread a core), on, off")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing runs: onnxruntime's per-op profile of one decode step (op type -> ms per "
+                        "step) of our graph, and of genai's with --vs genai, same threads and spinning")
+    p.add_argument("--variants", action="store_true",
+                   help="with --profile: also our graph with separate projections, with SiLU as Sigmoid*Mul and "
+                        "with RoPE inside GroupQueryAttention")
+    p.add_argument("--grid", action="store_true",
+                   help="instead of timing runs: decode step time at context 256/2k/8k x batch 1/4/8 of our graph "
+                        "(and genai's with --vs genai), steps alternating")
+    p.add_argument("--grid_memory", type=grid_memory_t, default=6.0,
+                   help="GB the grid's KV buffers may take; larger cells are skipped and said so (default 6)")
+    p.add_argument("--plot", default=None, help="with --grid: write the figure to this PNG file")
     p.add_argument("--json", action="store_true", help="print all figures as one JSON object (last line)")
     p.set_defaults(run=run_bench)
 
@@ -916,7 +930,10 @@ def run_bench(a) -> int:
         output_dir(a.genai_dir, "--genai_dir")
     cfg = BenchConfig(model_dir=a.model_dir, precision=a.text_precision, prompt_tokens=a.prompt_tokens,
                       new_tokens=a.new_tokens, runs=a.runs, batch_size=a.batch_size, vs=a.vs, hf_dir=a.hf_dir,
-                      genai_dir=a.genai_dir, threads=a.threads, image_size=a.image_size, spinning=a.spinning)
+                      genai_dir=a.genai_dir, threads=a.threads, image_size=a.image_size,
+                      spinning={"auto": None, "on": True, "off": False}[a.spinning],
+                      profile=a.profile, variants=a.variants, grid=a.grid, grid_memory_gb=a.grid_memory,
+                      plot=a.plot)
     result = bench(cfg)
     if a.json:
         print(json.dumps(result))

@@ -62,6 +62,10 @@ from .files import add_to_stamp, staging_folder
 from .onnx_graph import FLOAT, INT64, MS_DOMAIN, GraphBuilder
 
 INT32 = TensorProto.INT32
+SILU_FORMS = ("quickgelu", "sigmoid")  # SiLU as one QuickGelu(alpha=1), or Sigmoid + Mul
+# RoPE as MRotaryEmbedding on q and k (any positions: images), or inside GroupQueryAttention (do_rotary) at
+# row 0 of position_ids: exact only when t = h = w, i.e. text tokens (every decode step; text-only prompts)
+ROTARY_FORMS = ("mrope", "gqa")
 LINEAR_OPS = ("MatMul", "MatMulNBits", "FusedMatMul", "Gemm")
 # onnxruntime's quantizer names the packed tensors after the weight: W_Q4, W_Q8G32, W_scales, W_zp, ...
 QUANT_SUFFIX = re.compile(r"_(Q\d+(G\d+)?|scales?|zp|zero_points)$")
@@ -120,9 +124,13 @@ class FastGraph(GraphBuilder):
     measured on the 2B dimensions (2 cores), fusing gave ~8-11% faster INT4 decode and nothing
     measurable in fp32, where it would cost a second copy of 55% of the weights on disk."""
 
-    def __init__(self, source: SourceDecoder, data_path: Path | None = None, fuse: bool | None = None):
+    def __init__(self, source: SourceDecoder, data_path: Path | None = None, fuse: bool | None = None,
+                 silu: str = "quickgelu", rotary: str = "mrope"):
         super().__init__("qwen3vl_text_decoder_fast", data_path)
-        self.source, self.fuse = source, fuse
+        if silu not in SILU_FORMS or rotary not in ROTARY_FORMS:
+            raise ValueError(f"silu {silu!r} / rotary {rotary!r} is not one of {SILU_FORMS} / {ROTARY_FORMS}")
+        self.source, self.fuse, self.silu, self.rotary = source, fuse, silu, rotary
+        self.positions_1d: str | None = None  # (B, S) row 0 of position_ids, for rotary="gqa"
         self._shared: set[str] = set()
 
     def shared(self, name: str) -> str:
@@ -252,25 +260,41 @@ def attention(g: FastGraph, h: str, i: int, cfg: TextConfig) -> str:
     nh, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     p = f"{PREFIX}.layers.{i}.self_attn"
     q, k, v = g.linears(h, [f"{p}.{n}_proj.weight" for n in "qkv"])  # (B, S, nh*hd), 2 x (B, S, kv*hd)
-    q = mrope(g, head_norm(g, q, f"{p}.q_norm.weight", nh, cfg), nh, cfg)
-    k = mrope(g, head_norm(g, k, f"{p}.k_norm.weight", kv, cfg), kv, cfg)
+    q = head_norm(g, q, f"{p}.q_norm.weight", nh, cfg)
+    k = head_norm(g, k, f"{p}.k_norm.weight", kv, cfg)
+    rotary = []
+    if g.rotary == "mrope":
+        q, k = mrope(g, q, nh, cfg), mrope(g, k, kv, cfg)
+    else:  # t = h = w: the interleaved MRoPE of a text token is the 1-D rotation at its (row 0) position
+        if g.positions_1d is None:
+            g.positions_1d = g.op("Gather", [POSITION_IDS, g.const(0, np.int64)], axis=0)  # (B, S)
+        rotary = [COS_CACHE, SIN_CACHE, g.positions_1d]
     ctx, _, _ = g.op("GroupQueryAttention",
-                     [q, k, v, past_names(i)[0], past_names(i)[1], SEQLENS_K, TOTAL_SEQUENCE_LENGTH],
+                     [q, k, v, past_names(i)[0], past_names(i)[1], SEQLENS_K, TOTAL_SEQUENCE_LENGTH, *rotary],
                      out=[f"/model/layers.{i}/attn/output", *present_names(i)],
-                     domain=MS_DOMAIN, num_heads=nh, kv_num_heads=kv, scale=float(hd ** -0.5), do_rotary=0)
+                     domain=MS_DOMAIN, num_heads=nh, kv_num_heads=kv, scale=float(hd ** -0.5),
+                     do_rotary=int(bool(rotary)), rotary_interleaved=0)
     return g.linear(ctx, f"{p}.o_proj.weight")  # (B, S, H)
 
 
+def silu(g: FastGraph, x: str) -> str:
+    """x * sigmoid(x): QuickGelu with alpha 1 (one op), or Sigmoid then Mul (onnxruntime-genai's builder's form)."""
+    if g.silu == "quickgelu":
+        return g.op("QuickGelu", [x], domain=MS_DOMAIN, alpha=1.0)
+    return g.op("Mul", [x, g.op("Sigmoid", [x])])
+
+
 def mlp(g: FastGraph, h: str, i: int) -> str:
-    """down(silu(gate(h)) * up(h)); QuickGelu with alpha 1 is x * sigmoid(x) = SiLU."""
+    """down(silu(gate(h)) * up(h))."""
     p = f"{PREFIX}.layers.{i}.mlp"
     gate, up = g.linears(h, [f"{p}.gate_proj.weight", f"{p}.up_proj.weight"])  # (B, S, I) each
-    act = g.op("QuickGelu", [gate], domain=MS_DOMAIN, alpha=1.0)
+    act = silu(g, gate)
     return g.linear(g.op("Mul", [act, up]), f"{p}.down_proj.weight")
 
 
 def build_fast_decoder(cfg: ModelConfig, source: onnx.ModelProto, folder: Path | None = None,
-                       fuse: bool | None = None, data_dir: Path | None = None) -> onnx.ModelProto:
+                       fuse: bool | None = None, data_dir: Path | None = None,
+                       silu: str = "quickgelu", rotary: str = "mrope") -> onnx.ModelProto:
     """The fused decoder graph over `source`'s weights (source loaded with load_external_data=False).
 
     fuse (True / None = quantized layers only / False) also concatenates q/k/v and gate/up weights
@@ -280,7 +304,7 @@ def build_fast_decoder(cfg: ModelConfig, source: onnx.ModelProto, folder: Path |
     data = None
     if fuse is not False and folder is not None:
         data = Path(data_dir or folder) / (FAST_DECODER_FILE + ".data")
-    g = FastGraph(SourceDecoder(source, folder), data, fuse=fuse)
+    g = FastGraph(SourceDecoder(source, folder), data, fuse=fuse, silu=silu, rotary=rotary)
     B, S, C = "batch_size", "sequence_length", "kv_capacity"
     x = g.input(INPUTS_EMBEDS, FLOAT, [B, S, text.hidden_size])
     g.input(POSITION_IDS, INT64, [3, B, S])
