@@ -87,10 +87,15 @@ def python_blocks() -> list[tuple[str, int, str]]:
 
 
 @pytest.fixture
-def example_folder(tiny_onnx_dir, tmp_path):
-    """A working folder with what the examples name: models/tiny-onnx and a few pictures."""
+def example_folder(tiny_onnx_dir, lab_cache, tmp_path, monkeypatch):
+    """A working folder with what the examples name: models/tiny-onnx, models/shapes-outliers-onnx (the repair
+    guide's outlier model, exported fp32 and INT4 as its commands make it) and a few pictures."""
+    from qwen3vl_lab.apps import notebook
+
+    monkeypatch.setenv("QWEN3VL_LAB_CACHE", str(lab_cache))
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "tiny-onnx").symlink_to(tiny_onnx_dir, target_is_directory=True)
+    (tmp_path / "models" / "shapes-outliers-onnx").symlink_to(notebook.outliers_model_dir(), target_is_directory=True)
     rng = np.random.default_rng(0)
     for name in ("photo.jpg", "a.png", "b.png"):
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / name)
