@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 08 · INT4 gibberish: found, named, and the repair in miniature
+# # 08 · INT4 gibberish: found, named, repaired
 #
 # Notebook 05 ended on a model whose real INT4 keeps fp32's answers: at this scale rounding weights to
 # 4 bits costs nothing. Real Qwen checkpoints are not so kind. They carry **activation outliers**: a few
@@ -7,9 +7,9 @@
 # activations in LLMs"), and those break INT4. This notebook plants them in the trained shapes model
 # (`qwen3vl-lab make-tiny --trained --outliers`: an exactly function-preserving rescaling, fp32 answers
 # unchanged token for token), watches INT4 break, follows the doctor to the cause, and writes the repair's
-# central move by hand (section 3). Running `qwen3vl-lab repair` on the whole export (every candidate built
-# and scored on held-out scenes, the Pareto of accuracy, bytes and tok/s) takes minutes, not a notebook's
-# minute: docs/guides/repair.md.
+# central move by hand (section 3), then runs `repair` itself on a few candidates and held-out scenes and
+# watches the answers come back (section 4). The full run (every candidate, 20 held-out scenes, mixed
+# precision from a sensitivity ranking, NNCF's AWQ) is `qwen3vl-lab repair`: docs/guides/repair.md.
 #
 # **Questions to keep in mind** (answer them before you run the cells that settle them):
 #
@@ -158,13 +158,64 @@ lesson.check_equalise(equalise)  # says "not written yet" until you replace the 
 assert lesson.check_equalise(lesson.equalise)  # the reference passes its own check
 
 # %% [markdown]
-# This is what `qwen3vl-lab repair` does to the export (SmoothQuant / AWQ's per-channel scales, folded into the
-# op before), together with mixed precision for the MatMuls it cannot rescue; the doctor's "what to do" gives the
-# exact command for this model:
+# ## 4. Repair, for real
 #
-#     qwen3vl-lab repair --model_dir OUT --output_dir FIXED
+# Your `equalise` is what `qwen3vl-lab repair` does to the export (SmoothQuant / AWQ's per-channel scales,
+# rounded to powers of two and folded into the RMSNorm weight and the `up_proj` rows, so fp32 is unchanged
+# bit for bit), chosen per site on calibration prompts. `repair` builds candidates from the fp32 export, scores
+# each against fp32 (KL, top-1, free greedy agreement) and on held-out scenes the calibration never saw, and
+# writes the winner as a normal export. Here: five candidates, 2 calibration scenes, 4 held-out scenes (22
+# questions) — a minute, not the full run.
 #
-# See docs/guides/repair.md (its candidates, the rule that picks the winner, measured accuracies) and
+# **Predict before you run:** the candidates are the default recipe, `accuracy_level 0` (fp32 activations in
+# the kernel), an 8-bit `lm_head`, **8 bits everywhere**, and the equalised model at 4 bits. Which of them
+# come back to fp32's accuracy? (8 bits everywhere has twice the bytes of every 4-bit candidate...)
+
+# %%
+import tempfile
+from pathlib import Path
+
+from qwen3vl_lab.debug.repair import repair
+from qwen3vl_lab.shapes.calibration import calibration_prompts, heldout_scorer
+from qwen3vl_lab.viz.doctor import plot_repair
+
+with tempfile.TemporaryDirectory() as tmp:  # write FIXED where you like; here it is removed at the end
+    report = repair(root, Path(tmp) / "fixed", calibration_prompts(2), scorer=heldout_scorer(4),
+                    candidates=["default", "acc0", "head_int8", "int8", "equalised"], log=lambda m: None)
+print(report.table())
+print(report.summary())
+for got_default, got_equalised in list(zip(report.row("default").predictions, report.row("equalised").predictions))[:4]:
+    print(f"default INT4: {got_default!r:45}  equalised INT4: {got_equalised!r}")
+
+# %%
+plot_repair(report)
+
+# %% [markdown]
+# **What happened.** The default recipe and `head_int8` answer nothing right: the lm_head was never the
+# problem. `accuracy_level 0` helps (fp32 activations keep the outlier channel's neighbours) but stays far
+# from fp32: the columns the outliers multiply are still rounded to zero in the *weights*. And 8 bits
+# everywhere fails too, with nearly twice the bytes — at `accuracy_level 4` the kernel rounds every activation
+# block to int8, and a 1000x channel leaves its block-mates nothing. Only moving the factor out of the
+# activations works, and it costs nothing on disk: the equalised model is the size of the default, every
+# decoder-layer MatMul still at 4 bits. (The tok/s column is one short run on a shared machine: `bench`
+# measures speed.)
+
+# %%
+eq, default = report.row("equalised"), report.row("default")
+assert report.winner == "equalised" and report.within_budget, report.summary()
+assert eq.four_bit_share >= 0.9  # a repair, not "keep it in fp32"
+assert eq.accuracy >= report.fp32_accuracy - 0.03 and default.accuracy < 0.3, (eq.accuracy, default.accuracy)
+print("equalised INT4:", format_accuracy(eq.correct, eq.total), "| default INT4:",
+      format_accuracy(default.correct, default.total), "| fp32:",
+      format_accuracy(report.fp32_correct, report.fp32_total))
+
+# %% [markdown]
+# The doctor's "what to do" gives the command for this model, and a foreign export (the guide's,
+# onnxruntime-genai's) is repaired the same way, from our export of its checkpoint:
+#
+#     qwen3vl-lab repair --model_dir OUT --output_dir FIXED --shapes 20     # --shapes: the shapes model's held-out score
+#
+# See docs/guides/repair.md (every candidate, the rule that picks the winner, the libraries tried) and
 # docs/guides/fix.md.
 #
 # *08_int4_gibberish_repaired: all checks passed* is printed by the last cell.

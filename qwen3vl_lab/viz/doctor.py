@@ -37,6 +37,7 @@ from ..debug.layers import KINDS, LayerReport, capture, matmul_inputs, relative_
 from ..debug.weights import WeightReport, short_name
 from ..errors import UserError
 from ..model import Model
+from ..stats import wilson_interval
 from .int4 import plot_layer_divergence, plot_step_divergence
 
 
@@ -100,6 +101,37 @@ def plot_sweep(result):
     ax.set_yticklabels(result.names, fontsize=7)
     ax.set_xlabel("mean KL(fp32 || variant), nats")
     ax.set_title("INT4 recipe sweep (lower is closer to fp32)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_repair(report):
+    """`repair`'s candidates as a Pareto picture: held-out accuracy (with its 95% interval) against the decoder's
+    size on disk, each point labelled with its decode tok/s; fp32 as a line, the winner ringed. A candidate
+    without a held-out score (no scorer) is drawn at its top-1 agreement with fp32 instead, and the axis says so."""
+    rows = [r for r in report.rows if r.error is None]
+    scored = all(r.total for r in rows)
+    fig, ax = _figure((7.0, 3.8))
+    for i, r in enumerate(sorted(rows, key=lambda r: r.decoder_bytes)):
+        mb = r.decoder_bytes / 1e6
+        if scored:
+            low, high = wilson_interval(r.correct, r.total)
+            y, err = r.accuracy, [[max(0.0, r.accuracy - low)], [max(0.0, high - r.accuracy)]]  # rounding at 0 / 100%
+        else:
+            y, err = r.top1, None
+        winner = r.name == report.winner
+        ax.errorbar(mb, y, yerr=err, fmt="o", ms=9 if winner else 6, capsize=3,
+                    color="#c44e52" if winner else "#4c72b0", mfc="none" if winner else None)
+        ax.annotate(f"{r.name}\n{r.decode_tok_s:.0f} tok/s", (mb, y), textcoords="offset points",
+                    xytext=(8, -22 if i % 2 else 4), fontsize=7)  # alternate: candidates of one size stand close
+    if scored and report.fp32_accuracy is not None:
+        ax.axhline(report.fp32_accuracy, color="0.4", ls="--", lw=1)
+        ax.text(ax.get_xlim()[1], report.fp32_accuracy, "fp32 ", ha="right", va="bottom", fontsize=7, color="0.3")
+    ax.set_xlabel("decoder on disk, MB")
+    ax.set_ylabel("held-out accuracy (95% CI)" if scored else "top-1 agreement with fp32")
+    ax.set_ylim(-0.12, 1.08)
+    ax.margins(x=0.2)
+    ax.set_title(f"repair candidates (ringed: the winner, {report.winner})", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -342,5 +374,5 @@ def doctor_figure(trace: DoctorTrace, step: int, matmul: str | None = None, cand
     return fig
 
 
-__all__ = ["CandidateAnswers", "DoctorTrace", "doctor_figure", "plot_comparison", "plot_layers", "plot_sweep", "plot_weights",
+__all__ = ["CandidateAnswers", "DoctorTrace", "doctor_figure", "plot_comparison", "plot_layers", "plot_repair", "plot_sweep", "plot_weights",
            "record_doctor_trace", "write_figures"]
