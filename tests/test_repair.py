@@ -122,3 +122,22 @@ def test_repair_bad_input_is_one_line(shapes_onnx_fp32_dir, tmp_path, capsys, ar
     code, _, err = run_cli(capsys, "repair", *argv)
     assert_one_line_error(code, err, needle)
     assert not (tmp_path / "o").exists()
+
+
+def test_plot_repair_draws_each_candidate_at_its_accuracy_with_its_interval():
+    from qwen3vl_lab.debug.repair import Candidate, CandidateResult, RepairReport
+    from qwen3vl_lab.stats import wilson_interval
+    from qwen3vl_lab.viz.doctor import plot_repair
+
+    def row(name, correct, mb):
+        return CandidateResult(Candidate(name, Int4Recipe()), correct=correct, total=22, decoder_bytes=int(mb * 1e6),
+                               decode_tok_s=100.0, four_bit=(28, 28))
+    rows = [row("default", 0, 12.0), row("equalised", 20, 12.0), row("int8", 0, 21.6)]
+    report = RepairReport("m", "o", rows, winner="equalised", within_budget=True, rule="", fp32_correct=20, fp32_total=22)
+    ax = plot_repair(report).axes[0]
+    points = sorted((line.get_xdata()[0], line.get_ydata()[0]) for line in ax.lines if line.get_marker() == "o")
+    assert points == [(12.0, 0.0), (12.0, pytest.approx(20 / 22)), (21.6, 0.0)]
+    low, high = wilson_interval(20, 22)
+    spans = sorted(tuple(seg[:, 1]) for coll in ax.collections for seg in coll.get_segments())
+    assert any(a == pytest.approx(low) and b == pytest.approx(high) for a, b in spans)  # the winner's 95% interval
+    assert "equalised" in ax.get_title()
