@@ -31,7 +31,7 @@ def onnx_dir(tiny_onnx_fp32_dir):
 
 
 def linked_copy(src: Path, dst: Path, skip=(), edit_config=None) -> Path:
-    """A cheap copy of an export: symlinks to every file, minus `skip`; edit_config(config) edits
+    """A cheap copy of an export: hard links to every file, minus `skip`; edit_config(config) edits
     genai_config.json + qwen3vl_lab.json as one dict (our settings under "qwen3vl_lab")."""
     configs = (GENAI_CONFIG, OWN_CONFIG)
     for f in src.rglob("*"):
@@ -40,7 +40,7 @@ def linked_copy(src: Path, dst: Path, skip=(), edit_config=None) -> Path:
         target = dst / f.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
         if not (f.name in configs and edit_config):
-            os.symlink(f, target)
+            os.link(f, target)  # a hard link: a symlink leading out of the folder is refused (paths.inside)
     for f in src.rglob(GENAI_CONFIG) if edit_config else ():
         config = read_export_config(f.parent)
         edit_config(config)
