@@ -116,8 +116,8 @@ def test_interrupting_cancels_the_remote_tasks_and_leaves_no_half_written_varian
     assert by_name[recipes[0].name].name in built
     fingerprint = source_fingerprint(tiny_onnx_fp32_dir / "cpu-fp32")
     for name in built:
-        folder, reused = build_variant(tiny_onnx_fp32_dir / "cpu-fp32", out, by_name[name], fingerprint=fingerprint,
-                                       assets=out / ASSETS_FOLDER)
+        folder, _, reused = build_variant(tiny_onnx_fp32_dir / "cpu-fp32", out, by_name[name], fingerprint=fingerprint,
+                                          assets=out / ASSETS_FOLDER)
         assert reused, f"{name} is in place but its stamp does not verify"
         ort.InferenceSession(str(next(folder.rglob("model.onnx"))), providers=["CPUExecutionProvider"])
     leftovers = [p.name for p in out.iterdir() if p.name in by_name and not (p / VARIANT_STAMP).is_file()]

@@ -331,7 +331,7 @@ def test_make_tiny_trained_cli_and_its_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["eval-shapes", "--model_dir", str(tmp_path / "m"), "--n", "0"])
-    assert e.value.code == 2 and "--n must be an integer >= 1" in capsys.readouterr().err
+    assert e.value.code == 2 and "--n must be an integer from 1 to 100,000" in capsys.readouterr().err
 
 
 def test_trained_float32_and_legacy_copies_hold_the_same_weights(trained_dir, tmp_path):

@@ -344,7 +344,7 @@ def test_notebook_model_folder_choices(monkeypatch, tmp_path, tiny_dir):
     notebook.require_attentions(notebook.open_model())
 
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "missing"))
-    with pytest.raises(UserError, match="MODEL_DIR=.*does not exist"):
+    with pytest.raises(UserError, match="MODEL_DIR .*does not exist"):
         notebook.model_dir()
     monkeypatch.setenv("MODEL_DIR", str(tiny))
     assert notebook.model_dir() == tiny and not notebook.is_tiny() and "MODEL_DIR" in notebook.describe()

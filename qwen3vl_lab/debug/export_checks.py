@@ -242,8 +242,12 @@ def check_mrope_layout(model: Model, image: ImageProbe | None = None) -> CheckIt
                          "nothing: the decoder does not read that row (the positions line names it)")
     text = model.config.text
     measured = response["W"] / response["T"]
-    predicted = {layout: _fastest(t, 2) / _fastest(t, 0) for layout, t in
-                 (("interleaved", mrope_inv_freq_by_axis(text)), ("blocked", blocked_inv_freq_by_axis(text)))}
+    tables = {"interleaved": mrope_inv_freq_by_axis(text), "blocked": blocked_inv_freq_by_axis(text)}
+    if any(_fastest(t, axis) == 0.0 for t in tables.values() for axis in (0, 2)):
+        return CheckItem("mrope", title, "skip", f"the model's config (mrope_section {text.mrope_section}, head_dim "
+                         f"{text.head_dim}) gives T or W no rotary channel, so neither layout predicts a W/T ratio to "
+                         f"compare with the measured {measured:.2g}")
+    predicted = {layout: _fastest(t, 2) / _fastest(t, 0) for layout, t in tables.items()}
     nearest = min(predicted, key=lambda k: abs(np.log(measured / predicted[k])))
     evidence = (f"{where} moved one step: max |logit change| along T {response['T']:.3g}, along W {response['W']:.3g}; "
                 f"W/T {measured:.2g} (fastest W / T channel frequency: interleaved {predicted['interleaved']:.2g}, "

@@ -28,7 +28,9 @@ from .weights import map_array
 
 EMBED_NAMES = ("model.language_model.embed_tokens.weight", "model.embed_tokens.weight")
 SAMPLE_ROWS = 4096  # token rows compared: enough to tell two models apart, a few MB even at 4B
-DIMS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_key_value_heads", "head_dim", "intermediate_size")
+# The dimensions every layout states (a foreign export without a checkpoint has them from its graph; its MLP width
+# is not in its genai_config.json, so intermediate_size is not compared: the embedding tables below tell models apart).
+DIMS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_key_value_heads", "head_dim")
 NOT_SAME_MODEL = 0.5  # |E_ref - E_test| / |E_ref| of two float32 embedding tables: 0 for the same model, ~1.4 for another
 
 
