@@ -418,7 +418,7 @@ def advice(report: DoctorReport, lacks: Sequence[str], hf_dir) -> list[str]:
         out.append(f"activation outliers are the cause (an input channel {ratio:.0f}x the median at "
                    f"{where}; top-1 agreement with fp32 {report.comparison.agreement:.0%}): "
                    f"qwen3vl-lab repair --model_dir {report.export_root} --output_dir FIXED "
-                   "(equalises the outlier channels into the op before and keeps the sensitive MatMuls at 8 bits)")
+                   "(builds candidates — the outlier channels equalised into the op before, the sensitive MatMuls at 8 bits, ... — scores them against fp32 and writes the best)")
     if report.best_recipe:
         out.append(f"the INT4 recipe that keeps the reference's answers best here: {report.best_recipe} "
                    "(`qwen3vl-lab sweep --model_dir OUT` ranks more)")
