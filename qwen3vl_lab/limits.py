@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import operator
 import os
+import time
 
 from .errors import UserError
 
@@ -34,6 +35,61 @@ def max_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+BUSY_SAMPLE_S = 0.25  # how long `others_busy_cores` watches the CPUs
+BUSY_CACHE_S = 30.0  # a sample is reused this long (a test suite opens hundreds of sessions)
+_busy_sample: tuple[float, float] | None = None  # (monotonic time, cores busy)
+
+
+def _cpu_ticks(cpus: set[int]) -> int | None:
+    """Busy clock ticks (all but idle and iowait) of these CPUs since boot, from /proc/stat; None if unreadable."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    busy = 0
+    for line in lines:
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus and len(fields) >= 5:
+            ticks = [int(x) for x in fields[:8]]
+            busy += sum(ticks) - ticks[3] - ticks[4]  # user nice system [idle iowait] irq softirq steal
+    return busy
+
+
+def _own_ticks() -> int | None:
+    """This process's user + system clock ticks (all its threads), from /proc/self/stat; None if unreadable."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+
+
+def others_busy_cores(window: float = BUSY_SAMPLE_S) -> float | None:
+    """Cores of this process's CPU set that other processes kept busy, watched for `window` seconds now (Linux;
+    None elsewhere). Unlike the load average, which lags a minute and counts this process's own start-up
+    (exporting or loading weights), this is what the other processes take now. Reused for BUSY_CACHE_S."""
+    global _busy_sample
+    now = time.monotonic()
+    if _busy_sample is not None and now - _busy_sample[0] < BUSY_CACHE_S:
+        return _busy_sample[1]
+    try:
+        cpus = os.sched_getaffinity(0)
+        hz = os.sysconf("SC_CLK_TCK")
+    except (AttributeError, OSError, ValueError):
+        return None
+    start, own = _cpu_ticks(cpus), _own_ticks()
+    t0 = time.monotonic()
+    time.sleep(window)
+    end, own_end = _cpu_ticks(cpus), _own_ticks()
+    if None in (start, own, end, own_end):
+        return None
+    busy = max(0.0, ((end - start) - (own_end - own)) / hz / (time.monotonic() - t0))
+    _busy_sample = (time.monotonic(), busy)
+    return busy
 
 
 def check_threads(threads, name: str = "threads") -> int | None:

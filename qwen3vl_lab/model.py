@@ -27,6 +27,7 @@ from .config import ModelConfig, TextConfig, VisionConfig, load_hf_config
 from .decoder import DecoderIO, MissingPiece, OnnxDecoder
 from .errors import UserError
 from .graph_check import check_graph
+from .hugepages import huge_pages
 from .layout import (
     DECODER_FILE,
     EMBEDDING_INPUT,
@@ -39,30 +40,30 @@ from .layout import (
     VISION_FILE,
 )
 from .layouts import Layout, external_files, find_layout, read_export_config, read_genai_config
-from .limits import check_threads, max_threads
+from .limits import check_threads, max_threads, others_busy_cores
 from .paths import existing_dir, export_path, readable_file
 from .tokenizer import load_tokenizer  # cheap: transformers itself is imported when a tokenizer loads
 
-# Spinning is on when the 1-minute load average leaves each of our threads a core: load + threads <= cores + slack.
-# The slack lets our own start-up (loading weights raises the average for a minute) count as quiet.
-SPIN_LOAD_SLACK = 0.75
+# Spinning is on when the other processes leave each of our threads a core: busy + threads <= cores + slack.
+SPIN_BUSY_SLACK = 0.5
 
 
-def spinning_pays(threads: int | None, load: float | None = None, cores: int | None = None) -> bool:
+def spinning_pays(threads: int | None, busy: float | None = None, cores: int | None = None) -> bool:
     """Whether onnxruntime's worker threads should spin between ops: only on cores nobody else wants.
 
     Measured on a 2-core VM with the 2B dimensions in INT4 (alternating runs in one `bench`): on a quiet
     machine spinning made decode ~16-19% faster (15.4 -> 18.3 tok/s); with other processes running, steps took
     up to 1.6x longer with it (a spinning thread holds a core the others need, and is preempted mid-op).
-    `load` (default: os.getloadavg's 1-minute figure, runnable processes) and `cores` (default: this process's)
-    decide: spin when load + threads <= cores + SPIN_LOAD_SLACK."""
+    `busy` (default: `limits.others_busy_cores`, the cores other processes keep busy now, watched for a
+    quarter of a second) and `cores` (default: this process's) decide: spin when busy + threads <= cores +
+    SPIN_BUSY_SLACK. The 1-minute load average is not used: it counts our own export or weight loading of the
+    last minute as load, and chose "off" on a quiet machine right after an export."""
     cores = cores or max_threads()
-    if load is None:
-        try:
-            load = os.getloadavg()[0]
-        except OSError:  # unknown (not Linux/macOS): sleep, the safe choice on a shared machine
+    if busy is None:
+        busy = others_busy_cores()
+        if busy is None:  # unknown (not Linux): sleep, the safe choice on a shared machine
             return False
-    return load + (threads or cores) <= cores + SPIN_LOAD_SLACK
+    return busy + (threads or cores) <= cores + SPIN_BUSY_SLACK
 
 
 @dataclass(frozen=True)
@@ -72,20 +73,23 @@ class RuntimeOptions:
     The defaults suit decoding on a CPU: all graph optimisations (fusions, constant folding, weight
     prepacking) and the memory arena (decode steps reuse the same buffers). allow_spinning=None
     (the default) decides when sessions are made whether worker threads spin between ops or sleep
-    (`spinning_pays`: spin on a quiet machine, sleep when other processes want the cores); True / False
-    force it."""
+    (`spinning_pays`: spin when no other process wants the cores now, sleep when they do); True / False
+    force it. huge_pages=True (the default) moves each session's prepacked weights onto 2 MiB pages once it has
+    opened (Linux; `hugepages.py`): measured on the 2B dimensions in INT4, 4-11% faster decode for ~0.6-1.6 s more
+    load (`qwen3vl-lab bench --huge_pages ab`)."""
 
     threads: int | None = None
     graph_optimization: str = "all"  # "disable", "basic", "extended", "all"
     memory_arena: bool = True
-    allow_spinning: bool | None = None  # None: decided from the machine's load (spinning_pays)
+    allow_spinning: bool | None = None  # None: decided from what other processes use now (spinning_pays)
     log_severity: int = 3  # errors only: onnxruntime's warnings are noise for users
+    huge_pages: bool = True  # back each session's prepacked weights with 2 MiB pages once it opens (hugepages.py)
 
     def __post_init__(self):
         check_threads(self.threads, "threads")  # more threads than cores: refused here (limits.py)
 
     def spinning(self) -> bool:
-        """allow_spinning, or when it is None what the machine's load says now (spinning_pays)."""
+        """allow_spinning, or when it is None what the other processes' CPU use says now (spinning_pays)."""
         return self.allow_spinning if self.allow_spinning is not None else spinning_pays(self.threads)
 
     def resolved(self) -> "RuntimeOptions":
@@ -127,7 +131,8 @@ def open_session(path: Path, options: RuntimeOptions, config: ModelConfig | None
 def _open_session(path: Path, options: RuntimeOptions) -> ort.InferenceSession:
     session_options = options.session_options()
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options, providers=["CPUExecutionProvider"])
+        with huge_pages(options.huge_pages):
+            return ort.InferenceSession(str(path), sess_options=session_options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises several types for corrupt files
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} could not be loaded by onnxruntime ({reason}); re-export it with `qwen3vl-lab export`") from None

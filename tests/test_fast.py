@@ -419,13 +419,13 @@ def test_floor_is_the_sustained_bandwidth_and_never_above_100_percent():
     assert steady.fraction == pytest.approx(0.5)
 
 
-def test_spinning_default_follows_the_load():
-    """allow_spinning=None spins only when the load average leaves each of our threads a core; set, it is obeyed."""
+def test_spinning_default_follows_what_others_use():
+    """allow_spinning=None spins only when the other processes leave each of our threads a core; set, it is obeyed."""
     from qwen3vl_lab.model import RuntimeOptions, spinning_pays
 
-    assert spinning_pays(2, load=0.1, cores=2) and spinning_pays(2, load=0.7, cores=2)  # quiet (our own start-up)
-    assert not spinning_pays(2, load=1.5, cores=2) and not spinning_pays(2, load=12.0, cores=2)  # others want cores
-    assert spinning_pays(1, load=1.2, cores=2) and not spinning_pays(None, load=1.2, cores=2)  # None: a thread per core
+    assert spinning_pays(2, busy=0.0, cores=2) and spinning_pays(2, busy=0.4, cores=2)  # quiet
+    assert not spinning_pays(2, busy=1.0, cores=2) and not spinning_pays(2, busy=12.0, cores=2)  # others want cores
+    assert spinning_pays(1, busy=1.2, cores=2) and not spinning_pays(None, busy=1.2, cores=2)  # None: a thread per core
     auto = RuntimeOptions(threads=1)
     assert auto.allow_spinning is None and auto.resolved().allow_spinning == auto.spinning()
     assert RuntimeOptions(allow_spinning=True).resolved().allow_spinning is True
@@ -433,6 +433,25 @@ def test_spinning_default_follows_the_load():
         entry = RuntimeOptions(allow_spinning=forced).session_options().get_session_config_entry(
             "session.intra_op.allow_spinning")
         assert entry == ("1" if forced else "0")
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="reads /proc/stat (Linux)")
+def test_others_busy_cores_sees_another_process(monkeypatch):
+    """A process spinning on a core while the sample is taken counts as about one busy core (never ours)."""
+    import time
+
+    from qwen3vl_lab import limits
+
+    monkeypatch.setattr(limits, "_busy_sample", None)  # no cached sample
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 20: pass"])
+    try:
+        time.sleep(0.3)  # started and spinning
+        busy = limits.others_busy_cores(window=0.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy is not None and busy >= 0.6
+    assert limits.others_busy_cores() == busy  # the sample is reused (BUSY_CACHE_S)
 
 
 def test_profile_summary_attributes_each_kernel_to_its_step():
@@ -531,8 +550,112 @@ def test_bench_against_another_engine_prints_the_ratio(onnx_dir, tiny_dir, tmp_p
         nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
         attrs = {(a.name, onnx.helper.get_attribute_value(a)) for a in nbits[0].attribute}
         assert {("bits", 4), ("block_size", 32), ("accuracy_level", 4)} <= attrs
+        assert result["recipes_match"] and result["genai_recipe"] == result["recipe"]
+        assert "(the same as ours)" in out.stdout
         genai = json.loads((tmp_path / "genai" / "genai_config.json").read_text())  # threads went over it, not in it
         assert "intra_op_num_threads" not in genai["model"]["decoder"].get("session_options", {})
+
+
+def test_graph_recipe_reads_the_graphs_own_attributes(models):
+    """What each decoder graph holds, read from its MatMulNBits nodes: the recipes the two exports were made with."""
+    from qwen3vl_lab.apps.bench import graph_recipe, recipe_text
+
+    vocab = models["int4"].config.text.vocab_size
+    for name, level in (("int4", 4), ("int4-acc1", 1)):
+        recipe = graph_recipe(models[name].fast_decoder_file(), vocab)
+        assert recipe == {"block_size": [32], "accuracy_level": [level], "bits": [4], "lm_head": "int4",
+                          "zero_points": False}
+        assert recipe_text(recipe) == f"4-bit, block 32, accuracy_level {level}, int4 lm_head, symmetric"
+    fp32 = graph_recipe(models["fp32"].fast_decoder_file(), vocab)
+    assert fp32["bits"] == [] and recipe_text(fp32) == "no MatMulNBits (fp32 weights)"
+
+
+def test_genai_is_built_with_our_recipe_in_a_folder_of_its_own():
+    """Our export's block size / accuracy level / symmetry become the builder's options; a non-default recipe gets
+    its own default folder, so a build for one recipe is never taken for another's."""
+    from qwen3vl_lab.apps.bench import BenchConfig, default_genai_dir, genai_options
+    from qwen3vl_lab.export.quantize import Int4Recipe
+
+    assert genai_options(None) == ["block_size=32", "accuracy_level=4", "is_symmetric=true"]
+    assert genai_options(Int4Recipe(block_size=128, symmetric=False)) == [
+        "block_size=128", "accuracy_level=4", "is_symmetric=false"]
+    cfg = BenchConfig(model_dir="out", precision="int4")
+    assert default_genai_dir(cfg, Int4Recipe()) == Path("out/genai-cpu-int4")
+    assert default_genai_dir(cfg, Int4Recipe(block_size=128)) == Path("out/genai-cpu-int4-b128-acc4-sym")
+    assert default_genai_dir(BenchConfig(model_dir="out"), None) == Path("out/genai-cpu-fp32")
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def test_huge_pages_change_no_token(onnx_dir, capsys):
+    """The same export with its weights on 2 MiB pages (the default) and on 4 KiB pages: the same greedy tokens;
+    `generate --huge_pages off` gives the default's answer."""
+    from qwen3vl_lab.model import RuntimeOptions
+
+    huge, small = (load_model(onnx_dir, "int4", RuntimeOptions(threads=1, huge_pages=h)) for h in (True, False))
+    p = prepare_prompt(huge, PROMPTS[0])
+    assert (list(generate_tokens(huge, p, greedy, 12, eos_token_ids=[], fast=True))
+            == list(generate_tokens(small, p, greedy, 12, eos_token_ids=[], fast=True)))
+    answers = []
+    for pages in ("on", "off"):
+        code, out, err = run_cli(capsys, "generate", "--model_dir", onnx_dir, "--text_precision", "int4", "--prompt",
+                                 "Hi", "--max_new_tokens", "4", "--no_sample", "--huge_pages", pages, "--json")
+        assert code == 0, err
+        answers.append(json.loads(out.strip().splitlines()[-1])["token_ids"])
+    assert answers[0] == answers[1]
+
+
+def test_new_ranges_are_only_the_memory_that_appeared():
+    """The kernel merges a new mapping into its neighbours: only the parts not mapped before count as new."""
+    from qwen3vl_lab.hugepages import new_ranges
+
+    assert new_ranges({(10, 20), (30, 40)}, {(5, 45)}) == {(5, 10), (20, 30), (40, 45)}  # merged around old ones
+    assert new_ranges({(10, 20)}, {(10, 20), (50, 60)}) == {(50, 60)}
+    assert new_ranges({(10, 20)}, {(10, 20)}) == set() and new_ranges(set(), {(1, 2)}) == {(1, 2)}
+
+
+@pytest.mark.skipif(not THP.is_file() or "[never]" in THP.read_text(), reason="no transparent huge pages here")
+def test_huge_pages_back_only_what_appears_inside_the_block():
+    """Memory mapped inside `huge_pages(True)` ends on 2 MiB pages; memory that was there before is untouched.
+    (Plain anonymous mmaps, as malloc makes for onnxruntime: numpy advises huge pages for its own arrays.)"""
+    import mmap
+
+    from qwen3vl_lab.hugepages import anon_huge_bytes, huge_pages
+
+    size = 64 * 2**20
+
+    def mapped() -> mmap.mmap:  # 64 MiB, every page touched
+        block = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        block.write(b"\x01" * size)
+        return block
+
+    def huge_kb_at(block) -> int:  # AnonHugePages of the mapping that holds the middle of this block
+        address = np.frombuffer(block, np.uint8).ctypes.data + size // 2
+        inside = False
+        with open("/proc/self/smaps", encoding="ascii") as f:
+            for line in f:
+                fields = line.split()
+                if "-" in fields[0] and not fields[0].endswith(":"):
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    inside = start <= address < end
+                elif inside and fields[0] == "AnonHugePages:":
+                    return int(fields[1])
+        raise AssertionError("block not mapped")
+
+    before = mapped()
+    with huge_pages(False) as skipped:
+        also_small = mapped()
+    assert skipped == [0] and huge_kb_at(before) == 0 and huge_kb_at(also_small) == 0
+    total = anon_huge_bytes()
+    with huge_pages(True) as collapsed:
+        weights = mapped()
+    if collapsed[0] == 0:
+        pytest.skip("this kernel refused MADV_COLLAPSE (Linux < 6.1)")
+    assert collapsed[0] >= size - 2 * 2**20 and huge_kb_at(weights) * 1024 >= 2 * 2**20
+    assert anon_huge_bytes() >= total + size - 2 * 2**20
+    assert huge_kb_at(before) == 0 and huge_kb_at(also_small) == 0  # only what appeared inside the block
+    assert weights[:] == b"\x01" * size  # the data survives the move
 
 
 def test_bench_rejects_bad_input(onnx_dir, tmp_path):

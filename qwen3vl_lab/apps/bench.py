@@ -7,6 +7,9 @@
     qwen3vl-lab bench --model_dir OUT --text_precision int4 --grid [--vs genai --hf_dir CKPT] [--plot grid.png]
 
 `--profile` and `--grid` time the decoder graphs alone, in onnxruntime, instead (`bench_profile.py`).
+Our prepacked weights are on 2 MiB pages (`hugepages.py`, `--huge_pages on`, as every session of the toolkit);
+`off` leaves them on 4 KiB pages; `ab` also runs a second copy of our model on 4 KiB pages, alternating with the
+first (`huge_pages_ratio`). The probe's weight is always on 2 MiB pages: the floor is what the machine can do.
 
 Decoding a token reads every decoder weight once (lm_head included), so a decode step cannot be
 faster than weight bytes / memory bandwidth. The bandwidth is measured the way decode reads its
@@ -25,9 +28,10 @@ ms_per_token (the median decode step), i.e. the share of the bandwidth floor ach
 (`best_run_floor_fraction`: over the fastest run's mean step).
 
 `--vs genai` builds onnxruntime-genai's own export of the same checkpoint (its model builder, same
-precision, same INT4 recipe: block 32, symmetric, accuracy_level 4) and runs it twice: at its session
+precision, and our export's INT4 block size, accuracy level and symmetry; both graphs' recipes are read back from
+their MatMulNBits nodes and printed, `recipes_match`) and runs it twice: at its session
 defaults (onnxruntime's: threads spin between ops) and with our spinning setting (`genai_matched_*`,
-`matched_ratio`; ours is `--spinning`, by default decided from the load average: `model.spinning_pays`). `--vs torch` loads transformers' PyTorch model (fp32). Each runs in a worker process
+`matched_ratio`; ours is `--spinning`, by default decided from what other processes use now: `model.spinning_pays`). `--vs torch` loads transformers' PyTorch model (fp32). Each runs in a worker process
 (`bench_workers.py`) and the runs alternate (each run starts one engine later: ABC BCA CAB; with two
 engines, ABBA) in the same command, so every side sees the
 same machine load. Every figure is a median over `--runs`; prefill = prompt in -> first token out;
@@ -46,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -55,9 +59,12 @@ import onnx
 
 from ..errors import UserError
 from ..export.files import check_replaceable, replace_folder, staging_folder
+from ..export.quantize import Int4Recipe, read_recipe
 from ..fast import FastDecoder
 from ..generate import Prompt, encode_visuals, generate_step, preprocess_visuals
+from ..hugepages import anon_huge_bytes
 from ..layout import FAST_DECODER_FILE
+from ..limits import others_busy_cores
 from ..model import RuntimeOptions, load_model
 from ..sampling import greedy
 from ..steps import build_positions, embed
@@ -82,12 +89,13 @@ class BenchConfig:
     threads: int | None = None  # onnxruntime / torch intra-op threads (default: one per core)
     image_size: int = 448  # the vision-encode timing image (0 skips it)
     seed: int = 0
-    spinning: bool | None = None  # our sessions' thread spinning; None: decided from the load (model.spinning_pays)
+    spinning: bool | None = None  # our sessions' thread spinning; None: decided from others' CPU use (model.spinning_pays)
     profile: bool = False  # per-op profile of one decode step (bench_profile.py) instead of the timed runs
     variants: bool = False  # --profile also our graph's other builds (separate projections, Sigmoid*Mul, GQA rotary)
     grid: bool = False  # decode step time over context x batch (bench_profile.step_grid) instead of the timed runs
     grid_memory_gb: float = 6.0  # the grid skips cells whose KV buffers (all graphs) would exceed this
     plot: str | None = None  # --grid: write the figure (PNG) here
+    huge_pages: str = "on"  # "on", "off", or "ab": ours with and without 2 MiB pages, alternating (hugepages.py)
 
 
 # -- the machine ------------------------------------------------------------------------------------
@@ -121,6 +129,30 @@ def graph_weight_bytes(path: Path) -> int:
         else:
             total += len(t.raw_data) if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).nbytes
     return total
+
+
+def graph_recipe(path: Path, vocab_size: int) -> dict:
+    """What a decoder graph's MatMulNBits nodes say (read from the graph, not from a config beside it): block
+    sizes, accuracy levels, bits of the body and of the lm_head (the MatMul with N = vocab_size), zero points."""
+    model = onnx.load(str(path), load_external_data=False)
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+    head = [a for a in attrs if a.get("N") == vocab_size]
+    body = [a for a in attrs if a.get("N") != vocab_size]
+    return {"block_size": sorted({a.get("block_size", 0) for a in body}),
+            "accuracy_level": sorted({a.get("accuracy_level", 0) for a in body}),
+            "bits": sorted({a.get("bits", 4) for a in body}),
+            "lm_head": f"int{head[0].get('bits', 4)}" if head else "fp32",
+            "zero_points": any(len(n.input) > 3 and n.input[3] for n in nodes)}
+
+
+def recipe_text(recipe: dict) -> str:
+    if not recipe["bits"]:
+        return "no MatMulNBits (fp32 weights)"
+    join = lambda xs: "/".join(map(str, xs))  # noqa: E731
+    return (f"{join(recipe['bits'])}-bit, block {join(recipe['block_size'])}, accuracy_level "
+            f"{join(recipe['accuracy_level'])}, {recipe['lm_head']} lm_head, "
+            f"{'zero points' if recipe['zero_points'] else 'symmetric'}")
 
 
 def default_threads() -> int:
@@ -241,10 +273,29 @@ def missing_package(module: str) -> str:
             "not installed; pip install 'qwen3vl-lab[bench]' (torch pinned to 2.13.0, the CPU build)")
 
 
-def genai_folder(cfg: BenchConfig, log: Callable[[str], None]) -> Path:
-    """onnxruntime-genai's builder export of --hf_dir (same precision and INT4 recipe), built once; used as it is
-    (the engine sets its threads over the genai_config.json, never in it)."""
-    out = Path(cfg.genai_dir) if cfg.genai_dir else Path(cfg.model_dir) / f"genai-cpu-{cfg.precision}"
+def genai_options(recipe: Int4Recipe | None) -> list[str]:
+    """The builder's --extra_options for our export's INT4 recipe (block size, accuracy level, symmetry), so both
+    sides quantize alike; the builder's own defaults are block 32, accuracy_level 4, symmetric (= Int4Recipe())."""
+    r = recipe or Int4Recipe()
+    return [f"block_size={r.block_size}", f"accuracy_level={r.accuracy_level}",
+            f"is_symmetric={'true' if r.symmetric else 'false'}"]
+
+
+def default_genai_dir(cfg: BenchConfig, recipe: Int4Recipe | None) -> Path:
+    """MODEL_DIR/genai-cpu-PRECISION for the builder's default recipe; other recipes get their own folder
+    (genai-cpu-int4-b128-acc4-sym), so a build for one recipe is never reused for another."""
+    name = f"genai-cpu-{cfg.precision}"
+    r = recipe or Int4Recipe()
+    if cfg.precision == "int4" and (r.block_size, r.accuracy_level, r.symmetric) != (32, 4, True):
+        name += f"-b{r.block_size}-acc{r.accuracy_level}-{'sym' if r.symmetric else 'asym'}"
+    return Path(cfg.model_dir) / name
+
+
+def genai_folder(cfg: BenchConfig, log: Callable[[str], None], recipe: Int4Recipe | None = None) -> Path:
+    """onnxruntime-genai's builder export of --hf_dir (same precision, and for INT4 our export's block size,
+    accuracy level and symmetry), built once; used as it is (the engine sets its threads over the
+    genai_config.json, never in it). What each graph holds is read back from the graphs (`graph_recipe`)."""
+    out = Path(cfg.genai_dir) if cfg.genai_dir else default_genai_dir(cfg, recipe)
     if not (out / "genai_config.json").is_file():
         for package in BUILDER_PACKAGES:  # found, not imported: torch never enters this process
             if importlib.util.find_spec(package) is None:
@@ -254,8 +305,8 @@ def genai_folder(cfg: BenchConfig, log: Callable[[str], None]) -> Path:
         with staging_folder(out.parent, f".{out.name}-", name="--genai_dir", shown=out) as staging:
             cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(cfg.hf_dir), "-o", str(staging),
                    "-p", cfg.precision, "-e", "cpu", "-c", str(staging / "cache")]
-            if cfg.precision == "int4":  # the builder's defaults, spelled out: our Int4Recipe() is the same
-                cmd += ["--extra_options", "block_size=32", "accuracy_level=4", "is_symmetric=true"]
+            if cfg.precision == "int4":
+                cmd += ["--extra_options", *genai_options(recipe)]
             log(f"building the onnxruntime-genai {cfg.precision} model of {cfg.hf_dir} (its model builder) ...")
             t0 = time.perf_counter()
             done = subprocess.run(cmd, capture_output=True, text=True)
@@ -302,6 +353,10 @@ def check_config(cfg: BenchConfig) -> None:
         raise UserError("--plot draws the --grid figure; pass --grid too")
     if cfg.plot and not Path(cfg.plot).resolve().parent.is_dir():
         raise UserError(f"--plot {cfg.plot}: its folder does not exist; create it or pass another path")
+    if cfg.huge_pages not in ("off", "on", "ab"):
+        raise UserError(f"--huge_pages {cfg.huge_pages!r} is unknown; choose off, on or ab")
+    if cfg.huge_pages == "ab" and (cfg.profile or cfg.grid):
+        raise UserError("--huge_pages ab is an A/B of the timed runs; pass on or off with --profile or --grid")
     if cfg.vs == "torch" and cfg.precision != "fp32":
         raise UserError("--vs torch compares fp32 only (transformers' model is fp32 here); use --text_precision fp32")
 
@@ -311,7 +366,9 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     check_config(cfg)
     threads = cfg.threads or default_threads()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    options = RuntimeOptions(threads=threads, allow_spinning=cfg.spinning).resolved()  # one decision for the run
+    busy = others_busy_cores()  # the sample spinning auto decides from (reused by resolved(): one decision)
+    options = RuntimeOptions(threads=threads, allow_spinning=cfg.spinning,
+                             huge_pages=cfg.huge_pages != "off").resolved()  # one spinning decision for the run
     spinning = options.allow_spinning
     if cfg.profile or cfg.grid:
         return profile_decode(cfg, options, log)
@@ -323,27 +380,37 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     model.fast_decoder  # noqa: B018 (open the session: weights loaded and prepacked)
     load_s = time.perf_counter() - t0
     load_peak = peak_rss_bytes()
+    huge_bytes = anon_huge_bytes()  # ours alone so far (the A/B copy opens below)
+    small = None  # --huge_pages ab: a second copy of our model on 4 KiB pages, run in turn with the first
+    if cfg.huge_pages == "ab":
+        small = load_model(cfg.model_dir, cfg.precision, replace(options, huge_pages=False), open_decoder=False)
+        small.fast_decoder  # noqa: B018 (see above)
     weight_bytes = graph_weight_bytes(model.folder / FAST_DECODER_FILE)
+    recipe = graph_recipe(model.folder / FAST_DECODER_FILE, model.config.text.vocab_size)
+    genai_recipe = None
     ids = prompt_ids(cfg)
     others: dict[str, Worker] = {}  # name -> worker, run in this order (reversed every other run)
     probe = None
     try:
-        probe = Worker("gemv", None, threads, spinning, ("--bytes", str(bandwidth_buffer_bytes())),
-                       name="bandwidth probe")
+        probe = Worker("gemv", None, threads, spinning, ("--bytes", str(bandwidth_buffer_bytes()),),
+                       name="bandwidth probe")  # its weight on 2 MiB pages whatever ours are: the best the machine does
         gemv_s = probe.request({"runs": PROBE_RUNS})["seconds"]
         if cfg.vs == "genai":
-            folder = genai_folder(cfg, log)
+            folder = genai_folder(cfg, log, read_recipe(model.folder))
+            genai_recipe = graph_recipe(folder / "model.onnx", model.config.text.vocab_size)
             others["genai"] = Worker("genai", folder, threads)  # its defaults: onnxruntime's thread spinning
             others["genai_matched"] = Worker("genai", folder, threads, spinning, name="genai (matched)")
         elif cfg.vs == "torch":
             others["torch"] = Worker("torch", Path(cfg.hf_dir), threads)
         warm = min(4, cfg.new_tokens)
         run_ours(model, ids, warm)
+        if small is not None:
+            run_ours(small, ids, warm)
         for w in others.values():
             w.run(ids, warm)
-        ours, peaks = [], []
+        ours, peaks, ours_small = [], [], []
         theirs: dict[str, list] = {name: [] for name in others}
-        sides = ["ours", *others]
+        sides = ["ours", *(["ours_4k"] if small is not None else []), *others]
         for r in range(cfg.runs):  # each run starts one engine later: every engine in every position alike
             for side in sides[r % len(sides):] + sides[:r % len(sides)]:  # (two engines: ABBA)
                 gemv_s += probe.request({"runs": PROBE_RUNS})["seconds"]  # interleaved with every timed run
@@ -351,10 +418,13 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
                     reset_peak_rss()
                     ours.append(run_ours(model, ids, cfg.new_tokens))
                     peaks.append(peak_rss_bytes())
+                elif side == "ours_4k":
+                    ours_small.append(run_ours(small, ids, cfg.new_tokens))
                 else:
                     theirs[side].append(others[side].run(ids, cfg.new_tokens))
         run_peak = max(peaks)
         probe_bytes = probe.ready["bytes"]
+        probe_huge = probe.ready.get("huge_bytes", 0)
     finally:
         for w in [probe, *others.values()]:
             if w is not None:
@@ -372,6 +442,8 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         "precision": cfg.precision, "batch_size": B, "prompt_tokens": S, "new_tokens": cfg.new_tokens,
         "runs": cfg.runs, "threads": threads, "spinning": spinning,
         "spinning_choice": "auto" if cfg.spinning is None else "set", "load_average_1min": load,
+        "others_busy_cores": busy,
+        "recipe": recipe,
         "decode_tok_s": decode,
         "decode_tok_s_runs": [_decode_rate(o, B) for o in ours],
         "prefill_tok_s": _median(B * S / o["prefill_s"] for o in ours),
@@ -384,18 +456,27 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         "bandwidth_gb_s_samples": samples.tolist(),
         "bandwidth_probe_spread_gb_s": [float(samples.min()), float(np.median(samples)), float(samples.max())],
         "bandwidth_probe": f"onnxruntime fp32 MatMul 1x{GEMV_K} @ {GEMV_K}x{probe_bytes // (4 * GEMV_K)} "
-                           f"({probe_bytes / 2**20:.0f} MiB), {threads} threads, spinning {'on' if spinning else 'off'}",
+                           f"({probe_bytes / 2**20:.0f} MiB, {probe_huge / 2**20:.0f} MiB of it on 2 MiB pages), {threads} threads, "
+                           f"spinning {'on' if spinning else 'off'}",
+        "bandwidth_probe_huge_bytes": probe_huge,
         "floor_ms_per_token": 1e3 * floor.seconds,
         "floor_tok_s": B / floor.seconds,
         "floor_fraction": floor.fraction,
         "best_run_floor_fraction": floor.best_run_fraction,
         "load_s": load_s,
+        "huge_pages": cfg.huge_pages,
+        "huge_page_bytes": huge_bytes,
         "load_peak_rss_bytes": load_peak,
         "peak_rss_bytes": run_peak,
         "rss_over_weights": run_peak / weight_bytes,
         "vision_encode_s": vision_s,
         "vision_image_size": cfg.image_size if vision_s is not None else None,
     }
+    if ours_small:
+        result["ours_4k_decode_tok_s"] = _median(_decode_rate(o, B) for o in ours_small)
+        result["ours_4k_decode_tok_s_runs"] = [_decode_rate(o, B) for o in ours_small]
+        result["ours_4k_prefill_tok_s"] = _median(B * S / o["prefill_s"] for o in ours_small)
+        result["huge_pages_ratio"] = decode / result["ours_4k_decode_tok_s"]
     for name, runs in theirs.items():
         result[f"{name}_decode_tok_s"] = _median(_decode_rate(t, B) for t in runs)
         result[f"{name}_decode_tok_s_runs"] = [_decode_rate(t, B) for t in runs]
@@ -406,6 +487,8 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         result["ratio"] = decode / result[f"{cfg.vs}_decode_tok_s"]
         result["prefill_ratio"] = result["prefill_tok_s"] / result[f"{cfg.vs}_prefill_tok_s"]
     if cfg.vs == "genai":
+        result["genai_recipe"] = genai_recipe
+        result["recipes_match"] = genai_recipe == recipe
         result["genai_spinning"] = "onnxruntime's default (on)"
         result["genai_matched_spinning"] = "on" if spinning else "off"
         result["matched_ratio"] = decode / result["genai_matched_decode_tok_s"]
@@ -424,7 +507,7 @@ def profile_decode(cfg: BenchConfig, options: RuntimeOptions, log: Callable[[str
     if cfg.variants:
         graphs += fast_variants(model.folder, model.config)
     if cfg.vs == "genai":
-        graphs.append(Graph("genai", genai_folder(cfg, log) / "model.onnx"))
+        graphs.append(Graph("genai", genai_folder(cfg, log, read_recipe(model.folder)) / "model.onnx"))
     if cfg.grid:
         log(f"decode step time over context x batch, {options.threads} threads, spinning "
             f"{'on' if options.allow_spinning else 'off'}: median of {5 * cfg.runs} steps per cell, graphs alternating")
@@ -443,8 +526,9 @@ def profile_decode(cfg: BenchConfig, options: RuntimeOptions, log: Callable[[str
 def spin_reason(r: dict) -> str:
     if r["spinning_choice"] != "auto":
         return " (as asked)"
-    load = "unknown" if r["load_average_1min"] is None else f"{r['load_average_1min']:.2f}"
-    return f" (auto: 1-minute load {load} on {default_threads()} cores; --spinning on/off to force)"
+    busy = "unknown" if r["others_busy_cores"] is None else f"{r['others_busy_cores']:.2f}"
+    return (f" (auto: other processes kept {busy} of {default_threads()} cores busy just before loading; "
+            "--spinning on/off to force)")
 
 
 def log_report(r: dict, cfg: BenchConfig, log: Callable[[str], None]) -> None:
@@ -469,10 +553,20 @@ def log_report(r: dict, cfg: BenchConfig, log: Callable[[str], None]) -> None:
     if r["vision_encode_s"] is not None:
         log(f"  vision      {r['vision_encode_s']:.3f} s per {r['vision_image_size']}x{r['vision_image_size']} image "
             "(preprocess + vision tower)")
+    log(f"  weights     {recipe_text(r['recipe'])}")
+    if r["huge_pages"] != "off":
+        log(f"  huge pages  {gb(r['huge_page_bytes'])} of our memory on 2 MiB pages (--huge_pages {r['huge_pages']}; "
+            "off to leave them on 4 KiB pages)")
+    if "huge_pages_ratio" in r:
+        log(f"  vs ours on 4 KiB pages (a second copy, runs alternating): decode {r['ours_4k_decode_tok_s']:.2f} tok/s "
+            "(runs " + ", ".join(f"{x:.2f}" for x in r["ours_4k_decode_tok_s_runs"])
+            + f") -> huge/4 KiB {r['huge_pages_ratio']:.3f}x; prefill {r['ours_4k_prefill_tok_s']:.1f} tok/s")
     if "ratio" not in r:
         return
     sides = [(cfg.vs, cfg.vs, "ratio", "prefill_ratio")]
     if cfg.vs == "genai":
+        same = "the same as ours" if r["recipes_match"] else "DIFFERENT from ours: a speed/accuracy trade, not like for like"
+        log(f"  genai's     {recipe_text(r['genai_recipe'])} ({same})")
         sides = [("genai", f"genai ({r['genai_spinning']} spinning)", "ratio", "prefill_ratio"),
                  ("genai_matched", f"genai (spinning {r['genai_matched_spinning']}, as ours)", "matched_ratio",
                   "matched_prefill_ratio")]

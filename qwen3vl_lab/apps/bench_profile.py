@@ -35,6 +35,7 @@ import onnxruntime as ort
 from ..config import ModelConfig, TextConfig
 from ..decoder import DecoderIO
 from ..export.decoder_fast import build_fast_decoder
+from ..hugepages import huge_pages
 from ..layout import COS_CACHE, DECODER_FILE, FAST_DECODER_FILE, SEQLENS_K, SIN_CACHE, TOTAL_SEQUENCE_LENGTH
 from ..model import RuntimeOptions
 from ..rope import rope_cache
@@ -137,11 +138,12 @@ def open_graph(graph: Graph, options: RuntimeOptions, profile_prefix: Path | Non
     if profile_prefix is not None:
         so.enable_profiling = True
         so.profile_file_prefix = str(profile_prefix)
-    if graph.model is None:
-        return ort.InferenceSession(str(graph.path), so, providers=["CPUExecutionProvider"])
-    # from memory: its external data is read from the folder of `path`
-    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.path.parent))
-    return ort.InferenceSession(graph.model, so, providers=["CPUExecutionProvider"])
+    with huge_pages(options.huge_pages):  # as load_model's sessions (hugepages.py)
+        if graph.model is None:
+            return ort.InferenceSession(str(graph.path), so, providers=["CPUExecutionProvider"])
+        # from memory: its external data is read from the folder of `path`
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.path.parent))
+        return ort.InferenceSession(graph.model, so, providers=["CPUExecutionProvider"])
 
 
 class BoundStep:

@@ -134,17 +134,20 @@ class GemvEngine:
     MatMul weights) of `nbytes` (>= the caches), with the decoder's session options (RuntimeOptions)."""
 
     def __init__(self, folder: str | None, threads: int | None, spinning: bool | None = None,
-                 nbytes: int = 256 * 2**20):
+                 nbytes: int = 256 * 2**20, huge: bool = True):
         # onnx / onnxruntime only in the gemv worker: the torch and genai workers' peak RSS stays their engine's
         import onnxruntime as ort  # noqa: PLC0415 (see above)
 
+        from ..hugepages import huge_pages  # noqa: PLC0415 (see above)
         from ..model import RuntimeOptions  # noqa: PLC0415 (see above)
         k, n = GEMV_K, max(1, nbytes // (4 * GEMV_K))
         options = RuntimeOptions(threads=threads, allow_spinning=bool(spinning)).session_options()
         with tempfile.TemporaryDirectory(prefix="qwen3vl-gemv-", dir=folder) as tmp:
             path = Path(tmp) / "gemv.onnx"
             _write_gemv(path, k, n)
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            with huge_pages(huge) as collapsed:  # 2 MiB pages (Linux): the bandwidth the machine can sustain
+                self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.huge_bytes = collapsed[0]
         self.bytes = 4 * k * n
         self.x = np.random.default_rng(0).standard_normal((1, k), dtype=np.float32)
         self.run(2)  # warm: first runs allocate
@@ -188,13 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--spinning", type=int, choices=[0, 1], default=None, help="onnxruntime thread spinning")
     p.add_argument("--bytes", type=int, default=None, help="gemv: the weight's size")
+    p.add_argument("--huge_pages", type=int, choices=[0, 1], default=1, help="gemv: its weight on 2 MiB pages")
     a = p.parse_args(argv)
     spinning = None if a.spinning is None else bool(a.spinning)
-    extra = {"nbytes": a.bytes} if a.engine == "gemv" and a.bytes else {}
+    extra = {"nbytes": a.bytes, "huge": bool(a.huge_pages)} if a.engine == "gemv" and a.bytes else {}
     engine = ENGINES[a.engine](a.folder, a.threads, spinning, **extra)
     ready = {"ready": a.engine, "load_peak_rss_bytes": peak_rss_bytes()}
     if a.engine == "gemv":
-        ready["bytes"] = engine.bytes
+        ready["bytes"], ready["huge_bytes"] = engine.bytes, engine.huge_bytes
     print(json.dumps(ready), flush=True)
     reset_peak_rss()
     for line in sys.stdin:
