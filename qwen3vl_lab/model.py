@@ -390,7 +390,9 @@ def load_model(model_dir: str | Path, text_precision: str = "fp32", options: Run
         return opened[0]
 
     config = model_config(layout, genai, open_foreign_decoder)
-    embedding = open_session(layout.embedding, options, config, "embedding") if layout.embedding else None
+    # the embedding table is gathered a few rows a step, never streamed: 2 MiB pages would cost load time for nothing
+    embedding = (open_session(layout.embedding, replace(options, huge_pages=False), config, "embedding")
+                 if layout.embedding else None)
     decoder = opened[0] if opened else None
     if open_decoder and decoder is None:  # ours are checked against their config when they open (graph_check)
         decoder = open_session(layout.decoder, options, config if ours else None, "decoder")

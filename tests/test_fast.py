@@ -395,6 +395,12 @@ def test_bench_command_prints_json(onnx_dir):
     assert (f"= {result['floor_ms_per_token']:.2f} ms per step; measured {result['ms_per_token']:.2f} ms -> "
             f"{100 * result['floor_fraction']:.0f}% of the floor") in out.stdout
     assert result["bandwidth_probe"].startswith("onnxruntime fp32 MatMul 1x4096 @ 4096x")
+    probe_mib = int(result["bandwidth_probe"].split("(")[1].split(" MiB")[0])  # its size and page coverage, as printed
+    assert 0 <= result["bandwidth_probe_huge_bytes"] <= probe_mib * 2**20
+    assert f"{result['bandwidth_probe_huge_bytes'] / 2**20:.0f} MiB of it on 2 MiB pages" in result["bandwidth_probe"]
+    assert result["huge_pages"] == "on" and "of our memory on 2 MiB pages" in out.stdout
+    assert result["recipe"]["block_size"] == [32] and "weights     4-bit, block 32" in out.stdout
+    assert result["others_busy_cores"] is None or result["others_busy_cores"] >= 0
 
 
 def test_floor_is_the_sustained_bandwidth_and_never_above_100_percent():
@@ -568,6 +574,30 @@ def test_graph_recipe_reads_the_graphs_own_attributes(models):
         assert recipe_text(recipe) == f"4-bit, block 32, accuracy_level {level}, int4 lm_head, symmetric"
     fp32 = graph_recipe(models["fp32"].fast_decoder_file(), vocab)
     assert fp32["bits"] == [] and recipe_text(fp32) == "no MatMulNBits (fp32 weights)"
+
+
+def test_graph_weight_bytes_reads_checked_lengths(tmp_path):
+    """The bytes one decode step reads: every external tensor's length, each entry checked (junk is one line)."""
+    from onnx import TensorProto, helper
+
+    from qwen3vl_lab.apps.bench import graph_weight_bytes
+
+    def graph(length: str) -> Path:
+        w = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[4, 4], data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", "g.data"), ("offset", "0"), ("length", length)):
+            entry = w.external_data.add()
+            entry.key, entry.value = key, value
+        b = TensorProto(name="B", data_type=TensorProto.FLOAT, dims=[4], float_data=[0.0] * 4)
+        g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w, b])
+        path = tmp_path / "g.onnx"
+        onnx.save_model(helper.make_model(g), str(path))
+        return path
+
+    assert graph_weight_bytes(graph("64")) == 64 + 16
+    with pytest.raises(UserError, match="external_data length '6e1', not a whole number"):
+        graph_weight_bytes(graph("6e1"))
 
 
 def test_genai_is_built_with_our_recipe_in_a_folder_of_its_own():

@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
+from qwen3vl_lab.errors import UserError
 from qwen3vl_lab.export.decoder_fast import (
     SourceDecoder,
     contiguous_span,
@@ -88,7 +89,7 @@ def test_linking_falls_back_to_a_copy(root, tmp_path, monkeypatch):
         assert (f / name).read_bytes() == (root / "cpu-fp32" / name).read_bytes()
 
 
-def test_contiguous_span():
+def test_contiguous_span(tmp_path):
     def ext(offset, length, dims=(4, 2), location="m.data", dtype=TensorProto.UINT8):
         t = TensorProto(name="t", data_type=dtype, dims=list(dims), data_location=TensorProto.EXTERNAL)
         for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
@@ -96,14 +97,23 @@ def test_contiguous_span():
             e.key, e.value = k, v
         return t
 
-    assert contiguous_span([ext(4096, 8), ext(4104, 8, dims=(2, 2)), ext(4112, 4, dims=(2, 2))]) == ("m.data", 4096, 20)
-    assert contiguous_span([ext(0, 8), ext(4096, 8)]) is None  # a gap
-    assert contiguous_span([ext(8, 8), ext(0, 8)]) is None  # the wrong order
-    assert contiguous_span([ext(0, 8), ext(8, 8, location="other.data")]) is None
-    assert contiguous_span([ext(0, 8), ext(8, 8, dims=(4, 3))]) is None  # rows of another width
-    assert contiguous_span([ext(0, 8), ext(8, 8, dtype=TensorProto.FLOAT)]) is None
+    span = contiguous_span([ext(4096, 8), ext(4104, 8, dims=(2, 2)), ext(4112, 4, dims=(2, 2))], tmp_path)
+    assert span == ("m.data", 4096, 20)
+    assert contiguous_span([ext(0, 8), ext(4096, 8)], tmp_path) is None  # a gap
+    assert contiguous_span([ext(8, 8), ext(0, 8)], tmp_path) is None  # the wrong order
+    assert contiguous_span([ext(0, 8), ext(8, 8, location="other.data")], tmp_path) is None
+    assert contiguous_span([ext(0, 8), ext(8, 8, dims=(4, 3))], tmp_path) is None  # rows of another width
+    assert contiguous_span([ext(0, 8), ext(8, 8, dtype=TensorProto.FLOAT)], tmp_path) is None
     inline = TensorProto(name="i", data_type=TensorProto.UINT8, dims=[4, 2], raw_data=bytes(8))
-    assert contiguous_span([ext(0, 8), inline]) is None
+    assert contiguous_span([ext(0, 8), inline], tmp_path) is None
+    # a downloaded folder's junk entries: one line naming the tensor and the entry, not a traceback
+    for junk, entry in (("1e3", "offset"), ("-8", "offset")):
+        with pytest.raises(UserError, match=f"external_data {entry} '{junk}', not a whole number"):
+            contiguous_span([ext(0, 8), ext(junk, 8)], tmp_path)
+    with pytest.raises(UserError, match="external_data length 'x', not a whole number"):
+        contiguous_span([ext(0, 8), ext(8, "x")], tmp_path)
+    with pytest.raises(UserError, match="outside"):
+        contiguous_span([ext(0, 8), ext(8, 8, location="../m.data")], tmp_path)
 
 
 def test_a_decoder_laid_out_otherwise_gets_its_own_fused_bytes(root, tmp_path):

@@ -66,6 +66,7 @@ from ..hugepages import anon_huge_bytes
 from ..layout import FAST_DECODER_FILE
 from ..limits import others_busy_cores
 from ..model import RuntimeOptions, load_model
+from ..paths import external_data
 from ..sampling import greedy
 from ..steps import build_positions, embed
 from .bench_profile import Graph, ProfileConfig, fast_variants, plot_grid, profile, step_grid
@@ -124,8 +125,8 @@ def graph_weight_bytes(path: Path) -> int:
     model = onnx.load(str(path), load_external_data=False)
     total = 0
     for t in model.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            total += int({e.key: e.value for e in t.external_data}.get("length", 0))
+        if t.data_location == onnx.TensorProto.EXTERNAL:  # location, offset, length checked (one line if junk)
+            total += external_data(t, path.parent, str(path))[2] or 0
         else:
             total += len(t.raw_data) if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).nbytes
     return total
@@ -369,9 +370,22 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     busy = others_busy_cores()  # the sample spinning auto decides from (reused by resolved(): one decision)
     options = RuntimeOptions(threads=threads, allow_spinning=cfg.spinning,
                              huge_pages=cfg.huge_pages != "off").resolved()  # one spinning decision for the run
-    spinning = options.allow_spinning
     if cfg.profile or cfg.grid:
         return profile_decode(cfg, options, log)
+    # the probe starts first: its weight gets 2 MiB pages while the memory is still free (after a 7 GB fp32 model
+    # and the page cache of its files, the kernel may have none left to give, and the report would say 0 MiB)
+    probe = Worker("gemv", None, threads, options.allow_spinning, ("--bytes", str(bandwidth_buffer_bytes()),),
+                   name="bandwidth probe")
+    try:
+        return timed_runs(cfg, options, probe, {"load_average_1min": load, "others_busy_cores": busy}, log)
+    finally:
+        probe.close()
+
+
+def timed_runs(cfg: BenchConfig, options: RuntimeOptions, probe: "Worker", machine: dict,
+               log: Callable[[str], None]) -> dict:
+    """The timed runs of `bench`: ours, the other engines (worker processes) and the probe, interleaved."""
+    threads, spinning = options.threads, options.allow_spinning
     model = load_model(cfg.model_dir, cfg.precision, options, open_decoder=False)
     if cfg.prompt_tokens + cfg.new_tokens > model.context_length:
         raise UserError(f"--prompt_tokens + --new_tokens = {cfg.prompt_tokens + cfg.new_tokens} exceeds the model's "
@@ -390,10 +404,7 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     genai_recipe = None
     ids = prompt_ids(cfg)
     others: dict[str, Worker] = {}  # name -> worker, run in this order (reversed every other run)
-    probe = None
     try:
-        probe = Worker("gemv", None, threads, spinning, ("--bytes", str(bandwidth_buffer_bytes()),),
-                       name="bandwidth probe")  # its weight on 2 MiB pages whatever ours are: the best the machine does
         gemv_s = probe.request({"runs": PROBE_RUNS})["seconds"]
         if cfg.vs == "genai":
             folder = genai_folder(cfg, log, read_recipe(model.folder))
@@ -426,9 +437,8 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         probe_bytes = probe.ready["bytes"]
         probe_huge = probe.ready.get("huge_bytes", 0)
     finally:
-        for w in [probe, *others.values()]:
-            if w is not None:
-                w.close()
+        for w in others.values():
+            w.close()
     vision_s = vision_encode_seconds(model, cfg.image_size, cfg.seed)
 
     B, S = ids.shape
@@ -441,8 +451,7 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     result = {
         "precision": cfg.precision, "batch_size": B, "prompt_tokens": S, "new_tokens": cfg.new_tokens,
         "runs": cfg.runs, "threads": threads, "spinning": spinning,
-        "spinning_choice": "auto" if cfg.spinning is None else "set", "load_average_1min": load,
-        "others_busy_cores": busy,
+        "spinning_choice": "auto" if cfg.spinning is None else "set", **machine,
         "recipe": recipe,
         "decode_tok_s": decode,
         "decode_tok_s_runs": [_decode_rate(o, B) for o in ours],

@@ -172,7 +172,7 @@ class FastGraph(GraphBuilder):
         """The source tensors `parts` concatenated along axis 0: a reference into the source's data file when
         they lie there side by side (no bytes written), else the concatenation in this graph's data file."""
         tensors = [self.source.tensor(p) for p in parts]
-        span = contiguous_span(tensors)
+        span = contiguous_span(tensors, self.source.folder)
         if span is None:
             return self.weight(name, np.concatenate([self.source.array(p) for p in parts], axis=0))
         location, offset, length = span
@@ -186,22 +186,24 @@ class FastGraph(GraphBuilder):
         return name
 
 
-def contiguous_span(tensors: list[TensorProto]) -> tuple[str, int, int] | None:
+def contiguous_span(tensors: list[TensorProto], folder: str | Path) -> tuple[str, int, int] | None:
     """(file, offset, length) when the tensors are external, in one file, one right after the other, of one
-    dtype and the same shape but for axis 0 (so their bytes in a row are their concatenation); else None."""
+    dtype and the same shape but for axis 0 (so their bytes in a row are their concatenation); else None.
+    Every location, offset and length is checked as it is read (`paths.external_data`: inside `folder`, whole
+    numbers): a junk entry is one line, not a traceback."""
     first = tensors[0]
     if any(t.data_location != TensorProto.EXTERNAL or t.data_type != first.data_type or not t.dims
            or list(t.dims[1:]) != list(first.dims[1:]) for t in tensors):
         return None
-    infos = [{e.key: e.value for e in t.external_data} for t in tensors]
-    if any("length" not in i or i["location"] != infos[0]["location"] for i in infos):
+    spans = [external_data(t, folder) for t in tensors]  # (path, offset, length or None)
+    if any(length is None or path != spans[0][0] for path, _, length in spans):
         return None
-    offset = end = int(infos[0].get("offset", 0))
-    for i in infos:
-        if int(i.get("offset", 0)) != end:
+    offset = end = spans[0][1]
+    for _, start, length in spans:
+        if start != end:
             return None
-        end += int(i["length"])
-    return infos[0]["location"], offset, end - offset
+        end += length
+    return {e.key: e.value for e in first.external_data}["location"], offset, end - offset
 
 
 def fusion_groups(weights) -> list[tuple[str, ...]]:
