@@ -688,6 +688,21 @@ def test_huge_pages_back_only_what_appears_inside_the_block():
     assert weights[:] == b"\x01" * size  # the data survives the move
 
 
+def test_bench_kernels_times_each_block_size(onnx_dir, capsys):
+    """`bench --kernels`: one MatMulNBits of the model's width per (bits, block), the figures from their own times."""
+    from qwen3vl_lab.apps.bench_kernels import CASES, WIDTH
+
+    code, out, err = run_cli(capsys, "bench", "--model_dir", onnx_dir, "--kernels", "--runs", "1", "--json")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert [(k["bits"], k["block_size"]) for k in result["kernels"]] == list(CASES)
+    assert result["n"] == WIDTH * result["k"] and result["probe_best_gb_s"] > 0
+    for k in result["kernels"]:
+        assert k["ms"] > 0 and k["gweights_s"] == pytest.approx(result["k"] * result["n"] / k["ms"] / 1e6)
+        assert f"| {k['bits']}, {k['block_size']} | {k['ms']:.2f} |" in out
+    assert "not 8x larger than the largest CPU cache" in out  # the tiny model's weights: said, not hidden
+
+
 def test_bench_rejects_bad_input(onnx_dir, tmp_path):
     out = subprocess.run([sys.executable, "-m", "qwen3vl_lab", "bench", "--model_dir", str(onnx_dir),
                           "--runs", "0"], capture_output=True, text=True, timeout=120)

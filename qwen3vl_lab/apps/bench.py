@@ -69,6 +69,7 @@ from ..model import RuntimeOptions, load_model
 from ..paths import external_data
 from ..sampling import greedy
 from ..steps import build_positions, embed
+from .bench_kernels import WIDTH, kernel_times
 from .bench_profile import Graph, ProfileConfig, fast_variants, plot_grid, profile, step_grid
 from .bench_workers import GEMV_K, peak_rss_bytes, reset_peak_rss
 
@@ -97,6 +98,7 @@ class BenchConfig:
     grid_memory_gb: float = 6.0  # the grid skips cells whose KV buffers (all graphs) would exceed this
     plot: str | None = None  # --grid: write the figure (PNG) here
     huge_pages: str = "on"  # "on", "off", or "ab": ours with and without 2 MiB pages, alternating (hugepages.py)
+    kernels: bool = False  # one MatMulNBits of the model's width per bits / block size, timed (bench_kernels.py)
 
 
 # -- the machine ------------------------------------------------------------------------------------
@@ -346,8 +348,8 @@ def check_config(cfg: BenchConfig) -> None:
     if cfg.vs and not (Path(cfg.hf_dir) / "config.json").is_file():
         raise UserError(f"--hf_dir {cfg.hf_dir} has no config.json; pass the checkpoint folder the export was "
                         "made from")
-    if cfg.profile and cfg.grid:
-        raise UserError("--profile and --grid are two separate runs; pass one of them")
+    if sum((cfg.profile, cfg.grid, cfg.kernels)) > 1:
+        raise UserError("--profile, --grid and --kernels are separate runs; pass one of them")
     if cfg.variants and not cfg.profile:
         raise UserError("--variants adds graphs to --profile; pass --profile too")
     if cfg.plot and not cfg.grid:
@@ -356,8 +358,8 @@ def check_config(cfg: BenchConfig) -> None:
         raise UserError(f"--plot {cfg.plot}: its folder does not exist; create it or pass another path")
     if cfg.huge_pages not in ("off", "on", "ab"):
         raise UserError(f"--huge_pages {cfg.huge_pages!r} is unknown; choose off, on or ab")
-    if cfg.huge_pages == "ab" and (cfg.profile or cfg.grid):
-        raise UserError("--huge_pages ab is an A/B of the timed runs; pass on or off with --profile or --grid")
+    if cfg.huge_pages == "ab" and (cfg.profile or cfg.grid or cfg.kernels):
+        raise UserError("--huge_pages ab is an A/B of the timed runs; pass on or off with --profile, --grid or --kernels")
     if cfg.vs == "torch" and cfg.precision != "fp32":
         raise UserError("--vs torch compares fp32 only (transformers' model is fp32 here); use --text_precision fp32")
 
@@ -372,6 +374,8 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
                              huge_pages=cfg.huge_pages != "off").resolved()  # one spinning decision for the run
     if cfg.profile or cfg.grid:
         return profile_decode(cfg, options, log)
+    if cfg.kernels:
+        return kernel_table(cfg, options, log)
     # the probe starts first: its weight gets 2 MiB pages while the memory is still free (after a 7 GB fp32 model
     # and the page cache of its files, the kernel may have none left to give, and the report would say 0 MiB)
     probe = Worker("gemv", None, threads, options.allow_spinning, ("--bytes", str(bandwidth_buffer_bytes()),),
@@ -504,6 +508,37 @@ def timed_runs(cfg: BenchConfig, options: RuntimeOptions, probe: "Worker", machi
         result["matched_prefill_ratio"] = result["prefill_tok_s"] / result["genai_matched_prefill_tok_s"]
     log_report(result, cfg, log)
     return result
+
+
+def kernel_table(cfg: BenchConfig, options: RuntimeOptions, log: Callable[[str], None]) -> dict:
+    """`--kernels`: one MatMulNBits node of the model's width per bits / block size, and the bandwidth probe."""
+    model = load_model(cfg.model_dir, cfg.precision, options, open_decoder=False)
+    k = model.config.text.hidden_size
+    probe = Worker("gemv", None, options.threads, options.allow_spinning, ("--bytes", str(bandwidth_buffer_bytes()),),
+                   name="bandwidth probe")
+    try:
+        probe_s = probe.request({"runs": 20})["seconds"]
+        probe_bytes = probe.ready["bytes"]
+    finally:
+        probe.close()
+    times = kernel_times(k, options, rounds=20 * cfg.runs)
+    log(f"one MatMulNBits (1 x {k} @ {k} x {WIDTH * k}, accuracy_level 4, random weights), {options.threads} threads, "
+        f"spinning {'on' if options.allow_spinning else 'off'}: median of {20 * cfg.runs} calls each, calls rotating")
+    log("| bits, block | ms per call | GB/s of packed weights | G weights/s |")
+    log("|---|---|---|---|")
+    for t in times:
+        d = t.as_dict()
+        log(f"| {t.bits}, {t.block} | {d['ms']:.2f} | {d['gb_s']:.1f} | {d['gweights_s']:.0f} |")
+    total = sum(t.weight_bytes for t in times)  # the calls rotate: each streams its weights when all of them, together,
+    if total < 8 * largest_cache_bytes():  # are far larger than the caches
+        log(f"(these weights, {total / 2**20:.1f} MiB in all, are not 8x larger than the largest CPU cache: the "
+            "figures time calls from the caches, not the kernel streaming from memory)")
+    best = probe_bytes / min(probe_s) / GB
+    log(f"bandwidth probe (fp32 MatMul, {probe_bytes / 2**20:.0f} MiB): best {best:.1f} GB/s, median "
+        f"{probe_bytes / float(np.median(probe_s)) / GB:.1f} GB/s of 20 runs; a kernel below it is computing, not "
+        "waiting for memory")
+    return {"k": k, "n": WIDTH * k, "threads": options.threads, "spinning": options.allow_spinning,
+            "kernels": [t.as_dict() for t in times], "probe_best_gb_s": best}
 
 
 def profile_decode(cfg: BenchConfig, options: RuntimeOptions, log: Callable[[str], None]) -> dict:

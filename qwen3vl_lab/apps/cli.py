@@ -909,6 +909,9 @@ def add_bench(sub) -> None:
     p.add_argument("--spinning", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
                    help="our onnxruntime threads spin between ops: auto (default: on when other processes leave "
                         "each thread a core, watched for a quarter of a second), on, off")
+    p.add_argument("--kernels", action="store_true",
+                   help="instead of timing runs: one MatMulNBits of the model's width per bits / block size "
+                        "(4/8 bits, blocks 32-128), timed against the bandwidth probe")
     p.add_argument("--huge_pages", default="on", choices=["on", "off", "ab"],
                    help="our prepacked weights on 2 MiB pages (Linux): on (default, as generate), off, or ab: with "
                         "and without, alternating in one run (a second copy of our model in memory)")
@@ -940,7 +943,7 @@ def run_bench(a) -> int:
                       genai_dir=a.genai_dir, threads=a.threads, image_size=a.image_size,
                       spinning={"auto": None, "on": True, "off": False}[a.spinning],
                       profile=a.profile, variants=a.variants, grid=a.grid, grid_memory_gb=a.grid_memory,
-                      plot=a.plot, huge_pages=a.huge_pages)
+                      plot=a.plot, huge_pages=a.huge_pages, kernels=a.kernels)
     result = bench(cfg)
     if a.json:
         print(json.dumps(result))
