@@ -51,9 +51,10 @@ SPIN_BUSY_SLACK = 0.5
 def spinning_pays(threads: int | None, busy: float | None = None, cores: int | None = None) -> bool:
     """Whether onnxruntime's worker threads should spin between ops: only on cores nobody else wants.
 
-    Measured on a 2-core VM with the 2B dimensions in INT4 (alternating runs in one `bench`): on a quiet
-    machine spinning made decode ~16-19% faster (15.4 -> 18.3 tok/s); with other processes running, steps took
-    up to 1.6x longer with it (a spinning thread holds a core the others need, and is preempted mid-op).
+    Measured on 2-core VMs with the 2B dimensions in INT4 (alternating runs in one `bench`): on a quiet
+    machine spinning made decode 5% (genai, on vs off) to 16-19% (15.4 -> 18.3 tok/s) faster; with other
+    processes running, steps took up to 1.8x longer with it (a spinning thread holds a core the others need,
+    and is preempted mid-op).
     `busy` (default: `limits.others_busy_cores`, the cores other processes keep busy now, watched for a
     quarter of a second) and `cores` (default: this process's) decide: spin when busy + threads <= cores +
     SPIN_BUSY_SLACK. The 1-minute load average is not used: it counts our own export or weight loading of the
