@@ -20,10 +20,12 @@ which `bench --huge_pages ab` measures.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import sys
 from contextlib import contextmanager
 from typing import Iterator
+
+from .limits import proc_kib
 
 HUGE = 2 * 2**20  # x86-64 / arm64 (4 KiB base pages) PMD size
 MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25  # <linux/mman.h>
@@ -48,33 +50,29 @@ def anonymous_regions() -> set[tuple[int, int]]:
 
 def anon_huge_bytes() -> int:
     """Bytes of this process's anonymous memory backed by huge pages now (AnonHugePages; 0 when unknown)."""
+    return proc_kib("/proc/self/smaps_rollup", "AnonHugePages:")
+
+
+@functools.cache
+def _madvise():
+    """libc's madvise (the process's own symbols: no library search), or None where there is none."""
     try:
-        with open("/proc/self/smaps_rollup", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("AnonHugePages:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
 
 
 def collapse(regions: set[tuple[int, int]]) -> int:
     """Advise and collapse the whole 2 MiB spans of these regions into huge pages; the bytes that succeeded."""
-    if not regions:
+    spans = [(lo, hi) for lo, hi in ((-(-start // HUGE) * HUGE, end // HUGE * HUGE) for start, end in sorted(regions))
+             if hi - lo >= HUGE]  # the aligned spans inside the regions
+    madvise = _madvise() if spans else None
+    if madvise is None:
         return 0
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    except OSError:
-        return 0
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    done = 0
-    for start, end in sorted(regions):
-        lo, hi = -(-start // HUGE) * HUGE, end // HUGE * HUGE  # the aligned spans inside the region
-        if hi - lo < HUGE:
-            continue
-        if libc.madvise(lo, hi - lo, MADV_HUGEPAGE) == 0 and libc.madvise(lo, hi - lo, MADV_COLLAPSE) == 0:
-            done += hi - lo
-    return done
+    return sum(hi - lo for lo, hi in spans
+               if madvise(lo, hi - lo, MADV_HUGEPAGE) == 0 and madvise(lo, hi - lo, MADV_COLLAPSE) == 0)
 
 
 @contextmanager

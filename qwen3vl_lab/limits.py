@@ -37,6 +37,19 @@ def max_threads() -> int:
         return os.cpu_count() or 1
 
 
+def proc_kib(path: str, key: str) -> int:
+    """A "Key:  N kB" field of a /proc file (e.g. /proc/self/status VmHWM:) in bytes; 0 when absent or unreadable
+    (not Linux)."""
+    try:
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 BUSY_SAMPLE_S = 0.25  # how long `others_busy_cores` watches the CPUs
 BUSY_CACHE_S = 30.0  # a sample is reused this long (a test suite opens hundreds of sessions)
 _busy_sample: tuple[float, float] | None = None  # (monotonic time, cores busy)

@@ -65,7 +65,7 @@ from ..generate import Prompt, encode_visuals, generate_step, preprocess_visuals
 from ..hugepages import anon_huge_bytes
 from ..layout import FAST_DECODER_FILE
 from ..limits import others_busy_cores
-from ..model import RuntimeOptions, load_model
+from ..model import RuntimeOptions, load_model, spinning_pays
 from ..paths import external_data
 from ..sampling import greedy
 from ..steps import build_positions, embed
@@ -369,21 +369,26 @@ def bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     check_config(cfg)
     threads = cfg.threads or default_threads()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    busy = others_busy_cores()  # the sample spinning auto decides from (reused by resolved(): one decision)
-    options = RuntimeOptions(threads=threads, allow_spinning=cfg.spinning,
-                             huge_pages=cfg.huge_pages != "off").resolved()  # one spinning decision for the run
+    busy = others_busy_cores()  # the one sample spinning auto decides from, reported beside the decision
+    spinning = cfg.spinning if cfg.spinning is not None else spinning_pays(threads, busy)
+    options = RuntimeOptions(threads=threads, allow_spinning=spinning, huge_pages=cfg.huge_pages != "off")
     if cfg.profile or cfg.grid:
         return profile_decode(cfg, options, log)
     if cfg.kernels:
         return kernel_table(cfg, options, log)
-    # the probe starts first: its weight gets 2 MiB pages while the memory is still free (after a 7 GB fp32 model
-    # and the page cache of its files, the kernel may have none left to give, and the report would say 0 MiB)
-    probe = Worker("gemv", None, threads, options.allow_spinning, ("--bytes", str(bandwidth_buffer_bytes()),),
-                   name="bandwidth probe")
+    probe = start_probe(options)
     try:
         return timed_runs(cfg, options, probe, {"load_average_1min": load, "others_busy_cores": busy}, log)
     finally:
         probe.close()
+
+
+def start_probe(options: RuntimeOptions) -> "Worker":
+    """The bandwidth probe's worker, with our threads and spinning. Start it before our model loads: its weight
+    gets 2 MiB pages while the memory is still free (after a 7 GB fp32 model and the page cache of its files,
+    the kernel may have none left to give, and the report would say 0 MiB)."""
+    return Worker("gemv", None, options.threads, options.allow_spinning, ("--bytes", str(bandwidth_buffer_bytes())),
+                  name="bandwidth probe")
 
 
 def timed_runs(cfg: BenchConfig, options: RuntimeOptions, probe: "Worker", machine: dict,
@@ -512,11 +517,9 @@ def timed_runs(cfg: BenchConfig, options: RuntimeOptions, probe: "Worker", machi
 
 def kernel_table(cfg: BenchConfig, options: RuntimeOptions, log: Callable[[str], None]) -> dict:
     """`--kernels`: one MatMulNBits node of the model's width per bits / block size, and the bandwidth probe."""
-    model = load_model(cfg.model_dir, cfg.precision, options, open_decoder=False)
-    k = model.config.text.hidden_size
-    probe = Worker("gemv", None, options.threads, options.allow_spinning, ("--bytes", str(bandwidth_buffer_bytes()),),
-                   name="bandwidth probe")
+    probe = start_probe(options)
     try:
+        k = load_model(cfg.model_dir, cfg.precision, options, open_decoder=False).config.text.hidden_size
         probe_s = probe.request({"runs": 20})["seconds"]
         probe_bytes = probe.ready["bytes"]
     finally:

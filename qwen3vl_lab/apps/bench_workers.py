@@ -30,17 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..limits import proc_kib
+
 
 def peak_rss_bytes() -> int:
     """VmHWM of this process (Linux); 0 elsewhere."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return proc_kib("/proc/self/status", "VmHWM:")
 
 
 def reset_peak_rss() -> bool:
