@@ -13,7 +13,7 @@ pages at once (MADV_COLLAPSE, Linux 6.1+). Nothing else in the process is touche
 its own large arrays, the fast path's KV buffers among them; `load_model` leaves the embedding table, which
 is gathered a few rows a step, on 4 KiB pages). Where the kernel refuses (older kernels, THP "never", no
 free 2 MiB blocks) the memory stays as it was and the count says so. It costs time at load (copying the
-weights once: +1.1-1.6 s for the 1.1 GB of a 2B INT4 decoder on the 2-core VM) for 4-11% per decode step,
+weights once: +1-3 s for the 1.1 GB of a 2B INT4 decoder on the 2-core VM) for 8-15% per decode step,
 which `bench --huge_pages ab` measures.
 """
 

@@ -76,7 +76,7 @@ class RuntimeOptions:
     (the default) decides when sessions are made whether worker threads spin between ops or sleep
     (`spinning_pays`: spin when no other process wants the cores now, sleep when they do); True / False
     force it. huge_pages=True (the default) moves each session's prepacked weights onto 2 MiB pages once it has
-    opened (Linux; `hugepages.py`): measured on the 2B dimensions in INT4, 4-11% faster decode for ~0.6-1.6 s more
+    opened (Linux; `hugepages.py`): measured on the 2B dimensions in INT4, 8-15% faster decode for ~1-3 s more
     load (`qwen3vl-lab bench --huge_pages ab`)."""
 
     threads: int | None = None

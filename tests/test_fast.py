@@ -688,6 +688,20 @@ def test_huge_pages_back_only_what_appears_inside_the_block():
     assert weights[:] == b"\x01" * size  # the data survives the move
 
 
+def test_bench_huge_pages_ab_runs_a_second_copy_in_turn(onnx_dir, capsys):
+    """`--huge_pages ab`: a second copy of our model on 4 KiB pages runs alternating with ours; the ratio is the
+    two medians', both load times are printed; an A/B of timed runs only."""
+    code, out, err = run_cli(capsys, "bench", "--model_dir", onnx_dir, "--text_precision", "int4", "--prompt_tokens",
+                             "8", "--new_tokens", "4", "--runs", "2", "--image_size", "0", "--huge_pages", "ab", "--json")
+    assert code == 0, err
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["huge_pages"] == "ab" and len(r["ours_4k_decode_tok_s_runs"]) == 2 and r["ours_4k_load_s"] > 0
+    assert r["huge_pages_ratio"] == pytest.approx(r["decode_tok_s"] / r["ours_4k_decode_tok_s"])
+    assert f"huge/4 KiB {r['huge_pages_ratio']:.3f}x" in out and f"opened in {r['ours_4k_load_s']:.1f} s" in out
+    code, _, err = run_cli(capsys, "bench", "--model_dir", onnx_dir, "--huge_pages", "ab", "--profile")
+    assert code == 2 and "--huge_pages ab is an A/B of the timed runs" in err
+
+
 def test_bench_kernels_times_each_block_size(onnx_dir, capsys):
     """`bench --kernels`: one MatMulNBits of the model's width per (bits, block), the figures from their own times."""
     from qwen3vl_lab.apps.bench_kernels import CASES, WIDTH

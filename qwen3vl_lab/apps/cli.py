@@ -190,8 +190,8 @@ def add_generate(sub) -> None:
     p.add_argument("--interactive", action="store_true", help="a multi-turn chat; quit/exit/EOF leave")
     p.add_argument("--threads", type=threads_t, default=None, help="onnxruntime intra-op threads")
     p.add_argument("--huge_pages", default="on", choices=["on", "off"],
-                   help="the prepacked weights on 2 MiB pages (Linux; default on): ~1 s more to load a 2B INT4 model, "
-                        "4-11%% faster per token (`bench --huge_pages ab` measures it)")
+                   help="the prepacked weights on 2 MiB pages (Linux; default on): 1-3 s more to load a 2B INT4 model, "
+                        "8-15%% faster per token (`bench --huge_pages ab` measures it)")
     p.add_argument("--fast", action="store_true",
                    help="decode with the fused decoder and preallocated KV buffers (same tokens, faster)")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
